@@ -1,0 +1,13 @@
+//! cardgate: the settlement gateway for electronic social-security cards.
+//!
+//! A hospital billing system or a pharmacy terminal posts a settlement with the card's QR
+//! token; the gateway verifies it, routes it to the payer plugins that own the card's policy,
+//! records the outcome and answers how the bill is split.
+//!
+//! # Layout
+//! - [`plugin`]: loading plugin libraries through the SDK's C ABI and calling them on a
+//!   bounded pool.
+//! - [`cli`]: the `cardgate` command line.
+
+pub mod cli;
+pub mod plugin;

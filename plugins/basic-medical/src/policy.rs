@@ -1,0 +1,266 @@
+//! The policy: configuration, its validation, and the split of one bill.
+//!
+//! Every number comes from [`Config`]. Ratios are basis points (1/10000), so all arithmetic is
+//! integer; shares are rounded half up to the fen and the cash part takes what is left, so every
+//! split balances exactly.
+
+use std::collections::BTreeMap;
+
+use cardgate_sdk::{
+    BillLine, BreakdownItem, Fen, FundPayment, InstitutionLevel, ItemCategory, PluginError, SettlementRequest,
+    Split, YearToDate,
+};
+use serde::Deserialize;
+
+/// 100% in basis points.
+pub const FULL_BP: u32 = 10_000;
+
+/// The plugin's configuration section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Fund name on receipts.
+    #[serde(default = "default_fund")]
+    pub fund: String,
+    /// The share of a class B item the patient pays first, before it counts as eligible, in
+    /// basis points.
+    pub class_b_self_pay_bp: u32,
+    /// The schemes this payer runs, keyed by national insurance type code (`"310"`, `"390"`).
+    pub schemes: BTreeMap<String, Scheme>,
+}
+
+fn default_fund() -> String {
+    "basic_pooling".to_owned()
+}
+
+/// One insurance scheme (employee or resident basic medical insurance).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scheme {
+    /// Readable name.
+    pub name: String,
+    /// Yearly deductible: eligible cost the patient bears before the fund pays.
+    pub deductible_fen: Fen,
+    /// The most the fund pays for one person in a year.
+    pub annual_ceiling_fen: Fen,
+    /// The share of eligible cost above the deductible the fund pays, by institution level.
+    pub ratio_bp: Ratios,
+    /// The personal account, where the scheme has one.
+    #[serde(default)]
+    pub account: Option<AccountPolicy>,
+}
+
+/// Reimbursement ratios by institution level, in basis points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ratios {
+    /// Grade 1 institutions.
+    pub primary: u32,
+    /// Grade 2 institutions.
+    pub secondary: u32,
+    /// Grade 3 institutions.
+    pub tertiary: u32,
+    /// Designated pharmacies.
+    pub pharmacy: u32,
+}
+
+impl Ratios {
+    /// The ratio for an institution level; `None` for a level this policy does not know.
+    pub fn for_level(&self, level: InstitutionLevel) -> Option<u32> {
+        match level {
+            InstitutionLevel::Primary => Some(self.primary),
+            InstitutionLevel::Secondary => Some(self.secondary),
+            InstitutionLevel::Tertiary => Some(self.tertiary),
+            InstitutionLevel::Pharmacy => Some(self.pharmacy),
+            _ => None,
+        }
+    }
+
+    fn all(&self) -> [(&'static str, u32); 4] {
+        [
+            ("primary", self.primary),
+            ("secondary", self.secondary),
+            ("tertiary", self.tertiary),
+            ("pharmacy", self.pharmacy),
+        ]
+    }
+}
+
+/// The personal account's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountPolicy {
+    /// What the account is credited with each year.
+    pub annual_credit_fen: Fen,
+    /// Whether the account may also pay class C (not covered) items.
+    #[serde(default)]
+    pub covers_class_c: bool,
+}
+
+impl Config {
+    /// Checks every number, reporting all problems at once with their key paths.
+    pub fn validate(&self) -> Result<(), PluginError> {
+        let mut problems = Vec::new();
+        if self.fund.is_empty() {
+            problems.push("fund: must not be empty".to_owned());
+        }
+        if self.class_b_self_pay_bp > FULL_BP {
+            problems.push(format!("class_b_self_pay_bp: {} is above {FULL_BP}", self.class_b_self_pay_bp));
+        }
+        if self.schemes.is_empty() {
+            problems.push("schemes: at least one scheme is required".to_owned());
+        }
+        for (code, scheme) in &self.schemes {
+            scheme.validate(&format!("schemes.{code}"), &mut problems);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PluginError::invalid_config(problems.join("; ")))
+        }
+    }
+}
+
+impl Scheme {
+    fn validate(&self, path: &str, problems: &mut Vec<String>) {
+        for (key, value) in [("deductible_fen", self.deductible_fen), ("annual_ceiling_fen", self.annual_ceiling_fen)] {
+            if value < 0 {
+                problems.push(format!("{path}.{key}: {value} is negative"));
+            }
+        }
+        for (level, bp) in self.ratio_bp.all() {
+            if bp > FULL_BP {
+                problems.push(format!("{path}.ratio_bp.{level}: {bp} is above {FULL_BP}"));
+            }
+        }
+        if let Some(account) = &self.account
+            && account.annual_credit_fen < 0
+        {
+            problems.push(format!("{path}.account.annual_credit_fen: {} is negative", account.annual_credit_fen));
+        }
+    }
+}
+
+/// `amount * bp / 10000`, rounded half up. `amount` must be non-negative.
+pub fn share(amount: Fen, bp: u32) -> Fen {
+    let exact = i128::from(amount) * i128::from(bp);
+    // At most `amount`, because `bp <= FULL_BP`, so it fits back in an i64.
+    ((exact + i128::from(FULL_BP / 2)) / i128::from(FULL_BP)) as Fen
+}
+
+/// How a bill's lines fall into the policy's classes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Classified {
+    /// The sum of all lines.
+    pub total: Fen,
+    /// Cost eligible for reimbursement (class A, and class B after the first self-pay).
+    pub eligible: Fen,
+    /// Class A cost.
+    pub class_a: Fen,
+    /// The patient's first self-pay share of class B items.
+    pub class_b_first_self_pay: Fen,
+    /// Class C cost (not covered).
+    pub class_c: Fen,
+}
+
+/// Sorts the lines into classes, refusing negative or overflowing amounts.
+pub fn classify(lines: &[BillLine], class_b_self_pay_bp: u32) -> Result<Classified, PluginError> {
+    let mut c = Classified::default();
+    for (index, line) in lines.iter().enumerate() {
+        let amount = line.amount_fen;
+        if amount < 0 {
+            return Err(PluginError::invalid_request(format!("lines[{index}].amount_fen is negative")));
+        }
+        let overflow = || PluginError::invalid_request("bill total overflows");
+        c.total = c.total.checked_add(amount).ok_or_else(overflow)?;
+        match line.category {
+            ItemCategory::ClassA => {
+                c.class_a += amount;
+                c.eligible += amount;
+            }
+            ItemCategory::ClassB => {
+                let first = share(amount, class_b_self_pay_bp);
+                c.class_b_first_self_pay += first;
+                c.eligible += amount - first;
+            }
+            ItemCategory::ClassC => c.class_c += amount,
+            _ => return Err(PluginError::not_covered(format!("lines[{index}] has a category this policy does not know"))),
+        }
+    }
+    Ok(c)
+}
+
+/// Splits one bill under one scheme.
+pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> Result<Split, PluginError> {
+    let level = request.institution.level;
+    let ratio = scheme
+        .ratio_bp
+        .for_level(level)
+        .ok_or_else(|| PluginError::not_covered(format!("institution level {level:?} is not covered")))?;
+    let bill = classify(&request.lines, config.class_b_self_pay_bp)?;
+    if bill.total != request.total_fen {
+        return Err(PluginError::invalid_request(format!(
+            "lines sum to {} fen but total_fen is {}",
+            bill.total, request.total_fen
+        )));
+    }
+    let due = request.due_fen;
+    if !(0..=bill.total).contains(&due) {
+        return Err(PluginError::invalid_request(format!("due_fen {due} is outside 0..={}", bill.total)));
+    }
+    let ytd = &request.year_to_date;
+
+    // Eligible cost first meets what is left of the yearly deductible; the fund pays its ratio
+    // of the rest, up to what is left under the annual ceiling, and never more than is due.
+    let eligible = bill.eligible.min(due);
+    let deductible = eligible.min(scheme.deductible_fen.saturating_sub(ytd.deductible_fen).max(0));
+    let coinsured = eligible - deductible;
+    let by_ratio = share(coinsured, ratio);
+    let fund = by_ratio.min(scheme.annual_ceiling_fen.saturating_sub(ytd.fund_paid_fen).max(0));
+    let patient = due - fund;
+    let eligible_self_pay = eligible - fund;
+
+    let account = account_payment(scheme, request, patient, bill.class_c);
+    let cash = patient - account;
+    let breakdown = [
+        ("class_a", bill.class_a, "class A items, fully eligible"),
+        ("class_b_first_self_pay", bill.class_b_first_self_pay, "first self-pay share of class B items"),
+        ("class_c_self_pay", bill.class_c, "class C items, not covered"),
+        ("deductible", deductible, "toward the yearly deductible"),
+        ("co_insurance", coinsured - by_ratio, "patient's share above the deductible"),
+        ("above_ceiling", by_ratio - fund, "beyond the annual ceiling"),
+    ];
+    Ok(Split {
+        funds: vec![FundPayment { fund: config.fund.clone(), amount_fen: fund }],
+        account_pay_fen: account,
+        cash_pay_fen: cash,
+        // The account pays in-policy self-pay first, so what stays in cash is what it left.
+        eligible_self_pay_fen: (eligible_self_pay - account).max(0),
+        year_to_date_delta: YearToDate {
+            year: ytd.year,
+            deductible_fen: deductible,
+            fund_paid_fen: fund,
+            eligible_fen: eligible,
+            account_paid_fen: account,
+            eligible_self_pay_fen: eligible_self_pay,
+        },
+        breakdown: breakdown
+            .into_iter()
+            .filter(|(_, amount, _)| *amount != 0)
+            .map(|(item, amount_fen, note)| BreakdownItem { item: item.to_owned(), amount_fen, note: note.to_owned() })
+            .collect(),
+    })
+}
+
+/// What the personal account pays of the patient's share: up to its balance, and class C items
+/// only where the scheme allows.
+fn account_payment(scheme: &Scheme, request: &SettlementRequest, patient: Fen, class_c: Fen) -> Fen {
+    let Some(policy) = scheme.account.filter(|_| request.use_account) else { return 0 };
+    let payable = if policy.covers_class_c { patient } else { (patient - class_c).max(0) };
+    payable.min(account_balance(&policy, &request.year_to_date))
+}
+
+/// The account balance left this year.
+pub fn account_balance(policy: &AccountPolicy, ytd: &YearToDate) -> Fen {
+    policy.annual_credit_fen.saturating_sub(ytd.account_paid_fen).max(0)
+}
