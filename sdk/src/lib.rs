@@ -37,6 +37,7 @@
 //!   accumulators, splits); money is integer fen.
 //! - [`error`]: [`PluginError`] and its stable [`ErrorCode`]s.
 //! - [`plugin`]: the [`Plugin`] trait and the safe [`dispatch`] of an operation.
+//! - [`testing`]: building a plugin's `cdylib` from its tests.
 //! - [`abi`]: ABI v1, the C boundary, and the [`export_plugin!`] macro. `include/cardgate_plugin.h`
 //!   is the same boundary for C.
 
@@ -44,6 +45,7 @@
 pub mod abi;
 pub mod error;
 pub mod plugin;
+pub mod testing;
 pub mod types;
 
 pub use error::{ErrorCode, PluginError};

@@ -1,0 +1,58 @@
+//! The `cardgate` binary as an operator runs it.
+
+use std::process::Command;
+
+use cardgate_sdk::testing::build_cdylib;
+
+fn cardgate(args: &[&str]) -> (i32, String, String) {
+    let cache = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_cardgate"))
+        .args(args)
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .output()
+        .expect("run cardgate");
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8");
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
+#[test]
+fn plugin_inspect_prints_the_declaration() {
+    let library = build_cdylib("basic-medical");
+    let (code, stdout, stderr) = cardgate(&["plugin", "inspect", library.to_str().expect("UTF-8 path")]);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert!(stdout.contains("plugin:      basic-medical 0.1.0"), "{stdout}");
+    assert!(stdout.contains(&format!("sdk:         {}", cardgate_sdk::abi::SDK_VERSION)), "{stdout}");
+    assert!(stdout.contains("abi:         1.0 (gateway 1.0)"), "{stdout}");
+    assert!(stdout.contains("unwinding:   yes"), "{stdout}");
+}
+
+#[test]
+fn plugin_inspect_json_carries_every_field() {
+    let library = build_cdylib("basic-medical");
+    let (code, stdout, _) = cardgate(&["plugin", "inspect", "--json", library.to_str().expect("UTF-8 path")]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(v["name"], "basic-medical");
+    assert_eq!(v["abi"], "1.0");
+    assert_eq!(v["gateway_abi"], "1.0");
+    assert_eq!(v["sha256"].as_str().map(str::len), Some(64));
+}
+
+#[test]
+fn plugin_inspect_of_wrong_abi_fails_naming_both_versions() {
+    let library = build_cdylib("fixture-wrong-major");
+    let (code, stdout, stderr) = cardgate(&["plugin", "inspect", library.to_str().expect("UTF-8 path")]);
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty());
+    assert!(stderr.contains("ABI major version mismatch"), "{stderr}");
+    assert!(stderr.contains("plugin built for ABI 2.0, this gateway runs ABI 1.0"), "{stderr}");
+    assert!(stderr.contains(library.to_str().expect("UTF-8 path")), "the path is named: {stderr}");
+}
+
+#[test]
+fn plugin_inspect_of_missing_file_fails() {
+    let (code, _, stderr) = cardgate(&["plugin", "inspect", "/nonexistent/libnothing.so"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("file not found"), "{stderr}");
+}

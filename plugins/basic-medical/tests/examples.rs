@@ -1,0 +1,124 @@
+//! The hand-worked examples of `README.md`, with the example configuration.
+
+mod common;
+
+use basic_medical::BasicMedical;
+use cardgate_sdk::{ErrorCode, InstitutionLevel::*, InquiryRequest, ItemCategory::*, Plugin, Split, YearToDate};
+use common::{example_config, line, request};
+
+fn plugin() -> BasicMedical {
+    BasicMedical::new(example_config()).expect("example config is valid")
+}
+
+fn breakdown(split: &Split, item: &str) -> i64 {
+    split.breakdown.iter().find(|b| b.item == item).map_or(0, |b| b.amount_fen)
+}
+
+#[test]
+fn example_1_employee_first_visit_of_the_year_at_a_tertiary_hospital() {
+    let req = request("310", Tertiary, vec![line(ClassA, 100_000), line(ClassB, 50_000), line(ClassC, 20_000)], YearToDate::default());
+    let split = plugin().settle(&req).expect("settles");
+    assert_eq!(split.fund_pay_fen(), 52_000);
+    assert_eq!(split.account_pay_fen, 98_000);
+    assert_eq!(split.cash_pay_fen, 20_000);
+    assert_eq!(split.eligible_self_pay_fen, 0);
+    assert_eq!(breakdown(&split, "class_b_first_self_pay"), 5_000);
+    assert_eq!(breakdown(&split, "deductible"), 80_000);
+    assert_eq!(breakdown(&split, "co_insurance"), 13_000);
+    assert_eq!(breakdown(&split, "class_c_self_pay"), 20_000);
+    let delta = split.year_to_date_delta;
+    assert_eq!(
+        (delta.deductible_fen, delta.fund_paid_fen, delta.eligible_fen, delta.account_paid_fen, delta.eligible_self_pay_fen),
+        (80_000, 52_000, 145_000, 98_000, 93_000)
+    );
+    split.check_balances(170_000).expect("balances");
+}
+
+#[test]
+fn example_2_deductible_met_and_account_declined() {
+    let ytd = YearToDate { deductible_fen: 80_000, ..YearToDate::default() };
+    let mut req = request("310", Tertiary, vec![line(ClassA, 100_000), line(ClassB, 50_000), line(ClassC, 20_000)], ytd);
+    req.use_account = false;
+    let split = plugin().settle(&req).expect("settles");
+    assert_eq!((split.fund_pay_fen(), split.account_pay_fen, split.cash_pay_fen), (116_000, 0, 54_000));
+    assert_eq!(split.eligible_self_pay_fen, 29_000);
+    assert_eq!(breakdown(&split, "deductible"), 0);
+    assert_eq!(breakdown(&split, "co_insurance"), 29_000);
+}
+
+#[test]
+fn example_3_resident_at_a_pharmacy_reaches_the_annual_ceiling() {
+    let ytd = YearToDate { deductible_fen: 60_000, fund_paid_fen: 19_990_000, ..YearToDate::default() };
+    let req = request("390", Pharmacy, vec![line(ClassA, 30_000)], ytd);
+    let split = plugin().settle(&req).expect("settles");
+    assert_eq!((split.fund_pay_fen(), split.account_pay_fen, split.cash_pay_fen), (10_000, 0, 20_000));
+    assert_eq!(breakdown(&split, "co_insurance"), 12_000);
+    assert_eq!(breakdown(&split, "above_ceiling"), 8_000);
+    assert_eq!(split.eligible_self_pay_fen, 20_000);
+}
+
+#[test]
+fn example_4_rounding_half_up_and_a_nearly_empty_account() {
+    let ytd = YearToDate { deductible_fen: 80_000, account_paid_fen: 199_900, ..YearToDate::default() };
+    let req = request("310", Primary, vec![line(ClassB, 3_335)], ytd);
+    let split = plugin().settle(&req).expect("settles");
+    assert_eq!(breakdown(&split, "class_b_first_self_pay"), 334);
+    assert_eq!((split.fund_pay_fen(), split.account_pay_fen, split.cash_pay_fen), (2_701, 100, 534));
+    assert_eq!(split.eligible_self_pay_fen, 200);
+}
+
+#[test]
+fn example_5_card_without_the_insurance_type_is_not_insured() {
+    let mut req = request("310", Tertiary, vec![line(ClassA, 1_000)], YearToDate::default());
+    req.card.insurance_types = vec!["390".into()];
+    let error = plugin().quote(&req).expect_err("refused");
+    assert_eq!(error.code, ErrorCode::NotInsured);
+}
+
+#[test]
+fn quote_and_settle_agree() {
+    let req = request("390", Secondary, vec![line(ClassA, 70_000), line(ClassB, 12_345)], YearToDate::default());
+    assert_eq!(plugin().quote(&req), plugin().settle(&req));
+}
+
+#[test]
+fn lines_that_do_not_sum_to_the_total_are_refused() {
+    let mut req = request("310", Tertiary, vec![line(ClassA, 1_000)], YearToDate::default());
+    req.total_fen = 999;
+    req.due_fen = 999;
+    assert_eq!(plugin().quote(&req).expect_err("refused").code, ErrorCode::InvalidRequest);
+}
+
+#[test]
+fn negative_line_is_refused() {
+    let req = request("310", Tertiary, vec![line(ClassA, -5)], YearToDate::default());
+    assert_eq!(plugin().quote(&req).expect_err("refused").code, ErrorCode::InvalidRequest);
+}
+
+#[test]
+fn inquiry_reports_balance_deductible_and_ceiling_left() {
+    let base = request("310", Tertiary, vec![], YearToDate::default());
+    let ytd = YearToDate { deductible_fen: 30_000, fund_paid_fen: 1_000_000, account_paid_fen: 50_000, ..YearToDate::default() };
+    let answer = plugin()
+        .inquire(&InquiryRequest { card: base.card, institution: base.institution, year_to_date: ytd })
+        .expect("answers");
+    assert!(answer.insured);
+    assert_eq!(answer.insurance_types, vec!["310".to_owned()]);
+    assert_eq!(answer.account_balance_fen, Some(150_000));
+    assert_eq!(answer.deductible_remaining_fen, Some(50_000));
+    assert_eq!(answer.ceiling_remaining_fen, Some(29_000_000));
+}
+
+#[test]
+fn invalid_config_lists_every_problem_with_its_key_path() {
+    let mut config = example_config();
+    config.class_b_self_pay_bp = 10_001;
+    let employee = config.schemes.get_mut("310").expect("scheme 310");
+    employee.deductible_fen = -1;
+    employee.ratio_bp.pharmacy = 12_000;
+    let error = BasicMedical::new(config).expect_err("refused");
+    assert_eq!(error.code, ErrorCode::InvalidConfig);
+    for path in ["class_b_self_pay_bp", "schemes.310.deductible_fen", "schemes.310.ratio_bp.pharmacy"] {
+        assert!(error.message.contains(path), "{path} missing from: {}", error.message);
+    }
+}
