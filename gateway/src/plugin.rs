@@ -23,7 +23,12 @@ pub use loader::{Instance, Library, LoadOptions, PluginInfo};
 pub use pool::{PluginPool, PoolOptions};
 
 /// Loads the library at `path` and builds an instance from `config`.
-pub fn load(label: &str, path: &Path, config: &serde_json::Value, options: &LoadOptions) -> Result<Instance, LoadError> {
+pub fn load(
+    label: &str,
+    path: &Path,
+    config: &serde_json::Value,
+    options: &LoadOptions,
+) -> Result<Instance, LoadError> {
     Library::open(label, path, options)?.instantiate(config)
 }
 

@@ -4,7 +4,7 @@
 use serde::de::DeserializeOwned;
 
 use crate::error::PluginError;
-use crate::types::{Health, Inquiry, InquiryRequest, Reversal, ReversalRequest, Split, SettlementRequest};
+use crate::types::{Health, Inquiry, InquiryRequest, Reversal, ReversalRequest, SettlementRequest, Split};
 
 /// A payer's policy, loaded by the gateway at run time.
 ///

@@ -32,9 +32,8 @@ impl Build {
     /// Builds and returns the path of the produced shared library.
     pub fn run(&self) -> Result<PathBuf, String> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let target_dir = target_directory(&cargo)?
-            .join("plugin-builds")
-            .join(self.flavour.as_deref().unwrap_or("default"));
+        let target_dir =
+            target_directory(&cargo)?.join("plugin-builds").join(self.flavour.as_deref().unwrap_or("default"));
         let mut command = Command::new(&cargo);
         command.arg(if self.rustc_args.is_empty() { "build" } else { "rustc" });
         command.args(["--quiet", "--lib", "--message-format=json-render-diagnostics", "-p", &self.package]);
@@ -47,11 +46,7 @@ impl Build {
         }
         let output = command.output().map_err(|e| format!("cannot run cargo: {e}"))?;
         if !output.status.success() {
-            return Err(format!(
-                "building `{}` failed:\n{}",
-                self.package,
-                String::from_utf8_lossy(&output.stderr)
-            ));
+            return Err(format!("building `{}` failed:\n{}", self.package, String::from_utf8_lossy(&output.stderr)));
         }
         cdylib_artifact(&String::from_utf8_lossy(&output.stdout), &self.package)
             .ok_or_else(|| format!("cargo built `{}` but reported no cdylib", self.package))
@@ -79,7 +74,10 @@ fn cdylib_artifact(messages: &str, package: &str) -> Option<PathBuf> {
     messages
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && (m["target"]["name"] == lib_name.as_str() || m["target"]["name"] == package))
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && (m["target"]["name"] == lib_name.as_str() || m["target"]["name"] == package)
+        })
         .filter(|m| m["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "cdylib")))
         .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
         .filter_map(|f| f.as_str().map(PathBuf::from))

@@ -51,8 +51,22 @@ fn expected() -> BTreeMap<String, String> {
             $(put(concat!("offset ", $c, ".", stringify!($f)), offset_of!($t, $f).to_string());)*
         };
     }
-    off!("cardgate_declaration", Declaration, magic, abi_major, abi_minor, size, flags, reserved, sdk_version, name,
-        version, init, call, destroy);
+    off!(
+        "cardgate_declaration",
+        Declaration,
+        magic,
+        abi_major,
+        abi_minor,
+        size,
+        flags,
+        reserved,
+        sdk_version,
+        name,
+        version,
+        init,
+        call,
+        destroy
+    );
     off!("cardgate_host_api", HostApi, size, abi_major, abi_minor, max_log_level, reserved, ctx, log);
     let constants: [(&str, i64); 18] = [
         ("CARDGATE_ABI_MAJOR", abi::ABI_MAJOR.into()),

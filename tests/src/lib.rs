@@ -1,1 +1,74 @@
+//! Shared helpers for cardgate's end-to-end tests and benchmarks: example plugin
+//! configurations and request builders.
+//!
+//! # Layout
+//! - this file: helpers.
+//! - `tests/`: integration tests (plugin loading and calling, ...).
+//! - `benches/`: criterion benchmarks.
+//! - `fixtures/`: deliberately broken or misbehaving plugin crates the tests build.
 
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use cardgate_sdk::{
+    BillLine, CardClaims, Fen, Institution, InstitutionLevel, ItemCategory, SettlementRequest, YearToDate,
+};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the workspace").to_owned()
+}
+
+/// `plugins/<name>/config.example.toml`, as the JSON the gateway hands the plugin.
+pub fn example_plugin_config(plugin: &str) -> serde_json::Value {
+    let path = workspace_root().join("plugins").join(plugin).join("config.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A bill line of one unit.
+pub fn line(category: ItemCategory, amount_fen: Fen) -> BillLine {
+    BillLine {
+        code: format!("ITEM-{amount_fen}"),
+        name: "item".into(),
+        category,
+        quantity: 1,
+        unit_price_fen: amount_fen,
+        amount_fen,
+    }
+}
+
+/// A bill of `n` lines cycling through the three classes, as a hospital visit might have.
+pub fn bill(n: usize) -> Vec<BillLine> {
+    let classes = [ItemCategory::ClassA, ItemCategory::ClassB, ItemCategory::ClassC];
+    (0..n).map(|i| line(classes[i % 3], 1_000 + 137 * i as Fen)).collect()
+}
+
+/// A settlement request for an employee-insured (310) card at a tertiary hospital, with nothing
+/// settled yet this year.
+pub fn settlement_request(lines: Vec<BillLine>) -> SettlementRequest {
+    let total_fen = lines.iter().map(|l| l.amount_fen).sum();
+    SettlementRequest {
+        settlement_id: "S-TEST-1".into(),
+        card: CardClaims {
+            card_id: "110105199001011234".into(),
+            holder_name: "Test Holder".into(),
+            insured_region: "110105".into(),
+            insurance_types: vec!["310".into()],
+            delegate: None,
+        },
+        institution: Institution {
+            id: "H110105001".into(),
+            level: InstitutionLevel::Tertiary,
+            region: "110105".into(),
+        },
+        insurance_type: "310".into(),
+        lines,
+        total_fen,
+        due_fen: total_fen,
+        prior: vec![],
+        year_to_date: YearToDate { year: 2026, ..YearToDate::default() },
+        use_account: true,
+    }
+}

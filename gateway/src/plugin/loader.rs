@@ -124,10 +124,10 @@ impl Library {
             (abi::STATUS_OK, Some(ptr)) => Ok(Instance { library: Arc::clone(self), ptr }),
             (abi::STATUS_OK, None) => Err(self.init_failed(PluginError::internal("init returned no instance"))),
             (abi::STATUS_ERROR, _) => Err(self.init_failed(decode_plugin_error(&output))),
-            (abi::STATUS_PANIC, _) => Err(self.init_failed(PluginError::internal(format!(
-                "init panicked: {}",
-                String::from_utf8_lossy(&output)
-            )))),
+            (abi::STATUS_PANIC, _) => {
+                Err(self
+                    .init_failed(PluginError::internal(format!("init panicked: {}", String::from_utf8_lossy(&output)))))
+            }
             (status, _) => Err(self.init_failed(PluginError::internal(format!(
                 "init returned status {status}: {}",
                 String::from_utf8_lossy(&output)
@@ -204,9 +204,8 @@ impl Drop for Instance {
 }
 
 fn decode_plugin_error(output: &[u8]) -> PluginError {
-    serde_json::from_slice(output).unwrap_or_else(|_| {
-        PluginError::internal(format!("undecodable error: {}", String::from_utf8_lossy(output)))
-    })
+    serde_json::from_slice(output)
+        .unwrap_or_else(|_| PluginError::internal(format!("undecodable error: {}", String::from_utf8_lossy(output))))
 }
 
 /// Copies the library to `<cache_dir>/<sha256>.so` (atomically; an intact existing copy is
@@ -230,7 +229,8 @@ fn copy_content_addressed(label: &str, path: &Path, cache_dir: &Path) -> Result<
         return Ok((target, sha256));
     }
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let temp = cache_dir.join(format!(".{sha256}.{}.{}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let temp =
+        cache_dir.join(format!(".{sha256}.{}.{}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let written = fs::File::create(&temp).and_then(|mut f| {
         f.write_all(&bytes)?;
         f.sync_all()
@@ -297,11 +297,22 @@ fn check_declaration(
     if found.minor > expected.minor {
         return Err(LoadError::AbiMinorNewer { plugin, path, found, expected });
     }
-    let bad = |reason: String| LoadError::BadDeclaration { plugin: label.to_owned(), path: path.clone(), found, expected, reason };
+    let bad = |reason: String| LoadError::BadDeclaration {
+        plugin: label.to_owned(),
+        path: path.clone(),
+        found,
+        expected,
+        reason,
+    };
     if (declaration.size as usize) < size_of::<Declaration>() {
-        return Err(bad(format!("size {} is smaller than the {} bytes of ABI 1.0", declaration.size, size_of::<Declaration>())));
+        return Err(bad(format!(
+            "size {} is smaller than the {} bytes of ABI 1.0",
+            declaration.size,
+            size_of::<Declaration>()
+        )));
     }
-    let text = |what: &str, ptr| read_c_str(ptr).ok_or_else(|| bad(format!("{what} is not a NUL-terminated UTF-8 string")));
+    let text =
+        |what: &str, ptr| read_c_str(ptr).ok_or_else(|| bad(format!("{what} is not a NUL-terminated UTF-8 string")));
     let info = PluginInfo {
         name: text("name", declaration.name)?,
         version: text("version", declaration.version)?,

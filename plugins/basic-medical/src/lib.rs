@@ -30,10 +30,9 @@ impl BasicMedical {
         if !card_types.iter().any(|t| t == insurance_type) {
             return Err(PluginError::not_insured(format!("card does not hold insurance type {insurance_type}")));
         }
-        self.config
-            .schemes
-            .get(insurance_type)
-            .ok_or_else(|| PluginError::not_insured(format!("insurance type {insurance_type} is not run by this payer")))
+        self.config.schemes.get(insurance_type).ok_or_else(|| {
+            PluginError::not_insured(format!("insurance type {insurance_type} is not run by this payer"))
+        })
     }
 }
 

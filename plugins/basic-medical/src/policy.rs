@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use cardgate_sdk::{
-    BillLine, BreakdownItem, Fen, FundPayment, InstitutionLevel, ItemCategory, PluginError, SettlementRequest,
-    Split, YearToDate,
+    BillLine, BreakdownItem, Fen, FundPayment, InstitutionLevel, ItemCategory, PluginError, SettlementRequest, Split,
+    YearToDate,
 };
 use serde::Deserialize;
 
@@ -113,11 +113,7 @@ impl Config {
         for (code, scheme) in &self.schemes {
             scheme.validate(&format!("schemes.{code}"), &mut problems);
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(PluginError::invalid_config(problems.join("; ")))
-        }
+        if problems.is_empty() { Ok(()) } else { Err(PluginError::invalid_config(problems.join("; "))) }
     }
 }
 
@@ -184,7 +180,11 @@ pub fn classify(lines: &[BillLine], class_b_self_pay_bp: u32) -> Result<Classifi
                 c.eligible += amount - first;
             }
             ItemCategory::ClassC => c.class_c += amount,
-            _ => return Err(PluginError::not_covered(format!("lines[{index}] has a category this policy does not know"))),
+            _ => {
+                return Err(PluginError::not_covered(format!(
+                    "lines[{index}] has a category this policy does not know"
+                )));
+            }
         }
     }
     Ok(c)

@@ -25,7 +25,12 @@ pub fn line(category: ItemCategory, amount_fen: Fen) -> BillLine {
     }
 }
 
-pub fn request(insurance_type: &str, level: InstitutionLevel, lines: Vec<BillLine>, ytd: YearToDate) -> SettlementRequest {
+pub fn request(
+    insurance_type: &str,
+    level: InstitutionLevel,
+    lines: Vec<BillLine>,
+    ytd: YearToDate,
+) -> SettlementRequest {
     let total_fen = lines.iter().map(|l| l.amount_fen).sum();
     SettlementRequest {
         settlement_id: "s-1".into(),

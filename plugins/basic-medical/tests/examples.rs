@@ -3,7 +3,7 @@
 mod common;
 
 use basic_medical::BasicMedical;
-use cardgate_sdk::{ErrorCode, InstitutionLevel::*, InquiryRequest, ItemCategory::*, Plugin, Split, YearToDate};
+use cardgate_sdk::{ErrorCode, InquiryRequest, InstitutionLevel::*, ItemCategory::*, Plugin, Split, YearToDate};
 use common::{example_config, line, request};
 
 fn plugin() -> BasicMedical {
@@ -16,7 +16,12 @@ fn breakdown(split: &Split, item: &str) -> i64 {
 
 #[test]
 fn example_1_employee_first_visit_of_the_year_at_a_tertiary_hospital() {
-    let req = request("310", Tertiary, vec![line(ClassA, 100_000), line(ClassB, 50_000), line(ClassC, 20_000)], YearToDate::default());
+    let req = request(
+        "310",
+        Tertiary,
+        vec![line(ClassA, 100_000), line(ClassB, 50_000), line(ClassC, 20_000)],
+        YearToDate::default(),
+    );
     let split = plugin().settle(&req).expect("settles");
     assert_eq!(split.fund_pay_fen(), 52_000);
     assert_eq!(split.account_pay_fen, 98_000);
@@ -28,7 +33,13 @@ fn example_1_employee_first_visit_of_the_year_at_a_tertiary_hospital() {
     assert_eq!(breakdown(&split, "class_c_self_pay"), 20_000);
     let delta = split.year_to_date_delta;
     assert_eq!(
-        (delta.deductible_fen, delta.fund_paid_fen, delta.eligible_fen, delta.account_paid_fen, delta.eligible_self_pay_fen),
+        (
+            delta.deductible_fen,
+            delta.fund_paid_fen,
+            delta.eligible_fen,
+            delta.account_paid_fen,
+            delta.eligible_self_pay_fen
+        ),
         (80_000, 52_000, 145_000, 98_000, 93_000)
     );
     split.check_balances(170_000).expect("balances");
@@ -37,7 +48,8 @@ fn example_1_employee_first_visit_of_the_year_at_a_tertiary_hospital() {
 #[test]
 fn example_2_deductible_met_and_account_declined() {
     let ytd = YearToDate { deductible_fen: 80_000, ..YearToDate::default() };
-    let mut req = request("310", Tertiary, vec![line(ClassA, 100_000), line(ClassB, 50_000), line(ClassC, 20_000)], ytd);
+    let mut req =
+        request("310", Tertiary, vec![line(ClassA, 100_000), line(ClassB, 50_000), line(ClassC, 20_000)], ytd);
     req.use_account = false;
     let split = plugin().settle(&req).expect("settles");
     assert_eq!((split.fund_pay_fen(), split.account_pay_fen, split.cash_pay_fen), (116_000, 0, 54_000));
@@ -98,7 +110,12 @@ fn negative_line_is_refused() {
 #[test]
 fn inquiry_reports_balance_deductible_and_ceiling_left() {
     let base = request("310", Tertiary, vec![], YearToDate::default());
-    let ytd = YearToDate { deductible_fen: 30_000, fund_paid_fen: 1_000_000, account_paid_fen: 50_000, ..YearToDate::default() };
+    let ytd = YearToDate {
+        deductible_fen: 30_000,
+        fund_paid_fen: 1_000_000,
+        account_paid_fen: 50_000,
+        ..YearToDate::default()
+    };
     let answer = plugin()
         .inquire(&InquiryRequest { card: base.card, institution: base.institution, year_to_date: ytd })
         .expect("answers");

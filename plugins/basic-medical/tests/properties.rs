@@ -4,7 +4,7 @@
 mod common;
 
 use basic_medical::BasicMedical;
-use basic_medical::policy::{Config, Ratios, Scheme, AccountPolicy, FULL_BP};
+use basic_medical::policy::{AccountPolicy, Config, FULL_BP, Ratios, Scheme};
 use cardgate_sdk::{BillLine, InstitutionLevel, ItemCategory, Plugin, YearToDate};
 use common::{line, request};
 use proptest::prelude::*;
@@ -29,7 +29,13 @@ fn lines() -> impl Strategy<Value = Vec<BillLine>> {
 
 fn config() -> impl Strategy<Value = Config> {
     let bp = || 0u32..=FULL_BP;
-    (bp(), 0i64..2_000_000, 0i64..50_000_000, [bp(), bp(), bp(), bp()], prop::option::of((0i64..1_000_000, any::<bool>())))
+    (
+        bp(),
+        0i64..2_000_000,
+        0i64..50_000_000,
+        [bp(), bp(), bp(), bp()],
+        prop::option::of((0i64..1_000_000, any::<bool>())),
+    )
         .prop_map(|(class_b, deductible, ceiling, [primary, secondary, tertiary, pharmacy], account)| Config {
             fund: "basic_pooling".into(),
             class_b_self_pay_bp: class_b,
