@@ -123,9 +123,15 @@ pub fn dispatch<P: Plugin>(plugin: &P, operation: Operation, input: &[u8]) -> Re
 }
 
 fn decode<T: DeserializeOwned>(operation: Operation, input: &[u8]) -> Result<T, DispatchError> {
-    serde_json::from_slice(input).map_err(|e| DispatchError::BadInput { operation, reason: e.to_string() })
+    let bad = |reason: String| DispatchError::BadInput { operation, reason };
+    // One UTF-8 check of the whole buffer is cheaper than the decoder's check of every string.
+    let text = std::str::from_utf8(input).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(text).map_err(|e| bad(e.to_string()))
 }
 
 fn encode<T: serde::Serialize>(answer: T) -> Result<Vec<u8>, DispatchError> {
-    serde_json::to_vec(&answer).map_err(|e| PluginError::internal(format!("cannot encode answer: {e}")).into())
+    let mut output = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut output, &answer)
+        .map_err(|e| PluginError::internal(format!("cannot encode answer: {e}")))?;
+    Ok(output)
 }
