@@ -41,6 +41,8 @@
 //! - [`abi`]: ABI v1, the C boundary, and the [`export_plugin!`] macro. `include/cardgate_plugin.h`
 //!   is the same boundary for C.
 
+#![deny(missing_docs)]
+
 #[allow(unsafe_code)]
 pub mod abi;
 pub mod error;
