@@ -376,7 +376,16 @@ pub unsafe extern "C" fn destroy<P: Plugin>(instance: *mut c_void) {
 /// Place it once in the plugin crate (built as a `cdylib`); it generates the entry symbol and
 /// the static declaration, named and versioned after the crate's package:
 ///
-/// ```ignore
+/// ```
+/// # use cardgate_sdk::{Plugin, PluginError, SettlementRequest, Split};
+/// # pub struct MyPolicy;
+/// # impl Plugin for MyPolicy {
+/// #     type Config = ();
+/// #     fn new((): ()) -> Result<Self, PluginError> { Ok(MyPolicy) }
+/// #     fn quote(&self, r: &SettlementRequest) -> Result<Split, PluginError> {
+/// #         Ok(Split { cash_pay_fen: r.due_fen, ..Split::default() })
+/// #     }
+/// # }
 /// cardgate_sdk::export_plugin!(MyPolicy);
 /// ```
 #[macro_export]
