@@ -1,12 +1,21 @@
-//! The `cardgate` command line: `plugin inspect` today; `serve`, `check-config`, `keys` and
-//! `token` join it as they are built.
+//! The `cardgate` command line.
+//!
+//! Every command writes to the `out` and `err` writers it is given and returns its exit code,
+//! so tests run the very code path the binary runs.
+//!
+//! - [`plugin`]: `plugin inspect`.
+//! - [`token`]: `keys generate`, `token mint`, `token verify`.
 
-use std::path::{Path, PathBuf};
+pub mod plugin;
+pub mod token;
+
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::plugin::{AbiVersion, Library, LoadOptions};
+/// Exit code for bad configuration or input files (`EX_CONFIG`).
+pub const EXIT_CONFIG: u8 = 78;
 
 /// The cardgate settlement gateway.
 #[derive(Debug, Parser)]
@@ -20,39 +29,56 @@ pub struct Cli {
 enum Command {
     /// Work with plugin libraries.
     #[command(subcommand)]
-    Plugin(PluginCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum PluginCommand {
-    /// Load a plugin library as the gateway would (without initialising it) and print its
-    /// declaration, or the exact load error.
-    Inspect {
-        /// The plugin library (`.so`).
-        file: PathBuf,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Directory for the content-addressed copy [default: a `cardgate-plugins` folder in
-        /// the system temporary directory].
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-    },
+    Plugin(plugin::PluginCommand),
+    /// Make issuer keys.
+    #[command(subcommand)]
+    Keys(token::KeysCommand),
+    /// Mint and verify e-card tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 /// Parses the process's arguments and runs the command.
 pub fn main() -> ExitCode {
     init_logging();
-    run(Cli::parse())
+    let code = run(Cli::parse(), &mut std::io::stdout().lock(), &mut std::io::stderr().lock());
+    ExitCode::from(code)
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> ExitCode {
-    match cli.command {
-        Command::Plugin(PluginCommand::Inspect { file, json, cache_dir }) => {
-            let cache_dir = cache_dir.unwrap_or_else(|| std::env::temp_dir().join("cardgate-plugins"));
-            inspect(&file, json, cache_dir)
+/// Runs a parsed command line, writing to `out` and `err`; returns the exit code.
+pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let result = match cli.command {
+        Command::Plugin(command) => plugin::run(command, out),
+        Command::Keys(command) => token::keys(command, out),
+        Command::Token(command) => token::run(command, out, err),
+    };
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            let _ = writeln!(err, "error: {}", failure.message);
+            failure.code
         }
+    }
+}
+
+/// A command that failed: what to print after `error: ` and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: u8,
+    /// Message.
+    pub message: String,
+}
+
+impl Failure {
+    /// Exit code 1.
+    pub fn new(message: impl std::fmt::Display) -> Self {
+        Self { code: 1, message: message.to_string() }
+    }
+
+    /// Exit code [`EXIT_CONFIG`].
+    pub fn config(message: impl std::fmt::Display) -> Self {
+        Self { code: EXIT_CONFIG, message: message.to_string() }
     }
 }
 
@@ -60,37 +86,4 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CARDGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
-fn inspect(file: &Path, json: bool, cache_dir: PathBuf) -> ExitCode {
-    let label = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let library = match Library::open(&label, file, &LoadOptions { cache_dir, require_unwind: true }) {
-        Ok(library) => library,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let info = library.info();
-    if json {
-        let value = serde_json::json!({
-            "name": info.name,
-            "version": info.version,
-            "sdk_version": info.sdk_version,
-            "abi": info.abi.to_string(),
-            "gateway_abi": AbiVersion::HOST.to_string(),
-            "unwind": info.unwind,
-            "sha256": library.sha256(),
-            "file": file.display().to_string(),
-        });
-        println!("{value:#}");
-    } else {
-        println!("plugin:      {} {}", info.name, info.version);
-        println!("sdk:         {}", info.sdk_version);
-        println!("abi:         {} (gateway {})", info.abi, AbiVersion::HOST);
-        println!("unwinding:   {}", if info.unwind { "yes" } else { "no" });
-        println!("sha256:      {}", library.sha256());
-        println!("file:        {}", file.display());
-    }
-    ExitCode::SUCCESS
 }

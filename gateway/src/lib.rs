@@ -7,7 +7,10 @@
 //! # Layout
 //! - [`plugin`]: loading plugin libraries through the SDK's C ABI and calling them on a
 //!   bounded pool.
+//! - [`token`]: e-card tokens: offline verification, trust and revocation lists, replay
+//!   protection, and issuer tooling.
 //! - [`cli`]: the `cardgate` command line.
 
 pub mod cli;
 pub mod plugin;
+pub mod token;

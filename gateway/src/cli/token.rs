@@ -1,0 +1,334 @@
+//! `cardgate keys generate`, `cardgate token mint`, `cardgate token verify`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use clap::{Subcommand, ValueEnum};
+
+use super::Failure;
+use crate::token::issue::{self, MintRequest, SigningKey};
+use crate::token::trust::parse_rfc3339;
+use crate::token::{
+    Algorithm, DelegateClaim, ECardClaim, Profile, RevocationList, TrustList, Verified, Verifier, VerifyOptions, qr,
+};
+
+/// Key commands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate an issuer key pair: `KID.key` (PKCS#8 PEM, mode 0600) and `KID.pub` (SPKI PEM)
+    /// in DIR, and print the trust-list entry.
+    Generate {
+        /// Signature algorithm.
+        #[arg(long, value_enum)]
+        alg: AlgArg,
+        /// Key id: letters, digits, `.`, `_` or `-`, at most 64.
+        #[arg(long)]
+        kid: String,
+        /// Directory to write the key files to (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Token commands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint an e-card token and print its QR text.
+    Mint(Box<MintArgs>),
+    /// Verify a token; exit 0 with its claims, or 1 with `error: <code>: <reason>`.
+    Verify(Box<VerifyArgs>),
+}
+
+/// Algorithms on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AlgArg {
+    /// Ed25519.
+    Ed25519,
+    /// ECDSA P-256 / SHA-256.
+    Es256,
+    /// RSASSA-PSS / SHA-256, 2048 bits.
+    Ps256,
+    /// SM2 / SM3.
+    Sm2,
+}
+
+impl From<AlgArg> for Algorithm {
+    fn from(a: AlgArg) -> Self {
+        match a {
+            AlgArg::Ed25519 => Algorithm::EdDsa,
+            AlgArg::Es256 => Algorithm::Es256,
+            AlgArg::Ps256 => Algorithm::Ps256,
+            AlgArg::Sm2 => Algorithm::Sm2Sm3,
+        }
+    }
+}
+
+/// `token mint` arguments.
+#[derive(Debug, clap::Args)]
+pub struct MintArgs {
+    /// The issuer's private key (PKCS#8 PEM); its algorithm is used.
+    #[arg(long)]
+    key: PathBuf,
+    /// Key id placed in the token's protected header.
+    #[arg(long)]
+    kid: String,
+    /// Card id.
+    #[arg(long)]
+    card: String,
+    /// Holder's name.
+    #[arg(long)]
+    name: String,
+    /// Insured region: 6-digit administrative division code.
+    #[arg(long)]
+    region: String,
+    /// Insurance type code; repeat or separate with commas for several.
+    #[arg(long, required = true, value_delimiter = ',')]
+    insutype: Vec<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 120)]
+    ttl: i64,
+    /// Issuer (`iss`).
+    #[arg(long, default_value = "cardgate-issuer")]
+    issuer: String,
+    /// Issue time (RFC 3339) [default: now].
+    #[arg(long)]
+    at: Option<String>,
+    /// Card id of a family member presenting the card (family account).
+    #[arg(long, requires = "relation")]
+    delegate_card: Option<String>,
+    /// The delegate's name.
+    #[arg(long, requires = "delegate_card")]
+    delegate_name: Option<String>,
+    /// The delegate's relation to the holder (`parent`, `spouse`, `child`, ...).
+    #[arg(long, requires = "delegate_card")]
+    relation: Option<String>,
+    /// Also draw the QR code in the terminal (on standard error).
+    #[arg(long)]
+    qr: bool,
+    /// Also write the QR code as a PNG image.
+    #[arg(long)]
+    png: Option<PathBuf>,
+}
+
+/// `token verify` arguments.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Trust list (JSON).
+    #[arg(long)]
+    trust: PathBuf,
+    /// Revocation list (JSON).
+    #[arg(long)]
+    revocations: Option<PathBuf>,
+    /// Verify as of this moment (RFC 3339) [default: now].
+    #[arg(long)]
+    at: Option<String>,
+    /// Expected prefix [default: `EC1:` for the e-card profile, `HC1:` for cwt].
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Rules: `ecard` (the full e-card profile) or `cwt` (signature and time only).
+    #[arg(long, value_enum, default_value_t = ProfileArg::Ecard)]
+    profile: ProfileArg,
+    /// Tolerated clock skew in seconds.
+    #[arg(long, default_value_t = 60)]
+    skew: i64,
+    /// Longest e-card token lifetime in seconds.
+    #[arg(long, default_value_t = 600)]
+    max_lifetime: i64,
+    /// Print the claims as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The QR text, or `-` (or nothing) to read it from standard input.
+    payload: Option<String>,
+}
+
+/// Verification profiles on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProfileArg {
+    /// The e-card profile.
+    Ecard,
+    /// Any COSE_Sign1 CWT: signature and time only.
+    Cwt,
+}
+
+/// Runs a key command.
+pub fn keys(command: KeysCommand, out: &mut dyn Write) -> Result<u8, Failure> {
+    let KeysCommand::Generate { alg, kid, out: dir } = command;
+    let valid_kid =
+        !kid.is_empty() && kid.len() <= 64 && kid.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !valid_kid {
+        return Err(Failure::config("--kid: use 1 to 64 letters, digits, `.`, `_` or `-`"));
+    }
+    let key = issue::generate(alg.into()).map_err(Failure::new)?;
+    std::fs::create_dir_all(&dir).map_err(|e| Failure::config(format!("{}: {e}", dir.display())))?;
+    let private = dir.join(format!("{kid}.key"));
+    write_new(&private, key.private_pem.as_bytes(), 0o600)?;
+    write_new(&dir.join(format!("{kid}.pub")), key.public_pem.as_bytes(), 0o644)?;
+    let entry = serde_json::json!({
+        "kid": BASE64.encode(kid.as_bytes()),
+        "alg": key.algorithm.name(),
+        "public_key": key.public_pem,
+    });
+    writeln!(out, "{entry:#}").map_err(Failure::new)?;
+    Ok(0)
+}
+
+/// Creates a file that must not exist yet, with `mode`.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), Failure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Failure::config(format!("{}: {e} (keys are never overwritten)", path.display())))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Failure::new(format!("{}: {e}", path.display())))
+}
+
+/// Runs a token command.
+pub fn run(command: TokenCommand, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8, Failure> {
+    match command {
+        TokenCommand::Mint(args) => mint(*args, out, err),
+        TokenCommand::Verify(args) => verify(*args, out),
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn moment(at: Option<&str>) -> Result<i64, Failure> {
+    at.map_or(Ok(now()), |t| parse_rfc3339(t).ok_or_else(|| Failure::config(format!("--at: `{t}` is not RFC 3339"))))
+}
+
+fn mint(args: MintArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8, Failure> {
+    let pem =
+        std::fs::read_to_string(&args.key).map_err(|e| Failure::config(format!("{}: {e}", args.key.display())))?;
+    let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| Failure::config(format!("{}: {e}", args.key.display())))?;
+    if args.region.len() != 6 || !args.region.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Failure::config("--region: a 6-digit administrative division code"));
+    }
+    if args.ttl <= 0 {
+        return Err(Failure::config("--ttl: must be positive"));
+    }
+    let delegate = args.delegate_card.map(|card_id| DelegateClaim {
+        card_id,
+        name: args.delegate_name,
+        relation: args.relation.unwrap_or_default(),
+    });
+    let request = MintRequest {
+        issuer: args.issuer,
+        kid: args.kid.into_bytes(),
+        issued_at: moment(args.at.as_deref())?,
+        ttl_secs: args.ttl,
+        token_id: None,
+        ecard: ECardClaim {
+            card_id: args.card,
+            holder_name: args.name,
+            insured_region: args.region,
+            insurance_types: args.insutype,
+            delegate,
+        },
+    };
+    let token = issue::mint(&key, &request).map_err(Failure::new)?;
+    writeln!(out, "{token}").map_err(Failure::new)?;
+    if args.qr || args.png.is_some() {
+        let code = qr::encode(&token).map_err(Failure::new)?;
+        if args.qr {
+            write!(err, "{}", qr::to_terminal(&code)).map_err(Failure::new)?;
+        }
+        if let Some(path) = &args.png {
+            qr::write_png(&code, 8, path).map_err(Failure::new)?;
+        }
+    }
+    Ok(0)
+}
+
+fn verify(args: VerifyArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+    let trust = TrustList::load(&args.trust).map_err(|p| Failure::config(p.join("\n       ")))?;
+    let revocations = match &args.revocations {
+        Some(path) => RevocationList::load(path).map_err(|p| Failure::config(p.join("\n       ")))?,
+        None => RevocationList::default(),
+    };
+    let profile = match args.profile {
+        ProfileArg::Ecard => Profile::ECard,
+        ProfileArg::Cwt => Profile::Cwt,
+    };
+    let default_prefix = if profile == Profile::ECard { "EC1:" } else { "HC1:" };
+    let options = VerifyOptions {
+        profile,
+        prefix: args.prefix.unwrap_or_else(|| default_prefix.to_owned()),
+        clock_skew_secs: args.skew,
+        max_lifetime_secs: args.max_lifetime,
+    };
+    let at = moment(args.at.as_deref())?;
+    let payload = match args.payload.as_deref() {
+        None | Some("-") => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).map_err(Failure::new)?;
+            text.trim_end().to_owned()
+        }
+        Some(text) => text.to_owned(),
+    };
+    let verifier = Verifier::new(Arc::new(trust), Arc::new(revocations), options);
+    let verified = verifier.verify(&payload, at).map_err(|e| Failure::new(format!("{}: {e}", e.code())))?;
+    let text = if args.json { format!("{:#}\n", verified_json(&verified)) } else { verified_text(&verified) };
+    out.write_all(text.as_bytes()).map_err(Failure::new)?;
+    Ok(0)
+}
+
+/// The verified token as JSON: key, algorithm, registered claims, e-card claim and the raw map.
+pub fn verified_json(v: &Verified) -> serde_json::Value {
+    let ecard = v.ecard.as_ref().map(|e| {
+        serde_json::json!({
+            "card_id": e.card_id,
+            "holder_name": e.holder_name,
+            "insured_region": e.insured_region,
+            "insurance_types": e.insurance_types,
+            "delegate": e.delegate.as_ref().map(|d| serde_json::json!({
+                "card_id": d.card_id, "name": d.name, "relation": d.relation,
+            })),
+        })
+    });
+    serde_json::json!({
+        "valid": true,
+        "kid": BASE64.encode(&v.kid),
+        "alg": v.algorithm.name(),
+        "iss": v.claims.issuer,
+        "iat": v.claims.issued_at,
+        "exp": v.claims.expires_at,
+        "cti": v.claims.token_id.as_ref().map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        "ecard": ecard,
+        "claims": v.claims.to_json(),
+    })
+}
+
+fn verified_text(v: &Verified) -> String {
+    let mut text = format!("valid: {} signature by key {}\n", v.algorithm, BASE64.encode(&v.kid));
+    if let Some(iss) = &v.claims.issuer {
+        text += &format!("issuer: {iss}\n");
+    }
+    for (label, time) in [("issued", v.claims.issued_at), ("expires", v.claims.expires_at)] {
+        if let Some(t) = time.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()) {
+            let formatted = t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+            text += &format!("{label}: {formatted}\n");
+        }
+    }
+    if let Some(e) = &v.ecard {
+        text += &format!(
+            "card: {} ({}), insured in {}, insurance {}\n",
+            e.card_id,
+            e.holder_name,
+            e.insured_region,
+            e.insurance_types.join(",")
+        );
+        if let Some(d) = &e.delegate {
+            text += &format!("presented by: {} ({})\n", d.card_id, d.relation);
+        }
+    }
+    text
+}

@@ -1,0 +1,203 @@
+//! E-card tokens: `"EC1:" + base45(zlib(COSE_Sign1(CWT claims)))`, verified offline.
+//!
+//! Verification order: decode the envelope -> find the key by `kid` (protected header first,
+//! then unprotected) -> key revocation -> signature -> claims -> time window (with clock skew)
+//! -> key validity at issue -> e-card profile (required claims, maximum lifetime, region scope)
+//! -> card revocation. Replay is checked separately ([`Verifier::claim_once`]) because
+//! inquiries and quotes may reuse a live token; only a settlement consumes it.
+//!
+//! - [`envelope`]: prefix, base45, zlib, COSE stages.
+//! - [`claims`]: CWT claims and the e-card claim.
+//! - [`trust`]: the trust list, keys and signature algorithms.
+//! - [`revocation`], [`replay`]: revoked cards and keys; used token ids.
+//! - [`issue`], [`qr`]: issuer tooling: key generation, minting, drawing the QR code.
+//! - [`error`]: [`TokenError`] and its stable codes.
+
+pub mod base45;
+pub mod claims;
+pub mod envelope;
+pub mod error;
+pub mod issue;
+pub mod qr;
+pub mod replay;
+pub mod revocation;
+pub mod trust;
+
+use std::sync::Arc;
+
+use coset::RegisteredLabelWithPrivate;
+
+pub use claims::{Claims, DelegateClaim, ECardClaim};
+pub use error::TokenError;
+pub use replay::{MemoryReplayStore, ReplayStore};
+pub use revocation::RevocationList;
+pub use trust::{Algorithm, PublicKey, TrustList, TrustedKey};
+
+/// Which rules a token is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// The e-card profile: `EC1:` tokens with `iss`, `iat`, `exp`, `cti` and the e-card claim,
+    /// a bounded lifetime, key region scope and card revocation.
+    ECard,
+    /// Any COSE_Sign1 CWT (for example `HC1:` certificates): signature and time only.
+    Cwt,
+}
+
+/// Verification settings.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// The rules.
+    pub profile: Profile,
+    /// The expected prefix.
+    pub prefix: String,
+    /// Clock difference tolerated between issuer and gateway, in seconds.
+    pub clock_skew_secs: i64,
+    /// Longest allowed `exp - iat` for e-card tokens, in seconds (dynamic QR codes live
+    /// minutes).
+    pub max_lifetime_secs: i64,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self {
+            profile: Profile::ECard,
+            prefix: envelope::ECARD_PREFIX.to_owned(),
+            clock_skew_secs: 60,
+            max_lifetime_secs: 600,
+        }
+    }
+}
+
+/// A token that verified.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The key id that signed it.
+    pub kid: Vec<u8>,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// Its claims.
+    pub claims: Claims,
+    /// The e-card claim (e-card profile only).
+    pub ecard: Option<ECardClaim>,
+}
+
+/// Verifies tokens against a trust list and a revocation list.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    trust: Arc<TrustList>,
+    revocations: Arc<RevocationList>,
+    options: VerifyOptions,
+}
+
+impl Verifier {
+    /// A verifier.
+    pub fn new(trust: Arc<TrustList>, revocations: Arc<RevocationList>, options: VerifyOptions) -> Self {
+        Self { trust, revocations, options }
+    }
+
+    /// The settings.
+    pub fn options(&self) -> &VerifyOptions {
+        &self.options
+    }
+
+    /// Verifies a QR payload at `now` (seconds since the epoch).
+    pub fn verify(&self, payload: &str, now: i64) -> Result<Verified, TokenError> {
+        let cose = envelope::parse_cose(&envelope::decode(payload, &self.options.prefix)?)?;
+        let algorithm = token_algorithm(&cose)?;
+        // The protected key id wins; the unprotected one counts only when there is none.
+        let kid = if cose.protected.header.key_id.is_empty() {
+            &cose.unprotected.key_id
+        } else {
+            &cose.protected.header.key_id
+        };
+        let candidates = self.trust.keys_for(kid);
+        if candidates.is_empty() {
+            return Err(TokenError::UnknownKey);
+        }
+        if self.revocations.key_revoked(kid) {
+            return Err(TokenError::KeyRevoked);
+        }
+        let payload = cose.payload.as_deref().ok_or_else(|| TokenError::malformed("COSE_Sign1 without payload"))?;
+        let key = signing_key(candidates, algorithm, &cose.tbs_data(b""), &cose.signature)?;
+        let claims = Claims::decode(payload)?;
+        self.check_time(&claims, now)?;
+        if !key.valid_at(claims.issued_at.unwrap_or(now)) {
+            return Err(TokenError::KeyOutOfScope("the key was not valid when the token was issued".into()));
+        }
+        let ecard = match self.options.profile {
+            Profile::Cwt => None,
+            Profile::ECard => Some(self.check_ecard(&claims, key)?),
+        };
+        Ok(Verified { kid: kid.clone(), algorithm, claims, ecard })
+    }
+
+    /// Consumes a verified token: the first call succeeds, any later one (with the same store)
+    /// is [`TokenError::Replayed`].
+    pub fn claim_once(&self, verified: &Verified, store: &dyn ReplayStore, now: i64) -> Result<(), TokenError> {
+        let token_id =
+            verified.claims.token_id.as_deref().ok_or_else(|| TokenError::ProfileInvalid("no cti".into()))?;
+        let forget_after = verified.claims.expires_at.unwrap_or(i64::MAX).saturating_add(self.options.clock_skew_secs);
+        store.claim(token_id, forget_after, now)
+    }
+
+    fn check_time(&self, claims: &Claims, now: i64) -> Result<(), TokenError> {
+        let skew = self.options.clock_skew_secs;
+        if claims.expires_at.is_some_and(|exp| now >= exp.saturating_add(skew)) {
+            return Err(TokenError::Expired);
+        }
+        let starts = claims.not_before.into_iter().chain(claims.issued_at);
+        if starts.into_iter().any(|t| now.saturating_add(skew) < t) {
+            return Err(TokenError::NotYetValid);
+        }
+        Ok(())
+    }
+
+    fn check_ecard(&self, claims: &Claims, key: &TrustedKey) -> Result<ECardClaim, TokenError> {
+        let missing = |c: &str| TokenError::ProfileInvalid(format!("required claim `{c}` is missing"));
+        claims.issuer.as_ref().ok_or_else(|| missing("iss"))?;
+        claims.token_id.as_ref().filter(|c| !c.is_empty()).ok_or_else(|| missing("cti"))?;
+        let iat = claims.issued_at.ok_or_else(|| missing("iat"))?;
+        let exp = claims.expires_at.ok_or_else(|| missing("exp"))?;
+        let lifetime = exp.saturating_sub(iat);
+        if lifetime <= 0 || lifetime > self.options.max_lifetime_secs {
+            return Err(TokenError::ProfileInvalid(format!(
+                "lifetime of {lifetime} s is outside 1..={} s",
+                self.options.max_lifetime_secs
+            )));
+        }
+        let ecard = claims.ecard()?;
+        if !key.covers_region(&ecard.insured_region) {
+            return Err(TokenError::KeyOutOfScope("the key may not issue for this insured region".into()));
+        }
+        if self.revocations.card_revoked(&ecard.card_id) {
+            return Err(TokenError::CardRevoked);
+        }
+        Ok(ecard)
+    }
+}
+
+/// The algorithm from the protected header; an unprotected one could be swapped by anyone.
+fn token_algorithm(cose: &coset::CoseSign1) -> Result<Algorithm, TokenError> {
+    let id = match &cose.protected.header.alg {
+        Some(RegisteredLabelWithPrivate::Assigned(alg)) => *alg as i64,
+        Some(RegisteredLabelWithPrivate::PrivateUse(id)) => *id,
+        Some(RegisteredLabelWithPrivate::Text(_)) | None => {
+            return Err(TokenError::malformed("no algorithm in the protected header"));
+        }
+    };
+    Algorithm::from_cose_id(id).ok_or_else(|| TokenError::malformed(format!("unsupported algorithm {id}")))
+}
+
+/// The candidate key that verifies the signature.
+fn signing_key<'a>(
+    candidates: &'a [TrustedKey],
+    algorithm: Algorithm,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<&'a TrustedKey, TokenError> {
+    let mut same_algorithm = candidates.iter().filter(|k| k.key.algorithm() == algorithm).peekable();
+    if same_algorithm.peek().is_none() {
+        return Err(TokenError::KeyOutOfScope(format!("the token uses {algorithm}, the key another algorithm")));
+    }
+    same_algorithm.find(|k| k.key.verify(message, signature)).ok_or(TokenError::SignatureInvalid)
+}

@@ -1,0 +1,69 @@
+//! The QR envelope: `prefix + base45(zlib(COSE_Sign1))`, taken apart stage by stage.
+
+use std::io::Read;
+
+use coset::{CborSerializable, CoseSign1, TaggedCborSerializable};
+
+use super::base45;
+use super::error::TokenError;
+
+/// The prefix of an e-card token.
+pub const ECARD_PREFIX: &str = "EC1:";
+
+/// The longest payload accepted: the alphanumeric capacity of the largest QR code.
+pub const MAX_PAYLOAD_CHARS: usize = 4296;
+
+/// The most a payload may inflate to.
+pub const MAX_INFLATED_BYTES: usize = 64 * 1024;
+
+/// Strips the expected prefix (and a trailing line break a scanner may add).
+pub fn unprefix<'a>(payload: &'a str, prefix: &str) -> Result<&'a str, TokenError> {
+    let payload = payload.trim_end_matches(['\r', '\n']);
+    if payload.len() > MAX_PAYLOAD_CHARS {
+        return Err(TokenError::malformed(format!("payload longer than {MAX_PAYLOAD_CHARS} characters")));
+    }
+    payload.strip_prefix(prefix).ok_or_else(|| TokenError::malformed(format!("payload does not start with `{prefix}`")))
+}
+
+/// Decodes the base45 text.
+pub fn unbase45(text: &str) -> Result<Vec<u8>, TokenError> {
+    base45::decode(text).map_err(|e| TokenError::malformed(format!("base45: {e}")))
+}
+
+/// Inflates zlib data, refusing anything that grows past [`MAX_INFLATED_BYTES`].
+pub fn inflate(data: &[u8]) -> Result<Vec<u8>, TokenError> {
+    let mut out = Vec::with_capacity(data.len() * 2);
+    flate2::read::ZlibDecoder::new(data)
+        .take(MAX_INFLATED_BYTES as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| TokenError::malformed(format!("zlib: {e}")))?;
+    if out.len() > MAX_INFLATED_BYTES {
+        return Err(TokenError::malformed(format!("inflates past {MAX_INFLATED_BYTES} bytes")));
+    }
+    Ok(out)
+}
+
+/// Compresses with zlib at the best compression level.
+pub fn deflate(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(data).expect("writing to a Vec cannot fail");
+    encoder.finish().expect("finishing into a Vec cannot fail")
+}
+
+/// Parses a COSE_Sign1, tagged (18) or not.
+pub fn parse_cose(bytes: &[u8]) -> Result<CoseSign1, TokenError> {
+    CoseSign1::from_tagged_slice(bytes)
+        .or_else(|_| CoseSign1::from_slice(bytes))
+        .map_err(|e| TokenError::malformed(format!("not a COSE_Sign1: {e:?}")))
+}
+
+/// Every stage from the QR text to the COSE bytes.
+pub fn decode(payload: &str, prefix: &str) -> Result<Vec<u8>, TokenError> {
+    inflate(&unbase45(unprefix(payload, prefix)?)?)
+}
+
+/// Every stage from the COSE bytes to the QR text.
+pub fn encode(cose: &[u8], prefix: &str) -> String {
+    format!("{prefix}{}", base45::encode(&deflate(cose)))
+}
