@@ -33,6 +33,26 @@ pub use replay::{MemoryReplayStore, ReplayStore};
 pub use revocation::RevocationList;
 pub use trust::{Algorithm, PublicKey, TrustList, TrustedKey};
 
+/// A token taken apart without checking its signature: for inspection and fuzzing only, never
+/// for a decision.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The COSE structure.
+    pub cose: coset::CoseSign1,
+    /// The claims.
+    pub claims: Claims,
+    /// The e-card claim, if present and well-formed.
+    pub ecard: Option<ECardClaim>,
+}
+
+/// Decodes every stage of a payload without verifying it.
+pub fn decode_unverified(payload: &str, prefix: &str) -> Result<Decoded, TokenError> {
+    let cose = envelope::parse_cose(&envelope::decode(payload, prefix)?)?;
+    let claims = Claims::decode(cose.payload.as_deref().unwrap_or_default())?;
+    let ecard = claims.ecard().ok();
+    Ok(Decoded { cose, claims, ecard })
+}
+
 /// Which rules a token is checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {

@@ -375,6 +375,14 @@ mod properties {
         }
 
         #[test]
+        fn decoding_arbitrary_input_never_panics(text in "EC1:[0-9A-Z $%*+./:-]{0,300}", bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            let _ = cardgate::token::decode_unverified(&text, "EC1:");
+            // Arbitrary bytes behind a valid envelope reach the CBOR and COSE decoders.
+            let _ = cardgate::token::decode_unverified(&envelope::encode(&bytes, "EC1:"), "EC1:");
+            let _ = cardgate::token::claims::Claims::decode(&bytes);
+        }
+
+        #[test]
         fn any_changed_character_of_the_qr_text_is_refused(index in any::<prop::sample::Index>(), c in "[0-9A-Z $%*+./:-]") {
             let token = mint(Algorithm::EdDsa);
             let at = 4 + index.index(token.len() - 4);

@@ -35,8 +35,22 @@ pub fn encode(bytes: &[u8]) -> String {
     out
 }
 
+/// Each byte's value in the alphabet, or 0xff.
+const VALUES: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        table[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
 fn value(c: u8, offset: usize) -> Result<u32, Base45Error> {
-    ALPHABET.iter().position(|&a| a == c).map(|v| v as u32).ok_or(Base45Error::InvalidCharacter(offset))
+    match VALUES[usize::from(c)] {
+        0xff => Err(Base45Error::InvalidCharacter(offset)),
+        v => Ok(u32::from(v)),
+    }
 }
 
 /// Decodes a string, strictly: no character outside the alphabet, no out-of-range group.

@@ -1,7 +1,5 @@
 //! The QR envelope: `prefix + base45(zlib(COSE_Sign1))`, taken apart stage by stage.
 
-use std::io::Read;
-
 use coset::{CborSerializable, CoseSign1, TaggedCborSerializable};
 
 use super::base45;
@@ -30,17 +28,35 @@ pub fn unbase45(text: &str) -> Result<Vec<u8>, TokenError> {
     base45::decode(text).map_err(|e| TokenError::malformed(format!("base45: {e}")))
 }
 
+thread_local! {
+    /// One decompressor per thread: its state is several kilobytes, too much to set up per token.
+    static INFLATER: std::cell::RefCell<flate2::Decompress> = std::cell::RefCell::new(flate2::Decompress::new(true));
+}
+
 /// Inflates zlib data, refusing anything that grows past [`MAX_INFLATED_BYTES`].
 pub fn inflate(data: &[u8]) -> Result<Vec<u8>, TokenError> {
-    let mut out = Vec::with_capacity(data.len() * 2);
-    flate2::read::ZlibDecoder::new(data)
-        .take(MAX_INFLATED_BYTES as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| TokenError::malformed(format!("zlib: {e}")))?;
-    if out.len() > MAX_INFLATED_BYTES {
-        return Err(TokenError::malformed(format!("inflates past {MAX_INFLATED_BYTES} bytes")));
-    }
-    Ok(out)
+    INFLATER.with_borrow_mut(|inflater| {
+        inflater.reset(true);
+        let mut out = Vec::with_capacity((data.len() * 3).min(MAX_INFLATED_BYTES));
+        loop {
+            let consumed = inflater.total_in() as usize;
+            let status = inflater
+                .decompress_vec(&data[consumed..], &mut out, flate2::FlushDecompress::Finish)
+                .map_err(|e| TokenError::malformed(format!("zlib: {e}")))?;
+            match status {
+                flate2::Status::StreamEnd => break,
+                _ if out.len() >= MAX_INFLATED_BYTES => {
+                    return Err(TokenError::malformed(format!("inflates past {MAX_INFLATED_BYTES} bytes")));
+                }
+                _ if out.len() < out.capacity() => return Err(TokenError::malformed("zlib: truncated stream")),
+                _ => out.reserve(out.capacity().min(MAX_INFLATED_BYTES - out.len())),
+            }
+        }
+        if inflater.total_in() as usize != data.len() {
+            return Err(TokenError::malformed("zlib: data after the end of the stream"));
+        }
+        Ok(out)
+    })
 }
 
 /// Compresses with zlib at the best compression level.

@@ -1,0 +1,64 @@
+//! Token verification: the bare signature check per algorithm, and the full decode + verify of
+//! a typical e-card token.
+//!
+//! Run: `cargo bench -p cardgate --bench token`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use cardgate::token::issue::{self, MintRequest, SigningKey};
+use cardgate::token::{
+    Algorithm, ECardClaim, PublicKey, RevocationList, TrustList, TrustedKey, Verifier, VerifyOptions, envelope,
+};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+const NOW: i64 = 1_780_000_000;
+
+fn token(c: &mut Criterion) {
+    let mut group = c.benchmark_group("token");
+    for algorithm in Algorithm::ALL {
+        let generated = issue::generate(algorithm).expect("generate");
+        let signing = SigningKey::from_pkcs8_pem(&generated.private_pem).expect("key");
+        let public = PublicKey::from_spki_pem(&generated.public_pem).expect("key");
+        let ecard = ECardClaim {
+            card_id: "110105199001011234".into(),
+            holder_name: "张三".into(),
+            insured_region: "110105".into(),
+            insurance_types: vec!["310".into()],
+            delegate: None,
+        };
+        let request = MintRequest {
+            issuer: "CN-110000".into(),
+            kid: b"k1".to_vec(),
+            issued_at: NOW,
+            ttl_secs: 120,
+            token_id: None,
+            ecard,
+        };
+        let token = issue::mint(&signing, &request).expect("mint");
+        let cose = envelope::parse_cose(&envelope::decode(&token, "EC1:").expect("decode")).expect("COSE");
+        let (message, signature) = (cose.tbs_data(b""), cose.signature.clone());
+        group.bench_function(format!("signature_only/{algorithm}"), |b| {
+            b.iter(|| assert!(public.verify(black_box(&message), black_box(&signature))))
+        });
+        let trusted =
+            TrustedKey { kid: b"k1".to_vec(), key: public.clone(), not_before: None, not_after: None, regions: vec![] };
+        let verifier = Verifier::new(
+            Arc::new(TrustList::from_keys([trusted])),
+            Arc::new(RevocationList::default()),
+            VerifyOptions::default(),
+        );
+        group.bench_function(format!("decode_and_verify/{algorithm}"), |b| {
+            b.iter(|| verifier.verify(black_box(&token), NOW).expect("valid"))
+        });
+        if algorithm == Algorithm::EdDsa {
+            group.bench_function("decode_only/EdDSA", |b| {
+                b.iter(|| envelope::parse_cose(&envelope::decode(black_box(&token), "EC1:").expect("decode")))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, token);
+criterion_main!(benches);
