@@ -4,9 +4,11 @@
 //! so tests run the very code path the binary runs.
 //!
 //! - [`plugin`]: `plugin inspect`.
+//! - [`serve`]: `serve`, `dev`.
 //! - [`token`]: `keys generate`, `token mint`, `token verify`.
 
 pub mod plugin;
+pub mod serve;
 pub mod token;
 
 use std::io::Write;
@@ -27,6 +29,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway.
+    Serve(serve::ServeArgs),
+    /// Run the gateway on generated dev certificates, keys and configuration (set up once in
+    /// DIR, reused afterwards).
+    Dev(serve::DevArgs),
     /// Work with plugin libraries.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
@@ -48,6 +55,8 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command line, writing to `out` and `err`; returns the exit code.
 pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let result = match cli.command {
+        Command::Serve(args) => serve::serve(args),
+        Command::Dev(args) => serve::dev(args, out),
         Command::Plugin(command) => plugin::run(command, out),
         Command::Keys(command) => token::keys(command, out),
         Command::Token(command) => token::run(command, out, err),

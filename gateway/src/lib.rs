@@ -11,6 +11,14 @@
 //!   protection, and issuer tooling.
 //! - [`cli`]: the `cardgate` command line.
 
+pub mod api;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dev;
+pub mod ledger;
 pub mod plugin;
+pub mod route;
+pub mod server;
+pub mod service;
 pub mod token;

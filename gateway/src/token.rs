@@ -115,6 +115,11 @@ impl Verifier {
         Self { trust, revocations, options }
     }
 
+    /// Whether a card is revoked (for settlements by quote, after the token was checked).
+    pub fn card_revoked(&self, card_id: &str) -> bool {
+        self.revocations.card_revoked(card_id)
+    }
+
     /// The settings.
     pub fn options(&self) -> &VerifyOptions {
         &self.options

@@ -21,6 +21,8 @@ pub struct Build {
     /// Sub-directory of `plugin-builds` to build in; builds with different flags must not
     /// share one. Default: `"default"`.
     pub flavour: Option<String>,
+    /// Directory inside the workspace to run cargo from. Default: the current directory.
+    pub workspace: Option<PathBuf>,
 }
 
 impl Build {
@@ -32,9 +34,13 @@ impl Build {
     /// Builds and returns the path of the produced shared library.
     pub fn run(&self) -> Result<PathBuf, String> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let target_dir =
-            target_directory(&cargo)?.join("plugin-builds").join(self.flavour.as_deref().unwrap_or("default"));
+        let target_dir = target_directory(&cargo, self.workspace.as_deref())?
+            .join("plugin-builds")
+            .join(self.flavour.as_deref().unwrap_or("default"));
         let mut command = Command::new(&cargo);
+        if let Some(dir) = &self.workspace {
+            command.current_dir(dir);
+        }
         command.arg(if self.rustc_args.is_empty() { "build" } else { "rustc" });
         command.args(["--quiet", "--lib", "--message-format=json-render-diagnostics", "-p", &self.package]);
         command.arg("--target-dir").arg(&target_dir);
@@ -58,8 +64,12 @@ pub fn build_cdylib(package: &str) -> PathBuf {
     Build::new(package).run().unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn target_directory(cargo: &std::ffi::OsStr) -> Result<PathBuf, String> {
-    let output = Command::new(cargo)
+fn target_directory(cargo: &std::ffi::OsStr, workspace: Option<&Path>) -> Result<PathBuf, String> {
+    let mut command = Command::new(cargo);
+    if let Some(dir) = workspace {
+        command.current_dir(dir);
+    }
+    let output = command
         .args(["metadata", "--format-version=1", "--no-deps", "--offline"])
         .output()
         .map_err(|e| format!("cannot run cargo metadata: {e}"))?;

@@ -41,6 +41,11 @@ impl MemoryReplayStore {
         self.seen.lock().map_or(0, |s| s.tokens.len())
     }
 
+    /// Whether a token id was claimed (and not yet forgotten).
+    pub fn contains(&self, token_id: &[u8]) -> bool {
+        self.seen.lock().is_ok_and(|s| s.tokens.contains_key(token_id))
+    }
+
     /// Whether no token id is remembered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

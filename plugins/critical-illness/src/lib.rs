@@ -118,7 +118,7 @@ impl Plugin for CriticalIllness {
     }
 
     fn quote(&self, request: &SettlementRequest) -> Result<Split, PluginError> {
-        if !self.config.insurance_types.iter().any(|t| *t == request.insurance_type) {
+        if !self.config.insurance_types.contains(&request.insurance_type) {
             return Err(PluginError::not_insured(format!("insurance type {} is not covered", request.insurance_type)));
         }
         let due = request.due_fen;

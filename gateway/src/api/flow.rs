@@ -1,0 +1,699 @@
+//! The request flows: inquiry, quote, settlement (by token or by quote), reversal, lookup.
+//!
+//! A settlement: verify the token (or load the quote) -> route to the payer chain -> record
+//! the intent (a used token, quote or idempotency key is refused here, durably) -> call each
+//! payer with what the earlier ones left -> check every answer balances -> record the outcome
+//! with the accumulator changes -> answer. The stored answer is what a retry gets back.
+
+use cardgate_sdk::{
+    CardClaims, Delegate, Inquiry, InquiryRequest, Institution, Operation, PriorPayment, ReversalRequest,
+    SettlementRequest, Split, YearToDate,
+};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::model::{BillBody, InquiryBody, ReversalBody, check_bill, check_id};
+use super::{ApiError, ApiResponse, Identity};
+use crate::config::InstitutionConfig;
+use crate::ledger::{AccumulatorDelta, Intent, LedgerError, Outcome, Record, State, StoredQuote, mask_card};
+use crate::plugin::{CallError, PluginHandle};
+use crate::route::RouteQuery;
+use crate::service::Gateway;
+use crate::token::{DelegateClaim, ECardClaim, ReplayStore, TokenError};
+
+/// Accumulator years follow China Standard Time (UTC+8).
+const UTC_OFFSET_SECS: i64 = 8 * 3600;
+
+/// What a bill is settled for: the card, and the token or quote that vouched for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Subject {
+    card_id: String,
+    holder_name: String,
+    insured_region: String,
+    insurance_types: Vec<String>,
+    delegate: Option<(String, Option<String>, String)>,
+    token_id: Option<Vec<u8>>,
+    token_expires_at: Option<i64>,
+}
+
+impl Subject {
+    fn from_claim(ecard: ECardClaim, token_id: Option<Vec<u8>>, token_expires_at: Option<i64>) -> Self {
+        Self {
+            card_id: ecard.card_id,
+            holder_name: ecard.holder_name,
+            insured_region: ecard.insured_region,
+            insurance_types: ecard.insurance_types,
+            delegate: ecard.delegate.map(|d: DelegateClaim| (d.card_id, d.name, d.relation)),
+            token_id,
+            token_expires_at,
+        }
+    }
+
+    fn card(&self) -> CardClaims {
+        CardClaims {
+            card_id: self.card_id.clone(),
+            holder_name: self.holder_name.clone(),
+            insured_region: self.insured_region.clone(),
+            insurance_types: self.insurance_types.clone(),
+            delegate: self.delegate.as_ref().map(|(card_id, name, relation)| Delegate {
+                card_id: card_id.clone(),
+                name: name.clone(),
+                relation: relation.clone(),
+            }),
+        }
+    }
+
+    fn delegate_json(&self) -> Value {
+        self.delegate.as_ref().map_or(
+            Value::Null,
+            |(card_id, name, relation)| json!({ "card": mask_card(card_id), "name": name, "relation": relation }),
+        )
+    }
+}
+
+/// A sealed quote's content.
+#[derive(Debug, Serialize, Deserialize)]
+struct QuoteContent {
+    subject: Subject,
+    insurance_type: String,
+    terminal_id: String,
+    bill: BillBody,
+}
+
+fn institution<'g>(
+    gateway: &'g Gateway,
+    identity: &Identity,
+    named: Option<&str>,
+) -> Result<(&'g str, &'g InstitutionConfig), ApiError> {
+    if named.is_some_and(|n| n != identity.institution) {
+        return Err(ApiError::client(
+            StatusCode::FORBIDDEN,
+            "forbidden_institution",
+            "the request names another institution than the client certificate",
+        ));
+    }
+    let (id, config) = gateway
+        .config
+        .institutions
+        .get_key_value(&identity.institution)
+        .ok_or_else(|| ApiError::client(StatusCode::FORBIDDEN, "forbidden_institution", "unknown institution"))?;
+    Ok((id.as_str(), config))
+}
+
+fn sdk_institution(id: &str, config: &InstitutionConfig) -> Institution {
+    Institution { id: id.to_owned(), level: config.level, region: config.region.clone() }
+}
+
+fn insurance_type(subject: &Subject, requested: Option<&str>) -> Result<String, ApiError> {
+    match requested {
+        None => subject
+            .insurance_types
+            .first()
+            .cloned()
+            .ok_or_else(|| ApiError::invalid("the card holds no insurance type")),
+        Some(t) if subject.insurance_types.iter().any(|held| held == t) => Ok(t.to_owned()),
+        Some(t) => Err(ApiError::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "insurance_type_not_held",
+            format!("the card does not hold insurance type {t}"),
+        )),
+    }
+}
+
+fn payer_chain<'g>(
+    gateway: &'g Gateway,
+    subject: &Subject,
+    insurance_type: &str,
+    institution: (&str, &InstitutionConfig),
+) -> Result<Vec<(&'g str, &'g PluginHandle)>, ApiError> {
+    let query = RouteQuery {
+        insured_region: &subject.insured_region,
+        insurance_type,
+        institution: institution.0,
+        treatment_region: &institution.1.region,
+    };
+    let names = gateway.router.route(&query).ok_or_else(|| {
+        ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, "no_route", "no payer serves this card here")
+    })?;
+    names
+        .iter()
+        .map(|name| {
+            let plugin = gateway
+                .plugins
+                .get(name)
+                .ok_or_else(|| ApiError::Plugin { payer: name.clone(), error: CallError::Unavailable })?;
+            Ok((name.as_str(), plugin))
+        })
+        .collect()
+}
+
+fn year_of(now: i64) -> i32 {
+    time::OffsetDateTime::from_unix_timestamp(now + UTC_OFFSET_SECS).map_or(1970, |t| t.year())
+}
+
+fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn new_id(prefix: char) -> String {
+    use ring::rand::SecureRandom;
+    let mut random = [0u8; 10];
+    let _ = ring::rand::SystemRandom::new().fill(&mut random);
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let tail: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{millis:012x}{tail}")
+}
+
+/// One payer's answer in a chain.
+struct PayerSplit<'g> {
+    name: &'g str,
+    version: String,
+    split: Split,
+}
+
+/// What a chain of payers needs to know about the bill.
+struct Bill<'a> {
+    id: &'a str,
+    subject: &'a Subject,
+    institution: Institution,
+    insurance_type: &'a str,
+    body: &'a BillBody,
+    total_fen: i64,
+}
+
+/// Calls each payer with what the earlier ones left; checks every answer balances.
+async fn run_chain<'g>(
+    gateway: &'g Gateway,
+    chain: &[(&'g str, &'g PluginHandle)],
+    operation: Operation,
+    bill: &Bill<'_>,
+    card_hash: &[u8],
+    year: i32,
+) -> Result<Vec<PayerSplit<'g>>, ApiError> {
+    let mut due = bill.total_fen;
+    let mut prior: Vec<PriorPayment> = Vec::new();
+    let mut results = Vec::with_capacity(chain.len());
+    for (name, plugin) in chain {
+        let year_to_date = gateway.ledger.accumulators(card_hash, name, year)?;
+        let request = SettlementRequest {
+            settlement_id: bill.id.to_owned(),
+            card: bill.subject.card(),
+            institution: bill.institution.clone(),
+            insurance_type: bill.insurance_type.to_owned(),
+            lines: bill.body.lines.clone(),
+            total_fen: bill.total_fen,
+            due_fen: due,
+            prior: prior.clone(),
+            year_to_date,
+            use_account: bill.body.use_account.unwrap_or(true),
+        };
+        let answer: Result<Split, CallError> = plugin.call(operation, &request).await;
+        let split = answer.map_err(|error| ApiError::Plugin { payer: (*name).to_owned(), error })?;
+        split
+            .check_balances(due)
+            .map_err(|e| ApiError::Unbalanced { payer: (*name).to_owned(), detail: e.to_string() })?;
+        prior.push(PriorPayment {
+            payer: (*name).to_owned(),
+            fund_pay_fen: split.fund_pay_fen(),
+            account_pay_fen: split.account_pay_fen,
+            eligible_self_pay_fen: split.eligible_self_pay_fen,
+        });
+        due = split.cash_pay_fen;
+        results.push(PayerSplit { name, version: plugin.info().version.clone(), split });
+    }
+    Ok(results)
+}
+
+/// The split part shared by quotes and receipts.
+fn split_json(results: &[PayerSplit<'_>], total_fen: i64) -> Value {
+    let fund: i64 = results.iter().map(|r| r.split.fund_pay_fen()).sum();
+    let account: i64 = results.iter().map(|r| r.split.account_pay_fen).sum();
+    let cash = results.last().map_or(total_fen, |r| r.split.cash_pay_fen);
+    let funds: Vec<Value> = results
+        .iter()
+        .flat_map(|r| {
+            r.split.funds.iter().map(|f| json!({ "payer": r.name, "fund": f.fund, "amount_fen": f.amount_fen }))
+        })
+        .collect();
+    let payers: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            json!({
+                "payer": r.name,
+                "version": r.version,
+                "funds": r.split.funds,
+                "fund_pay_fen": r.split.fund_pay_fen(),
+                "account_pay_fen": r.split.account_pay_fen,
+                "cash_pay_fen": r.split.cash_pay_fen,
+                "eligible_self_pay_fen": r.split.eligible_self_pay_fen,
+                "breakdown": r.split.breakdown,
+            })
+        })
+        .collect();
+    json!({
+        "total_fen": total_fen,
+        "fund_pay_fen": fund,
+        "account_pay_fen": account,
+        "cash_pay_fen": cash,
+        "funds": funds,
+        "payers": payers,
+    })
+}
+
+fn merge(mut base: Value, extra: Value) -> Value {
+    if let (Some(base), Value::Object(extra)) = (base.as_object_mut(), extra) {
+        base.extend(extra);
+    }
+    base
+}
+
+/// `POST /v1/inquiries`.
+pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) -> Result<ApiResponse, ApiError> {
+    let institution = institution(gateway, identity, body.institution_id.as_deref())?;
+    check_id("terminal_id", &body.terminal_id)?;
+    let now = gateway.clock.now();
+    let verified = gateway.verifier.verify(&body.token, now)?;
+    let subject =
+        Subject::from_claim(verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?, None, None);
+    let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
+    let chain = payer_chain(gateway, &subject, &insurance_type, institution)?;
+    let card_hash = gateway.card_key.hash(&subject.card_id);
+    let mut payers = Vec::new();
+    for (name, plugin) in chain {
+        let year_to_date = gateway.ledger.accumulators(&card_hash, name, year_of(now))?;
+        let request = InquiryRequest {
+            card: subject.card(),
+            institution: sdk_institution(institution.0, institution.1),
+            year_to_date,
+        };
+        let answer: Result<Inquiry, CallError> = plugin.inquire(&request).await;
+        payers.push(match answer {
+            Ok(inquiry) => {
+                merge(json!({ "payer": name, "supported": true }), serde_json::to_value(inquiry).unwrap_or_default())
+            }
+            Err(CallError::Rejected(e)) if e.code == cardgate_sdk::ErrorCode::Unsupported => {
+                json!({ "payer": name, "supported": false })
+            }
+            Err(error) => return Err(ApiError::Plugin { payer: name.to_owned(), error }),
+        });
+    }
+    let answer = json!({
+        "card": mask_card(&subject.card_id),
+        "holder_name": subject.holder_name,
+        "insured_region": subject.insured_region,
+        "insurance_types": subject.insurance_types,
+        "insurance_type": insurance_type,
+        "delegate": subject.delegate_json(),
+        "token_expires_at": verified.claims.expires_at.map(rfc3339),
+        "payers": payers,
+    });
+    Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
+}
+
+/// `POST /v1/quotes`.
+pub async fn quote(
+    gateway: &Gateway,
+    identity: &Identity,
+    body: BillBody,
+    _request_id: &str,
+) -> Result<ApiResponse, ApiError> {
+    let institution = institution(gateway, identity, body.institution_id.as_deref())?;
+    check_id("terminal_id", &body.terminal_id)?;
+    let total_fen = check_bill(&body.lines, body.total_fen)?;
+    let token = match (&body.token, &body.quote_id) {
+        (Some(token), None) => token,
+        _ => return Err(ApiError::invalid("a quote needs `token` (and no `quote_id`)")),
+    };
+    let now = gateway.clock.now();
+    let verified = gateway.verifier.verify(token, now)?;
+    let ecard = verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?;
+    let subject = Subject::from_claim(ecard, verified.claims.token_id.clone(), verified.claims.expires_at);
+    let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
+    let chain = payer_chain(gateway, &subject, &insurance_type, institution)?;
+    let id = new_id('Q');
+    let bill = Bill {
+        id: &id,
+        subject: &subject,
+        institution: sdk_institution(institution.0, institution.1),
+        insurance_type: &insurance_type,
+        body: &body,
+        total_fen,
+    };
+    let card_hash = gateway.card_key.hash(&subject.card_id);
+    let results = run_chain(gateway, &chain, Operation::Quote, &bill, &card_hash, year_of(now)).await?;
+    let expires_at = now + gateway.config.tokens.quote_validity_secs;
+    let content = QuoteContent {
+        subject: subject.clone(),
+        insurance_type: insurance_type.clone(),
+        terminal_id: body.terminal_id.clone(),
+        bill: BillBody { token: None, ..body.clone() },
+    };
+    let sealed = gateway.card_key.seal(&serde_json::to_vec(&content).map_err(|e| ApiError::invalid(e.to_string()))?);
+    let stored =
+        StoredQuote { id: id.clone(), institution: institution.0.to_owned(), expires_at, sealed, settled_by: None };
+    gateway.ledger.save_quote(stored).await?;
+    let answer = merge(
+        json!({
+            "quote_id": id,
+            "state": "quoted",
+            "expires_at": rfc3339(expires_at),
+            "institution_id": institution.0,
+            "terminal_id": body.terminal_id,
+            "card": mask_card(&subject.card_id),
+            "holder_name": subject.holder_name,
+            "delegate": subject.delegate_json(),
+            "insurance_type": insurance_type,
+            "insured_region": subject.insured_region,
+        }),
+        split_json(&results, total_fen),
+    );
+    Ok(ApiResponse::json(StatusCode::CREATED, answer.to_string()))
+}
+
+/// What a settlement request resolves to before any money moves.
+struct Prepared {
+    subject: Subject,
+    insurance_type: String,
+    bill: BillBody,
+    total_fen: i64,
+    quote_id: Option<String>,
+}
+
+fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: i64) -> Result<Prepared, ApiError> {
+    let total_fen = check_bill(&body.lines, body.total_fen)?;
+    let verified = gateway.verifier.verify(token, now)?;
+    let ecard = verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?;
+    let subject = Subject::from_claim(ecard, verified.claims.token_id.clone(), verified.claims.expires_at);
+    if subject.token_id.as_ref().is_some_and(|cti| gateway.replay_cache.contains(cti)) {
+        return Err(TokenError::Replayed.into());
+    }
+    let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
+    Ok(Prepared { subject, insurance_type, bill: body.clone(), total_fen, quote_id: None })
+}
+
+fn prepare_by_quote(
+    gateway: &Gateway,
+    institution: &str,
+    body: &BillBody,
+    quote_id: &str,
+    now: i64,
+) -> Result<Prepared, ApiError> {
+    let quote = gateway.ledger.quote(institution, quote_id)?.ok_or_else(|| {
+        ApiError::client(StatusCode::NOT_FOUND, "quote_not_found", "no such quote for this institution")
+    })?;
+    if quote.settled_by.is_some() {
+        return Err(LedgerError::QuoteUsed.into());
+    }
+    if now >= quote.expires_at {
+        return Err(ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, "quote_expired", "the quote has expired"));
+    }
+    let content: QuoteContent = gateway
+        .card_key
+        .open(&quote.sealed)
+        .and_then(|plain| serde_json::from_slice(&plain).ok())
+        .ok_or_else(|| ApiError::Storage(LedgerError::Storage("a stored quote does not open".into())))?;
+    if !body.lines.is_empty() && (body.lines != content.bill.lines || body.total_fen != content.bill.total_fen) {
+        return Err(ApiError::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "quote_mismatch",
+            "the bill differs from the quote",
+        ));
+    }
+    if body.insurance_type.as_ref().is_some_and(|t| *t != content.insurance_type) {
+        return Err(ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, "quote_mismatch", "the insurance type differs"));
+    }
+    if gateway.verifier.card_revoked(&content.subject.card_id) {
+        return Err(TokenError::CardRevoked.into());
+    }
+    let total_fen = check_bill(&content.bill.lines, content.bill.total_fen)?;
+    let mut bill = content.bill;
+    if body.use_account.is_some() {
+        bill.use_account = body.use_account;
+    }
+    Ok(Prepared {
+        subject: content.subject,
+        insurance_type: content.insurance_type,
+        bill,
+        total_fen,
+        quote_id: Some(quote_id.to_owned()),
+    })
+}
+
+fn request_hash(body: &BillBody) -> Vec<u8> {
+    let canonical = serde_json::to_vec(body).unwrap_or_default();
+    ring::digest::digest(&ring::digest::SHA256, &canonical).as_ref().to_vec()
+}
+
+/// The stored answer for a repeated idempotency key.
+fn replay(record: Record, hash: &[u8]) -> Result<ApiResponse, ApiError> {
+    if record.request_hash != hash {
+        return Err(ApiError::client(
+            StatusCode::CONFLICT,
+            "idempotency_conflict",
+            "this Idempotency-Key was used with a different request",
+        ));
+    }
+    match record.state {
+        State::Pending | State::Unknown => Err(ApiError::client(
+            StatusCode::CONFLICT,
+            "request_in_progress",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        )),
+        _ => Ok(ApiResponse {
+            status: StatusCode::from_u16(record.status).unwrap_or(StatusCode::OK),
+            problem: !(200..300).contains(&record.status),
+            body: record.body,
+        }),
+    }
+}
+
+/// `POST /v1/settlements`.
+pub async fn settle(
+    gateway: &Gateway,
+    identity: &Identity,
+    key: &str,
+    body: BillBody,
+    request_id: &str,
+) -> Result<ApiResponse, ApiError> {
+    let institution = institution(gateway, identity, body.institution_id.as_deref())?;
+    check_id("terminal_id", &body.terminal_id)?;
+    let hash = request_hash(&body);
+    if let Some(record) = gateway.ledger.by_idempotency_key(institution.0, key)? {
+        return replay(record, &hash);
+    }
+    let now = gateway.clock.now();
+    let prepared = match (&body.token, &body.quote_id) {
+        (Some(token), None) => prepare_by_token(gateway, &body, token, now)?,
+        (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, &body, quote_id, now)?,
+        _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
+    };
+    let chain = payer_chain(gateway, &prepared.subject, &prepared.insurance_type, institution)?;
+    let id = new_id('S');
+    let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
+    let intent = Intent {
+        id: id.clone(),
+        institution: institution.0.to_owned(),
+        terminal: body.terminal_id.clone(),
+        idempotency_key: key.to_owned(),
+        request_hash: hash.clone(),
+        token_id: prepared.subject.token_id.clone(),
+        quote_id: prepared.quote_id.clone(),
+        card_hash: card_hash.clone(),
+        card_masked: mask_card(&prepared.subject.card_id),
+        total_fen: prepared.total_fen,
+        created_at: now,
+    };
+    match gateway.ledger.begin(intent).await {
+        Ok(()) => {}
+        Err(LedgerError::IdempotencyTaken) => {
+            let record = gateway.ledger.by_idempotency_key(institution.0, key)?.ok_or(LedgerError::NotFound)?;
+            return replay(record, &hash);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let bill = Bill {
+        id: &id,
+        subject: &prepared.subject,
+        institution: sdk_institution(institution.0, institution.1),
+        insurance_type: &prepared.insurance_type,
+        body: &prepared.bill,
+        total_fen: prepared.total_fen,
+    };
+    let year = year_of(now);
+    let outcome = run_chain(gateway, &chain, Operation::Settle, &bill, &card_hash, year).await;
+    let (state, status, answer, deltas) = match outcome {
+        Ok(results) => {
+            let receipt = receipt(&id, institution.0, &body.terminal_id, &prepared, &results, now);
+            let deltas = results
+                .iter()
+                .map(|r| AccumulatorDelta {
+                    payer: r.name.to_owned(),
+                    delta: YearToDate { year, ..r.split.year_to_date_delta },
+                })
+                .collect();
+            (State::Settled, StatusCode::CREATED, receipt.to_string(), deltas)
+        }
+        Err(error) => {
+            let timed_out = matches!(error, ApiError::Plugin { error: CallError::Timeout(_), .. });
+            let (status, problem) = error.body(request_id, Some(("settlement_id", &id)));
+            (if timed_out { State::Unknown } else { State::Failed }, status, problem, Vec::new())
+        }
+    };
+    let outcome = Outcome {
+        id,
+        state,
+        status: status.as_u16(),
+        body: answer.clone(),
+        deltas,
+        card_hash,
+        at: gateway.clock.now(),
+    };
+    gateway.ledger.finish(outcome).await?;
+    if state == State::Settled
+        && let Some(cti) = &prepared.subject.token_id
+    {
+        let forget_after = prepared.subject.token_expires_at.unwrap_or(now) + gateway.config.tokens.clock_skew_secs;
+        let _ = gateway.replay_cache.claim(cti, forget_after, now);
+    }
+    Ok(ApiResponse { status, problem: state != State::Settled, body: answer })
+}
+
+fn receipt(id: &str, institution: &str, terminal: &str, p: &Prepared, results: &[PayerSplit<'_>], now: i64) -> Value {
+    merge(
+        json!({
+            "settlement_id": id,
+            "state": "settled",
+            "institution_id": institution,
+            "terminal_id": terminal,
+            "card": mask_card(&p.subject.card_id),
+            "holder_name": p.subject.holder_name,
+            "delegate": p.subject.delegate_json(),
+            "insured_region": p.subject.insured_region,
+            "insurance_type": p.insurance_type,
+            "quote_id": p.quote_id,
+            "lines": p.bill.lines.len(),
+            "settled_at": rfc3339(now),
+        }),
+        split_json(results, p.total_fen),
+    )
+}
+
+/// `GET /v1/settlements/{id}`.
+pub fn get(gateway: &Gateway, identity: &Identity, id: &str) -> Result<ApiResponse, ApiError> {
+    let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
+    let view = match record.state {
+        State::Settled | State::Reversed => {
+            let mut receipt: Value = serde_json::from_str(&record.body).unwrap_or_default();
+            receipt["state"] = json!(record.state.as_str());
+            if let Some(reversal) = &record.reversal {
+                receipt["reversal"] = serde_json::from_str(reversal).unwrap_or_default();
+            }
+            receipt
+        }
+        State::Failed => json!({
+            "settlement_id": record.id,
+            "state": "failed",
+            "problem": serde_json::from_str::<Value>(&record.body).unwrap_or_default(),
+        }),
+        State::Pending | State::Unknown => json!({ "settlement_id": record.id, "state": record.state.as_str() }),
+    };
+    Ok(ApiResponse::json(StatusCode::OK, view.to_string()))
+}
+
+/// `POST /v1/settlements/{id}/reversal`: idempotent; a repeat returns the same answer.
+pub async fn reverse(
+    gateway: &Gateway,
+    identity: &Identity,
+    id: &str,
+    body: ReversalBody,
+    _request_id: &str,
+) -> Result<ApiResponse, ApiError> {
+    let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
+    match record.state {
+        State::Reversed => {
+            return Ok(ApiResponse::json(StatusCode::OK, record.reversal.unwrap_or_default()));
+        }
+        State::Settled => {}
+        other => {
+            return Err(ApiError::client(
+                StatusCode::CONFLICT,
+                "not_reversible",
+                format!("a {} settlement cannot be reversed", other.as_str()),
+            ));
+        }
+    }
+    let receipt: Value = serde_json::from_str(&record.body).map_err(|e| LedgerError::Storage(e.to_string()))?;
+    let institution_config = gateway.institution(&identity.institution).ok_or(LedgerError::NotFound)?;
+    let card = CardClaims {
+        card_id: receipt["card"].as_str().unwrap_or_default().to_owned(),
+        holder_name: receipt["holder_name"].as_str().unwrap_or_default().to_owned(),
+        insured_region: receipt["insured_region"].as_str().unwrap_or_default().to_owned(),
+        insurance_types: vec![receipt["insurance_type"].as_str().unwrap_or_default().to_owned()],
+        delegate: None,
+    };
+    let payers = receipt["payers"].as_array().cloned().unwrap_or_default();
+    for payer in payers.iter().rev() {
+        let name = payer["payer"].as_str().unwrap_or_default();
+        let plugin = gateway
+            .plugins
+            .get(name)
+            .ok_or_else(|| ApiError::Plugin { payer: name.to_owned(), error: CallError::Unavailable })?;
+        let original: Split = serde_json::from_value(payer.clone()).unwrap_or_default();
+        let request = ReversalRequest {
+            settlement_id: id.to_owned(),
+            card: card.clone(),
+            institution: sdk_institution(&identity.institution, institution_config),
+            original,
+            reason: body.reason.clone(),
+        };
+        let answer =
+            plugin.reverse(&request).await.map_err(|error| ApiError::Plugin { payer: name.to_owned(), error })?;
+        if !answer.accepted {
+            return Err(ApiError::client(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reversal_declined",
+                format!("payer `{name}` declined the reversal: {}", answer.note),
+            ));
+        }
+    }
+    let now = gateway.clock.now();
+    let (card_hash, deltas) = gateway.ledger.settled_deltas(id)?.ok_or(LedgerError::NotFound)?;
+    let undo = deltas.into_iter().map(|d| AccumulatorDelta { payer: d.payer, delta: negate(d.delta) }).collect();
+    let answer = json!({
+        "settlement_id": id,
+        "state": "reversed",
+        "reversed_at": rfc3339(now),
+        "reason": body.reason,
+        "refund": {
+            "total_fen": receipt["total_fen"],
+            "fund_pay_fen": receipt["fund_pay_fen"],
+            "account_pay_fen": receipt["account_pay_fen"],
+            "cash_pay_fen": receipt["cash_pay_fen"],
+        },
+    })
+    .to_string();
+    match gateway.ledger.reverse(id.to_owned(), answer.clone(), undo, card_hash, now).await {
+        Ok(()) => Ok(ApiResponse::json(StatusCode::OK, answer)),
+        // A concurrent reversal won: answer what it stored.
+        Err(LedgerError::NotFound) => {
+            let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
+            Ok(ApiResponse::json(StatusCode::OK, record.reversal.unwrap_or_default()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn negate(d: YearToDate) -> YearToDate {
+    YearToDate {
+        year: d.year,
+        deductible_fen: -d.deductible_fen,
+        fund_paid_fen: -d.fund_paid_fen,
+        eligible_fen: -d.eligible_fen,
+        account_paid_fen: -d.account_paid_fen,
+        eligible_self_pay_fen: -d.eligible_self_pay_fen,
+    }
+}

@@ -1,0 +1,128 @@
+//! `cardgate serve` and `cardgate dev`: run the daemon.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::Failure;
+use crate::config::Config;
+use crate::dev::{self, DevPlugins};
+use crate::server;
+use crate::service::{Gateway, SystemClock};
+
+/// `serve` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); `CARDGATE__SECTION__KEY` environment variables override it.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// `dev` arguments.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Directory for the generated files, the ledger and the plugin cache.
+    #[arg(long, default_value = ".cardgate-dev")]
+    dir: PathBuf,
+    /// Address to listen on (used when the directory is first set up).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: String,
+    /// Directory holding `libbasic_medical.so` and `libcritical_illness.so` [default: build
+    /// them from this source tree].
+    #[arg(long)]
+    plugins: Option<PathBuf>,
+}
+
+/// Loads, builds and serves a configuration until SIGTERM or SIGINT.
+pub fn serve(args: ServeArgs) -> Result<u8, Failure> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = Config::load(&args.config, &env).map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
+    run(config)
+}
+
+fn run(config: Config) -> Result<u8, Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Failure::new)?;
+    runtime.block_on(async move {
+        let tls = server::tls::server_config(&config.server)
+            .map_err(|p| Failure::config(format!("bad configuration:\n{}", p.join("\n"))))?;
+        let listen = config.server.listen;
+        let gateway = Gateway::build(config, Arc::new(SystemClock))
+            .map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.map_err(|e| Failure::new(format!("{listen}: {e}")))?;
+        tracing::info!(%listen, "cardgate serving");
+        server::run(listener, Arc::new(gateway), tls, shutdown_signal()).await;
+        tracing::info!("cardgate stopped");
+        Ok(0)
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for signals; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Sets up (once) and serves the dev configuration.
+pub fn dev(args: DevArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+    let plugins = match &args.plugins {
+        Some(dir) => DevPlugins {
+            basic_medical: dir.join("libbasic_medical.so"),
+            critical_illness: dir.join("libcritical_illness.so"),
+        },
+        None => build_plugins(out)?,
+    };
+    let files = dev::ensure(&args.dir, &args.listen, &plugins).map_err(Failure::new)?;
+    let config = Config::load(&files.config, &HashMap::new())
+        .map_err(|e| Failure::config(format!("{}:\n{e}", files.config.display())))?;
+    instructions(out, &files.dir, &config.server.listen.to_string()).map_err(Failure::new)?;
+    run(config)
+}
+
+fn build_plugins(out: &mut dyn Write) -> Result<DevPlugins, Failure> {
+    let workspace =
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).filter(|w| w.join("Cargo.toml").exists());
+    let Some(workspace) = workspace else {
+        return Err(Failure::config("no source tree to build the plugins from; pass --plugins DIR"));
+    };
+    let _ = writeln!(out, "cardgate dev: building the example plugins ...");
+    let build = |package: &str| {
+        let build = cardgate_sdk::testing::Build {
+            workspace: Some(workspace.clone()),
+            ..cardgate_sdk::testing::Build::new(package)
+        };
+        build.run().map_err(Failure::new)
+    };
+    Ok(DevPlugins { basic_medical: build("basic-medical")?, critical_illness: build("critical-illness")? })
+}
+
+fn instructions(out: &mut dyn Write, dir: &Path, listen: &str) -> std::io::Result<()> {
+    let d = dir.display();
+    let port = listen.rsplit(':').next().unwrap_or("8443");
+    writeln!(
+        out,
+        r#"cardgate dev: serving https://localhost:{port} with the files in {d}/
+
+A first settlement, as a pharmacy till (one scan, one bill):
+
+  TOKEN=$(cargo run -q -p cardgate -- token mint --key {d}/issuer.key --kid {kid} \
+      --card 110105199001011234 --name 张三 --region 110105 --insutype 310)
+  curl --cacert {d}/ca.pem --cert {d}/pharmacy.pem --key {d}/pharmacy.key \
+      -H 'content-type: application/json' -H "idempotency-key: demo-$(date +%s)" \
+      https://localhost:{port}/v1/settlements \
+      -d '{{"token":"'"$TOKEN"'","terminal_id":"POS-01","total_fen":5000,"lines":[{{"code":"XA01","name":"Amoxicillin","category":"class_a","quantity":2,"unit_price_fen":2500,"amount_fen":5000}}]}}'
+
+Or the example client: cargo run -p cardgate-example-client -- --dir {d}
+Stop with Ctrl-C; the ledger and keys stay in {d}/."#,
+        kid = dev::ISSUER_KID
+    )?;
+    out.flush()
+}

@@ -1,0 +1,132 @@
+//! A small HTTPS client with a client certificate, for the example POS/HIS client, the
+//! end-to-end tests and the load harness: keep-alive HTTP/1.1 connections over rustls.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Connects to one gateway as one institution.
+#[derive(Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.addr)
+    }
+}
+
+/// An answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// `content-type`.
+    pub content_type: String,
+    /// `x-request-id`.
+    pub request_id: String,
+    /// Body.
+    pub body: String,
+}
+
+impl Reply {
+    /// The body as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_default()
+    }
+}
+
+impl Client {
+    /// A client trusting `ca_pem` and presenting `cert_pem` / `key_pem`.
+    pub fn new(addr: SocketAddr, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(ca.map_err(|e| format!("CA: {e}"))?).map_err(|e| format!("CA: {e}"))?;
+        }
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("certificate: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key: {e}"))?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| format!("client certificate: {e}"))?;
+        Ok(Self {
+            addr,
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: ServerName::try_from("localhost").map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// Opens a keep-alive connection.
+    pub async fn connect(&self) -> Result<Connection, String> {
+        let tcp = TcpStream::connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("HTTP: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Connection { sender })
+    }
+
+    /// One request on a new connection.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<Reply, String> {
+        self.connect().await?.send(method, path, headers, body).await
+    }
+}
+
+/// One keep-alive connection.
+#[derive(Debug)]
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    /// Sends a request (JSON body when given) and reads the whole answer.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<Reply, String> {
+        let mut request = Request::builder().method(method).uri(path).header("host", "localhost");
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request =
+            request.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned()))).map_err(|e| e.to_string())?;
+        self.sender.ready().await.map_err(|e| format!("connection: {e}"))?;
+        let response = self.sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+        let status = response.status();
+        let header =
+            |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let (content_type, request_id) = (header("content-type"), header("x-request-id"));
+        let bytes = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+        Ok(Reply { status, content_type, request_id, body: String::from_utf8_lossy(&bytes).into_owned() })
+    }
+}

@@ -1,0 +1,338 @@
+//! Configuration: load (TOML file + `CARDGATE__...` environment overrides) -> validate (every
+//! problem with its key path) -> build (certificates, trust list, plugins) at start, so a bad
+//! configuration fails before the gateway serves.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cardgate_sdk::InstitutionLevel;
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTPS listener.
+    pub server: ServerConfig,
+    /// Token verification.
+    pub tokens: TokenConfig,
+    /// The ledger.
+    pub ledger: LedgerConfig,
+    /// How plugins are loaded and called.
+    #[serde(default)]
+    pub plugin_runtime: PluginRuntimeConfig,
+    /// The payer plugins, by name.
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// The institutions allowed to connect, by id (the id their client certificate names).
+    pub institutions: BTreeMap<String, InstitutionConfig>,
+    /// Routing rules: the most specific match wins.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// The HTTPS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub certificate: PathBuf,
+    /// Server private key (PEM).
+    pub private_key: PathBuf,
+    /// CA that issues institutions' client certificates (PEM).
+    pub client_ca: PathBuf,
+    /// TLS handshake timeout, milliseconds.
+    #[serde(default = "defaults::handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Time allowed to receive a request's headers, milliseconds.
+    #[serde(default = "defaults::header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// Time allowed to receive a request's body, milliseconds.
+    #[serde(default = "defaults::body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this long, milliseconds.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Largest accepted request body, bytes.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// In-flight requests are given this long to finish at shutdown, milliseconds.
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+/// Token verification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Trust list (JSON, see docs/TOKEN.md).
+    pub trust_list: PathBuf,
+    /// Revocation list (JSON), optional.
+    #[serde(default)]
+    pub revocations: Option<PathBuf>,
+    /// Clock skew tolerated, seconds.
+    #[serde(default = "defaults::clock_skew_secs")]
+    pub clock_skew_secs: i64,
+    /// Longest e-card token lifetime, seconds.
+    #[serde(default = "defaults::max_lifetime_secs")]
+    pub max_lifetime_secs: i64,
+    /// How long a quote can be settled by its `quote_id`, seconds.
+    #[serde(default = "defaults::quote_validity_secs")]
+    pub quote_validity_secs: i64,
+}
+
+/// The ledger.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+    /// Secret (64 hex characters) keying the hash under which card ids are stored and the
+    /// encryption of stored quotes. Keep it secret and stable: changing it orphans history.
+    pub secret: String,
+}
+
+/// How plugins are loaded and called.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRuntimeConfig {
+    /// Directory for content-addressed copies of plugin libraries.
+    #[serde(default = "defaults::plugin_cache_dir")]
+    pub cache_dir: PathBuf,
+    /// Threads in the plugin call pool (0: 4 per core).
+    #[serde(default)]
+    pub pool_threads: usize,
+    /// Calls that may wait for a pool thread.
+    #[serde(default = "defaults::pool_queue")]
+    pub pool_queue: usize,
+}
+
+impl Default for PluginRuntimeConfig {
+    fn default() -> Self {
+        Self { cache_dir: defaults::plugin_cache_dir(), pool_threads: 0, pool_queue: defaults::pool_queue() }
+    }
+}
+
+/// One payer plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The plugin library (`.so`).
+    pub library: PathBuf,
+    /// Per-call timeout, milliseconds.
+    #[serde(default = "defaults::plugin_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `pool` (default) or `inline` (vetted, fast plugins; see docs/BENCHMARKS.md).
+    #[serde(default)]
+    pub dispatch: DispatchConfig,
+    /// The plugin's own configuration section, handed to it as JSON.
+    #[serde(default = "defaults::empty_table")]
+    pub config: serde_json::Value,
+}
+
+/// How a plugin is called.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DispatchConfig {
+    /// On the bounded pool, under the timeout.
+    #[default]
+    Pool,
+    /// On the request's own thread.
+    Inline,
+}
+
+/// One institution.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstitutionConfig {
+    /// Readable name.
+    pub name: String,
+    /// Grade.
+    pub level: InstitutionLevel,
+    /// Treatment region: 6-digit administrative division code.
+    pub region: String,
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Insured-region prefixes (2 digits: province, 4: city, 6: county); the longest matching
+    /// prefix wins.
+    pub regions: Vec<String>,
+    /// Insurance types the rule applies to; empty: any.
+    #[serde(default)]
+    pub insurance_types: Vec<String>,
+    /// Institutions the rule applies to; empty: any.
+    #[serde(default)]
+    pub institutions: Vec<String>,
+    /// `true`: only cards insured outside the treatment region; `false`: only local cards;
+    /// absent: both.
+    #[serde(default)]
+    pub cross_region: Option<bool>,
+    /// The payer chain, in order.
+    pub payers: Vec<String>,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+
+    pub(super) fn handshake_timeout_ms() -> u64 {
+        5_000
+    }
+    pub(super) fn header_timeout_ms() -> u64 {
+        5_000
+    }
+    pub(super) fn body_timeout_ms() -> u64 {
+        10_000
+    }
+    pub(super) fn idle_timeout_ms() -> u64 {
+        60_000
+    }
+    pub(super) fn max_body_bytes() -> usize {
+        256 * 1024
+    }
+    pub(super) fn shutdown_grace_ms() -> u64 {
+        10_000
+    }
+    pub(super) fn clock_skew_secs() -> i64 {
+        60
+    }
+    pub(super) fn max_lifetime_secs() -> i64 {
+        600
+    }
+    pub(super) fn quote_validity_secs() -> i64 {
+        1_800
+    }
+    pub(super) fn plugin_cache_dir() -> PathBuf {
+        PathBuf::from("plugin-cache")
+    }
+    pub(super) fn pool_queue() -> usize {
+        1_024
+    }
+    pub(super) fn plugin_timeout_ms() -> u64 {
+        2_000
+    }
+    pub(super) fn empty_table() -> serde_json::Value {
+        serde_json::Value::Object(Default::default())
+    }
+}
+
+/// A configuration that could not be loaded or is not valid: every problem, with its key path.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", problems.join("\n"))]
+pub struct ConfigError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Loads `path` with overrides from `env` (`CARDGATE__SERVER__LISTEN=...`), then validates.
+    /// Relative paths in the file are relative to the file's directory.
+    pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let one = |p: String| ConfigError { problems: vec![p] };
+        let overrides: HashMap<String, String> =
+            env.iter().filter(|(k, _)| k.starts_with("CARDGATE__")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut config: Config = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("CARDGATE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(Some(overrides)),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| one(format!("{}: {e}", path.display())))?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.server.certificate);
+        resolve(&mut self.server.private_key);
+        resolve(&mut self.server.client_ca);
+        resolve(&mut self.tokens.trust_list);
+        if let Some(p) = &mut self.tokens.revocations {
+            resolve(p);
+        }
+        resolve(&mut self.ledger.path);
+        resolve(&mut self.plugin_runtime.cache_dir);
+        for plugin in self.plugins.values_mut() {
+            resolve(&mut plugin.library);
+        }
+    }
+
+    /// Checks everything that can be checked without opening files; reports every problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        let s = &self.server;
+        for (key, value) in [
+            ("handshake_timeout_ms", s.handshake_timeout_ms),
+            ("header_timeout_ms", s.header_timeout_ms),
+            ("body_timeout_ms", s.body_timeout_ms),
+            ("idle_timeout_ms", s.idle_timeout_ms),
+        ] {
+            check(value > 0, format!("server.{key}: must be positive"));
+        }
+        check(s.max_body_bytes >= 1024, "server.max_body_bytes: must be at least 1024".into());
+        let t = &self.tokens;
+        check(t.clock_skew_secs >= 0, "tokens.clock_skew_secs: must not be negative".into());
+        check(t.max_lifetime_secs > 0, "tokens.max_lifetime_secs: must be positive".into());
+        check(t.quote_validity_secs > 0, "tokens.quote_validity_secs: must be positive".into());
+        check(
+            self.ledger.secret.len() == 64 && self.ledger.secret.bytes().all(|b| b.is_ascii_hexdigit()),
+            "ledger.secret: must be 64 hex characters".into(),
+        );
+        for (name, plugin) in &self.plugins {
+            check(plugin.timeout_ms > 0, format!("plugins.{name}.timeout_ms: must be positive"));
+            check(plugin.config.is_object(), format!("plugins.{name}.config: must be a table"));
+        }
+        for (id, institution) in &self.institutions {
+            check(is_region(&institution.region, &[6]), format!("institutions.{id}.region: must be 6 digits"));
+        }
+        check(!self.routes.is_empty(), "routes: at least one route is required".into());
+        for (i, route) in self.routes.iter().enumerate() {
+            check(!route.regions.is_empty(), format!("routes[{i}].regions: at least one prefix is required"));
+            for region in &route.regions {
+                check(
+                    is_region(region, &[2, 4, 6]),
+                    format!("routes[{i}].regions: `{region}` is not 2, 4 or 6 digits"),
+                );
+            }
+            check(!route.payers.is_empty(), format!("routes[{i}].payers: at least one payer is required"));
+            for payer in &route.payers {
+                check(self.plugins.contains_key(payer), format!("routes[{i}].payers: no plugin named `{payer}`"));
+            }
+            for institution in &route.institutions {
+                check(
+                    self.institutions.contains_key(institution),
+                    format!("routes[{i}].institutions: no institution `{institution}`"),
+                );
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError { problems }) }
+    }
+
+    /// The ledger secret as bytes (validated as 64 hex characters).
+    pub fn ledger_secret(&self) -> Vec<u8> {
+        let s = &self.ledger.secret;
+        (0..s.len() / 2).filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
+    }
+}
+
+fn is_region(code: &str, lengths: &[usize]) -> bool {
+    lengths.contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit())
+}

@@ -1,0 +1,295 @@
+//! The ledger: the durable record of every settlement, behind the [`Ledger`] trait.
+//!
+//! A settlement's intent is written (state `pending`) before any plugin is called, and its
+//! outcome after; the gateway answers only once the outcome is durable. The stored answer
+//! (HTTP status and body) is what an idempotent retry gets back. Card ids are never stored:
+//! only a keyed hash ([`CardKey::hash`]) and a masked form.
+//!
+//! States: `pending -> settled | failed | unknown`, `settled -> reversed`.
+//!
+//! - [`sqlite`]: the embedded default (SQLite, WAL, fsync on commit, one writer thread with
+//!   group commit).
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use cardgate_sdk::YearToDate;
+use ring::hmac;
+
+/// A boxed future returned by ledger operations.
+pub type LedgerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'a>>;
+
+/// A ledger failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    /// The token already settled a bill.
+    #[error("the token was already used")]
+    TokenUsed,
+    /// The quote already settled a bill.
+    #[error("the quote was already settled")]
+    QuoteUsed,
+    /// Another request with the same idempotency key got there first.
+    #[error("a request with this idempotency key exists")]
+    IdempotencyTaken,
+    /// The record does not exist (or belongs to another institution).
+    #[error("not found")]
+    NotFound,
+    /// The storage failed.
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+/// Settlement states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Intent recorded, outcome not yet known.
+    Pending,
+    /// Settled: money moved.
+    Settled,
+    /// Refused: no money moved.
+    Failed,
+    /// A payer did not answer in time: the outcome is not known.
+    Unknown,
+    /// Reversed after settlement.
+    Reversed,
+}
+
+impl State {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Settled => "settled",
+            Self::Failed => "failed",
+            Self::Unknown => "unknown",
+            Self::Reversed => "reversed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Settled, Self::Failed, Self::Unknown, Self::Reversed]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+}
+
+/// A stored settlement as the API needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Settlement id.
+    pub id: String,
+    /// Owning institution.
+    pub institution: String,
+    /// SHA-256 of the request that created it (for idempotency conflicts).
+    pub request_hash: Vec<u8>,
+    /// State.
+    pub state: State,
+    /// The stored answer's HTTP status (0 while pending).
+    pub status: u16,
+    /// The stored answer's body: the receipt, or a problem.
+    pub body: String,
+    /// The stored answer to the reversal, once reversed.
+    pub reversal: Option<String>,
+}
+
+/// What is recorded before the plugins are called.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    /// New settlement id.
+    pub id: String,
+    /// Institution.
+    pub institution: String,
+    /// Terminal.
+    pub terminal: String,
+    /// The client's idempotency key.
+    pub idempotency_key: String,
+    /// SHA-256 of the request.
+    pub request_hash: Vec<u8>,
+    /// The token's `cti`, when settled by token: unique forever.
+    pub token_id: Option<Vec<u8>>,
+    /// The quote settled, when settled by quote: unique forever.
+    pub quote_id: Option<String>,
+    /// Keyed hash of the card id.
+    pub card_hash: Vec<u8>,
+    /// Masked card id.
+    pub card_masked: String,
+    /// Bill total.
+    pub total_fen: i64,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+}
+
+/// How one payer's accumulators change.
+#[derive(Debug, Clone)]
+pub struct AccumulatorDelta {
+    /// Payer (plugin) name.
+    pub payer: String,
+    /// The change (its `year` says which year).
+    pub delta: YearToDate,
+}
+
+/// The outcome of a settlement.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Settlement id.
+    pub id: String,
+    /// `settled`, `failed` or `unknown`.
+    pub state: State,
+    /// The answer's HTTP status.
+    pub status: u16,
+    /// The answer's body.
+    pub body: String,
+    /// Accumulator changes (settled only).
+    pub deltas: Vec<AccumulatorDelta>,
+    /// Card hash the accumulators belong to.
+    pub card_hash: Vec<u8>,
+    /// Seconds since the epoch.
+    pub at: i64,
+}
+
+/// A stored quote.
+#[derive(Debug, Clone)]
+pub struct StoredQuote {
+    /// Quote id.
+    pub id: String,
+    /// Owning institution.
+    pub institution: String,
+    /// When it stops being settleable.
+    pub expires_at: i64,
+    /// The quote's content (card claims, bill, split), sealed with the ledger key.
+    pub sealed: Vec<u8>,
+    /// The settlement that consumed it, if any.
+    pub settled_by: Option<String>,
+}
+
+/// A settlement's card hash and the accumulator changes it made.
+pub type SettledDeltas = (Vec<u8>, Vec<AccumulatorDelta>);
+
+/// The ledger interface; the embedded SQLite ledger implements it, a distributed one will.
+pub trait Ledger: Send + Sync + std::fmt::Debug {
+    /// The settlement an institution created with an idempotency key.
+    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError>;
+    /// A settlement of an institution, by id.
+    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError>;
+    /// The person's accumulators with a payer for a year.
+    fn accumulators(&self, card_hash: &[u8], payer: &str, year: i32) -> Result<YearToDate, LedgerError>;
+    /// Records an intent (durably), refusing a used token, quote or idempotency key.
+    fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()>;
+    /// Records an outcome (durably) with its accumulator changes.
+    fn finish(&self, outcome: Outcome) -> LedgerFuture<'_, ()>;
+    /// Marks a settled record reversed with the reversal's answer and accumulator changes.
+    fn reverse(
+        &self,
+        id: String,
+        body: String,
+        deltas: Vec<AccumulatorDelta>,
+        card_hash: Vec<u8>,
+        at: i64,
+    ) -> LedgerFuture<'_, ()>;
+    /// Stores a quote.
+    fn save_quote(&self, quote: StoredQuote) -> LedgerFuture<'_, ()>;
+    /// A quote of an institution, by id.
+    fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError>;
+    /// The card hash and accumulator changes recorded for a settlement (to undo them).
+    fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
+}
+
+/// The ledger secret's uses: hashing card ids, sealing quotes.
+#[derive(Clone)]
+pub struct CardKey {
+    hash: hmac::Key,
+    seal: ring::aead::LessSafeKey,
+}
+
+impl std::fmt::Debug for CardKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CardKey(..)")
+    }
+}
+
+impl CardKey {
+    /// Derives both keys from the configured secret.
+    pub fn new(secret: &[u8]) -> Self {
+        let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let derive = |label: &[u8]| hmac::sign(&root, label);
+        let hash = hmac::Key::new(hmac::HMAC_SHA256, derive(b"cardgate card hash v1").as_ref());
+        let seal_key = derive(b"cardgate quote seal v1");
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, seal_key.as_ref())
+            .expect("a 32-byte HMAC-SHA256 output is a valid AES-256 key");
+        Self { hash, seal: ring::aead::LessSafeKey::new(unbound) }
+    }
+
+    /// The keyed hash a card id is stored under.
+    pub fn hash(&self, card_id: &str) -> Vec<u8> {
+        hmac::sign(&self.hash, card_id.as_bytes()).as_ref().to_vec()
+    }
+
+    /// Encrypts and authenticates `plain`: nonce || ciphertext || tag.
+    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        use ring::rand::SecureRandom;
+        let mut nonce = [0u8; 12];
+        // The system random source failing is not recoverable; a zero nonce is never reused
+        // in practice only if this cannot happen, so refuse to continue.
+        ring::rand::SystemRandom::new().fill(&mut nonce).expect("system random source");
+        let mut buffer = plain.to_vec();
+        self.seal
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut buffer,
+            )
+            .expect("sealing a bounded buffer cannot fail");
+        [&nonce[..], &buffer].concat()
+    }
+
+    /// Decrypts what [`CardKey::seal`] made; `None` if it was altered or sealed with another key.
+    pub fn open(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < 12 {
+            return None;
+        }
+        let (nonce, rest) = sealed.split_at(12);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buffer = rest.to_vec();
+        let plain = self.seal.open_in_place(nonce, ring::aead::Aad::empty(), &mut buffer).ok()?;
+        Some(plain.to_vec())
+    }
+}
+
+/// A card id as shown on receipts: its first four and last four characters.
+pub fn mask_card(card_id: &str) -> String {
+    let chars: Vec<char> = card_id.chars().collect();
+    if chars.len() <= 8 {
+        let tail: String = chars[chars.len().saturating_sub(2)..].iter().collect();
+        return format!("****{tail}");
+    }
+    let head: String = chars[..4].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}{}{tail}", "*".repeat(chars.len() - 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_ids_are_masked() {
+        assert_eq!(mask_card("110105199001011234"), "1101**********1234");
+        assert_eq!(mask_card("C1"), "****C1");
+    }
+
+    #[test]
+    fn sealed_quotes_open_only_with_the_same_key() {
+        let key = CardKey::new(&[7; 32]);
+        let sealed = key.seal(b"quote");
+        assert_eq!(key.open(&sealed).as_deref(), Some(&b"quote"[..]));
+        assert_eq!(CardKey::new(&[8; 32]).open(&sealed), None);
+        let mut tampered = sealed.clone();
+        tampered[13] ^= 1;
+        assert_eq!(key.open(&tampered), None);
+        assert_ne!(key.hash("C1"), CardKey::new(&[8; 32]).hash("C1"));
+    }
+}

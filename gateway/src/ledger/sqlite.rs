@@ -1,0 +1,401 @@
+//! The embedded ledger: SQLite in WAL mode with `synchronous = FULL` (every commit is fsynced),
+//! one writer thread that commits writes in batches (group commit: one fsync for all the writes
+//! that arrived while the previous commit ran), and a small pool of read connections.
+//!
+//! Each write runs in its own savepoint inside the batch's transaction, so one write refused by
+//! a constraint (a replayed token) does not undo the others. A writer's answer is sent only
+//! after the batch's commit returned: acknowledged means durable.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use cardgate_sdk::YearToDate;
+use crossbeam_channel::{Receiver, Sender};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    AccumulatorDelta, Intent, Ledger, LedgerError, LedgerFuture, Outcome, Record, SettledDeltas, State, StoredQuote,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS settlements (
+    id              TEXT PRIMARY KEY,
+    institution     TEXT NOT NULL,
+    terminal        TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    request_hash    BLOB NOT NULL,
+    token_id        BLOB UNIQUE,
+    quote_id        TEXT UNIQUE,
+    card_hash       BLOB NOT NULL,
+    card_masked     TEXT NOT NULL,
+    total_fen       INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    status          INTEGER NOT NULL DEFAULT 0,
+    body            TEXT NOT NULL DEFAULT '',
+    reversal        TEXT,
+    deltas          TEXT NOT NULL DEFAULT '[]',
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    UNIQUE (institution, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS settlements_by_day ON settlements (institution, created_at);
+CREATE TABLE IF NOT EXISTS accumulators (
+    card_hash             BLOB NOT NULL,
+    payer                 TEXT NOT NULL,
+    year                  INTEGER NOT NULL,
+    deductible_fen        INTEGER NOT NULL DEFAULT 0,
+    fund_paid_fen         INTEGER NOT NULL DEFAULT 0,
+    eligible_fen          INTEGER NOT NULL DEFAULT 0,
+    account_paid_fen      INTEGER NOT NULL DEFAULT 0,
+    eligible_self_pay_fen INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (card_hash, payer, year)
+);
+CREATE TABLE IF NOT EXISTS quotes (
+    id          TEXT PRIMARY KEY,
+    institution TEXT NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    sealed      BLOB NOT NULL
+);
+";
+
+/// Most writes committed together.
+const MAX_BATCH: usize = 512;
+
+type Completion = Box<dyn FnOnce(Result<(), LedgerError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+
+/// The SQLite ledger.
+///
+/// Owns the writer thread through `jobs`: dropping the ledger closes the channel, the writer
+/// commits what it holds and exits.
+#[derive(Debug)]
+pub struct SqliteLedger {
+    path: PathBuf,
+    jobs: Sender<Job>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+fn storage(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(e.to_string())
+}
+
+fn open(path: &Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open(path).map_err(storage)?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")
+        .map_err(storage)?;
+    Ok(conn)
+}
+
+impl SqliteLedger {
+    /// Opens (or creates) the ledger at `path` and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let writer = open(path)?;
+        writer.execute_batch(SCHEMA).map_err(storage)?;
+        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        std::thread::Builder::new()
+            .name("cardgate-ledger".into())
+            .spawn(move || write_loop(writer, queue))
+            .map_err(storage)?;
+        Ok(Self { path: path.to_owned(), jobs, readers: Mutex::new(Vec::new()) })
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, LedgerError> {
+        let pooled = self.readers.lock().map_err(storage)?.pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => open(&self.path)?,
+        };
+        let result = f(&conn).map_err(storage);
+        if let Ok(mut readers) = self.readers.lock() {
+            readers.push(conn);
+        }
+        result
+    }
+
+    /// Queues a write and waits for its durable commit.
+    fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+    ) -> LedgerFuture<'_, T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = work(conn);
+            let keep = result.is_ok();
+            let completion: Completion = Box::new(move |committed| {
+                let _ = reply.send(committed.and(result));
+            });
+            (keep, completion)
+        });
+        let sent = self.jobs.send(job).map_err(|_| LedgerError::Storage("ledger writer stopped".into()));
+        Box::pin(async move {
+            sent?;
+            answer.await.map_err(|_| LedgerError::Storage("ledger writer stopped".into()))?
+        })
+    }
+}
+
+/// The writer: takes a batch, runs each job in a savepoint, commits once, then answers.
+fn write_loop(mut conn: Connection, queue: Receiver<Job>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+        let mut completions = Vec::with_capacity(batch.len());
+        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                for job in batch {
+                    // Run nothing; tell every waiter the storage failed.
+                    drop(job);
+                }
+                tracing::error!(error = %e, "ledger: cannot begin a transaction");
+                continue;
+            }
+        };
+        for job in batch {
+            let outcome = tx.execute_batch("SAVEPOINT job").map(|()| job(&tx));
+            match outcome {
+                Ok((true, completion)) => {
+                    let _ = tx.execute_batch("RELEASE job");
+                    completions.push((completion, true));
+                }
+                Ok((false, completion)) => {
+                    let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
+                    completions.push((completion, false));
+                }
+                Err(e) => tracing::error!(error = %e, "ledger: savepoint failed"),
+            }
+        }
+        let committed = tx.commit().map_err(storage);
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "ledger: commit failed");
+        }
+        for (completion, _) in completions {
+            completion(committed.clone());
+        }
+    }
+}
+
+fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    let state: String = row.get(3)?;
+    Ok(Record {
+        id: row.get(0)?,
+        institution: row.get(1)?,
+        request_hash: row.get(2)?,
+        state: State::parse(&state).unwrap_or(State::Unknown),
+        status: row.get(4)?,
+        body: row.get(5)?,
+        reversal: row.get(6)?,
+    })
+}
+
+const RECORD_COLUMNS: &str = "id, institution, request_hash, state, status, body, reversal";
+
+fn add_accumulators(conn: &Connection, card_hash: &[u8], deltas: &[AccumulatorDelta]) -> rusqlite::Result<()> {
+    for AccumulatorDelta { payer, delta: d } in deltas {
+        conn.execute(
+            "INSERT INTO accumulators (card_hash, payer, year, deductible_fen, fund_paid_fen, eligible_fen,
+                 account_paid_fen, eligible_self_pay_fen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (card_hash, payer, year) DO UPDATE SET
+                 deductible_fen = deductible_fen + excluded.deductible_fen,
+                 fund_paid_fen = fund_paid_fen + excluded.fund_paid_fen,
+                 eligible_fen = eligible_fen + excluded.eligible_fen,
+                 account_paid_fen = account_paid_fen + excluded.account_paid_fen,
+                 eligible_self_pay_fen = eligible_self_pay_fen + excluded.eligible_self_pay_fen",
+            params![
+                card_hash,
+                payer,
+                d.year,
+                d.deductible_fen,
+                d.fund_paid_fen,
+                d.eligible_fen,
+                d.account_paid_fen,
+                d.eligible_self_pay_fen
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn deltas_json(deltas: &[AccumulatorDelta]) -> String {
+    let list: Vec<serde_json::Value> =
+        deltas.iter().map(|d| serde_json::json!({ "payer": d.payer, "delta": d.delta })).collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
+    let inserted = conn.execute(
+        "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
+             card_hash, card_masked, total_fen, state, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, ?11)",
+        params![
+            i.id,
+            i.institution,
+            i.terminal,
+            i.idempotency_key,
+            i.request_hash,
+            i.token_id,
+            i.quote_id,
+            i.card_hash,
+            i.card_masked,
+            i.total_fen,
+            i.created_at
+        ],
+    );
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, Some(message))) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+            Err(if message.contains("token_id") {
+                LedgerError::TokenUsed
+            } else if message.contains("quote_id") {
+                LedgerError::QuoteUsed
+            } else {
+                LedgerError::IdempotencyTaken
+            })
+        }
+        Err(e) => Err(storage(e)),
+    }
+}
+
+impl Ledger for SqliteLedger {
+    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {RECORD_COLUMNS} FROM settlements WHERE institution = ?1 AND idempotency_key = ?2"),
+                params![institution, key],
+                record,
+            )
+            .optional()
+        })
+    }
+
+    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {RECORD_COLUMNS} FROM settlements WHERE institution = ?1 AND id = ?2"),
+                params![institution, id],
+                record,
+            )
+            .optional()
+        })
+    }
+
+    fn accumulators(&self, card_hash: &[u8], payer: &str, year: i32) -> Result<YearToDate, LedgerError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
+                 FROM accumulators WHERE card_hash = ?1 AND payer = ?2 AND year = ?3",
+                params![card_hash, payer, year],
+                |r| {
+                    Ok(YearToDate {
+                        year,
+                        deductible_fen: r.get(0)?,
+                        fund_paid_fen: r.get(1)?,
+                        eligible_fen: r.get(2)?,
+                        account_paid_fen: r.get(3)?,
+                        eligible_self_pay_fen: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map(|found| found.unwrap_or(YearToDate { year, ..YearToDate::default() }))
+        })
+    }
+
+    fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
+        self.write(move |c| begin_intent(c, &intent))
+    }
+
+    fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
+        self.write(move |c| {
+            let release_token = o.state != State::Settled && o.state != State::Unknown;
+            let changed = c
+                .execute(
+                    "UPDATE settlements SET state = ?2, status = ?3, body = ?4, updated_at = ?5, deltas = ?7,
+                         token_id = CASE WHEN ?6 THEN NULL ELSE token_id END,
+                         quote_id = CASE WHEN ?6 THEN NULL ELSE quote_id END
+                     WHERE id = ?1 AND state = 'pending'",
+                    params![o.id, o.state.as_str(), o.status, o.body, o.at, release_token, deltas_json(&o.deltas)],
+                )
+                .map_err(storage)?;
+            if changed != 1 {
+                return Err(LedgerError::NotFound);
+            }
+            add_accumulators(c, &o.card_hash, &o.deltas).map_err(storage)
+        })
+    }
+
+    fn reverse(
+        &self,
+        id: String,
+        body: String,
+        deltas: Vec<AccumulatorDelta>,
+        card_hash: Vec<u8>,
+        at: i64,
+    ) -> LedgerFuture<'_, ()> {
+        self.write(move |c| {
+            let changed = c
+                .execute(
+                    "UPDATE settlements SET state = 'reversed', reversal = ?2, updated_at = ?3
+                     WHERE id = ?1 AND state = 'settled'",
+                    params![id, body, at],
+                )
+                .map_err(storage)?;
+            if changed != 1 {
+                return Err(LedgerError::NotFound);
+            }
+            add_accumulators(c, &card_hash, &deltas).map_err(storage)
+        })
+    }
+
+    fn save_quote(&self, q: StoredQuote) -> LedgerFuture<'_, ()> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO quotes (id, institution, expires_at, sealed) VALUES (?1, ?2, ?3, ?4)",
+                params![q.id, q.institution, q.expires_at, q.sealed],
+            )
+            .map(|_| ())
+            .map_err(storage)
+        })
+    }
+
+    fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT q.id, q.institution, q.expires_at, q.sealed, s.id FROM quotes q
+                 LEFT JOIN settlements s ON s.quote_id = q.id
+                 WHERE q.institution = ?1 AND q.id = ?2",
+                params![institution, id],
+                |r| {
+                    Ok(StoredQuote {
+                        id: r.get(0)?,
+                        institution: r.get(1)?,
+                        expires_at: r.get(2)?,
+                        sealed: r.get(3)?,
+                        settled_by: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {
+        let row: Option<(Vec<u8>, String)> = self.read(|c| {
+            c.query_row("SELECT card_hash, deltas FROM settlements WHERE id = ?1", params![id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+        })?;
+        let Some((card_hash, json)) = row else { return Ok(None) };
+        let list: Vec<serde_json::Value> = serde_json::from_str(&json).map_err(storage)?;
+        let deltas = list
+            .into_iter()
+            .map(|v| {
+                let payer = v["payer"].as_str().unwrap_or_default().to_owned();
+                serde_json::from_value(v["delta"].clone()).map(|delta| AccumulatorDelta { payer, delta })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        Ok(Some((card_hash, deltas)))
+    }
+}

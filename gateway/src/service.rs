@@ -1,0 +1,131 @@
+//! The gateway's shared state, built from a validated configuration: the token verifier, the
+//! router, the loaded plugins, the ledger and the clock. Built once at start (plugins are
+//! loaded and initialised, files read), so a bad file fails before serving.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError, DispatchConfig, InstitutionConfig};
+use crate::ledger::sqlite::SqliteLedger;
+use crate::ledger::{CardKey, Ledger};
+use crate::plugin::{Dispatch, LoadOptions, PluginHandle, PluginPool, PoolOptions, load};
+use crate::route::Router;
+use crate::token::{MemoryReplayStore, Profile, RevocationList, TrustList, Verifier, VerifyOptions};
+
+/// Time, injectable so tests control it.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Seconds since the epoch.
+    fn now(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    }
+}
+
+/// Everything a request needs. Shared by all connections through an `Arc`; lives until the
+/// server stops.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The configuration it was built from.
+    pub config: Config,
+    /// Token verification.
+    pub verifier: Verifier,
+    /// Routing.
+    pub router: Router,
+    /// Payer plugins by name.
+    pub plugins: HashMap<String, PluginHandle>,
+    /// The ledger.
+    pub ledger: Arc<dyn Ledger>,
+    /// Card-id hashing and quote sealing.
+    pub card_key: CardKey,
+    /// Fast replay check in front of the ledger's unique token ids.
+    pub replay_cache: MemoryReplayStore,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Gateway {
+    /// Builds the gateway: reads the trust and revocation lists, opens the ledger, loads and
+    /// initialises every plugin. Reports every problem found.
+    pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let trust = TrustList::load(&config.tokens.trust_list).unwrap_or_else(|p| {
+            problems.extend(p.into_iter().map(|m| format!("tokens.trust_list: {m}")));
+            TrustList::default()
+        });
+        let revocations = match &config.tokens.revocations {
+            Some(path) => RevocationList::load(path).unwrap_or_else(|p| {
+                problems.extend(p.into_iter().map(|m| format!("tokens.revocations: {m}")));
+                RevocationList::default()
+            }),
+            None => RevocationList::default(),
+        };
+        let plugins = load_plugins(&config, &mut problems);
+        let ledger = SqliteLedger::open(&config.ledger.path)
+            .map_err(|e| problems.push(format!("ledger.path: {}: {e}", config.ledger.path.display())))
+            .ok();
+        let (Some(ledger), true) = (ledger, problems.is_empty()) else { return Err(ConfigError { problems }) };
+        let options = VerifyOptions {
+            profile: Profile::ECard,
+            prefix: crate::token::envelope::ECARD_PREFIX.to_owned(),
+            clock_skew_secs: config.tokens.clock_skew_secs,
+            max_lifetime_secs: config.tokens.max_lifetime_secs,
+        };
+        Ok(Self {
+            verifier: Verifier::new(Arc::new(trust), Arc::new(revocations), options),
+            router: Router::new(config.routes.clone()),
+            plugins,
+            ledger: Arc::new(ledger),
+            card_key: CardKey::new(&config.ledger_secret()),
+            replay_cache: MemoryReplayStore::new(),
+            clock,
+            config,
+        })
+    }
+
+    /// An institution's configuration.
+    pub fn institution(&self, id: &str) -> Option<&InstitutionConfig> {
+        self.config.institutions.get(id)
+    }
+}
+
+fn load_plugins(config: &Config, problems: &mut Vec<String>) -> HashMap<String, PluginHandle> {
+    let runtime = &config.plugin_runtime;
+    let mut pool_options = PoolOptions::default();
+    if runtime.pool_threads > 0 {
+        pool_options.threads = runtime.pool_threads;
+    }
+    pool_options.queue = runtime.pool_queue;
+    let pool = match PluginPool::new(pool_options) {
+        Ok(pool) => pool,
+        Err(e) => {
+            problems.push(format!("plugin_runtime: cannot start the call pool: {e}"));
+            return HashMap::new();
+        }
+    };
+    let options = LoadOptions { cache_dir: runtime.cache_dir.clone(), require_unwind: true };
+    let mut plugins = HashMap::new();
+    for (name, plugin) in &config.plugins {
+        match load(name, &plugin.library, &plugin.config, &options) {
+            Ok(instance) => {
+                let dispatch = match plugin.dispatch {
+                    DispatchConfig::Pool => Dispatch::Pool,
+                    DispatchConfig::Inline => Dispatch::Inline,
+                };
+                let timeout = Duration::from_millis(plugin.timeout_ms);
+                let handle = PluginHandle::new(instance, pool.clone(), timeout).with_dispatch(dispatch);
+                tracing::info!(plugin = %name, version = %handle.info().version, "plugin loaded");
+                plugins.insert(name.clone(), handle);
+            }
+            Err(e) => problems.push(format!("plugins.{name}: {e}")),
+        }
+    }
+    plugins
+}
