@@ -1,5 +1,5 @@
-//! Shared helpers for cardgate's end-to-end tests and benchmarks: example plugin
-//! configurations and request builders.
+//! Shared helpers for cardgate's end-to-end tests and benchmarks: a real gateway to test
+//! against ([`harness`]), example plugin configurations and request builders.
 //!
 //! # Layout
 //! - this file: helpers.
@@ -8,6 +8,8 @@
 //! - `fixtures/`: deliberately broken or misbehaving plugin crates the tests build.
 
 #![forbid(unsafe_code)]
+
+pub mod harness;
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +27,27 @@ pub fn example_plugin_config(plugin: &str) -> serde_json::Value {
     let path = workspace_root().join("plugins").join(plugin).join("config.example.toml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `plugins/<plugin>/config.example.toml` as the `[plugins.<name>.config]` section of a
+/// gateway configuration (its table headers moved under that section).
+pub fn plugin_config_toml(plugin: &str, name: &str) -> String {
+    let path = workspace_root().join("plugins").join(plugin).join("config.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let section = format!("plugins.{name}.config");
+    let mut out = format!("[{section}]\n");
+    for line in text.lines() {
+        let moved = if let Some(rest) = line.strip_prefix("[[") {
+            format!("[[{section}.{rest}")
+        } else if let Some(rest) = line.strip_prefix('[') {
+            format!("[{section}.{rest}")
+        } else {
+            line.to_owned()
+        };
+        out.push_str(&moved);
+        out.push('\n');
+    }
+    out
 }
 
 /// A bill line of one unit.

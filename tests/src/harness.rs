@@ -1,0 +1,289 @@
+//! A real gateway for end-to-end tests: generated PKI and issuer key, the real plugins built
+//! as cdylibs, a TOML configuration loaded through `Config::load`, a ledger file, and the
+//! server listening on `127.0.0.1:0` over mutual TLS. It can be stopped and started again on
+//! the same directory, as a daemon restart.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cardgate::client::{Client, Reply};
+use cardgate::config::Config;
+use cardgate::dev::{HOSPITAL, PHARMACY, Pki};
+use cardgate::service::{Gateway, SystemClock};
+use cardgate::token::issue::{self, MintRequest, SigningKey};
+use cardgate::token::trust::Algorithm;
+use cardgate::token::{DelegateClaim, ECardClaim};
+use cardgate_sdk::testing::build_cdylib;
+use http::Method;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The issuer key id trusted by test gateways.
+pub const KID: &str = "test-issuer";
+
+/// Settings a test can change.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `tokens.clock_skew_secs`.
+    pub clock_skew_secs: i64,
+    /// Extra TOML appended to the configuration (more plugins, routes).
+    pub extra_toml: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { clock_skew_secs: 60, extra_toml: String::new() }
+    }
+}
+
+/// A running test gateway and what a client needs to talk to it.
+#[derive(Debug)]
+pub struct TestGateway {
+    /// Its directory (configuration, certificates, ledger).
+    pub dir: tempfile::TempDir,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// A client as the example hospital.
+    pub hospital: Client,
+    /// A client as the example pharmacy.
+    pub pharmacy: Client,
+    /// A client whose certificate names an institution the gateway does not know.
+    pub stranger: Client,
+    issuer: Arc<SigningKey>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}
+
+fn config_toml(options: &Options) -> String {
+    let library = |p: &str| build_cdylib(p).display().to_string();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+certificate = "server.pem"
+private_key = "server.key"
+client_ca = "ca.pem"
+max_body_bytes = 65536
+
+[tokens]
+trust_list = "trust.json"
+clock_skew_secs = {skew}
+max_lifetime_secs = 600
+
+[ledger]
+path = "ledger.db"
+secret = "{secret}"
+
+[plugin_runtime]
+cache_dir = "plugin-cache"
+
+[institutions.{HOSPITAL}]
+name = "Test Hospital"
+level = "tertiary"
+region = "110105"
+
+[institutions.{PHARMACY}]
+name = "Test Pharmacy"
+level = "pharmacy"
+region = "110105"
+
+[[routes]]
+regions = ["11"]
+payers = ["basic-medical", "critical-illness"]
+
+[[routes]]
+regions = ["31"]
+cross_region = true
+payers = ["basic-medical"]
+
+[plugins.basic-medical]
+library = "{basic}"
+{basic_config}
+
+[plugins.critical-illness]
+library = "{critical}"
+{critical_config}
+{extra}
+"#,
+        skew = options.clock_skew_secs,
+        secret = "ab".repeat(32),
+        basic = library("basic-medical"),
+        critical = library("critical-illness"),
+        basic_config = crate::plugin_config_toml("basic-medical", "basic-medical"),
+        critical_config = crate::plugin_config_toml("critical-illness", "critical-illness"),
+        extra = options.extra_toml,
+    )
+}
+
+impl TestGateway {
+    /// Sets up a directory and starts a gateway on it.
+    pub async fn start(options: Options) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = Pki::generate().expect("PKI");
+        write(dir.path(), "ca.pem", &pki.ca);
+        write(dir.path(), "server.pem", &pki.server.cert);
+        write(dir.path(), "server.key", &pki.server.key);
+        let issuer = issue::generate(Algorithm::EdDsa).expect("issuer key");
+        let kid = base64_encode(KID.as_bytes());
+        let trust = serde_json::json!({ "keys": [{ "kid": kid, "public_key": issuer.public_pem }] });
+        write(dir.path(), "trust.json", &trust.to_string());
+        write(dir.path(), "cardgate.toml", &config_toml(&options));
+        let client = |institution: &str| {
+            let pem = pki.client(institution).expect("client certificate");
+            (pem.cert, pem.key)
+        };
+        let clients = [client(HOSPITAL), client(PHARMACY), client("X999999999")];
+        let issuer = Arc::new(SigningKey::from_pkcs8_pem(&issuer.private_pem).expect("issuer key"));
+        let (addr, stop, task) = serve(dir.path()).await;
+        let make = |(cert, key): &(String, String)| Client::new(addr, &pki.ca, cert, key).expect("client");
+        Self {
+            hospital: make(&clients[0]),
+            pharmacy: make(&clients[1]),
+            stranger: make(&clients[2]),
+            dir,
+            addr,
+            issuer,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the gateway (draining) and starts it again on the same directory and port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let (addr, stop, task) = serve_on(self.dir.path(), Some(self.addr)).await;
+        assert_eq!(addr, self.addr);
+        self.stop = Some(stop);
+        self.task = Some(task);
+    }
+
+    /// Stops the gateway and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+
+    /// Mints a token for a card, issued now, valid `ttl_secs`.
+    pub fn token(&self, card: &Card, ttl_secs: i64) -> String {
+        self.token_at(card, now(), ttl_secs)
+    }
+
+    /// Mints a token issued at `issued_at`.
+    pub fn token_at(&self, card: &Card, issued_at: i64, ttl_secs: i64) -> String {
+        let request = MintRequest {
+            issuer: "CN-110000".into(),
+            kid: KID.as_bytes().to_vec(),
+            issued_at,
+            ttl_secs,
+            token_id: None,
+            ecard: card.claim(),
+        };
+        issue::mint(&self.issuer, &request).expect("mint")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn serve(dir: &Path) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+    serve_on(dir, None).await
+}
+
+async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+    let config = Config::load(&dir.join("cardgate.toml"), &HashMap::new()).expect("test config is valid");
+    let tls = cardgate::server::tls::server_config(&config.server).expect("TLS config");
+    let gateway = Arc::new(Gateway::build(config, Arc::new(SystemClock)).expect("gateway builds"));
+    let listener = tokio::net::TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("address")))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(cardgate::server::run(listener, gateway, tls, async {
+        let _ = stopped.await;
+    }));
+    (addr, stop, task)
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+}
+
+/// A card to mint tokens for.
+#[derive(Debug, Clone)]
+pub struct Card {
+    /// Card id.
+    pub id: String,
+    /// Insured region.
+    pub region: String,
+    /// Insurance types.
+    pub insurance_types: Vec<String>,
+    /// Family delegate (card id, relation).
+    pub delegate: Option<(String, String)>,
+}
+
+impl Card {
+    /// An employee-insured (310) Beijing card with a unique id.
+    pub fn beijing() -> Self {
+        Self::in_region("110105")
+    }
+
+    /// An employee-insured card from `region`, with a unique id.
+    pub fn in_region(region: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let serial = NEXT.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id()) * 1000;
+        Self {
+            id: format!("{region}1990{serial:08}"),
+            region: region.into(),
+            insurance_types: vec!["310".into()],
+            delegate: None,
+        }
+    }
+
+    fn claim(&self) -> ECardClaim {
+        ECardClaim {
+            card_id: self.id.clone(),
+            holder_name: "测试".into(),
+            insured_region: self.region.clone(),
+            insurance_types: self.insurance_types.clone(),
+            delegate: self.delegate.as_ref().map(|(card_id, relation)| DelegateClaim {
+                card_id: card_id.clone(),
+                name: None,
+                relation: relation.clone(),
+            }),
+        }
+    }
+}
+
+/// POSTs JSON, with an idempotency key when given.
+pub async fn post(client: &Client, path: &str, key: Option<&str>, body: &serde_json::Value) -> Reply {
+    let headers: Vec<(&str, &str)> = key.map(|k| vec![("idempotency-key", k)]).unwrap_or_default();
+    client.send(Method::POST, path, &headers, Some(&body.to_string())).await.expect("request")
+}
+
+/// GETs a path.
+pub async fn get(client: &Client, path: &str) -> Reply {
+    client.send(Method::GET, path, &[], None).await.expect("request")
+}
