@@ -336,3 +336,37 @@ impl Config {
 fn is_region(code: &str, lengths: &[usize]) -> bool {
     lengths.contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cardgate.toml");
+        let config = Config::load(&path, &HashMap::new()).expect("examples/cardgate.toml is valid");
+        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.plugins["basic-medical"].config["schemes"]["310"]["deductible_fen"], 80000);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cardgate.toml");
+        let env = HashMap::from([("CARDGATE__SERVER__LISTEN".to_owned(), "127.0.0.1:9999".to_owned())]);
+        assert_eq!(Config::load(&path, &env).expect("valid").server.listen.port(), 9999);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_path() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cardgate.toml");
+        let mut config = Config::load(&path, &HashMap::new()).expect("valid");
+        config.ledger.secret = "short".into();
+        config.routes[0].payers.push("nobody".into());
+        config.institutions.get_mut("H110105001").expect("institution").region = "11".into();
+        let problems = config.validate().expect_err("invalid").problems;
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        for key in ["ledger.secret", "routes[0].payers", "institutions.H110105001.region"] {
+            assert!(problems.iter().any(|p| p.starts_with(key)), "{key} in {problems:?}");
+        }
+    }
+}

@@ -143,10 +143,8 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>) {
         let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {
-                for job in batch {
-                    // Run nothing; tell every waiter the storage failed.
-                    drop(job);
-                }
+                // Run nothing: dropping the jobs tells every waiter the storage failed.
+                drop(batch);
                 tracing::error!(error = %e, "ledger: cannot begin a transaction");
                 continue;
             }
@@ -156,11 +154,11 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>) {
             match outcome {
                 Ok((true, completion)) => {
                     let _ = tx.execute_batch("RELEASE job");
-                    completions.push((completion, true));
+                    completions.push(completion);
                 }
                 Ok((false, completion)) => {
                     let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
-                    completions.push((completion, false));
+                    completions.push(completion);
                 }
                 Err(e) => tracing::error!(error = %e, "ledger: savepoint failed"),
             }
@@ -169,7 +167,7 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>) {
         if let Err(e) = &committed {
             tracing::error!(error = %e, "ledger: commit failed");
         }
-        for (completion, _) in completions {
+        for completion in completions {
             completion(committed.clone());
         }
     }
