@@ -1,0 +1,121 @@
+//! The SQLite ledger: durability across reopen, unique tokens and keys, group commit in which
+//! one refused write does not undo the others, accumulators.
+
+use std::sync::Arc;
+
+use cardgate::ledger::sqlite::SqliteLedger;
+use cardgate::ledger::{AccumulatorDelta, Intent, Ledger, LedgerError, Outcome, State};
+use cardgate_sdk::YearToDate;
+
+fn intent(id: &str, key: &str, token: &[u8]) -> Intent {
+    Intent {
+        id: id.into(),
+        institution: "H1".into(),
+        terminal: "T1".into(),
+        idempotency_key: key.into(),
+        request_hash: vec![1, 2, 3],
+        token_id: Some(token.to_vec()),
+        quote_id: None,
+        card_hash: vec![9; 32],
+        card_masked: "****34".into(),
+        total_fen: 1000,
+        created_at: 1_700_000_000,
+    }
+}
+
+fn settled(id: &str, fund: i64) -> Outcome {
+    Outcome {
+        id: id.into(),
+        state: State::Settled,
+        status: 201,
+        body: format!("{{\"settlement_id\":\"{id}\"}}"),
+        deltas: vec![AccumulatorDelta {
+            payer: "basic-medical".into(),
+            delta: YearToDate { year: 2026, fund_paid_fen: fund, deductible_fen: 100, ..YearToDate::default() },
+        }],
+        card_hash: vec![9; 32],
+        at: 1_700_000_001,
+    }
+}
+
+#[tokio::test]
+async fn settlement_survives_reopening_and_its_token_stays_used() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger.db");
+    {
+        let ledger = SqliteLedger::open(&path).expect("open");
+        ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
+        ledger.finish(settled("S1", 700)).await.expect("finish");
+    }
+    let ledger = SqliteLedger::open(&path).expect("reopen");
+    let record = ledger.get("H1", "S1").expect("read").expect("present");
+    assert_eq!((record.state, record.status), (State::Settled, 201));
+    assert_eq!(ledger.by_idempotency_key("H1", "k1").expect("read").map(|r| r.id), Some("S1".into()));
+    assert_eq!(ledger.begin(intent("S2", "k2", b"tok-1")).await, Err(LedgerError::TokenUsed));
+    assert_eq!(ledger.begin(intent("S3", "k1", b"tok-3")).await, Err(LedgerError::IdempotencyTaken));
+    let ytd = ledger.accumulators(&[9; 32], "basic-medical", 2026).expect("read");
+    assert_eq!((ytd.fund_paid_fen, ytd.deductible_fen), (700, 100));
+    assert_eq!(ledger.accumulators(&[9; 32], "basic-medical", 2025).expect("read").fund_paid_fen, 0);
+    assert!(ledger.get("H2", "S1").expect("read").is_none(), "other institutions do not see it");
+}
+
+#[tokio::test]
+async fn a_refused_write_in_a_batch_does_not_undo_the_others() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db")).expect("open"));
+    // 200 concurrent intents, two of which share a token: they land in the same batches.
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let ledger = Arc::clone(&ledger);
+        let token = if i == 199 { b"tok-0".to_vec() } else { format!("tok-{i}").into_bytes() };
+        tasks.push(tokio::spawn(async move { ledger.begin(intent(&format!("S{i}"), &format!("k{i}"), &token)).await }));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(()) => {}
+            Err(LedgerError::TokenUsed) => refused += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(refused, 1);
+    let present = (0..200).filter(|i| ledger.get("H1", &format!("S{i}")).expect("read").is_some()).count();
+    assert_eq!(present, 199);
+}
+
+#[tokio::test]
+async fn a_failed_settlement_releases_its_token() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    ledger.begin(intent("S1", "k1", b"tok")).await.expect("begin");
+    let failed = Outcome { state: State::Failed, status: 422, deltas: vec![], ..settled("S1", 0) };
+    ledger.finish(failed).await.expect("finish");
+    assert_eq!(ledger.get("H1", "S1").expect("read").map(|r| r.state), Some(State::Failed));
+    ledger.begin(intent("S2", "k2", b"tok")).await.expect("the token can settle another attempt");
+    assert_eq!(ledger.finish(settled("S1", 1)).await, Err(LedgerError::NotFound), "an outcome is written once");
+}
+
+#[tokio::test]
+async fn reversal_undoes_the_accumulators_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    ledger.begin(intent("S1", "k1", b"tok")).await.expect("begin");
+    ledger.finish(settled("S1", 700)).await.expect("finish");
+    let (card_hash, deltas) = ledger.settled_deltas("S1").expect("read").expect("present");
+    let undo: Vec<AccumulatorDelta> = deltas
+        .into_iter()
+        .map(|d| AccumulatorDelta {
+            payer: d.payer,
+            delta: YearToDate {
+                fund_paid_fen: -d.delta.fund_paid_fen,
+                deductible_fen: -d.delta.deductible_fen,
+                ..d.delta
+            },
+        })
+        .collect();
+    ledger.reverse("S1".into(), "{}".into(), undo.clone(), card_hash.clone(), 1).await.expect("reverse");
+    assert_eq!(ledger.reverse("S1".into(), "{}".into(), undo, card_hash, 2).await, Err(LedgerError::NotFound));
+    let ytd = ledger.accumulators(&[9; 32], "basic-medical", 2026).expect("read");
+    assert_eq!((ytd.fund_paid_fen, ytd.deductible_fen), (0, 0));
+    assert_eq!(ledger.get("H1", "S1").expect("read").map(|r| r.state), Some(State::Reversed));
+}
