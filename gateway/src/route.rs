@@ -100,7 +100,9 @@ mod tests {
         let r = router();
         assert_eq!(r.route(&query("110105", "310", "H2", "110105")), Some(&["city".to_string()][..]));
         assert_eq!(r.route(&query("110105", "390", "H2", "110105")), Some(&["county-resident".to_string()][..]));
-        assert_eq!(r.route(&query("110228", "310", "H2", "110105")), Some(&["city".to_string()][..]));
+        assert_eq!(r.route(&query("110108", "310", "H2", "110105")), Some(&["city".to_string()][..]));
+        // Another city of the province, treated here: the cross-region rule beats the general one.
+        assert_eq!(r.route(&query("110228", "310", "H2", "110105")), Some(&["province-cross".to_string()][..]));
         assert_eq!(r.route(&query("120101", "310", "H2", "110105")), None);
     }
 
