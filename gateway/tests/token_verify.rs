@@ -392,3 +392,25 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn empty_and_truncated_payloads_are_refused_promptly() {
+    let v = ed25519_verifier();
+    assert_eq!(v.verify("EC1:", NOW).expect_err("empty").code(), "token_malformed");
+    let token = mint(Algorithm::EdDsa);
+    let compressed = envelope::unbase45(&token[4..]).expect("base45");
+    for cut in [0, 1, 2, compressed.len() / 2, compressed.len() - 1] {
+        assert!(envelope::inflate(&compressed[..cut]).is_err(), "cut at {cut}");
+    }
+}
+
+#[test]
+fn zlib_bombs_stop_at_the_limit() {
+    // 1 MiB of zeros compresses to about 1 KiB; inflating it must stop at 64 KiB.
+    let bomb = envelope::deflate(&vec![0u8; 1 << 20]);
+    let error = envelope::inflate(&bomb).expect_err("refused");
+    assert!(error.to_string().contains("inflates past"), "{error}");
+    // Just under the limit is fine.
+    let fits = envelope::deflate(&vec![7u8; envelope::MAX_INFLATED_BYTES - 1]);
+    assert_eq!(envelope::inflate(&fits).expect("fits").len(), envelope::MAX_INFLATED_BYTES - 1);
+}

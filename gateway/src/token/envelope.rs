@@ -37,19 +37,26 @@ thread_local! {
 pub fn inflate(data: &[u8]) -> Result<Vec<u8>, TokenError> {
     INFLATER.with_borrow_mut(|inflater| {
         inflater.reset(true);
-        let mut out = Vec::with_capacity((data.len() * 3).min(MAX_INFLATED_BYTES));
+        let mut out = Vec::with_capacity((data.len() * 3).clamp(256, MAX_INFLATED_BYTES));
         loop {
-            let consumed = inflater.total_in() as usize;
+            let (consumed, produced) = (inflater.total_in(), inflater.total_out());
             let status = inflater
-                .decompress_vec(&data[consumed..], &mut out, flate2::FlushDecompress::Finish)
+                .decompress_vec(&data[consumed as usize..], &mut out, flate2::FlushDecompress::None)
                 .map_err(|e| TokenError::malformed(format!("zlib: {e}")))?;
-            match status {
-                flate2::Status::StreamEnd => break,
-                _ if out.len() >= MAX_INFLATED_BYTES => {
-                    return Err(TokenError::malformed(format!("inflates past {MAX_INFLATED_BYTES} bytes")));
-                }
-                _ if out.len() < out.capacity() => return Err(TokenError::malformed("zlib: truncated stream")),
-                _ => out.reserve(out.capacity().min(MAX_INFLATED_BYTES - out.len())),
+            if status == flate2::Status::StreamEnd {
+                break;
+            }
+            if out.len() >= MAX_INFLATED_BYTES {
+                return Err(TokenError::malformed(format!("inflates past {MAX_INFLATED_BYTES} bytes")));
+            }
+            if out.len() == out.capacity() {
+                // Grow by at least 256 bytes, so the loop always makes progress.
+                out.reserve(out.capacity().max(256).min(MAX_INFLATED_BYTES - out.len()));
+                continue;
+            }
+            let stalled = inflater.total_in() == consumed && inflater.total_out() == produced;
+            if stalled || inflater.total_in() as usize == data.len() {
+                return Err(TokenError::malformed("zlib: truncated stream"));
             }
         }
         if inflater.total_in() as usize != data.len() {
