@@ -49,18 +49,20 @@ pub struct ApiResponse {
     pub problem: bool,
     /// JSON body.
     pub body: String,
+    /// `Retry-After`, seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiResponse {
     /// A JSON answer.
     pub fn json(status: StatusCode, body: String) -> Self {
-        Self { status, problem: false, body }
+        Self { status, problem: false, body, retry_after: None }
     }
 
     /// A problem answer.
     pub fn problem(error: &ApiError, request_id: &str) -> Self {
         let (status, body) = error.body(request_id, None);
-        Self { status, problem: true, body }
+        Self { status, problem: true, body, retry_after: error.retry_after() }
     }
 }
 
@@ -75,7 +77,13 @@ pub async fn handle(gateway: &Gateway, identity: Option<&Identity>, request: Api
         );
         return ApiResponse::problem(&error, request_id);
     };
-    match dispatch(gateway, identity, &request).await {
+    let admitted = gateway.limiter.check_request(&identity.institution).map_err(ApiError::from);
+    match async {
+        admitted?;
+        dispatch(gateway, identity, &request).await
+    }
+    .await
+    {
         Ok(response) => response,
         Err(error) => {
             let (status, code, detail) = error.parts();
@@ -111,6 +119,7 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
             flow::settle(gateway, identity, key, parse(r.body)?, r.request_id).await
         }
         (&Method::GET, ["v1", "settlements", id]) => flow::get(gateway, identity, id),
+        (&Method::GET, ["v1", "reconciliation"]) => flow::reconciliation(gateway, identity, r.query),
         (&Method::POST, ["v1", "settlements", id, "reversal"]) => {
             let body = if r.body.iter().all(u8::is_ascii_whitespace) { Default::default() } else { parse(r.body)? };
             flow::reverse(gateway, identity, id, body, r.request_id).await

@@ -3,10 +3,12 @@
 //! Every command writes to the `out` and `err` writers it is given and returns its exit code,
 //! so tests run the very code path the binary runs.
 //!
+//! - [`ledger`]: `ledger export`.
 //! - [`plugin`]: `plugin inspect`.
 //! - [`serve`]: `serve`, `dev`.
 //! - [`token`]: `keys generate`, `token mint`, `token verify`.
 
+pub mod ledger;
 pub mod plugin;
 pub mod serve;
 pub mod token;
@@ -37,6 +39,9 @@ enum Command {
     /// Work with plugin libraries.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Read the ledger.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCommand),
     /// Make issuer keys.
     #[command(subcommand)]
     Keys(token::KeysCommand),
@@ -58,6 +63,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         Command::Serve(args) => serve::serve(args),
         Command::Dev(args) => serve::dev(args, out),
         Command::Plugin(command) => plugin::run(command, out),
+        Command::Ledger(command) => ledger::run(command, out),
         Command::Keys(command) => token::keys(command, out),
         Command::Token(command) => token::run(command, out, err),
     };

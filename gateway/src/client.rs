@@ -36,6 +36,8 @@ pub struct Reply {
     pub content_type: String,
     /// `x-request-id`.
     pub request_id: String,
+    /// `retry-after`, when present.
+    pub retry_after: Option<String>,
     /// Body.
     pub body: String,
 }
@@ -126,7 +128,8 @@ impl Connection {
         let header =
             |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         let (content_type, request_id) = (header("content-type"), header("x-request-id"));
+        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let bytes = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-        Ok(Reply { status, content_type, request_id, body: String::from_utf8_lossy(&bytes).into_owned() })
+        Ok(Reply { status, content_type, request_id, retry_after, body: String::from_utf8_lossy(&bytes).into_owned() })
     }
 }

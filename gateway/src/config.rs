@@ -19,6 +19,9 @@ pub struct Config {
     pub tokens: TokenConfig,
     /// The ledger.
     pub ledger: LedgerConfig,
+    /// Rate limits and load shedding.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// How plugins are loaded and called.
     #[serde(default)]
     pub plugin_runtime: PluginRuntimeConfig,
@@ -93,6 +96,48 @@ pub struct LedgerConfig {
     pub secret: String,
 }
 
+/// Rate limits (token buckets) by scope, and the in-flight limit. An absent scope is
+/// unlimited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The whole gateway.
+    #[serde(default)]
+    pub global: Option<RateConfig>,
+    /// Each institution.
+    #[serde(default)]
+    pub institution: Option<RateConfig>,
+    /// Each terminal of each institution.
+    #[serde(default)]
+    pub terminal: Option<RateConfig>,
+    /// Each card (velocity: how often one card may be used).
+    #[serde(default)]
+    pub card: Option<RateConfig>,
+    /// Requests in flight past which the gateway answers 503 at once.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { global: None, institution: None, terminal: None, card: None, max_in_flight: defaults::max_in_flight() }
+    }
+}
+
+/// A token bucket: a sustained rate (per second or per minute) and a burst.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Requests per second.
+    #[serde(default)]
+    pub per_second: Option<u32>,
+    /// Requests per minute (instead of `per_second`).
+    #[serde(default)]
+    pub per_minute: Option<u32>,
+    /// Requests allowed at once after a quiet period.
+    pub burst: u32,
+}
+
 /// How plugins are loaded and called.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +171,15 @@ pub struct PluginConfig {
     /// `pool` (default) or `inline` (vetted, fast plugins; see docs/BENCHMARKS.md).
     #[serde(default)]
     pub dispatch: DispatchConfig,
+    /// Calls in flight at once; more fail at once with `plugin_unavailable`.
+    #[serde(default = "defaults::max_concurrency")]
+    pub max_concurrency: usize,
+    /// Consecutive failures (timeouts, panics, unavailable) that open the circuit breaker.
+    #[serde(default = "defaults::breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before letting one probe through, milliseconds.
+    #[serde(default = "defaults::breaker_open_ms")]
+    pub breaker_open_ms: u64,
     /// The plugin's own configuration section, handed to it as JSON.
     #[serde(default = "defaults::empty_table")]
     pub config: serde_json::Value,
@@ -214,6 +268,18 @@ mod defaults {
     pub(super) fn plugin_timeout_ms() -> u64 {
         2_000
     }
+    pub(super) fn max_in_flight() -> usize {
+        4_096
+    }
+    pub(super) fn max_concurrency() -> usize {
+        256
+    }
+    pub(super) fn breaker_failures() -> u32 {
+        5
+    }
+    pub(super) fn breaker_open_ms() -> u64 {
+        5_000
+    }
     pub(super) fn empty_table() -> serde_json::Value {
         serde_json::Value::Object(Default::default())
     }
@@ -296,8 +362,21 @@ impl Config {
             self.ledger.secret.len() == 64 && self.ledger.secret.bytes().all(|b| b.is_ascii_hexdigit()),
             "ledger.secret: must be 64 hex characters".into(),
         );
+        let l = &self.limits;
+        for (scope, rate) in
+            [("global", &l.global), ("institution", &l.institution), ("terminal", &l.terminal), ("card", &l.card)]
+        {
+            if let Some(rate) = rate {
+                let one = matches!((rate.per_second, rate.per_minute), (Some(n), None) | (None, Some(n)) if n > 0);
+                check(one, format!("limits.{scope}: give exactly one positive per_second or per_minute"));
+                check(rate.burst > 0, format!("limits.{scope}.burst: must be positive"));
+            }
+        }
+        check(l.max_in_flight > 0, "limits.max_in_flight: must be positive".into());
         for (name, plugin) in &self.plugins {
             check(plugin.timeout_ms > 0, format!("plugins.{name}.timeout_ms: must be positive"));
+            check(plugin.max_concurrency > 0, format!("plugins.{name}.max_concurrency: must be positive"));
+            check(plugin.breaker_failures > 0, format!("plugins.{name}.breaker_failures: must be positive"));
             check(plugin.config.is_object(), format!("plugins.{name}.config: must be a table"));
         }
         for (id, institution) in &self.institutions {

@@ -18,6 +18,16 @@ use std::pin::Pin;
 use cardgate_sdk::YearToDate;
 use ring::hmac;
 
+/// Business days (reconciliation, accumulator years) follow China Standard Time, UTC+8.
+pub const UTC_OFFSET_SECS: i64 = 8 * 3600;
+
+/// The business day (`YYYY-MM-DD`, UTC+8) of a moment.
+pub fn business_day(at: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(at + UTC_OFFSET_SECS)
+        .map(|t| format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day()))
+        .unwrap_or_default()
+}
+
 /// A boxed future returned by ledger operations.
 pub type LedgerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'a>>;
 
@@ -121,6 +131,111 @@ pub struct Intent {
     pub total_fen: i64,
     /// Seconds since the epoch.
     pub created_at: i64,
+    /// The prepared request (card claims, bill), sealed with the ledger key, so an interrupted
+    /// settlement can be completed later.
+    pub sealed_request: Vec<u8>,
+}
+
+/// A settlement whose outcome is not yet recorded (`pending` or `unknown`).
+#[derive(Debug, Clone)]
+pub struct Unresolved {
+    /// Settlement id.
+    pub id: String,
+    /// Institution.
+    pub institution: String,
+    /// State: pending or unknown.
+    pub state: State,
+    /// The sealed prepared request.
+    pub sealed_request: Vec<u8>,
+    /// When the intent was recorded.
+    pub created_at: i64,
+}
+
+/// Money of a settled record, for reconciliation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Amounts {
+    /// Fund total.
+    pub fund_fen: i64,
+    /// Personal account total.
+    pub account_fen: i64,
+    /// Cash.
+    pub cash_fen: i64,
+    /// Per payer: (payer, fund, account).
+    pub payers: Vec<(String, i64, i64)>,
+}
+
+/// An institution's business day.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Reconciliation {
+    /// The day, `YYYY-MM-DD` (UTC+8).
+    pub date: String,
+    /// Settled on that day (including those reversed since).
+    pub settled: Totals,
+    /// Of those, reversed.
+    pub reversed: Totals,
+    /// Settled less reversed.
+    pub net: Totals,
+    /// Per payer, over the settled ones.
+    pub payers: Vec<PayerTotals>,
+    /// One page of the detail lines.
+    pub details: Vec<DetailLine>,
+    /// Page number (from 1).
+    pub page: u32,
+    /// Page size.
+    pub page_size: u32,
+    /// Detail lines over all pages.
+    pub detail_count: u64,
+}
+
+/// Counts and sums.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    /// Settlements.
+    pub count: u64,
+    /// Bill totals.
+    pub total_fen: i64,
+    /// Fund payments.
+    pub fund_pay_fen: i64,
+    /// Personal account payments.
+    pub account_pay_fen: i64,
+    /// Cash.
+    pub cash_pay_fen: i64,
+}
+
+/// One payer's sums.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PayerTotals {
+    /// Payer (plugin) name.
+    pub payer: String,
+    /// Settlements it took part in.
+    pub count: u64,
+    /// What its funds paid.
+    pub fund_pay_fen: i64,
+    /// What the account paid through it.
+    pub account_pay_fen: i64,
+}
+
+/// One settlement in a reconciliation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DetailLine {
+    /// Settlement id.
+    pub settlement_id: String,
+    /// `settled` or `reversed`.
+    pub state: String,
+    /// Terminal.
+    pub terminal_id: String,
+    /// Masked card.
+    pub card: String,
+    /// When (RFC 3339).
+    pub created_at: String,
+    /// Bill total.
+    pub total_fen: i64,
+    /// Funds.
+    pub fund_pay_fen: i64,
+    /// Account.
+    pub account_pay_fen: i64,
+    /// Cash.
+    pub cash_pay_fen: i64,
 }
 
 /// How one payer's accumulators change.
@@ -149,6 +264,8 @@ pub struct Outcome {
     pub card_hash: Vec<u8>,
     /// Seconds since the epoch.
     pub at: i64,
+    /// The money, when settled.
+    pub amounts: Option<Amounts>,
 }
 
 /// A stored quote.
@@ -194,6 +311,18 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     fn save_quote(&self, quote: StoredQuote) -> LedgerFuture<'_, ()>;
     /// A quote of an institution, by id.
     fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError>;
+    /// Every settlement whose outcome is not recorded yet.
+    fn unresolved(&self) -> Result<Vec<Unresolved>, LedgerError>;
+    /// The sealed prepared request of a settlement of an institution.
+    fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<Unresolved>, LedgerError>;
+    /// An institution's business day: totals, per payer, reversals and one page of details.
+    fn reconciliation(
+        &self,
+        institution: &str,
+        date: &str,
+        page: u32,
+        page_size: u32,
+    ) -> Result<Reconciliation, LedgerError>;
     /// The card hash and accumulator changes recorded for a settlement (to undo them).
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
 }

@@ -17,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod ledger;
+pub mod limit;
 pub mod plugin;
 pub mod route;
 pub mod server;

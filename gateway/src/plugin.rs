@@ -11,8 +11,8 @@ pub mod loader;
 pub mod pool;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cardgate_sdk::{Health, Inquiry, InquiryRequest, Operation, Reversal, ReversalRequest, SettlementRequest, Split};
 use serde::Serialize;
@@ -45,20 +45,99 @@ pub enum Dispatch {
     Inline,
 }
 
-/// A configured plugin with the pool and the per-call timeout it is called under. Clones
-/// share the instance.
+/// A configured plugin with the pool, the per-call timeout, the concurrency limit and the
+/// circuit breaker it is called under. Clones share all of them.
 #[derive(Debug, Clone)]
 pub struct PluginHandle {
     instance: Arc<Instance>,
     pool: PluginPool,
     timeout: Duration,
     dispatch: Dispatch,
+    permits: Arc<tokio::sync::Semaphore>,
+    breaker: Arc<Breaker>,
+}
+
+/// The circuit breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls pass; this many consecutive failures so far.
+    Closed(u32),
+    /// Calls fail fast until the instant, then one probe passes.
+    Open(Instant),
+    /// One probe call is in flight.
+    HalfOpen,
+}
+
+/// Opens after `threshold` consecutive failures; after `open_for`, lets one probe through;
+/// closes when a call succeeds.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    open_for: Duration,
+    state: Mutex<BreakerState>,
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(threshold: u32, open_for: Duration) -> Self {
+        Self { threshold: threshold.max(1), open_for, state: Mutex::new(BreakerState::Closed(0)) }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a call may go ahead now.
+    fn admit(&self) -> Result<(), CallError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match *state {
+            BreakerState::Closed(_) => Ok(()),
+            BreakerState::Open(until) if Instant::now() >= until => {
+                *state = BreakerState::HalfOpen;
+                Ok(())
+            }
+            BreakerState::Open(_) | BreakerState::HalfOpen => Err(CallError::CircuitOpen),
+        }
+    }
+
+    /// Records a call's outcome.
+    fn record(&self, failed: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *state = match (*state, failed) {
+            (_, false) => BreakerState::Closed(0),
+            (BreakerState::Closed(n), true) if n + 1 < self.threshold => BreakerState::Closed(n + 1),
+            (BreakerState::Open(until), true) => BreakerState::Open(until),
+            (_, true) => {
+                tracing::warn!(open_for_ms = self.open_for.as_millis() as u64, "plugin circuit breaker opens");
+                BreakerState::Open(Instant::now() + self.open_for)
+            }
+        };
+    }
 }
 
 impl PluginHandle {
-    /// Wraps an instance; calls go through the pool.
+    /// Wraps an instance; calls go through the pool, at most 256 at once, with a breaker that
+    /// opens for 5 s after 5 consecutive failures.
     pub fn new(instance: Instance, pool: PluginPool, timeout: Duration) -> Self {
-        Self { instance: Arc::new(instance), pool, timeout, dispatch: Dispatch::Pool }
+        Self {
+            instance: Arc::new(instance),
+            pool,
+            timeout,
+            dispatch: Dispatch::Pool,
+            permits: Arc::new(tokio::sync::Semaphore::new(256)),
+            breaker: Arc::new(Breaker::new(5, Duration::from_secs(5))),
+        }
+    }
+
+    /// The same handle with another concurrency limit and breaker.
+    pub fn with_limits(self, max_concurrency: usize, breaker: Breaker) -> Self {
+        Self { permits: Arc::new(tokio::sync::Semaphore::new(max_concurrency)), breaker: Arc::new(breaker), ..self }
+    }
+
+    /// The circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
     }
 
     /// The same handle with another dispatch.
@@ -96,18 +175,27 @@ impl PluginHandle {
         self.call(Operation::Health, &()).await
     }
 
-    /// Calls one operation as the handle's [`Dispatch`] says.
+    /// Calls one operation as the handle's [`Dispatch`] says, under the concurrency limit and
+    /// the circuit breaker.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         operation: Operation,
         request: &Req,
     ) -> Result<Resp, CallError> {
-        if self.dispatch == Dispatch::Inline {
-            return self.call_inline(operation, request);
-        }
-        let input = encode(request)?;
-        let output = self.pool.call(Arc::clone(&self.instance), operation, input, self.timeout).await?;
-        decode(&output)
+        self.breaker.admit()?;
+        let Ok(_permit) = self.permits.try_acquire() else { return Err(CallError::Overloaded) };
+        let result = match self.dispatch {
+            Dispatch::Inline => self.call_inline(operation, request),
+            Dispatch::Pool => match encode(request) {
+                Ok(input) => match self.pool.call(Arc::clone(&self.instance), operation, input, self.timeout).await {
+                    Ok(output) => decode(&output),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            },
+        };
+        self.breaker.record(result.as_ref().err().is_some_and(CallError::is_plugin_failure));
+        result
     }
 
     /// Calls one operation on the current thread, bypassing the pool and the timeout. For

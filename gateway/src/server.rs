@@ -150,6 +150,9 @@ async fn respond(
 ) -> Response<Full<Bytes>> {
     let started = std::time::Instant::now();
     let request_id = request_id(&request);
+    let Some(_in_flight) = gateway.limiter.enter() else {
+        return to_response(ApiResponse::problem(&ApiError::Overloaded, &request_id), &request_id);
+    };
     let (parts, body) = request.into_parts();
     let answer = match read_body(body, limits).await {
         Ok(body) => {
@@ -198,6 +201,9 @@ fn to_response(answer: ApiResponse, request_id: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(answer.body)));
     *response.status_mut() = answer.status;
     let headers = response.headers_mut();
+    if let Some(seconds) = answer.retry_after {
+        headers.insert("retry-after", HeaderValue::from(seconds));
+    }
     headers.insert("content-type", HeaderValue::from_static(content_type));
     headers.insert("cache-control", HeaderValue::from_static("no-store"));
     if let Ok(value) = HeaderValue::from_str(request_id) {

@@ -9,7 +9,8 @@ use std::time::Duration;
 use crate::config::{Config, ConfigError, DispatchConfig, InstitutionConfig};
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{CardKey, Ledger};
-use crate::plugin::{Dispatch, LoadOptions, PluginHandle, PluginPool, PoolOptions, load};
+use crate::limit::Limiter;
+use crate::plugin::{Breaker, Dispatch, LoadOptions, PluginHandle, PluginPool, PoolOptions, load};
 use crate::route::Router;
 use crate::token::{MemoryReplayStore, Profile, RevocationList, TrustList, Verifier, VerifyOptions};
 
@@ -47,6 +48,8 @@ pub struct Gateway {
     pub card_key: CardKey,
     /// Fast replay check in front of the ledger's unique token ids.
     pub replay_cache: MemoryReplayStore,
+    /// Rate limits and the in-flight limit.
+    pub limiter: Limiter,
     /// The clock.
     pub clock: Arc<dyn Clock>,
 }
@@ -85,6 +88,7 @@ impl Gateway {
             ledger: Arc::new(ledger),
             card_key: CardKey::new(&config.ledger_secret()),
             replay_cache: MemoryReplayStore::new(),
+            limiter: Limiter::new(&config.limits),
             clock,
             config,
         })
@@ -120,7 +124,10 @@ fn load_plugins(config: &Config, problems: &mut Vec<String>) -> HashMap<String, 
                     DispatchConfig::Inline => Dispatch::Inline,
                 };
                 let timeout = Duration::from_millis(plugin.timeout_ms);
-                let handle = PluginHandle::new(instance, pool.clone(), timeout).with_dispatch(dispatch);
+                let breaker = Breaker::new(plugin.breaker_failures, Duration::from_millis(plugin.breaker_open_ms));
+                let handle = PluginHandle::new(instance, pool.clone(), timeout)
+                    .with_dispatch(dispatch)
+                    .with_limits(plugin.max_concurrency, breaker);
                 tracing::info!(plugin = %name, version = %handle.info().version, "plugin loaded");
                 plugins.insert(name.clone(), handle);
             }

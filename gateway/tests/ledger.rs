@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use cardgate::ledger::sqlite::SqliteLedger;
-use cardgate::ledger::{AccumulatorDelta, Intent, Ledger, LedgerError, Outcome, State};
+use cardgate::ledger::{AccumulatorDelta, Amounts, Intent, Ledger, LedgerError, Outcome, State};
 use cardgate_sdk::YearToDate;
 
 fn intent(id: &str, key: &str, token: &[u8]) -> Intent {
@@ -20,6 +20,7 @@ fn intent(id: &str, key: &str, token: &[u8]) -> Intent {
         card_masked: "****34".into(),
         total_fen: 1000,
         created_at: 1_700_000_000,
+        sealed_request: vec![0; 40],
     }
 }
 
@@ -35,6 +36,12 @@ fn settled(id: &str, fund: i64) -> Outcome {
         }],
         card_hash: vec![9; 32],
         at: 1_700_000_001,
+        amounts: Some(Amounts {
+            fund_fen: fund,
+            account_fen: 0,
+            cash_fen: 1000 - fund,
+            payers: vec![("basic-medical".into(), fund, 0)],
+        }),
     }
 }
 
@@ -88,7 +95,7 @@ async fn a_failed_settlement_releases_its_token() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
     ledger.begin(intent("S1", "k1", b"tok")).await.expect("begin");
-    let failed = Outcome { state: State::Failed, status: 422, deltas: vec![], ..settled("S1", 0) };
+    let failed = Outcome { state: State::Failed, status: 422, deltas: vec![], amounts: None, ..settled("S1", 0) };
     ledger.finish(failed).await.expect("finish");
     assert_eq!(ledger.get("H1", "S1").expect("read").map(|r| r.state), Some(State::Failed));
     ledger.begin(intent("S2", "k2", b"tok")).await.expect("the token can settle another attempt");
@@ -118,4 +125,21 @@ async fn reversal_undoes_the_accumulators_once() {
     let ytd = ledger.accumulators(&[9; 32], "basic-medical", 2026).expect("read");
     assert_eq!((ytd.fund_paid_fen, ytd.deductible_fen), (0, 0));
     assert_eq!(ledger.get("H1", "S1").expect("read").map(|r| r.state), Some(State::Reversed));
+}
+
+#[tokio::test]
+async fn unresolved_settlements_are_listed_and_an_unknown_one_can_complete_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    ledger.begin(intent("S1", "k1", b"t1")).await.expect("begin");
+    ledger.begin(intent("S2", "k2", b"t2")).await.expect("begin");
+    let unknown = Outcome { state: State::Unknown, status: 504, deltas: vec![], amounts: None, ..settled("S2", 0) };
+    ledger.finish(unknown).await.expect("unknown");
+    let ids: Vec<String> = ledger.unresolved().expect("read").into_iter().map(|u| u.id).collect();
+    assert_eq!(ids, ["S1", "S2"]);
+    ledger.finish(settled("S2", 300)).await.expect("completes");
+    assert_eq!(ledger.finish(settled("S2", 300)).await, Err(LedgerError::NotFound), "only once");
+    assert_eq!(ledger.unresolved().expect("read").len(), 1);
+    let day = ledger.reconciliation("H1", &cardgate::ledger::business_day(1_700_000_000), 1, 10).expect("read");
+    assert_eq!((day.settled.count, day.settled.fund_pay_fen), (1, 300));
 }

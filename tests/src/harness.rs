@@ -210,6 +210,7 @@ async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> (SocketAddr, oneshot:
     let config = Config::load(&dir.join("cardgate.toml"), &HashMap::new()).expect("test config is valid");
     let tls = cardgate::server::tls::server_config(&config.server).expect("TLS config");
     let gateway = Arc::new(Gateway::build(config, Arc::new(SystemClock)).expect("gateway builds"));
+    cardgate::api::flow::resolve_all(&gateway).await.expect("start-up recovery");
     let listener = tokio::net::TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("address")))
         .await
         .expect("bind");

@@ -16,14 +16,14 @@ use serde_json::{Value, json};
 use super::model::{BillBody, InquiryBody, ReversalBody, check_bill, check_id};
 use super::{ApiError, ApiResponse, Identity};
 use crate::config::InstitutionConfig;
-use crate::ledger::{AccumulatorDelta, Intent, LedgerError, Outcome, Record, State, StoredQuote, mask_card};
+use crate::ledger::UTC_OFFSET_SECS;
+use crate::ledger::{
+    AccumulatorDelta, Amounts, Intent, LedgerError, Outcome, Record, State, StoredQuote, Unresolved, mask_card,
+};
 use crate::plugin::{CallError, PluginHandle};
 use crate::route::RouteQuery;
 use crate::service::Gateway;
 use crate::token::{DelegateClaim, ECardClaim, ReplayStore, TokenError};
-
-/// Accumulator years follow China Standard Time (UTC+8).
-const UTC_OFFSET_SECS: i64 = 8 * 3600;
 
 /// What a bill is settled for: the card, and the token or quote that vouched for it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -275,13 +275,15 @@ fn merge(mut base: Value, extra: Value) -> Value {
 pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) -> Result<ApiResponse, ApiError> {
     let institution = institution(gateway, identity, body.institution_id.as_deref())?;
     check_id("terminal_id", &body.terminal_id)?;
+    gateway.limiter.check_terminal(institution.0, &body.terminal_id)?;
     let now = gateway.clock.now();
     let verified = gateway.verifier.verify(&body.token, now)?;
     let subject =
         Subject::from_claim(verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?, None, None);
+    let card_hash = gateway.card_key.hash(&subject.card_id);
+    gateway.limiter.check_card(&card_hash)?;
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
     let chain = payer_chain(gateway, &subject, &insurance_type, institution)?;
-    let card_hash = gateway.card_key.hash(&subject.card_id);
     let mut payers = Vec::new();
     for (name, plugin) in chain {
         let year_to_date = gateway.ledger.accumulators(&card_hash, name, year_of(now))?;
@@ -323,6 +325,7 @@ pub async fn quote(
 ) -> Result<ApiResponse, ApiError> {
     let institution = institution(gateway, identity, body.institution_id.as_deref())?;
     check_id("terminal_id", &body.terminal_id)?;
+    gateway.limiter.check_terminal(institution.0, &body.terminal_id)?;
     let total_fen = check_bill(&body.lines, body.total_fen)?;
     let token = match (&body.token, &body.quote_id) {
         (Some(token), None) => token,
@@ -332,6 +335,7 @@ pub async fn quote(
     let verified = gateway.verifier.verify(token, now)?;
     let ecard = verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?;
     let subject = Subject::from_claim(ecard, verified.claims.token_id.clone(), verified.claims.expires_at);
+    gateway.limiter.check_card(&gateway.card_key.hash(&subject.card_id))?;
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
     let chain = payer_chain(gateway, &subject, &insurance_type, institution)?;
     let id = new_id('Q');
@@ -374,7 +378,9 @@ pub async fn quote(
     Ok(ApiResponse::json(StatusCode::CREATED, answer.to_string()))
 }
 
-/// What a settlement request resolves to before any money moves.
+/// What a settlement request resolves to before any money moves; sealed into the intent so an
+/// interrupted settlement can be completed exactly as it was asked.
+#[derive(Debug, Serialize, Deserialize)]
 struct Prepared {
     subject: Subject,
     insurance_type: String,
@@ -448,8 +454,9 @@ fn request_hash(body: &BillBody) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, &canonical).as_ref().to_vec()
 }
 
-/// The stored answer for a repeated idempotency key.
-fn replay(record: Record, hash: &[u8]) -> Result<ApiResponse, ApiError> {
+/// The answer for a repeated idempotency key: the stored one; for an `unknown` outcome, the
+/// settlement is completed first (never twice).
+async fn replay(gateway: &Gateway, record: Record, hash: &[u8]) -> Result<ApiResponse, ApiError> {
     if record.request_hash != hash {
         return Err(ApiError::client(
             StatusCode::CONFLICT,
@@ -458,16 +465,32 @@ fn replay(record: Record, hash: &[u8]) -> Result<ApiResponse, ApiError> {
         ));
     }
     match record.state {
-        State::Pending | State::Unknown => Err(ApiError::client(
+        State::Pending => Err(ApiError::client(
             StatusCode::CONFLICT,
             "request_in_progress",
             "a request with this Idempotency-Key is still being processed; retry shortly",
         )),
-        _ => Ok(ApiResponse {
+        State::Unknown => {
+            let unresolved =
+                gateway.ledger.sealed_request(&record.institution, &record.id)?.ok_or(LedgerError::NotFound)?;
+            resolve(gateway, &unresolved).await
+        }
+        _ => Ok(stored_answer(record)),
+    }
+}
+
+fn stored_answer(record: Record) -> ApiResponse {
+    match record.state {
+        State::Pending | State::Unknown => {
+            let error = ApiError::client(StatusCode::CONFLICT, "request_in_progress", "still being processed; retry");
+            ApiResponse::problem(&error, "-")
+        }
+        _ => ApiResponse {
             status: StatusCode::from_u16(record.status).unwrap_or(StatusCode::OK),
             problem: !(200..300).contains(&record.status),
             body: record.body,
-        }),
+            retry_after: None,
+        },
     }
 }
 
@@ -481,9 +504,10 @@ pub async fn settle(
 ) -> Result<ApiResponse, ApiError> {
     let institution = institution(gateway, identity, body.institution_id.as_deref())?;
     check_id("terminal_id", &body.terminal_id)?;
+    gateway.limiter.check_terminal(institution.0, &body.terminal_id)?;
     let hash = request_hash(&body);
     if let Some(record) = gateway.ledger.by_idempotency_key(institution.0, key)? {
-        return replay(record, &hash);
+        return replay(gateway, record, &hash).await;
     }
     let now = gateway.clock.now();
     let prepared = match (&body.token, &body.quote_id) {
@@ -491,9 +515,11 @@ pub async fn settle(
         (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, &body, quote_id, now)?,
         _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
     };
-    let chain = payer_chain(gateway, &prepared.subject, &prepared.insurance_type, institution)?;
-    let id = new_id('S');
     let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
+    gateway.limiter.check_card(&card_hash)?;
+    // Refuse an unroutable card before anything is recorded.
+    payer_chain(gateway, &prepared.subject, &prepared.insurance_type, institution)?;
+    let id = new_id('S');
     let intent = Intent {
         id: id.clone(),
         institution: institution.0.to_owned(),
@@ -506,28 +532,57 @@ pub async fn settle(
         card_masked: mask_card(&prepared.subject.card_id),
         total_fen: prepared.total_fen,
         created_at: now,
+        sealed_request: gateway
+            .card_key
+            .seal(&serde_json::to_vec(&prepared).map_err(|e| LedgerError::Storage(e.to_string()))?),
     };
     match gateway.ledger.begin(intent).await {
         Ok(()) => {}
         Err(LedgerError::IdempotencyTaken) => {
             let record = gateway.ledger.by_idempotency_key(institution.0, key)?.ok_or(LedgerError::NotFound)?;
-            return replay(record, &hash);
+            return replay(gateway, record, &hash).await;
         }
         Err(e) => return Err(e.into()),
     }
-    let bill = Bill {
-        id: &id,
-        subject: &prepared.subject,
-        institution: sdk_institution(institution.0, institution.1),
-        insurance_type: &prepared.insurance_type,
-        body: &prepared.bill,
-        total_fen: prepared.total_fen,
+    complete(gateway, &id, institution.0, &prepared, now, request_id).await
+}
+
+/// Runs the payer chain for a recorded intent and records its outcome; answers what was
+/// recorded. Used for new settlements, retries of `unknown` ones and the start-up recovery.
+async fn complete(
+    gateway: &Gateway,
+    id: &str,
+    institution_id: &str,
+    prepared: &Prepared,
+    created_at: i64,
+    request_id: &str,
+) -> Result<ApiResponse, ApiError> {
+    let institution = gateway
+        .config
+        .institutions
+        .get_key_value(institution_id)
+        .map(|(k, v)| (k.as_str(), v))
+        .ok_or_else(|| ApiError::client(StatusCode::FORBIDDEN, "forbidden_institution", "unknown institution"))?;
+    let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
+    let year = year_of(created_at);
+    let outcome = match payer_chain(gateway, &prepared.subject, &prepared.insurance_type, institution) {
+        Ok(chain) => {
+            let bill = Bill {
+                id,
+                subject: &prepared.subject,
+                institution: sdk_institution(institution.0, institution.1),
+                insurance_type: &prepared.insurance_type,
+                body: &prepared.bill,
+                total_fen: prepared.total_fen,
+            };
+            run_chain(gateway, &chain, Operation::Settle, &bill, &card_hash, year).await
+        }
+        Err(e) => Err(e),
     };
-    let year = year_of(now);
-    let outcome = run_chain(gateway, &chain, Operation::Settle, &bill, &card_hash, year).await;
-    let (state, status, answer, deltas) = match outcome {
+    let now = gateway.clock.now();
+    let (state, status, answer, deltas, amounts) = match outcome {
         Ok(results) => {
-            let receipt = receipt(&id, institution.0, &body.terminal_id, &prepared, &results, now);
+            let receipt = receipt(id, institution.0, &prepared.bill.terminal_id, prepared, &results, now);
             let deltas = results
                 .iter()
                 .map(|r| AccumulatorDelta {
@@ -535,31 +590,76 @@ pub async fn settle(
                     delta: YearToDate { year, ..r.split.year_to_date_delta },
                 })
                 .collect();
-            (State::Settled, StatusCode::CREATED, receipt.to_string(), deltas)
+            let amounts = Amounts {
+                fund_fen: results.iter().map(|r| r.split.fund_pay_fen()).sum(),
+                account_fen: results.iter().map(|r| r.split.account_pay_fen).sum(),
+                cash_fen: results.last().map_or(prepared.total_fen, |r| r.split.cash_pay_fen),
+                payers: results
+                    .iter()
+                    .map(|r| (r.name.to_owned(), r.split.fund_pay_fen(), r.split.account_pay_fen))
+                    .collect(),
+            };
+            (State::Settled, StatusCode::CREATED, receipt.to_string(), deltas, Some(amounts))
         }
         Err(error) => {
             let timed_out = matches!(error, ApiError::Plugin { error: CallError::Timeout(_), .. });
-            let (status, problem) = error.body(request_id, Some(("settlement_id", &id)));
-            (if timed_out { State::Unknown } else { State::Failed }, status, problem, Vec::new())
+            let (status, problem) = error.body(request_id, Some(("settlement_id", id)));
+            (if timed_out { State::Unknown } else { State::Failed }, status, problem, Vec::new(), None)
         }
     };
     let outcome = Outcome {
-        id,
+        id: id.to_owned(),
         state,
         status: status.as_u16(),
         body: answer.clone(),
         deltas,
         card_hash,
-        at: gateway.clock.now(),
+        at: now,
+        amounts,
     };
-    gateway.ledger.finish(outcome).await?;
+    match gateway.ledger.finish(outcome).await {
+        Ok(()) => {}
+        // Completed meanwhile by a concurrent retry: answer what it recorded.
+        Err(LedgerError::NotFound) => {
+            let record = gateway.ledger.get(institution.0, id)?.ok_or(LedgerError::NotFound)?;
+            return Ok(stored_answer(record));
+        }
+        Err(e) => return Err(e.into()),
+    }
     if state == State::Settled
         && let Some(cti) = &prepared.subject.token_id
     {
         let forget_after = prepared.subject.token_expires_at.unwrap_or(now) + gateway.config.tokens.clock_skew_secs;
         let _ = gateway.replay_cache.claim(cti, forget_after, now);
     }
-    Ok(ApiResponse { status, problem: state != State::Settled, body: answer })
+    Ok(ApiResponse { status, problem: state != State::Settled, body: answer, retry_after: None })
+}
+
+/// Completes a settlement left `pending` (by a crash) or `unknown` (by a timeout), from the
+/// request sealed in its intent. The payers are asked again with the same settlement id; the
+/// outcome is recorded once.
+pub async fn resolve(gateway: &Gateway, unresolved: &Unresolved) -> Result<ApiResponse, ApiError> {
+    let prepared: Prepared = gateway
+        .card_key
+        .open(&unresolved.sealed_request)
+        .and_then(|plain| serde_json::from_slice(&plain).ok())
+        .ok_or_else(|| ApiError::Storage(LedgerError::Storage("a sealed request does not open".into())))?;
+    let request_id = format!("resolve-{}", unresolved.id);
+    complete(gateway, &unresolved.id, &unresolved.institution, &prepared, unresolved.created_at, &request_id).await
+}
+
+/// Resolves every settlement left `pending` or `unknown`; run at start, before serving.
+pub async fn resolve_all(gateway: &Gateway) -> Result<usize, ApiError> {
+    let unresolved = gateway.ledger.unresolved()?;
+    for record in &unresolved {
+        match resolve(gateway, record).await {
+            Ok(answer) => {
+                tracing::info!(settlement = %record.id, status = answer.status.as_u16(), "resolved an interrupted settlement")
+            }
+            Err(error) => tracing::warn!(settlement = %record.id, ?error, "could not resolve a settlement yet"),
+        }
+    }
+    Ok(unresolved.len())
 }
 
 fn receipt(id: &str, institution: &str, terminal: &str, p: &Prepared, results: &[PayerSplit<'_>], now: i64) -> Value {
@@ -696,4 +796,33 @@ fn negate(d: YearToDate) -> YearToDate {
         account_paid_fen: -d.account_paid_fen,
         eligible_self_pay_fen: -d.eligible_self_pay_fen,
     }
+}
+
+/// `GET /v1/reconciliation?date=YYYY-MM-DD[&page=N][&page_size=M]`: the calling institution's
+/// business day (UTC+8): settled totals, reversals, net, per payer, and one page of details.
+pub fn reconciliation(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Result<ApiResponse, ApiError> {
+    let mut date = None;
+    let (mut page, mut page_size) = (1u32, 100u32);
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = |v: &str| v.parse::<u32>().map_err(|_| ApiError::invalid(format!("{key}: not a number")));
+        match key {
+            "date" => date = Some(value.to_owned()),
+            "page" => page = number(value)?,
+            "page_size" => page_size = number(value)?,
+            other => return Err(ApiError::invalid(format!("unknown query parameter `{other}`"))),
+        }
+    }
+    let date = date.ok_or_else(|| ApiError::invalid("date: required, YYYY-MM-DD"))?;
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    if date.len() != 10 || time::Date::parse(&date, &format).is_err() {
+        return Err(ApiError::invalid("date: YYYY-MM-DD"));
+    }
+    if page == 0 || !(1..=1000).contains(&page_size) {
+        return Err(ApiError::invalid("page: from 1; page_size: 1 to 1000"));
+    }
+    let day = gateway.ledger.reconciliation(&identity.institution, &date, page, page_size)?;
+    let mut answer = serde_json::to_value(&day).map_err(|e| LedgerError::Storage(e.to_string()))?;
+    answer["institution_id"] = json!(identity.institution);
+    Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
 }

@@ -5,6 +5,7 @@ use http::StatusCode;
 use serde_json::json;
 
 use crate::ledger::LedgerError;
+use crate::limit::Limited;
 use crate::plugin::CallError;
 use crate::token::TokenError;
 
@@ -38,6 +39,10 @@ pub enum ApiError {
     },
     /// The ledger failed.
     Storage(LedgerError),
+    /// A rate limit refused the request.
+    Limited(Limited),
+    /// Too many requests in flight: shed.
+    Overloaded,
 }
 
 impl ApiError {
@@ -58,14 +63,22 @@ impl ApiError {
             Self::Token(e) => (token_status(e), e.code(), e.to_string()),
             Self::Plugin { payer, error } => {
                 let status = match error {
+                    CallError::Rejected(e) if e.code == cardgate_sdk::ErrorCode::Unavailable => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                     CallError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
                     CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-                    CallError::Overloaded | CallError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                    CallError::Overloaded | CallError::Unavailable | CallError::CircuitOpen => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 let detail = match error {
                     CallError::Rejected(e) => format!("payer `{payer}` refused: {} ({})", e.message, e.code),
-                    other => format!("payer `{payer}`: {}", other.code().replace('_', " ")),
+                    CallError::Timeout(_) => format!("payer `{payer}` did not answer in time"),
+                    CallError::CircuitOpen => format!("payer `{payer}`: circuit breaker open after repeated failures"),
+                    CallError::Overloaded | CallError::Unavailable => format!("payer `{payer}` is at capacity"),
+                    _ => format!("payer `{payer}` failed to give a usable answer"),
                 };
                 (status, error.code(), detail)
             }
@@ -84,6 +97,23 @@ impl ApiError {
             Self::Storage(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", "the ledger is not available".into())
             }
+            Self::Limited(l) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("the {} rate limit is reached; retry after {} s", l.scope.as_str(), retry_secs(l.retry_after)),
+            ),
+            Self::Overloaded => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the gateway is at capacity; retry shortly".into())
+            }
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, when the error has one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Limited(l) => Some(retry_secs(l.retry_after)),
+            Self::Overloaded => Some(1),
+            _ => None,
         }
     }
 
@@ -101,8 +131,15 @@ impl ApiError {
         if let Some((key, value)) = extra {
             problem[key] = json!(value);
         }
+        if let Self::Limited(l) = self {
+            problem["scope"] = json!(l.scope.as_str());
+        }
         (status, problem.to_string())
     }
+}
+
+fn retry_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 fn token_status(e: &TokenError) -> StatusCode {
@@ -117,6 +154,12 @@ fn token_status(e: &TokenError) -> StatusCode {
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
         Self::Token(e)
+    }
+}
+
+impl From<Limited> for ApiError {
+    fn from(l: Limited) -> Self {
+        Self::Limited(l)
     }
 }
 

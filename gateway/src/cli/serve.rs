@@ -49,6 +49,12 @@ fn run(config: Config) -> Result<u8, Failure> {
         let listen = config.server.listen;
         let gateway = Gateway::build(config, Arc::new(SystemClock))
             .map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
+        let unresolved = crate::api::flow::resolve_all(&gateway)
+            .await
+            .map_err(|e| Failure::new(format!("cannot read the ledger: {e:?}")))?;
+        if unresolved > 0 {
+            tracing::info!(count = unresolved, "resolved settlements interrupted by the last stop");
+        }
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|e| Failure::new(format!("{listen}: {e}")))?;
         tracing::info!(%listen, "cardgate serving");

@@ -34,11 +34,24 @@ CREATE TABLE IF NOT EXISTS settlements (
     body            TEXT NOT NULL DEFAULT '',
     reversal        TEXT,
     deltas          TEXT NOT NULL DEFAULT '[]',
+    sealed_request  BLOB NOT NULL,
+    fund_fen        INTEGER NOT NULL DEFAULT 0,
+    account_fen     INTEGER NOT NULL DEFAULT 0,
+    cash_fen        INTEGER NOT NULL DEFAULT 0,
+    day             TEXT NOT NULL,
     created_at      INTEGER NOT NULL,
     updated_at      INTEGER NOT NULL,
     UNIQUE (institution, idempotency_key)
 );
-CREATE INDEX IF NOT EXISTS settlements_by_day ON settlements (institution, created_at);
+CREATE INDEX IF NOT EXISTS settlements_by_day ON settlements (institution, day, created_at);
+CREATE INDEX IF NOT EXISTS settlements_unresolved ON settlements (state) WHERE state IN ('pending', 'unknown');
+CREATE TABLE IF NOT EXISTS settlement_payers (
+    settlement_id TEXT NOT NULL,
+    payer         TEXT NOT NULL,
+    fund_fen      INTEGER NOT NULL,
+    account_fen   INTEGER NOT NULL,
+    PRIMARY KEY (settlement_id, payer)
+);
 CREATE TABLE IF NOT EXISTS accumulators (
     card_hash             BLOB NOT NULL,
     payer                 TEXT NOT NULL,
@@ -57,6 +70,9 @@ CREATE TABLE IF NOT EXISTS quotes (
     sealed      BLOB NOT NULL
 );
 ";
+
+/// The schema version this code writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 2;
 
 /// Most writes committed together.
 const MAX_BATCH: usize = 512;
@@ -90,7 +106,18 @@ impl SqliteLedger {
     /// Opens (or creates) the ledger at `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
         let writer = open(path)?;
+        let version: i64 = writer.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(storage)?;
+        let has_tables: bool = writer
+            .query_row("SELECT count(*) > 0 FROM sqlite_master WHERE name = 'settlements'", [], |r| r.get(0))
+            .map_err(storage)?;
+        if has_tables && version != SCHEMA_VERSION {
+            return Err(LedgerError::Storage(format!(
+                "{}: ledger schema version {version}, this gateway writes version {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
         writer.execute_batch(SCHEMA).map_err(storage)?;
+        writer.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(storage)?;
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
         std::thread::Builder::new()
             .name("cardgate-ledger".into())
@@ -214,6 +241,117 @@ fn add_accumulators(conn: &Connection, card_hash: &[u8], deltas: &[AccumulatorDe
     Ok(())
 }
 
+fn record_amounts(conn: &Connection, id: &str, a: &super::Amounts) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE settlements SET fund_fen = ?2, account_fen = ?3, cash_fen = ?4 WHERE id = ?1",
+        params![id, a.fund_fen, a.account_fen, a.cash_fen],
+    )?;
+    for (payer, fund, account) in &a.payers {
+        conn.execute(
+            "INSERT INTO settlement_payers (settlement_id, payer, fund_fen, account_fen) VALUES (?1, ?2, ?3, ?4)",
+            params![id, payer, fund, account],
+        )?;
+    }
+    Ok(())
+}
+
+fn unresolved_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<super::Unresolved> {
+    let state: String = r.get(2)?;
+    Ok(super::Unresolved {
+        id: r.get(0)?,
+        institution: r.get(1)?,
+        state: State::parse(&state).unwrap_or(State::Unknown),
+        sealed_request: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+const TOTALS_SQL: &str = "SELECT count(*), coalesce(sum(total_fen), 0), coalesce(sum(fund_fen), 0),
+    coalesce(sum(account_fen), 0), coalesce(sum(cash_fen), 0) FROM settlements
+    WHERE institution = ?1 AND day = ?2 AND state IN ";
+
+fn totals(conn: &Connection, institution: &str, date: &str, states: &str) -> rusqlite::Result<super::Totals> {
+    conn.query_row(&format!("{TOTALS_SQL}{states}"), params![institution, date], |r| {
+        Ok(super::Totals {
+            count: r.get::<_, i64>(0)? as u64,
+            total_fen: r.get(1)?,
+            fund_pay_fen: r.get(2)?,
+            account_pay_fen: r.get(3)?,
+            cash_pay_fen: r.get(4)?,
+        })
+    })
+}
+
+fn reconcile(
+    conn: &Connection,
+    institution: &str,
+    date: &str,
+    page: u32,
+    page_size: u32,
+) -> rusqlite::Result<super::Reconciliation> {
+    let settled = totals(conn, institution, date, "('settled', 'reversed')")?;
+    let reversed = totals(conn, institution, date, "('reversed')")?;
+    let net = super::Totals {
+        count: settled.count - reversed.count,
+        total_fen: settled.total_fen - reversed.total_fen,
+        fund_pay_fen: settled.fund_pay_fen - reversed.fund_pay_fen,
+        account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
+        cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
+    };
+    let mut payers = conn.prepare(
+        "SELECT p.payer, count(*), sum(p.fund_fen), sum(p.account_fen) FROM settlement_payers p
+         JOIN settlements s ON s.id = p.settlement_id
+         WHERE s.institution = ?1 AND s.day = ?2 AND s.state IN ('settled', 'reversed')
+         GROUP BY p.payer ORDER BY p.payer",
+    )?;
+    let payers = payers
+        .query_map(params![institution, date], |r| {
+            Ok(super::PayerTotals {
+                payer: r.get(0)?,
+                count: r.get::<_, i64>(1)? as u64,
+                fund_pay_fen: r.get(2)?,
+                account_pay_fen: r.get(3)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut details = conn.prepare(
+        "SELECT id, state, terminal, card_masked, created_at, total_fen, fund_fen, account_fen, cash_fen
+         FROM settlements WHERE institution = ?1 AND day = ?2 AND state IN ('settled', 'reversed')
+         ORDER BY created_at, id LIMIT ?3 OFFSET ?4",
+    )?;
+    let offset = i64::from(page.saturating_sub(1)) * i64::from(page_size);
+    let details = details
+        .query_map(params![institution, date, page_size, offset], |r| {
+            let created: i64 = r.get(4)?;
+            Ok(super::DetailLine {
+                settlement_id: r.get(0)?,
+                state: r.get(1)?,
+                terminal_id: r.get(2)?,
+                card: r.get(3)?,
+                created_at: time::OffsetDateTime::from_unix_timestamp(created)
+                    .ok()
+                    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                    .unwrap_or_default(),
+                total_fen: r.get(5)?,
+                fund_pay_fen: r.get(6)?,
+                account_pay_fen: r.get(7)?,
+                cash_pay_fen: r.get(8)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(super::Reconciliation {
+        date: date.to_owned(),
+        detail_count: settled.count,
+        settled,
+        reversed,
+        net,
+        payers,
+        details,
+        page,
+        page_size,
+    })
+}
+
 fn deltas_json(deltas: &[AccumulatorDelta]) -> String {
     let list: Vec<serde_json::Value> =
         deltas.iter().map(|d| serde_json::json!({ "payer": d.payer, "delta": d.delta })).collect();
@@ -223,8 +361,8 @@ fn deltas_json(deltas: &[AccumulatorDelta]) -> String {
 fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
     let inserted = conn.execute(
         "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
-             card_hash, card_masked, total_fen, state, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, ?11)",
+             card_hash, card_masked, total_fen, state, created_at, updated_at, sealed_request, day)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, ?11, ?12, ?13)",
         params![
             i.id,
             i.institution,
@@ -236,7 +374,9 @@ fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
             i.card_hash,
             i.card_masked,
             i.total_fen,
-            i.created_at
+            i.created_at,
+            i.sealed_request,
+            super::business_day(i.created_at)
         ],
     );
     match inserted {
@@ -311,12 +451,15 @@ impl Ledger for SqliteLedger {
                     "UPDATE settlements SET state = ?2, status = ?3, body = ?4, updated_at = ?5, deltas = ?7,
                          token_id = CASE WHEN ?6 THEN NULL ELSE token_id END,
                          quote_id = CASE WHEN ?6 THEN NULL ELSE quote_id END
-                     WHERE id = ?1 AND state = 'pending'",
+                     WHERE id = ?1 AND state IN ('pending', 'unknown')",
                     params![o.id, o.state.as_str(), o.status, o.body, o.at, release_token, deltas_json(&o.deltas)],
                 )
                 .map_err(storage)?;
             if changed != 1 {
                 return Err(LedgerError::NotFound);
+            }
+            if let Some(a) = &o.amounts {
+                record_amounts(c, &o.id, a).map_err(storage)?;
             }
             add_accumulators(c, &o.card_hash, &o.deltas).map_err(storage)
         })
@@ -375,6 +518,38 @@ impl Ledger for SqliteLedger {
             )
             .optional()
         })
+    }
+
+    fn unresolved(&self) -> Result<Vec<super::Unresolved>, LedgerError> {
+        self.read(|c| {
+            let mut statement = c.prepare(
+                "SELECT id, institution, state, sealed_request, created_at FROM settlements
+                 WHERE state IN ('pending', 'unknown') ORDER BY created_at",
+            )?;
+            statement.query_map([], unresolved_row)?.collect()
+        })
+    }
+
+    fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<super::Unresolved>, LedgerError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT id, institution, state, sealed_request, created_at FROM settlements
+                 WHERE institution = ?1 AND id = ?2",
+                params![institution, id],
+                unresolved_row,
+            )
+            .optional()
+        })
+    }
+
+    fn reconciliation(
+        &self,
+        institution: &str,
+        date: &str,
+        page: u32,
+        page_size: u32,
+    ) -> Result<super::Reconciliation, LedgerError> {
+        self.read(|c| reconcile(c, institution, date, page, page_size))
     }
 
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {

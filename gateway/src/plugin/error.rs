@@ -231,19 +231,35 @@ pub enum CallError {
     /// The pool is shut down, or its worker died before answering.
     #[error("plugin call pool is unavailable")]
     Unavailable,
+    /// The plugin's circuit breaker is open after repeated failures.
+    #[error("plugin circuit breaker is open")]
+    CircuitOpen,
 }
 
 impl CallError {
+    /// Whether the failure counts against the plugin's health (circuit breaker): it did not
+    /// answer usefully. A refusal on policy grounds does not count.
+    pub fn is_plugin_failure(&self) -> bool {
+        match self {
+            Self::Rejected(e) => {
+                matches!(e.code, cardgate_sdk::ErrorCode::Unavailable | cardgate_sdk::ErrorCode::Internal)
+            }
+            Self::Overloaded | Self::CircuitOpen => false,
+            _ => true,
+        }
+    }
+
     /// A stable code for logs, metrics and the API's problem details.
     pub fn code(&self) -> &'static str {
         match self {
+            Self::Rejected(e) if e.code == cardgate_sdk::ErrorCode::Unavailable => "plugin_unavailable",
             Self::Rejected(_) => "plugin_rejected",
             Self::Panicked { .. } => "plugin_panicked",
             Self::Timeout(_) => "plugin_timeout",
             Self::BadInput { .. } | Self::BadAnswer { .. } | Self::UnknownOperation { .. } | Self::BadStatus { .. } => {
                 "plugin_protocol_error"
             }
-            Self::Overloaded | Self::Unavailable => "plugin_unavailable",
+            Self::Overloaded | Self::Unavailable | Self::CircuitOpen => "plugin_unavailable",
         }
     }
 }

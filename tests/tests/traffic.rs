@@ -1,0 +1,225 @@
+//! Traffic control and "nothing lost", end to end: rate limits by scope, load shedding, the
+//! circuit breaker, unknown outcomes resolved by a retry, reconciliation and its CSV export.
+
+use std::path::Path;
+
+use cardgate_tests::harness::{Card, Options, TestGateway, get, post};
+use http::StatusCode;
+use serde_json::{Value, json};
+
+fn bill_body(token: &str, terminal: &str) -> Value {
+    json!({
+        "token": token, "terminal_id": terminal, "total_fen": 30000,
+        "lines": [{ "code": "XA01", "name": "Insulin", "category": "class_a", "quantity": 3, "unit_price_fen": 10000, "amount_fen": 30000 }]
+    })
+}
+
+fn key(label: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{label}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn limited(extra: &str) -> TestGateway {
+    TestGateway::start(Options { extra_toml: extra.to_owned(), ..Options::default() }).await
+}
+
+fn assert_limited(reply: &cardgate::client::Reply, scope: &str) {
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.body);
+    assert_eq!(reply.json()["code"], "rate_limited");
+    assert_eq!(reply.json()["scope"], scope);
+    let retry: u64 = reply.retry_after.as_deref().and_then(|r| r.parse().ok()).expect("Retry-After");
+    assert!(retry >= 1, "Retry-After {retry}");
+}
+
+#[tokio::test]
+async fn global_limit_answers_429() {
+    let gw = limited("[limits.global]\nper_minute = 60\nburst = 2\n").await;
+    for _ in 0..2 {
+        assert_eq!(get(&gw.pharmacy, "/v1/settlements/S0").await.status, StatusCode::NOT_FOUND);
+    }
+    assert_limited(&get(&gw.hospital, "/v1/settlements/S0").await, "global");
+}
+
+#[tokio::test]
+async fn institution_limit_spares_other_institutions() {
+    let gw = limited("[limits.institution]\nper_minute = 60\nburst = 2\n").await;
+    for _ in 0..2 {
+        get(&gw.pharmacy, "/v1/settlements/S0").await;
+    }
+    assert_limited(&get(&gw.pharmacy, "/v1/settlements/S0").await, "institution");
+    assert_eq!(get(&gw.hospital, "/v1/settlements/S0").await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn terminal_limit_spares_other_terminals() {
+    let gw = limited("[limits.terminal]\nper_minute = 60\nburst = 2\n").await;
+    let token = gw.token(&Card::beijing(), 120);
+    let inquiry = |terminal: &str| json!({ "token": token, "terminal_id": terminal });
+    for _ in 0..2 {
+        assert_eq!(post(&gw.pharmacy, "/v1/inquiries", None, &inquiry("POS-1")).await.status, StatusCode::OK);
+    }
+    assert_limited(&post(&gw.pharmacy, "/v1/inquiries", None, &inquiry("POS-1")).await, "terminal");
+    assert_eq!(post(&gw.pharmacy, "/v1/inquiries", None, &inquiry("POS-2")).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn card_velocity_limit_spares_other_cards() {
+    let gw = limited("[limits.card]\nper_minute = 1\nburst = 1\n").await;
+    let card = Card::beijing();
+    let first =
+        post(&gw.pharmacy, "/v1/settlements", Some(&key("c")), &bill_body(&gw.token(&card, 120), "POS-1")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let second =
+        post(&gw.pharmacy, "/v1/settlements", Some(&key("c")), &bill_body(&gw.token(&card, 120), "POS-2")).await;
+    assert_limited(&second, "card");
+    let other =
+        post(&gw.pharmacy, "/v1/settlements", Some(&key("c")), &bill_body(&gw.token(&Card::beijing(), 120), "POS-1"))
+            .await;
+    assert_eq!(other.status, StatusCode::CREATED);
+}
+
+fn fixture_route(name: &str, region: &str, config: &str, plugin_settings: &str) -> String {
+    let library = cardgate_sdk::testing::build_cdylib("fixture-configurable");
+    format!(
+        "\n[plugins.{name}]\nlibrary = \"{}\"\n{plugin_settings}\nconfig = {config}\n\n[[routes]]\nregions = [\"{region}\"]\npayers = [\"{name}\"]\n",
+        library.display()
+    )
+}
+
+#[tokio::test]
+async fn past_the_in_flight_limit_the_gateway_sheds_with_503() {
+    let extra = fixture_route("slow", "12", "{ delay_ms = 600 }", "") + "\n[limits]\nmax_in_flight = 1\n";
+    let gw = limited(&extra).await;
+    let (a, b) = (gw.token(&Card::in_region("120101"), 120), gw.token(&Card::in_region("120101"), 120));
+    let (slow_key, slow_body) = (key("s"), bill_body(&a, "POS-1"));
+    let slow = post(&gw.pharmacy, "/v1/settlements", Some(&slow_key), &slow_body);
+    let shed = async {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        post(&gw.hospital, "/v1/settlements", Some(&key("s")), &bill_body(&b, "HIS-1")).await
+    };
+    let (slow, shed) = tokio::join!(slow, shed);
+    assert_eq!(slow.status, StatusCode::CREATED, "{}", slow.body);
+    assert_eq!((shed.status, shed.json()["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("overloaded")));
+    assert_eq!(shed.retry_after.as_deref(), Some("1"));
+    // Once the slow one is done, the gateway serves again.
+    let again = post(&gw.hospital, "/v1/settlements", Some(&key("s")), &bill_body(&b, "HIS-1")).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+}
+
+#[tokio::test]
+async fn breaker_opens_on_a_failing_plugin_and_closes_after_it_recovers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let down = dir.path().join("down");
+    std::fs::write(&down, b"").expect("mark down");
+    let config = format!("{{ down_while_exists = \"{}\" }}", down.display());
+    let extra = fixture_route("flaky", "12", &config, "breaker_failures = 3\nbreaker_open_ms = 400");
+    let gw = limited(&extra).await;
+    let settle = || async {
+        let token = gw.token(&Card::in_region("120101"), 120);
+        post(&gw.pharmacy, "/v1/settlements", Some(&key("b")), &bill_body(&token, "POS-1")).await
+    };
+    for _ in 0..3 {
+        let reply = settle().await;
+        assert_eq!(
+            (reply.status, reply.json()["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("plugin_unavailable"))
+        );
+        assert!(reply.json()["detail"].as_str().is_some_and(|d| d.contains("payer is down")), "{}", reply.body);
+    }
+    let open = settle().await;
+    assert_eq!(open.json()["code"], "plugin_unavailable");
+    assert!(open.json()["detail"].as_str().is_some_and(|d| d.contains("circuit breaker open")), "{}", open.body);
+    // The payer recovers; after the open period one probe goes through and closes the breaker.
+    std::fs::remove_file(&down).expect("mark up");
+    assert!(settle().await.json()["detail"].as_str().is_some_and(|d| d.contains("circuit breaker open")));
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+    assert_eq!(settle().await.status, StatusCode::CREATED);
+    assert_eq!(settle().await.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn plugin_timeout_then_retry_settles_exactly_once() {
+    let extra =
+        fixture_route("sluggish", "12", "{ delay_ms = 800, delayed_calls = 1, fund_bp = 5000 }", "timeout_ms = 200");
+    let gw = limited(&extra).await;
+    let token = gw.token(&Card::in_region("120101"), 120);
+    let body = bill_body(&token, "POS-1");
+    let key = key("t");
+    let first = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!((first.status, first.json()["code"].as_str()), (StatusCode::GATEWAY_TIMEOUT, Some("plugin_timeout")));
+    let id = first.json()["settlement_id"].as_str().expect("settlement id").to_owned();
+    assert_eq!(get(&gw.pharmacy, &format!("/v1/settlements/{id}")).await.json()["state"], "unknown");
+    // The token stays reserved: another attempt under another key cannot settle it too.
+    let other = post(&gw.pharmacy, "/v1/settlements", Some("another-key"), &body).await;
+    assert_eq!(other.json()["code"], "token_replayed");
+    // The retry with the same key completes the same settlement.
+    let retry = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.body);
+    assert_eq!(retry.json()["settlement_id"].as_str(), Some(id.as_str()));
+    assert_eq!(retry.json()["fund_pay_fen"], 15000);
+    let again = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!(again.body, retry.body);
+    let day = reconciliation(&gw, &today(), "").await;
+    assert_eq!(day["settled"]["count"], 1, "exactly one settlement: {day}");
+}
+
+fn today() -> String {
+    let now = time::OffsetDateTime::now_utc() + time::Duration::hours(8);
+    format!("{:04}-{:02}-{:02}", now.year(), u8::from(now.month()), now.day())
+}
+
+async fn reconciliation(gw: &TestGateway, date: &str, extra: &str) -> Value {
+    let reply = get(&gw.pharmacy, &format!("/v1/reconciliation?date={date}{extra}")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    reply.json()
+}
+
+#[tokio::test]
+async fn reconciliation_totals_equal_the_sum_of_the_details() {
+    let mut gw = TestGateway::start(Options::default()).await;
+    let mut receipts = Vec::new();
+    for _ in 0..3 {
+        let token = gw.token(&Card::beijing(), 120);
+        let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key("r")), &bill_body(&token, "POS-1")).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        receipts.push(reply.json());
+    }
+    let reversed = receipts[1]["settlement_id"].as_str().expect("id");
+    post(&gw.pharmacy, &format!("/v1/settlements/{reversed}/reversal"), None, &json!({})).await;
+    let day = reconciliation(&gw, &today(), "").await;
+    assert_eq!((day["settled"]["count"].as_u64(), day["reversed"]["count"].as_u64()), (Some(3), Some(1)));
+    for field in ["total_fen", "fund_pay_fen", "account_pay_fen", "cash_pay_fen"] {
+        let from_receipts: i64 = receipts.iter().map(|r| r[field].as_i64().expect("amount")).sum();
+        let from_details: i64 =
+            day["details"].as_array().expect("details").iter().map(|d| d[field].as_i64().expect("amount")).sum();
+        assert_eq!(day["settled"][field].as_i64(), Some(from_receipts), "{field}");
+        assert_eq!(from_details, from_receipts, "{field}");
+        let net = day["settled"][field].as_i64().expect("n") - day["reversed"][field].as_i64().expect("n");
+        assert_eq!(day["net"][field].as_i64(), Some(net));
+    }
+    let basic: i64 = receipts.iter().map(|r| r["payers"][0]["fund_pay_fen"].as_i64().expect("fund")).sum();
+    assert_eq!(day["payers"][0]["payer"], "basic-medical");
+    assert_eq!(day["payers"][0]["fund_pay_fen"].as_i64(), Some(basic));
+    let page = reconciliation(&gw, &today(), "&page=2&page_size=2").await;
+    assert_eq!((page["details"].as_array().map(Vec::len), page["detail_count"].as_u64()), (Some(1), Some(3)));
+    assert_eq!(get(&gw.pharmacy, "/v1/reconciliation?date=2026-13-01").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reconciliation(&gw, "2020-01-01", "").await["settled"]["count"], 0);
+
+    gw.stop().await;
+    let csv = export_csv(gw.dir.path(), &today());
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 4, "header and three settlements:\n{csv}");
+    assert!(lines[0].starts_with("institution_id,settlement_id,state"));
+    assert_eq!(lines.iter().filter(|l| l.contains(",reversed,")).count(), 1);
+}
+
+fn export_csv(dir: &Path, date: &str) -> String {
+    use clap::Parser;
+    let config = dir.join("cardgate.toml");
+    let args = ["cardgate", "ledger", "export", "--config", config.to_str().expect("UTF-8"), "--date", date];
+    let cli = cardgate::cli::Cli::try_parse_from(args).expect("arguments");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(cardgate::cli::run(cli, &mut out, &mut err), 0, "{}", String::from_utf8_lossy(&err));
+    String::from_utf8(out).expect("UTF-8")
+}
