@@ -123,9 +123,20 @@ library = "{critical}"
     )
 }
 
-impl TestGateway {
-    /// Sets up a directory and starts a gateway on it.
-    pub async fn start(options: Options) -> Self {
+/// A gateway's directory, certificates and issuer key, ready to serve (in-process or as the
+/// real `cardgate` binary).
+#[derive(Debug)]
+pub struct Setup {
+    /// The directory: `cardgate.toml`, certificates, trust list, ledger.
+    pub dir: tempfile::TempDir,
+    ca: String,
+    clients: Vec<(String, String)>,
+    issuer: Arc<SigningKey>,
+}
+
+impl Setup {
+    /// Writes a configuration listening on `listen`, with generated PKI and issuer key.
+    pub fn create(options: &Options, listen: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = Pki::generate().expect("PKI");
         write(dir.path(), "ca.pem", &pki.ca);
@@ -135,22 +146,50 @@ impl TestGateway {
         let kid = base64_encode(KID.as_bytes());
         let trust = serde_json::json!({ "keys": [{ "kid": kid, "public_key": issuer.public_pem }] });
         write(dir.path(), "trust.json", &trust.to_string());
-        write(dir.path(), "cardgate.toml", &config_toml(&options));
-        let client = |institution: &str| {
-            let pem = pki.client(institution).expect("client certificate");
-            (pem.cert, pem.key)
-        };
-        let clients = [client(HOSPITAL), client(PHARMACY), client("X999999999")];
+        write(dir.path(), "cardgate.toml", &config_toml(options).replace("127.0.0.1:0", listen));
+        let clients = [HOSPITAL, PHARMACY, "X999999999"]
+            .iter()
+            .map(|institution| {
+                let pem = pki.client(institution).expect("client certificate");
+                (pem.cert, pem.key)
+            })
+            .collect();
         let issuer = Arc::new(SigningKey::from_pkcs8_pem(&issuer.private_pem).expect("issuer key"));
-        let (addr, stop, task) = serve(dir.path()).await;
-        let make = |(cert, key): &(String, String)| Client::new(addr, &pki.ca, cert, key).expect("client");
+        Self { dir, ca: pki.ca, clients, issuer }
+    }
+
+    /// A client for `addr` as the hospital (0), the pharmacy (1) or a stranger (2).
+    pub fn client(&self, addr: SocketAddr, which: usize) -> Client {
+        let (cert, key) = &self.clients[which];
+        Client::new(addr, &self.ca, cert, key).expect("client")
+    }
+
+    /// Mints a token for a card, issued now, valid `ttl_secs`.
+    pub fn token(&self, card: &Card, ttl_secs: i64) -> String {
+        let request = MintRequest {
+            issuer: "CN-110000".into(),
+            kid: KID.as_bytes().to_vec(),
+            issued_at: now(),
+            ttl_secs,
+            token_id: None,
+            ecard: card.claim(),
+        };
+        issue::mint(&self.issuer, &request).expect("mint")
+    }
+}
+
+impl TestGateway {
+    /// Sets up a directory and starts a gateway on it.
+    pub async fn start(options: Options) -> Self {
+        let setup = Setup::create(&options, "127.0.0.1:0");
+        let (addr, stop, task) = serve(setup.dir.path()).await;
         Self {
-            hospital: make(&clients[0]),
-            pharmacy: make(&clients[1]),
-            stranger: make(&clients[2]),
-            dir,
+            hospital: setup.client(addr, 0),
+            pharmacy: setup.client(addr, 1),
+            stranger: setup.client(addr, 2),
+            dir: setup.dir,
             addr,
-            issuer,
+            issuer: setup.issuer,
             stop: Some(stop),
             task: Some(task),
         }

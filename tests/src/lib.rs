@@ -22,6 +22,27 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the workspace").to_owned()
 }
 
+/// The `cardgate` binary: the one `cargo test --workspace` built next to this test, else a
+/// fresh build in a separate target directory.
+pub fn cardgate_binary() -> PathBuf {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|dir| dir.join("cardgate")))
+        .filter(|path| path.exists());
+    if let Some(path) = beside {
+        return path;
+    }
+    let target = workspace_root().join("target/plugin-builds/bin");
+    let status = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", "cardgate", "--bin", "cardgate", "--target-dir"])
+        .arg(&target)
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building the cardgate binary failed");
+    target.join("debug/cardgate")
+}
+
 /// `plugins/<name>/config.example.toml`, as the JSON the gateway hands the plugin.
 pub fn example_plugin_config(plugin: &str) -> serde_json::Value {
     let path = workspace_root().join("plugins").join(plugin).join("config.example.toml");
