@@ -15,6 +15,9 @@ use serde::Deserialize;
 pub struct Config {
     /// The HTTPS listener.
     pub server: ServerConfig,
+    /// The admin listener (health, readiness, plugins, reload); loopback only. Absent: none.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// Token verification.
     pub tokens: TokenConfig,
     /// The ledger.
@@ -63,6 +66,14 @@ pub struct ServerConfig {
     /// In-flight requests are given this long to finish at shutdown, milliseconds.
     #[serde(default = "defaults::shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+}
+
+/// The admin listener: plain HTTP, so it must stay on a loopback address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on (loopback).
+    pub listen: SocketAddr,
 }
 
 /// Token verification.
@@ -151,11 +162,24 @@ pub struct PluginRuntimeConfig {
     /// Calls that may wait for a pool thread.
     #[serde(default = "defaults::pool_queue")]
     pub pool_queue: usize,
+    /// Trusted plugin signers (JSON, see docs/PLUGINS.md). Every library must carry a manifest
+    /// signed by one of them.
+    #[serde(default)]
+    pub signers: Option<PathBuf>,
+    /// Load unsigned libraries (development only). Without `signers`, this must be `true`.
+    #[serde(default)]
+    pub allow_unsigned: bool,
 }
 
 impl Default for PluginRuntimeConfig {
     fn default() -> Self {
-        Self { cache_dir: defaults::plugin_cache_dir(), pool_threads: 0, pool_queue: defaults::pool_queue() }
+        Self {
+            cache_dir: defaults::plugin_cache_dir(),
+            pool_threads: 0,
+            pool_queue: defaults::pool_queue(),
+            signers: None,
+            allow_unsigned: false,
+        }
     }
 }
 
@@ -331,6 +355,9 @@ impl Config {
         }
         resolve(&mut self.ledger.path);
         resolve(&mut self.plugin_runtime.cache_dir);
+        if let Some(p) = &mut self.plugin_runtime.signers {
+            resolve(p);
+        }
         for plugin in self.plugins.values_mut() {
             resolve(&mut plugin.library);
         }
@@ -373,6 +400,14 @@ impl Config {
             }
         }
         check(l.max_in_flight > 0, "limits.max_in_flight: must be positive".into());
+        if let Some(admin) = &self.admin {
+            check(admin.listen.ip().is_loopback(), "admin.listen: must be a loopback address".into());
+        }
+        let runtime = &self.plugin_runtime;
+        check(
+            runtime.signers.is_some() || runtime.allow_unsigned,
+            "plugin_runtime.signers: required, unless allow_unsigned = true (development only)".into(),
+        );
         for (name, plugin) in &self.plugins {
             check(plugin.timeout_ms > 0, format!("plugins.{name}.timeout_ms: must be positive"));
             check(plugin.max_concurrency > 0, format!("plugins.{name}.max_concurrency: must be positive"));

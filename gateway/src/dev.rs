@@ -175,7 +175,7 @@ listen = "{listen}"
 certificate = "server.pem"
 private_key = "server.key"
 client_ca = "ca.pem"
-
+{admin}
 [tokens]
 trust_list = "trust.json"
 clock_skew_secs = 60
@@ -188,6 +188,8 @@ secret = "{secret}"
 
 [plugin_runtime]
 cache_dir = "plugin-cache"
+# Dev mode loads the example plugins unsigned; production names `signers` instead.
+allow_unsigned = true
 
 [institutions.{HOSPITAL}]
 name = "Example Tertiary Hospital"
@@ -210,7 +212,11 @@ regions = ["31"]
 cross_region = true
 payers = ["basic-medical"]
 "#,
-        secret = random_hex(32)
+        secret = random_hex(32),
+        admin = listen
+            .parse::<std::net::SocketAddr>()
+            .map(|a| format!("\n[admin]\nlisten = \"127.0.0.1:{}\"\n", a.port().wrapping_add(1)))
+            .unwrap_or_default()
     );
     let mut plugins_table = toml::Table::new();
     for (name, library, text) in [

@@ -3,12 +3,14 @@
 //!
 //! - [`loader`]: the load sequence and the raw ABI calls (the gateway's only `unsafe` code).
 //! - [`pool`]: the bounded blocking pool.
+//! - [`signing`]: signed manifests and trusted signers.
 //! - [`error`]: [`LoadError`] and [`CallError`].
 
 pub mod error;
 #[allow(unsafe_code)]
 pub mod loader;
 pub mod pool;
+pub mod signing;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -55,6 +57,16 @@ pub struct PluginHandle {
     dispatch: Dispatch,
     permits: Arc<tokio::sync::Semaphore>,
     breaker: Arc<Breaker>,
+    counters: Arc<Counters>,
+}
+
+/// Calls and failures of one handle, for the admin API and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Calls made.
+    pub calls: std::sync::atomic::AtomicU64,
+    /// Calls that failed (any error, refusals included).
+    pub failures: std::sync::atomic::AtomicU64,
 }
 
 /// The circuit breaker's state.
@@ -127,7 +139,23 @@ impl PluginHandle {
             dispatch: Dispatch::Pool,
             permits: Arc::new(tokio::sync::Semaphore::new(256)),
             breaker: Arc::new(Breaker::new(5, Duration::from_secs(5))),
+            counters: Arc::default(),
         }
+    }
+
+    /// Calls and failures so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// How calls are dispatched.
+    pub fn dispatch(&self) -> Dispatch {
+        self.dispatch
+    }
+
+    /// The library's SHA-256.
+    pub fn sha256(&self) -> &str {
+        self.instance.library().sha256()
     }
 
     /// The same handle with another concurrency limit and breaker.
@@ -195,6 +223,10 @@ impl PluginHandle {
             },
         };
         self.breaker.record(result.as_ref().err().is_some_and(CallError::is_plugin_failure));
+        self.counters.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if result.is_err() {
+            self.counters.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         result
     }
 

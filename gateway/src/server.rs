@@ -4,7 +4,9 @@
 //! current request, then wait for them under a grace period.
 //!
 //! - [`tls`]: certificates, the client-certificate verifier, institution identity.
+//! - [`admin`]: the admin listener.
 
+pub mod admin;
 pub mod tls;
 
 use std::future::Future;

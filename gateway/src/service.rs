@@ -3,13 +3,16 @@
 //! loaded and initialised, files read), so a bad file fails before serving.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError, DispatchConfig, InstitutionConfig};
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{CardKey, Ledger};
 use crate::limit::Limiter;
+use cardgate_sdk::{Health, HealthStatus, Operation};
+
+use crate::plugin::signing::SignerTrust;
 use crate::plugin::{Breaker, Dispatch, LoadOptions, PluginHandle, PluginPool, PoolOptions, load};
 use crate::route::Router;
 use crate::token::{MemoryReplayStore, Profile, RevocationList, TrustList, Verifier, VerifyOptions};
@@ -40,8 +43,13 @@ pub struct Gateway {
     pub verifier: Verifier,
     /// Routing.
     pub router: Router,
-    /// Payer plugins by name.
-    pub plugins: HashMap<String, PluginHandle>,
+    /// The current generation of payer plugins; a reload swaps it whole. Requests take a
+    /// snapshot, so calls in flight finish on the generation they started with.
+    plugins: RwLock<Arc<PluginSet>>,
+    /// The call pool every generation shares.
+    pool: PluginPool,
+    /// Serialises reloads.
+    reloading: Mutex<()>,
     /// The ledger.
     pub ledger: Arc<dyn Ledger>,
     /// Card-id hashing and quote sealing.
@@ -70,11 +78,14 @@ impl Gateway {
             }),
             None => RevocationList::default(),
         };
-        let plugins = load_plugins(&config, &mut problems);
+        let pool = start_pool(&config, &mut problems);
+        let plugins = pool.as_ref().map(|pool| load_plugins(&config, pool, &mut problems)).unwrap_or_default();
         let ledger = SqliteLedger::open(&config.ledger.path)
             .map_err(|e| problems.push(format!("ledger.path: {}: {e}", config.ledger.path.display())))
             .ok();
-        let (Some(ledger), true) = (ledger, problems.is_empty()) else { return Err(ConfigError { problems }) };
+        let (Some(ledger), Some(pool), true) = (ledger, pool, problems.is_empty()) else {
+            return Err(ConfigError { problems });
+        };
         let options = VerifyOptions {
             profile: Profile::ECard,
             prefix: crate::token::envelope::ECARD_PREFIX.to_owned(),
@@ -84,7 +95,9 @@ impl Gateway {
         Ok(Self {
             verifier: Verifier::new(Arc::new(trust), Arc::new(revocations), options),
             router: Router::new(config.routes.clone()),
-            plugins,
+            plugins: RwLock::new(Arc::new(PluginSet { generation: 1, handles: plugins })),
+            pool,
+            reloading: Mutex::new(()),
             ledger: Arc::new(ledger),
             card_key: CardKey::new(&config.ledger_secret()),
             replay_cache: MemoryReplayStore::new(),
@@ -98,23 +111,76 @@ impl Gateway {
     pub fn institution(&self, id: &str) -> Option<&InstitutionConfig> {
         self.config.institutions.get(id)
     }
+
+    /// The current plugin generation.
+    pub fn plugins(&self) -> Arc<PluginSet> {
+        Arc::clone(&self.plugins.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Loads every plugin again from its configured library, initialises it, runs its health
+    /// check, and swaps the whole set in at once. On any failure the current generation keeps
+    /// serving and every problem is returned. Blocking: run it off the async runtime.
+    pub fn reload_plugins(&self) -> Result<Arc<PluginSet>, Vec<String>> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let mut problems = Vec::new();
+        let handles = load_plugins(&self.config, &self.pool, &mut problems);
+        for (name, handle) in &handles {
+            match handle.call_inline::<_, Health>(Operation::Health, &()) {
+                Ok(health) if health.status != HealthStatus::Down => {}
+                Ok(health) => problems.push(format!("plugins.{name}: self-check: down {}", health.detail)),
+                Err(e) => problems.push(format!("plugins.{name}: self-check failed: {e}")),
+            }
+        }
+        if !problems.is_empty() {
+            tracing::warn!(problems = %problems.join("; "), "plugin reload refused; the current generation keeps serving");
+            return Err(problems);
+        }
+        let mut current = self.plugins.write().unwrap_or_else(|p| p.into_inner());
+        let next = Arc::new(PluginSet { generation: current.generation + 1, handles });
+        *current = Arc::clone(&next);
+        tracing::info!(generation = next.generation, "plugins reloaded");
+        Ok(next)
+    }
 }
 
-fn load_plugins(config: &Config, problems: &mut Vec<String>) -> HashMap<String, PluginHandle> {
-    let runtime = &config.plugin_runtime;
-    let mut pool_options = PoolOptions::default();
-    if runtime.pool_threads > 0 {
-        pool_options.threads = runtime.pool_threads;
+/// One generation of loaded plugins.
+#[derive(Debug)]
+pub struct PluginSet {
+    /// Generation number, from 1 at start.
+    pub generation: u64,
+    /// Handles by plugin name.
+    pub handles: HashMap<String, PluginHandle>,
+}
+
+impl PluginSet {
+    /// A plugin by name.
+    pub fn get(&self, name: &str) -> Option<&PluginHandle> {
+        self.handles.get(name)
     }
-    pool_options.queue = runtime.pool_queue;
-    let pool = match PluginPool::new(pool_options) {
-        Ok(pool) => pool,
-        Err(e) => {
-            problems.push(format!("plugin_runtime: cannot start the call pool: {e}"));
-            return HashMap::new();
+}
+
+fn start_pool(config: &Config, problems: &mut Vec<String>) -> Option<PluginPool> {
+    let runtime = &config.plugin_runtime;
+    let mut options = PoolOptions::default();
+    if runtime.pool_threads > 0 {
+        options.threads = runtime.pool_threads;
+    }
+    options.queue = runtime.pool_queue;
+    PluginPool::new(options).map_err(|e| problems.push(format!("plugin_runtime: cannot start the call pool: {e}"))).ok()
+}
+
+fn load_plugins(config: &Config, pool: &PluginPool, problems: &mut Vec<String>) -> HashMap<String, PluginHandle> {
+    let runtime = &config.plugin_runtime;
+    let mut options = LoadOptions::new(runtime.cache_dir.clone());
+    if let Some(path) = &runtime.signers {
+        match SignerTrust::load(path) {
+            Ok(signers) => options = options.with_signers(Arc::new(signers)),
+            Err(p) => {
+                problems.extend(p.into_iter().map(|m| format!("plugin_runtime.signers: {m}")));
+                return HashMap::new();
+            }
         }
-    };
-    let options = LoadOptions { cache_dir: runtime.cache_dir.clone(), require_unwind: true };
+    }
     let mut plugins = HashMap::new();
     for (name, plugin) in &config.plugins {
         match load(name, &plugin.library, &plugin.config, &options) {

@@ -24,7 +24,7 @@ fn plugin_call(c: &mut Criterion) {
     let build = Build { release: true, flavour: Some("bench".into()), ..Build::new("basic-medical") };
     let library = build.run().expect("build basic-medical");
     let cache = tempfile::tempdir().expect("temp dir");
-    let options = LoadOptions { cache_dir: cache.path().to_owned(), require_unwind: true };
+    let options = LoadOptions::new(cache.path());
     let config = example_plugin_config("basic-medical");
     let instance = load("basic-medical", &library, &config, &options).expect("load");
     let instance_ref = load("basic-medical", &library, &config, &options).expect("load");

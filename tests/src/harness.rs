@@ -30,11 +30,15 @@ pub struct Options {
     pub clock_skew_secs: i64,
     /// Extra TOML appended to the configuration (more plugins, routes).
     pub extra_toml: String,
+    /// Extra keys of `[plugin_runtime]` (replacing `allow_unsigned = true`).
+    pub plugin_runtime: Option<String>,
+    /// Copy the example plugins here and load them from there (to sign them, say).
+    pub plugins_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { clock_skew_secs: 60, extra_toml: String::new() }
+        Self { clock_skew_secs: 60, extra_toml: String::new(), plugin_runtime: None, plugins_dir: None }
     }
 }
 
@@ -51,6 +55,8 @@ pub struct TestGateway {
     pub pharmacy: Client,
     /// A client whose certificate names an institution the gateway does not know.
     pub stranger: Client,
+    /// The admin listener (plain HTTP, loopback).
+    pub admin: SocketAddr,
     issuer: Arc<SigningKey>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -63,7 +69,17 @@ fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
 }
 
 fn config_toml(options: &Options) -> String {
-    let library = |p: &str| build_cdylib(p).display().to_string();
+    let library = |p: &str| {
+        let built = build_cdylib(p);
+        match &options.plugins_dir {
+            Some(dir) => {
+                let copy = dir.join(built.file_name().expect("file name"));
+                std::fs::copy(&built, &copy).expect("copy plugin");
+                copy.display().to_string()
+            }
+            None => built.display().to_string(),
+        }
+    };
     format!(
         r#"
 [server]
@@ -84,6 +100,7 @@ secret = "{secret}"
 
 [plugin_runtime]
 cache_dir = "plugin-cache"
+{runtime}
 
 [institutions.{HOSPITAL}]
 name = "Test Hospital"
@@ -120,6 +137,7 @@ library = "{critical}"
         basic_config = crate::plugin_config_toml("basic-medical", "basic-medical"),
         critical_config = crate::plugin_config_toml("critical-illness", "critical-illness"),
         extra = options.extra_toml,
+        runtime = options.plugin_runtime.as_deref().unwrap_or("allow_unsigned = true"),
     )
 }
 
@@ -182,8 +200,9 @@ impl TestGateway {
     /// Sets up a directory and starts a gateway on it.
     pub async fn start(options: Options) -> Self {
         let setup = Setup::create(&options, "127.0.0.1:0");
-        let (addr, stop, task) = serve(setup.dir.path()).await;
+        let (addr, admin, stop, task) = serve(setup.dir.path()).await;
         Self {
+            admin,
             hospital: setup.client(addr, 0),
             pharmacy: setup.client(addr, 1),
             stranger: setup.client(addr, 2),
@@ -198,8 +217,9 @@ impl TestGateway {
     /// Stops the gateway (draining) and starts it again on the same directory and port.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let (addr, stop, task) = serve_on(self.dir.path(), Some(self.addr)).await;
+        let (addr, admin, stop, task) = serve_on(self.dir.path(), Some(self.addr)).await;
         assert_eq!(addr, self.addr);
+        self.admin = admin;
         self.stop = Some(stop);
         self.task = Some(task);
     }
@@ -241,11 +261,13 @@ impl Drop for TestGateway {
     }
 }
 
-async fn serve(dir: &Path) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+type Served = (SocketAddr, SocketAddr, oneshot::Sender<()>, JoinHandle<()>);
+
+async fn serve(dir: &Path) -> Served {
     serve_on(dir, None).await
 }
 
-async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {
     let config = Config::load(&dir.join("cardgate.toml"), &HashMap::new()).expect("test config is valid");
     let tls = cardgate::server::tls::server_config(&config.server).expect("TLS config");
     let gateway = Arc::new(Gateway::build(config, Arc::new(SystemClock)).expect("gateway builds"));
@@ -254,11 +276,42 @@ async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> (SocketAddr, oneshot:
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("address");
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let admin = admin_listener.local_addr().expect("address");
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(cardgate::server::run(listener, gateway, tls, async {
-        let _ = stopped.await;
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    let admin_task = tokio::spawn(cardgate::server::admin::run(admin_listener, Arc::clone(&gateway), async move {
+        let mut rx = admin_stopped;
+        let _ = rx.wait_for(|s| *s).await;
     }));
-    (addr, stop, task)
+    let task = tokio::spawn(async move {
+        cardgate::server::run(listener, gateway, tls, async {
+            let _ = stopped.await;
+        })
+        .await;
+        let _ = admin_stop.send(true);
+        let _ = admin_task.await;
+    });
+    (addr, admin, stop, task)
+}
+
+/// One request to the admin listener (plain HTTP): status and JSON body.
+pub async fn admin(addr: SocketAddr, method: Method, path: &str) -> (http::StatusCode, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect admin");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("admin answer");
+    let status = response.status();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or_default())
 }
 
 /// Seconds since the epoch.

@@ -31,7 +31,7 @@ fn build_c_plugin(dir: &std::path::Path) -> PathBuf {
 fn c_plugin_loads_and_splits_exactly() {
     let dir = tempfile::tempdir().expect("temp dir");
     let library = build_c_plugin(dir.path());
-    let options = LoadOptions { cache_dir: dir.path().join("cache"), require_unwind: true };
+    let options = LoadOptions::new(dir.path().join("cache"));
     let instance = load("half-pay-c", &library, &json!({ "fund_bp": 3000 }), &options).expect("loads");
     assert_eq!(instance.library().info().name, "half-pay-c");
     assert_eq!(instance.library().info().version, "1.0.0");

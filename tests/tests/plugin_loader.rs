@@ -14,7 +14,7 @@ use cardgate_tests::{bill, example_plugin_config, line, settlement_request};
 use serde_json::json;
 
 fn options(cache: &Path) -> LoadOptions {
-    LoadOptions { cache_dir: cache.to_owned(), require_unwind: true }
+    LoadOptions::new(cache)
 }
 
 fn load_fixture(package: &str, config: serde_json::Value) -> (Result<Instance, LoadError>, PathBuf) {

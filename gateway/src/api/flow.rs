@@ -22,7 +22,7 @@ use crate::ledger::{
 };
 use crate::plugin::{CallError, PluginHandle};
 use crate::route::RouteQuery;
-use crate::service::Gateway;
+use crate::service::{Gateway, PluginSet};
 use crate::token::{DelegateClaim, ECardClaim, ReplayStore, TokenError};
 
 /// What a bill is settled for: the card, and the token or quote that vouched for it.
@@ -123,6 +123,7 @@ fn insurance_type(subject: &Subject, requested: Option<&str>) -> Result<String, 
 
 fn payer_chain<'g>(
     gateway: &'g Gateway,
+    plugins: &'g PluginSet,
     subject: &Subject,
     insurance_type: &str,
     institution: (&str, &InstitutionConfig),
@@ -139,8 +140,7 @@ fn payer_chain<'g>(
     names
         .iter()
         .map(|name| {
-            let plugin = gateway
-                .plugins
+            let plugin = plugins
                 .get(name)
                 .ok_or_else(|| ApiError::Plugin { payer: name.clone(), error: CallError::Unavailable })?;
             Ok((name.as_str(), plugin))
@@ -283,7 +283,8 @@ pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) 
     let card_hash = gateway.card_key.hash(&subject.card_id);
     gateway.limiter.check_card(&card_hash)?;
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
-    let chain = payer_chain(gateway, &subject, &insurance_type, institution)?;
+    let plugins = gateway.plugins();
+    let chain = payer_chain(gateway, &plugins, &subject, &insurance_type, institution)?;
     let mut payers = Vec::new();
     for (name, plugin) in chain {
         let year_to_date = gateway.ledger.accumulators(&card_hash, name, year_of(now))?;
@@ -337,7 +338,8 @@ pub async fn quote(
     let subject = Subject::from_claim(ecard, verified.claims.token_id.clone(), verified.claims.expires_at);
     gateway.limiter.check_card(&gateway.card_key.hash(&subject.card_id))?;
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
-    let chain = payer_chain(gateway, &subject, &insurance_type, institution)?;
+    let plugins = gateway.plugins();
+    let chain = payer_chain(gateway, &plugins, &subject, &insurance_type, institution)?;
     let id = new_id('Q');
     let bill = Bill {
         id: &id,
@@ -518,7 +520,7 @@ pub async fn settle(
     let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
     gateway.limiter.check_card(&card_hash)?;
     // Refuse an unroutable card before anything is recorded.
-    payer_chain(gateway, &prepared.subject, &prepared.insurance_type, institution)?;
+    payer_chain(gateway, &gateway.plugins(), &prepared.subject, &prepared.insurance_type, institution)?;
     let id = new_id('S');
     let intent = Intent {
         id: id.clone(),
@@ -565,7 +567,8 @@ async fn complete(
         .ok_or_else(|| ApiError::client(StatusCode::FORBIDDEN, "forbidden_institution", "unknown institution"))?;
     let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
     let year = year_of(created_at);
-    let outcome = match payer_chain(gateway, &prepared.subject, &prepared.insurance_type, institution) {
+    let plugins = gateway.plugins();
+    let outcome = match payer_chain(gateway, &plugins, &prepared.subject, &prepared.insurance_type, institution) {
         Ok(chain) => {
             let bill = Bill {
                 id,
@@ -736,10 +739,10 @@ pub async fn reverse(
         delegate: None,
     };
     let payers = receipt["payers"].as_array().cloned().unwrap_or_default();
+    let plugins = gateway.plugins();
     for payer in payers.iter().rev() {
         let name = payer["payer"].as_str().unwrap_or_default();
-        let plugin = gateway
-            .plugins
+        let plugin = plugins
             .get(name)
             .ok_or_else(|| ApiError::Plugin { payer: name.to_owned(), error: CallError::Unavailable })?;
         let original: Split = serde_json::from_value(payer.clone()).unwrap_or_default();

@@ -47,6 +47,7 @@ fn run(config: Config) -> Result<u8, Failure> {
         let tls = server::tls::server_config(&config.server)
             .map_err(|p| Failure::config(format!("bad configuration:\n{}", p.join("\n"))))?;
         let listen = config.server.listen;
+        let admin = config.admin.as_ref().map(|a| a.listen);
         let gateway = Gateway::build(config, Arc::new(SystemClock))
             .map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
         let unresolved = crate::api::flow::resolve_all(&gateway)
@@ -55,13 +56,42 @@ fn run(config: Config) -> Result<u8, Failure> {
         if unresolved > 0 {
             tracing::info!(count = unresolved, "resolved settlements interrupted by the last stop");
         }
+        let gateway = Arc::new(gateway);
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|e| Failure::new(format!("{listen}: {e}")))?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        };
+        if let Some(address) = admin {
+            let admin_listener =
+                tokio::net::TcpListener::bind(address).await.map_err(|e| Failure::new(format!("{address}: {e}")))?;
+            tracing::info!(%address, "admin listener");
+            tokio::spawn(server::admin::run(admin_listener, Arc::clone(&gateway), until_stopped(stopped.clone())));
+        }
+        tokio::spawn(reload_on_sighup(Arc::clone(&gateway)));
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
         tracing::info!(%listen, "cardgate serving");
-        server::run(listener, Arc::new(gateway), tls, shutdown_signal()).await;
+        server::run(listener, gateway, tls, until_stopped(stopped)).await;
         tracing::info!("cardgate stopped");
         Ok(0)
     })
+}
+
+/// Reloads the plugins on every SIGHUP; a failed reload keeps the current generation.
+async fn reload_on_sighup(gateway: Arc<Gateway>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else { return };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading plugins");
+        let worker = Arc::clone(&gateway);
+        if let Ok(Err(problems)) = tokio::task::spawn_blocking(move || worker.reload_plugins()).await {
+            tracing::error!(problems = %problems.join("; "), "reload refused; still serving the previous plugins");
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -175,6 +175,16 @@ pub enum LoadError {
         /// The plugin's reason.
         error: PluginError,
     },
+    /// The library's signature or manifest is not acceptable.
+    #[error("plugin `{plugin}` at {}: refused: {error} (gateway ABI {host})", path.display(), host = AbiVersion::HOST)]
+    Signature {
+        /// The plugin's configured name.
+        plugin: String,
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong.
+        error: super::signing::SignatureError,
+    },
     /// The configuration given to the plugin could not be encoded.
     #[error("plugin `{plugin}`: configuration cannot be encoded as JSON: {reason}")]
     BadConfig {

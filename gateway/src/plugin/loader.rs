@@ -21,6 +21,7 @@ use cardgate_sdk::abi::{self, Declaration, HostApi};
 use cardgate_sdk::{Operation, PluginError};
 
 use super::error::{AbiVersion, CallError, LoadError};
+use super::signing::{SignatureError, SignerTrust};
 
 /// Where and how to load.
 #[derive(Debug, Clone)]
@@ -29,6 +30,20 @@ pub struct LoadOptions {
     pub cache_dir: PathBuf,
     /// Refuse libraries built with `panic = "abort"` (required for the in-process tier).
     pub require_unwind: bool,
+    /// Trusted plugin signers; `None` loads unsigned libraries (only when configured so).
+    pub signers: Option<Arc<SignerTrust>>,
+}
+
+impl LoadOptions {
+    /// In-process loading into `cache_dir`, unsigned libraries allowed.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self { cache_dir: cache_dir.into(), require_unwind: true, signers: None }
+    }
+
+    /// The same, requiring a manifest signed by one of `signers`.
+    pub fn with_signers(self, signers: Arc<SignerTrust>) -> Self {
+        Self { signers: Some(signers), ..self }
+    }
 }
 
 /// What a plugin declares about itself.
@@ -71,10 +86,42 @@ pub struct Library {
 impl Library {
     /// Loads and checks the library at `path`, without initialising it.
     pub fn open(label: &str, path: &Path, options: &LoadOptions) -> Result<Arc<Self>, LoadError> {
+        let signed =
+            |error: SignatureError| LoadError::Signature { plugin: label.to_owned(), path: path.to_owned(), error };
+        let manifest = match &options.signers {
+            Some(signers) => Some(signers.verify_manifest(path, label).map_err(signed)?),
+            None => None,
+        };
         let (loaded, sha256) = copy_content_addressed(label, path, &options.cache_dir)?;
+        if let Some(manifest) = &manifest {
+            // Verify the copy that will be mapped, not the file it came from.
+            let bytes = fs::read(&loaded).map_err(|source| LoadError::Io {
+                plugin: label.to_owned(),
+                path: loaded.clone(),
+                action: "reading the content-addressed copy",
+                source,
+            })?;
+            let found = sha256_hex(&bytes);
+            if found != manifest.sha256 {
+                return Err(signed(SignatureError::DigestMismatch { expected: manifest.sha256.clone(), found }));
+            }
+        }
         let handle = dlopen(label, path, &loaded)?;
         let declaration = entry_declaration(label, path, &handle)?;
         let (info, functions) = check_declaration(label, path, declaration, options.require_unwind)?;
+        if let Some(manifest) = &manifest {
+            let declared = (info.name.as_str(), info.version.as_str(), info.abi.to_string());
+            let signed_for = (manifest.name.as_str(), manifest.version.as_str(), manifest.abi.clone());
+            if declared != signed_for || manifest.target != super::signing::target() {
+                return Err(signed(SignatureError::ManifestMismatch {
+                    expected: format!(
+                        "{} {} ABI {} for {}",
+                        manifest.name, manifest.version, manifest.abi, manifest.target
+                    ),
+                    found: format!("{} {} ABI {} for {}", info.name, info.version, info.abi, super::signing::target()),
+                }));
+            }
+        }
         Ok(Arc::new(Self {
             label: label.to_owned(),
             source: path.to_owned(),

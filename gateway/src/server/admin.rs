@@ -1,0 +1,122 @@
+//! The admin listener: health, readiness, the loaded plugins and their reload, the routing
+//! table. Plain HTTP on a loopback address only (validated at load).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::plugin::{BreakerState, Dispatch};
+use crate::service::Gateway;
+
+/// Serves the admin API until `shutdown` completes.
+pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let gateway = Arc::clone(&gateway);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let gateway = Arc::clone(&gateway);
+                        async move { Ok::<_, std::convert::Infallible>(respond(&gateway, request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    response
+}
+
+async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, json!({ "status": "ok" })),
+        (&Method::GET, "/readyz") => readiness(gateway),
+        (&Method::GET, "/admin/plugins") => reply(StatusCode::OK, plugins(gateway)),
+        (&Method::POST, "/admin/plugins/reload") => reload(gateway).await,
+        (&Method::GET, "/admin/routes") => reply(StatusCode::OK, routes(gateway)),
+        _ => reply(StatusCode::NOT_FOUND, json!({ "code": "not_found" })),
+    }
+}
+
+fn readiness(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let ledger = gateway.ledger.unresolved().is_ok();
+    let plugins = gateway.plugins().handles.len() == gateway.config.plugins.len();
+    let status = if ledger && plugins { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    reply(status, json!({ "ready": status == StatusCode::OK, "ledger": ledger, "plugins": plugins }))
+}
+
+/// The current plugin generation, plugin by plugin.
+pub fn plugins(gateway: &Gateway) -> Value {
+    let set = gateway.plugins();
+    let mut list: Vec<Value> = set
+        .handles
+        .iter()
+        .map(|(name, handle)| {
+            let info = handle.info();
+            let breaker = match handle.breaker_state() {
+                BreakerState::Closed(_) => "closed",
+                BreakerState::Open(_) => "open",
+                BreakerState::HalfOpen => "half_open",
+            };
+            json!({
+                "name": name,
+                "declared_name": info.name,
+                "version": info.version,
+                "sdk_version": info.sdk_version,
+                "abi": info.abi.to_string(),
+                "tier": "in_process",
+                "dispatch": if handle.dispatch() == Dispatch::Inline { "inline" } else { "pool" },
+                "breaker": breaker,
+                "calls": handle.counters().calls.load(Ordering::Relaxed),
+                "failures": handle.counters().failures.load(Ordering::Relaxed),
+                "sha256": handle.sha256(),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    json!({ "generation": set.generation, "plugins": list })
+}
+
+async fn reload(gateway: &Arc<Gateway>) -> Response<Full<Bytes>> {
+    let worker = Arc::clone(gateway);
+    match tokio::task::spawn_blocking(move || worker.reload_plugins()).await {
+        Ok(Ok(_)) => reply(StatusCode::OK, plugins(gateway)),
+        Ok(Err(errors)) => reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "code": "reload_failed", "errors": errors, "serving": plugins(gateway) }),
+        ),
+        Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "code": "internal", "detail": e.to_string() })),
+    }
+}
+
+fn routes(gateway: &Gateway) -> Value {
+    let routes: Vec<Value> = gateway
+        .config
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "regions": r.regions, "insurance_types": r.insurance_types, "institutions": r.institutions,
+                "cross_region": r.cross_region, "payers": r.payers,
+            })
+        })
+        .collect();
+    json!({ "routes": routes })
+}
