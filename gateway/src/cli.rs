@@ -39,6 +39,9 @@ enum Command {
     /// Work with plugin libraries.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Run one plugin for a gateway (the process isolation tier starts this itself).
+    #[command(hide = true)]
+    PluginHost(plugin::HostArgs),
     /// Read the ledger.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
@@ -64,6 +67,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         Command::Dev(args) => serve::dev(args, out),
         Command::Plugin(command) => plugin::run(command, out),
         Command::Ledger(command) => ledger::run(command, out),
+        Command::PluginHost(args) => plugin::host(args, out),
         Command::Keys(command) => token::keys(command, out),
         Command::Token(command) => token::run(command, out, err),
     };

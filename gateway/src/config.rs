@@ -169,6 +169,9 @@ pub struct PluginRuntimeConfig {
     /// Load unsigned libraries (development only). Without `signers`, this must be `true`.
     #[serde(default)]
     pub allow_unsigned: bool,
+    /// The `cardgate` binary that runs process-tier plugins [default: this executable].
+    #[serde(default)]
+    pub host_binary: Option<PathBuf>,
 }
 
 impl Default for PluginRuntimeConfig {
@@ -179,6 +182,7 @@ impl Default for PluginRuntimeConfig {
             pool_queue: defaults::pool_queue(),
             signers: None,
             allow_unsigned: false,
+            host_binary: None,
         }
     }
 }
@@ -195,6 +199,10 @@ pub struct PluginConfig {
     /// `pool` (default) or `inline` (vetted, fast plugins; see docs/BENCHMARKS.md).
     #[serde(default)]
     pub dispatch: DispatchConfig,
+    /// `in_process` (default: fastest, for vetted plugins) or `process` (a child process per
+    /// plugin: survives aborts, segfaults and infinite loops).
+    #[serde(default)]
+    pub isolation: IsolationConfig,
     /// Calls in flight at once; more fail at once with `plugin_unavailable`.
     #[serde(default = "defaults::max_concurrency")]
     pub max_concurrency: usize,
@@ -207,6 +215,17 @@ pub struct PluginConfig {
     /// The plugin's own configuration section, handed to it as JSON.
     #[serde(default = "defaults::empty_table")]
     pub config: serde_json::Value,
+}
+
+/// Where a plugin runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationConfig {
+    /// In the gateway's process.
+    #[default]
+    InProcess,
+    /// In a child `cardgate plugin-host`.
+    Process,
 }
 
 /// How a plugin is called.

@@ -3,6 +3,7 @@
 //!
 //! - [`loader`]: the load sequence and the raw ABI calls (the gateway's only `unsafe` code).
 //! - [`pool`]: the bounded blocking pool.
+//! - [`process`]: the process isolation tier (`cardgate plugin-host`).
 //! - [`signing`]: signed manifests and trusted signers.
 //! - [`error`]: [`LoadError`] and [`CallError`].
 
@@ -10,6 +11,7 @@ pub mod error;
 #[allow(unsafe_code)]
 pub mod loader;
 pub mod pool;
+pub mod process;
 pub mod signing;
 
 use std::path::Path;
@@ -51,13 +53,22 @@ pub enum Dispatch {
 /// circuit breaker it is called under. Clones share all of them.
 #[derive(Debug, Clone)]
 pub struct PluginHandle {
-    instance: Arc<Instance>,
+    backend: Backend,
     pool: PluginPool,
     timeout: Duration,
     dispatch: Dispatch,
     permits: Arc<tokio::sync::Semaphore>,
     breaker: Arc<Breaker>,
     counters: Arc<Counters>,
+}
+
+/// Where a plugin runs.
+#[derive(Debug, Clone)]
+enum Backend {
+    /// Loaded into the gateway's process.
+    InProcess(Arc<Instance>),
+    /// In its own child process.
+    Process(Arc<process::ProcessPlugin>, String),
 }
 
 /// Calls and failures of one handle, for the admin API and metrics.
@@ -133,7 +144,7 @@ impl PluginHandle {
     /// opens for 5 s after 5 consecutive failures.
     pub fn new(instance: Instance, pool: PluginPool, timeout: Duration) -> Self {
         Self {
-            instance: Arc::new(instance),
+            backend: Backend::InProcess(Arc::new(instance)),
             pool,
             timeout,
             dispatch: Dispatch::Pool,
@@ -155,7 +166,31 @@ impl PluginHandle {
 
     /// The library's SHA-256.
     pub fn sha256(&self) -> &str {
-        self.instance.library().sha256()
+        match &self.backend {
+            Backend::InProcess(instance) => instance.library().sha256(),
+            Backend::Process(_, sha256) => sha256,
+        }
+    }
+
+    /// A handle on a plugin running in its own process (`sha256` of its library).
+    pub fn process_tier(plugin: process::ProcessPlugin, sha256: String, pool: PluginPool, timeout: Duration) -> Self {
+        Self {
+            backend: Backend::Process(Arc::new(plugin), sha256),
+            pool,
+            timeout,
+            dispatch: Dispatch::Pool,
+            permits: Arc::new(tokio::sync::Semaphore::new(256)),
+            breaker: Arc::new(Breaker::new(5, Duration::from_secs(5))),
+            counters: Arc::default(),
+        }
+    }
+
+    /// `in_process` or `process`.
+    pub fn tier(&self) -> &'static str {
+        match self.backend {
+            Backend::InProcess(_) => "in_process",
+            Backend::Process(..) => "process",
+        }
     }
 
     /// The same handle with another concurrency limit and breaker.
@@ -175,7 +210,10 @@ impl PluginHandle {
 
     /// What the plugin declares.
     pub fn info(&self) -> &PluginInfo {
-        self.instance.library().info()
+        match &self.backend {
+            Backend::InProcess(instance) => instance.library().info(),
+            Backend::Process(plugin, _) => plugin.info(),
+        }
     }
 
     /// Participation information.
@@ -212,10 +250,17 @@ impl PluginHandle {
     ) -> Result<Resp, CallError> {
         self.breaker.admit()?;
         let Ok(_permit) = self.permits.try_acquire() else { return Err(CallError::Overloaded) };
-        let result = match self.dispatch {
-            Dispatch::Inline => self.call_inline(operation, request),
-            Dispatch::Pool => match encode(request) {
-                Ok(input) => match self.pool.call(Arc::clone(&self.instance), operation, input, self.timeout).await {
+        let result = match (&self.backend, self.dispatch) {
+            (Backend::InProcess(_), Dispatch::Inline) => self.call_inline(operation, request),
+            (Backend::InProcess(instance), Dispatch::Pool) => match encode(request) {
+                Ok(input) => match self.pool.call(Arc::clone(instance), operation, input, self.timeout).await {
+                    Ok(output) => decode(&output),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            },
+            (Backend::Process(plugin, _), _) => match encode(request) {
+                Ok(input) => match plugin.call(operation, &input, self.timeout).await {
                     Ok(output) => decode(&output),
                     Err(e) => Err(e),
                 },
@@ -237,7 +282,15 @@ impl PluginHandle {
         operation: Operation,
         request: &Req,
     ) -> Result<Resp, CallError> {
-        decode(&self.instance.call(operation, &encode(request)?)?)
+        match &self.backend {
+            Backend::InProcess(instance) => decode(&instance.call(operation, &encode(request)?)?),
+            // A blocking caller (a reload's self-check) waits for the child on the runtime.
+            Backend::Process(plugin, _) => {
+                let input = encode(request)?;
+                let runtime = tokio::runtime::Handle::try_current().map_err(|_| CallError::Unavailable)?;
+                decode(&runtime.block_on(plugin.call(operation, &input, self.timeout))?)
+            }
+        }
     }
 }
 

@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError, DispatchConfig, InstitutionConfig};
+use crate::config::{Config, ConfigError, DispatchConfig, InstitutionConfig, IsolationConfig};
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{CardKey, Ledger};
 use crate::limit::Limiter;
 use cardgate_sdk::{Health, HealthStatus, Operation};
 
+use crate::plugin::loader::sha256_hex;
+use crate::plugin::process::{HostCommand, ProcessPlugin};
 use crate::plugin::signing::SignerTrust;
 use crate::plugin::{Breaker, Dispatch, LoadOptions, PluginHandle, PluginPool, PoolOptions, load};
 use crate::route::Router;
@@ -159,6 +161,37 @@ impl PluginSet {
     }
 }
 
+/// Starts a process-tier plugin after checking its library here (signature, digest): the
+/// child re-checks that it maps the same bytes.
+fn start_process(
+    config: &Config,
+    name: &str,
+    plugin: &crate::config::PluginConfig,
+    options: &LoadOptions,
+) -> Result<(ProcessPlugin, String), String> {
+    let bytes = std::fs::read(&plugin.library).map_err(|e| format!("{}: {e}", plugin.library.display()))?;
+    let sha256 = sha256_hex(&bytes);
+    if let Some(signers) = &options.signers {
+        let manifest = signers.verify_manifest(&plugin.library, name).map_err(|e| e.to_string())?;
+        if manifest.sha256 != sha256 {
+            return Err(format!("the library's SHA-256 is {sha256}, the signed manifest says {}", manifest.sha256));
+        }
+    }
+    let binary = match &config.plugin_runtime.host_binary {
+        Some(binary) => binary.clone(),
+        None => std::env::current_exe().map_err(|e| format!("cannot find the cardgate binary: {e}"))?,
+    };
+    let command = HostCommand {
+        binary,
+        library: plugin.library.clone(),
+        name: name.to_owned(),
+        sha256: sha256.clone(),
+        cache_dir: options.cache_dir.clone(),
+        config: plugin.config.clone(),
+    };
+    Ok((ProcessPlugin::start(command)?, sha256))
+}
+
 fn start_pool(config: &Config, problems: &mut Vec<String>) -> Option<PluginPool> {
     let runtime = &config.plugin_runtime;
     let mut options = PoolOptions::default();
@@ -183,18 +216,25 @@ fn load_plugins(config: &Config, pool: &PluginPool, problems: &mut Vec<String>) 
     }
     let mut plugins = HashMap::new();
     for (name, plugin) in &config.plugins {
-        match load(name, &plugin.library, &plugin.config, &options) {
-            Ok(instance) => {
-                let dispatch = match plugin.dispatch {
-                    DispatchConfig::Pool => Dispatch::Pool,
-                    DispatchConfig::Inline => Dispatch::Inline,
-                };
-                let timeout = Duration::from_millis(plugin.timeout_ms);
+        let timeout = Duration::from_millis(plugin.timeout_ms);
+        let handle = match plugin.isolation {
+            IsolationConfig::InProcess => load(name, &plugin.library, &plugin.config, &options)
+                .map(|instance| {
+                    let dispatch = match plugin.dispatch {
+                        DispatchConfig::Pool => Dispatch::Pool,
+                        DispatchConfig::Inline => Dispatch::Inline,
+                    };
+                    PluginHandle::new(instance, pool.clone(), timeout).with_dispatch(dispatch)
+                })
+                .map_err(|e| e.to_string()),
+            IsolationConfig::Process => start_process(config, name, plugin, &options)
+                .map(|(process, sha256)| PluginHandle::process_tier(process, sha256, pool.clone(), timeout)),
+        };
+        match handle {
+            Ok(handle) => {
                 let breaker = Breaker::new(plugin.breaker_failures, Duration::from_millis(plugin.breaker_open_ms));
-                let handle = PluginHandle::new(instance, pool.clone(), timeout)
-                    .with_dispatch(dispatch)
-                    .with_limits(plugin.max_concurrency, breaker);
-                tracing::info!(plugin = %name, version = %handle.info().version, "plugin loaded");
+                let handle = handle.with_limits(plugin.max_concurrency, breaker);
+                tracing::info!(plugin = %name, version = %handle.info().version, tier = handle.tier(), "plugin loaded");
                 plugins.insert(name.clone(), handle);
             }
             Err(e) => problems.push(format!("plugins.{name}: {e}")),

@@ -4,6 +4,7 @@
 //! - `pool`: the same through the bounded blocking pool, as the daemon calls it;
 //! - `spawn_blocking`: the same through tokio's blocking pool, for comparison;
 //! - `inline_async`: the async call with [`Dispatch::Inline`] (no hand-off);
+//! - `process_tier`: the call in a child `cardgate plugin-host` over a Unix socket;
 //! - `abi_boundary_only`: a `health` call with empty input: the crossing alone;
 //! - `json_*`: each JSON step of the call on its own.
 //!
@@ -54,6 +55,24 @@ fn plugin_call(c: &mut Criterion) {
             let call = move || handle.call_inline::<_, Split>(Operation::Quote, &*request);
             runtime.block_on(async { tokio::task::spawn_blocking(call).await }).expect("join").expect("quote")
         })
+    });
+    let host = cardgate::plugin::process::HostCommand {
+        binary: cardgate_tests::cardgate_binary(),
+        library: library.clone(),
+        name: "basic-medical".into(),
+        sha256: cardgate::plugin::loader::sha256_hex(&std::fs::read(&library).expect("library")),
+        cache_dir: cache.path().to_owned(),
+        config: example_plugin_config("basic-medical"),
+    };
+    let process = cardgate::plugin::process::ProcessPlugin::start(host.clone()).expect("plugin host");
+    let process_handle = PluginHandle::process_tier(
+        process,
+        host.sha256,
+        PluginPool::new(PoolOptions::default()).expect("pool"),
+        Duration::from_secs(1),
+    );
+    group.bench_function("process_tier", |b| {
+        b.iter(|| runtime.block_on(process_handle.quote(black_box(&request))).expect("quote"))
     });
     let split = direct.quote(&request).expect("quote");
     let encoded_request = serde_json::to_vec(&*request).expect("encode");

@@ -314,6 +314,11 @@ pub async fn admin(addr: SocketAddr, method: Method, path: &str) -> (http::Statu
     (status, serde_json::from_slice(&body).unwrap_or_default())
 }
 
+/// Nanoseconds since the epoch (unique enough for test keys).
+pub fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
 /// Seconds since the epoch.
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)

@@ -53,6 +53,67 @@ pub enum PluginCommand {
     },
 }
 
+/// `plugin-host` arguments: run one plugin for a gateway, in this process.
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// The plugin library.
+    #[arg(long)]
+    library: PathBuf,
+    /// The plugin's configured name.
+    #[arg(long)]
+    name: String,
+    /// The SHA-256 the library must have (checked by the gateway).
+    #[arg(long)]
+    sha256: String,
+    /// Content-addressed cache directory.
+    #[arg(long)]
+    cache_dir: PathBuf,
+    /// Unix socket to serve on.
+    #[arg(long)]
+    socket: PathBuf,
+}
+
+/// Runs a plugin for a gateway: reads its configuration (one JSON line) from standard input,
+/// loads and initialises it, prints a ready line, and serves calls on the socket.
+pub fn host(args: HostArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(Failure::new)?;
+    let fail = |out: &mut dyn Write, error: String| {
+        let _ = writeln!(out, "{}", serde_json::json!({ "ready": false, "error": error }));
+        let _ = out.flush();
+        Ok(1)
+    };
+    let config: serde_json::Value = match serde_json::from_str(&line) {
+        Ok(config) => config,
+        Err(e) => return fail(out, format!("configuration: {e}")),
+    };
+    let options = LoadOptions { require_unwind: false, ..LoadOptions::new(args.cache_dir) };
+    let library = match Library::open(&args.name, &args.library, &options) {
+        Ok(library) if library.sha256() == args.sha256 => library,
+        Ok(library) => {
+            return fail(out, format!("the library changed: SHA-256 {} instead of {}", library.sha256(), args.sha256));
+        }
+        Err(e) => return fail(out, e.to_string()),
+    };
+    let instance = match library.instantiate(&config) {
+        Ok(instance) => instance,
+        Err(e) => return fail(out, e.to_string()),
+    };
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = match std::os::unix::net::UnixListener::bind(&args.socket) {
+        Ok(listener) => listener,
+        Err(e) => return fail(out, format!("{}: {e}", args.socket.display())),
+    };
+    let info = library.info();
+    let ready = serde_json::json!({
+        "ready": true, "name": info.name, "version": info.version, "sdk_version": info.sdk_version,
+        "abi": info.abi.to_string(), "unwind": info.unwind,
+    });
+    writeln!(out, "{ready}").and_then(|()| out.flush()).map_err(Failure::new)?;
+    crate::plugin::process::serve_host(instance, listener).map_err(Failure::new)?;
+    Ok(0)
+}
+
 /// Runs a plugin command.
 pub fn run(command: PluginCommand, out: &mut dyn Write) -> Result<u8, Failure> {
     let temp_cache = || std::env::temp_dir().join("cardgate-plugins");

@@ -218,6 +218,13 @@ impl Instance {
     /// Calls one operation with a JSON input and returns the JSON answer. Synchronous: runs on
     /// the calling thread until the plugin returns.
     pub fn call(&self, operation: Operation, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        let (status, output) = self.call_raw(operation, input);
+        interpret(status, output, operation)
+    }
+
+    /// Calls one operation and returns the ABI status and the raw output (for the process
+    /// tier, which forwards both).
+    pub fn call_raw(&self, operation: Operation, input: &[u8]) -> (i32, Vec<u8>) {
         let mut output = Vec::new();
         // SAFETY: `ptr` came from this library's init and is destroyed only on drop, after all
         // borrows end; the input and output buffers are valid for the call.
@@ -231,14 +238,19 @@ impl Instance {
                 write_to_vec,
             )
         };
-        match status {
-            abi::STATUS_OK => Ok(output),
-            abi::STATUS_ERROR => Err(CallError::Rejected(decode_plugin_error(&output))),
-            abi::STATUS_PANIC => Err(CallError::Panicked { message: String::from_utf8_lossy(&output).into_owned() }),
-            abi::STATUS_BAD_INPUT => Err(CallError::BadInput { reason: String::from_utf8_lossy(&output).into_owned() }),
-            abi::STATUS_UNKNOWN_OPERATION => Err(CallError::UnknownOperation { operation: operation.as_str() }),
-            status => Err(CallError::BadStatus { status }),
-        }
+        (status, output)
+    }
+}
+
+/// Turns an ABI status and output into the call's result.
+pub(crate) fn interpret(status: i32, output: Vec<u8>, operation: Operation) -> Result<Vec<u8>, CallError> {
+    match status {
+        abi::STATUS_OK => Ok(output),
+        abi::STATUS_ERROR => Err(CallError::Rejected(decode_plugin_error(&output))),
+        abi::STATUS_PANIC => Err(CallError::Panicked { message: String::from_utf8_lossy(&output).into_owned() }),
+        abi::STATUS_BAD_INPUT => Err(CallError::BadInput { reason: String::from_utf8_lossy(&output).into_owned() }),
+        abi::STATUS_UNKNOWN_OPERATION => Err(CallError::UnknownOperation { operation: operation.as_str() }),
+        status => Err(CallError::BadStatus { status }),
     }
 }
 

@@ -81,7 +81,7 @@ pub fn plugins(gateway: &Gateway) -> Value {
                 "version": info.version,
                 "sdk_version": info.sdk_version,
                 "abi": info.abi.to_string(),
-                "tier": "in_process",
+                "tier": handle.tier(),
                 "dispatch": if handle.dispatch() == Dispatch::Inline { "inline" } else { "pool" },
                 "breaker": breaker,
                 "calls": handle.counters().calls.load(Ordering::Relaxed),
