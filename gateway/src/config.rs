@@ -68,12 +68,30 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
 }
 
-/// The admin listener: plain HTTP, so it must stay on a loopback address.
+/// The admin listener: plain HTTP on a loopback address, or mutual TLS with admin client
+/// certificates (required for any other address).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address to listen on (loopback).
+    /// Address to listen on.
     pub listen: SocketAddr,
+    /// Admin server certificate chain (PEM); with `private_key` and `client_ca`, the listener
+    /// speaks mutual TLS.
+    #[serde(default)]
+    pub certificate: Option<PathBuf>,
+    /// Admin server private key (PEM).
+    #[serde(default)]
+    pub private_key: Option<PathBuf>,
+    /// CA of the operators' admin client certificates (PEM).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl AdminConfig {
+    /// The TLS files, when all three are given.
+    pub fn tls(&self) -> Option<(&Path, &Path, &Path)> {
+        Some((self.certificate.as_deref()?, self.private_key.as_deref()?, self.client_ca.as_deref()?))
+    }
 }
 
 /// Token verification.
@@ -377,6 +395,11 @@ impl Config {
         if let Some(p) = &mut self.plugin_runtime.signers {
             resolve(p);
         }
+        if let Some(admin) = &mut self.admin {
+            for p in [&mut admin.certificate, &mut admin.private_key, &mut admin.client_ca].into_iter().flatten() {
+                resolve(p);
+            }
+        }
         for plugin in self.plugins.values_mut() {
             resolve(&mut plugin.library);
         }
@@ -420,7 +443,13 @@ impl Config {
         }
         check(l.max_in_flight > 0, "limits.max_in_flight: must be positive".into());
         if let Some(admin) = &self.admin {
-            check(admin.listen.ip().is_loopback(), "admin.listen: must be a loopback address".into());
+            let files =
+                [&admin.certificate, &admin.private_key, &admin.client_ca].iter().filter(|f| f.is_some()).count();
+            check(files == 0 || files == 3, "admin: give certificate, private_key and client_ca together".into());
+            check(
+                admin.listen.ip().is_loopback() || files == 3,
+                "admin.listen: a non-loopback address needs mutual TLS (certificate, private_key, client_ca)".into(),
+            );
         }
         let runtime = &self.plugin_runtime;
         check(
@@ -496,8 +525,15 @@ mod tests {
         config.ledger.secret = "short".into();
         config.routes[0].payers.push("nobody".into());
         config.institutions.get_mut("H110105001").expect("institution").region = "11".into();
+        config.admin = Some(AdminConfig {
+            listen: "0.0.0.0:9180".parse().expect("address"),
+            certificate: None,
+            private_key: None,
+            client_ca: None,
+        });
         let problems = config.validate().expect_err("invalid").problems;
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems.iter().any(|p| p.starts_with("admin.listen: a non-loopback address needs mutual TLS")));
         for key in ["ledger.secret", "routes[0].payers", "institutions.H110105001.region"] {
             assert!(problems.iter().any(|p| p.starts_with(key)), "{key} in {problems:?}");
         }

@@ -57,6 +57,8 @@ pub struct TestGateway {
     pub stranger: Client,
     /// The admin listener (plain HTTP, loopback).
     pub admin: SocketAddr,
+    /// The running gateway's state.
+    pub gateway: Arc<Gateway>,
     issuer: Arc<SigningKey>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -200,9 +202,10 @@ impl TestGateway {
     /// Sets up a directory and starts a gateway on it.
     pub async fn start(options: Options) -> Self {
         let setup = Setup::create(&options, "127.0.0.1:0");
-        let (addr, admin, stop, task) = serve(setup.dir.path()).await;
+        let (addr, admin, gateway, stop, task) = serve(setup.dir.path()).await;
         Self {
             admin,
+            gateway,
             hospital: setup.client(addr, 0),
             pharmacy: setup.client(addr, 1),
             stranger: setup.client(addr, 2),
@@ -217,9 +220,10 @@ impl TestGateway {
     /// Stops the gateway (draining) and starts it again on the same directory and port.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let (addr, admin, stop, task) = serve_on(self.dir.path(), Some(self.addr)).await;
+        let (addr, admin, gateway, stop, task) = serve_on(self.dir.path(), Some(self.addr)).await;
         assert_eq!(addr, self.addr);
         self.admin = admin;
+        self.gateway = gateway;
         self.stop = Some(stop);
         self.task = Some(task);
     }
@@ -261,7 +265,7 @@ impl Drop for TestGateway {
     }
 }
 
-type Served = (SocketAddr, SocketAddr, oneshot::Sender<()>, JoinHandle<()>);
+type Served = (SocketAddr, SocketAddr, Arc<Gateway>, oneshot::Sender<()>, JoinHandle<()>);
 
 async fn serve(dir: &Path) -> Served {
     serve_on(dir, None).await
@@ -280,10 +284,12 @@ async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {
     let admin = admin_listener.local_addr().expect("address");
     let (stop, stopped) = oneshot::channel::<()>();
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
-    let admin_task = tokio::spawn(cardgate::server::admin::run(admin_listener, Arc::clone(&gateway), async move {
-        let mut rx = admin_stopped;
-        let _ = rx.wait_for(|s| *s).await;
-    }));
+    let admin_task =
+        tokio::spawn(cardgate::server::admin::run(admin_listener, Arc::clone(&gateway), None, async move {
+            let mut rx = admin_stopped;
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+    let state = Arc::clone(&gateway);
     let task = tokio::spawn(async move {
         cardgate::server::run(listener, gateway, tls, async {
             let _ = stopped.await;
@@ -292,7 +298,7 @@ async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
     });
-    (addr, admin, stop, task)
+    (addr, admin, state, stop, task)
 }
 
 /// One request to the admin listener (plain HTTP): status and JSON body.

@@ -239,3 +239,31 @@ async fn admin_reports_health_readiness_and_routes() {
     assert_eq!(plugins["plugins"][0]["name"], "basic-medical");
     assert_eq!(plugins["plugins"][0]["breaker"], "closed");
 }
+
+#[tokio::test]
+async fn admin_over_mutual_tls_admits_only_operator_certificates() {
+    use cardgate::dev::Pki;
+    let gw = TestGateway::start(Options::default()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::generate().expect("admin PKI");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let (cert, key, ca) =
+        (write("admin.pem", &pki.server.cert), write("admin.key", &pki.server.key), write("ca.pem", &pki.ca));
+    let tls = cardgate::server::tls::mutual_tls("admin", &cert, &key, &ca).expect("admin TLS");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(cardgate::server::admin::run(listener, gw.gateway.clone(), Some(tls), std::future::pending()));
+    let operator = pki.client("operator-1").expect("operator certificate");
+    let client = cardgate::client::Client::new(addr, &pki.ca, &operator.cert, &operator.key).expect("client");
+    let reply = client.send(Method::GET, "/admin/plugins", &[], None).await.expect("answer");
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["generation"], 1);
+    let other = Pki::generate().expect("another PKI");
+    let outsider = other.client("outsider").expect("certificate");
+    let refused = cardgate::client::Client::new(addr, &pki.ca, &outsider.cert, &outsider.key).expect("client");
+    assert!(refused.send(Method::GET, "/admin/plugins", &[], None).await.is_err(), "a foreign certificate is refused");
+}

@@ -48,6 +48,13 @@ fn run(config: Config) -> Result<u8, Failure> {
             .map_err(|p| Failure::config(format!("bad configuration:\n{}", p.join("\n"))))?;
         let listen = config.server.listen;
         let admin = config.admin.as_ref().map(|a| a.listen);
+        let admin_tls = match config.admin.as_ref().and_then(|a| a.tls()) {
+            Some((certificate, key, ca)) => Some(
+                server::tls::mutual_tls("admin", certificate, key, ca)
+                    .map_err(|p| Failure::config(format!("bad configuration:\n{}", p.join("\n"))))?,
+            ),
+            None => None,
+        };
         let gateway = Gateway::build(config, Arc::new(SystemClock))
             .map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
         let unresolved = crate::api::flow::resolve_all(&gateway)
@@ -67,7 +74,12 @@ fn run(config: Config) -> Result<u8, Failure> {
             let admin_listener =
                 tokio::net::TcpListener::bind(address).await.map_err(|e| Failure::new(format!("{address}: {e}")))?;
             tracing::info!(%address, "admin listener");
-            tokio::spawn(server::admin::run(admin_listener, Arc::clone(&gateway), until_stopped(stopped.clone())));
+            tokio::spawn(server::admin::run(
+                admin_listener,
+                Arc::clone(&gateway),
+                admin_tls,
+                until_stopped(stopped.clone()),
+            ));
         }
         tokio::spawn(reload_on_sighup(Arc::clone(&gateway)));
         tokio::spawn(async move {

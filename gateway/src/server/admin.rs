@@ -16,20 +16,38 @@ use tokio::net::TcpListener;
 use crate::plugin::{BreakerState, Dispatch};
 use crate::service::Gateway;
 
-/// Serves the admin API until `shutdown` completes.
-pub async fn run(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+/// Serves the admin API until `shutdown` completes: plain HTTP, or mutual TLS when `tls` is
+/// given (any client certificate from the admin CA is an operator).
+pub async fn run(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let gateway = Arc::clone(&gateway);
+                let (gateway, acceptor) = (Arc::clone(&gateway), acceptor.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let gateway = Arc::clone(&gateway);
                         async move { Ok::<_, std::convert::Infallible>(respond(&gateway, request).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            let handshake = tokio::time::timeout(std::time::Duration::from_secs(5), acceptor.accept(stream));
+                            if let Ok(Ok(tls)) = handshake.await {
+                                let _ = http.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                    }
                 });
             }
             () = &mut shutdown => break,

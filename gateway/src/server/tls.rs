@@ -23,27 +23,38 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Builds the server's TLS configuration, reporting every file that does not load.
 pub fn server_config(c: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Vec<String>> {
+    mutual_tls("server", &c.certificate, &c.private_key, &c.client_ca)
+}
+
+/// A mutual-TLS server configuration from PEM files; `section` prefixes the key paths of
+/// problems.
+pub fn mutual_tls(
+    section: &str,
+    certificate: &Path,
+    private_key: &Path,
+    client_ca: &Path,
+) -> Result<Arc<rustls::ServerConfig>, Vec<String>> {
     let mut problems = Vec::new();
-    let certs: Vec<CertificateDer<'static>> = read_certs(&c.certificate, "server.certificate", &mut problems);
-    let key = PrivateKeyDer::from_pem_file(&c.private_key)
-        .map_err(|e| problems.push(format!("server.private_key: {}: {e}", c.private_key.display())))
+    let certs: Vec<CertificateDer<'static>> = read_certs(certificate, &format!("{section}.certificate"), &mut problems);
+    let key = PrivateKeyDer::from_pem_file(private_key)
+        .map_err(|e| problems.push(format!("{section}.private_key: {}: {e}", private_key.display())))
         .ok();
     let mut roots = rustls::RootCertStore::empty();
-    for ca in read_certs(&c.client_ca, "server.client_ca", &mut problems) {
+    for ca in read_certs(client_ca, &format!("{section}.client_ca"), &mut problems) {
         if let Err(e) = roots.add(ca) {
-            problems.push(format!("server.client_ca: {}: {e}", c.client_ca.display()));
+            problems.push(format!("{section}.client_ca: {}: {e}", client_ca.display()));
         }
     }
     let (Some(key), true) = (key, problems.is_empty()) else { return Err(problems) };
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|e| vec![format!("server.client_ca: {e}")])?;
+        .map_err(|e| vec![format!("{section}.client_ca: {e}")])?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| vec![format!("tls: {e}")])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| vec![format!("server.certificate / server.private_key: {e}")])?;
+        .map_err(|e| vec![format!("{section}.certificate / {section}.private_key: {e}")])?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
