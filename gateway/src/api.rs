@@ -51,18 +51,21 @@ pub struct ApiResponse {
     pub body: String,
     /// `Retry-After`, seconds.
     pub retry_after: Option<u64>,
+    /// The problem code, for metrics (`None` on success or a stored answer).
+    pub code: Option<&'static str>,
 }
 
 impl ApiResponse {
     /// A JSON answer.
     pub fn json(status: StatusCode, body: String) -> Self {
-        Self { status, problem: false, body, retry_after: None }
+        Self { status, problem: false, body, retry_after: None, code: None }
     }
 
     /// A problem answer.
     pub fn problem(error: &ApiError, request_id: &str) -> Self {
         let (status, body) = error.body(request_id, None);
-        Self { status, problem: true, body, retry_after: error.retry_after() }
+        let code = error.parts().1;
+        Self { status, problem: true, body, retry_after: error.retry_after(), code: Some(code) }
     }
 }
 
@@ -86,6 +89,14 @@ pub async fn handle(gateway: &Gateway, identity: Option<&Identity>, request: Api
     {
         Ok(response) => response,
         Err(error) => {
+            match &error {
+                ApiError::Token(e) => crate::metrics::token_rejected(e.code()),
+                ApiError::Storage(crate::ledger::LedgerError::TokenUsed) => {
+                    crate::metrics::token_rejected("token_replayed")
+                }
+                ApiError::Limited(l) => crate::metrics::rate_limited(l.scope.as_str()),
+                _ => {}
+            }
             let (status, code, detail) = error.parts();
             if status.is_server_error() {
                 tracing::warn!(request_id, code, %detail, ?error, "request failed");
@@ -140,4 +151,18 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("body: {e}")))
+}
+
+/// The metrics label of a request's endpoint (its route template).
+pub fn endpoint(method: &Method, path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match (method, segments.as_slice()) {
+        (&Method::POST, ["v1", "inquiries"]) => "inquiries",
+        (&Method::POST, ["v1", "quotes"]) => "quotes",
+        (&Method::POST, ["v1", "settlements"]) => "settlements",
+        (&Method::GET, ["v1", "settlements", _]) => "settlement",
+        (&Method::POST, ["v1", "settlements", _, "reversal"]) => "reversal",
+        (&Method::GET, ["v1", "reconciliation"]) => "reconciliation",
+        _ => "other",
+    }
 }

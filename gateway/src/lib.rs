@@ -9,6 +9,7 @@
 //!   bounded pool.
 //! - [`token`]: e-card tokens: offline verification, trust and revocation lists, replay
 //!   protection, and issuer tooling.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the `cardgate` command line.
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod dev;
 pub mod ledger;
 pub mod limit;
+pub mod metrics;
 pub mod plugin;
 pub mod route;
 pub mod server;

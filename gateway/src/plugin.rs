@@ -60,6 +60,8 @@ pub struct PluginHandle {
     permits: Arc<tokio::sync::Semaphore>,
     breaker: Arc<Breaker>,
     counters: Arc<Counters>,
+    /// The configured name, for metrics.
+    label: Arc<str>,
 }
 
 /// Where a plugin runs.
@@ -151,7 +153,13 @@ impl PluginHandle {
             permits: Arc::new(tokio::sync::Semaphore::new(256)),
             breaker: Arc::new(Breaker::new(5, Duration::from_secs(5))),
             counters: Arc::default(),
+            label: Arc::from(""),
         }
+    }
+
+    /// The same handle labelled with its configured name (for metrics).
+    pub fn with_label(self, label: &str) -> Self {
+        Self { label: Arc::from(label), ..self }
     }
 
     /// Calls and failures so far.
@@ -182,6 +190,7 @@ impl PluginHandle {
             permits: Arc::new(tokio::sync::Semaphore::new(256)),
             breaker: Arc::new(Breaker::new(5, Duration::from_secs(5))),
             counters: Arc::default(),
+            label: Arc::from(""),
         }
     }
 
@@ -248,7 +257,11 @@ impl PluginHandle {
         operation: Operation,
         request: &Req,
     ) -> Result<Resp, CallError> {
-        self.breaker.admit()?;
+        let started = Instant::now();
+        if let Err(e) = self.breaker.admit() {
+            crate::metrics::plugin_call(&self.label, operation.as_str(), e.code(), started.elapsed());
+            return Err(e);
+        }
         let Ok(_permit) = self.permits.try_acquire() else { return Err(CallError::Overloaded) };
         let result = match (&self.backend, self.dispatch) {
             (Backend::InProcess(_), Dispatch::Inline) => self.call_inline(operation, request),
@@ -268,6 +281,16 @@ impl PluginHandle {
             },
         };
         self.breaker.record(result.as_ref().err().is_some_and(CallError::is_plugin_failure));
+        let outcome = result.as_ref().err().map_or("ok", CallError::code);
+        crate::metrics::plugin_call(&self.label, operation.as_str(), outcome, started.elapsed());
+        crate::metrics::breaker(
+            &self.label,
+            match self.breaker.state() {
+                BreakerState::Closed(_) => "closed",
+                BreakerState::HalfOpen => "half_open",
+                BreakerState::Open(_) => "open",
+            },
+        );
         self.counters.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if result.is_err() {
             self.counters.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -101,14 +101,17 @@ async fn serve_connection(
     let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            crate::metrics::handshake_failed("error");
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            crate::metrics::handshake_failed("timeout");
             tracing::debug!(%peer, "TLS handshake timed out");
             return;
         }
     };
+    crate::metrics::connections(1.0);
     let identity = tls::identity(tls.get_ref().1).map(|institution| Identity { institution });
     let service = hyper::service::service_fn(move |request| {
         let (gateway, identity) = (Arc::clone(&gateway), identity.clone());
@@ -126,6 +129,7 @@ async fn serve_connection(
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(%peer, error = %e, "connection closed with an error");
     }
+    crate::metrics::connections(-1.0);
 }
 
 fn request_id(request: &Request<Incoming>) -> String {
@@ -152,7 +156,10 @@ async fn respond(
 ) -> Response<Full<Bytes>> {
     let started = std::time::Instant::now();
     let request_id = request_id(&request);
+    let endpoint = api::endpoint(request.method(), request.uri().path());
     let Some(_in_flight) = gateway.limiter.enter() else {
+        crate::metrics::shed();
+        crate::metrics::request(endpoint, 503, "overloaded", started.elapsed());
         return to_response(ApiResponse::problem(&ApiError::Overloaded, &request_id), &request_id);
     };
     let (parts, body) = request.into_parts();
@@ -173,8 +180,11 @@ async fn respond(
         }
         Err(error) => ApiResponse::problem(&error, &request_id),
     };
+    crate::metrics::request(endpoint, answer.status.as_u16(), answer.code.unwrap_or("-"), started.elapsed());
     tracing::debug!(
         request_id,
+        endpoint,
+        code = answer.code.unwrap_or("-"),
         institution = identity.map_or("-", |i| i.institution.as_str()),
         method = %parts.method,
         path = parts.uri.path(),

@@ -68,6 +68,7 @@ impl Gateway {
     /// Builds the gateway: reads the trust and revocation lists, opens the ledger, loads and
     /// initialises every plugin. Reports every problem found.
     pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
+        crate::metrics::install();
         let mut problems = Vec::new();
         let trust = TrustList::load(&config.tokens.trust_list).unwrap_or_else(|p| {
             problems.extend(p.into_iter().map(|m| format!("tokens.trust_list: {m}")));
@@ -233,7 +234,7 @@ fn load_plugins(config: &Config, pool: &PluginPool, problems: &mut Vec<String>) 
         match handle {
             Ok(handle) => {
                 let breaker = Breaker::new(plugin.breaker_failures, Duration::from_millis(plugin.breaker_open_ms));
-                let handle = handle.with_limits(plugin.max_concurrency, breaker);
+                let handle = handle.with_limits(plugin.max_concurrency, breaker).with_label(name);
                 tracing::info!(plugin = %name, version = %handle.info().version, tier = handle.tier(), "plugin loaded");
                 plugins.insert(name.clone(), handle);
             }

@@ -303,6 +303,12 @@ async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {
 
 /// One request to the admin listener (plain HTTP): status and JSON body.
 pub async fn admin(addr: SocketAddr, method: Method, path: &str) -> (http::StatusCode, serde_json::Value) {
+    let (status, body) = admin_text(addr, method, path).await;
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+/// One request to the admin listener: status and text body.
+pub async fn admin_text(addr: SocketAddr, method: Method, path: &str) -> (http::StatusCode, String) {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect admin");
     let (mut sender, connection) =
@@ -317,7 +323,7 @@ pub async fn admin(addr: SocketAddr, method: Method, path: &str) -> (http::Statu
     let response = sender.send_request(request).await.expect("admin answer");
     let status = response.status();
     let body = response.into_body().collect().await.expect("body").to_bytes();
-    (status, serde_json::from_slice(&body).unwrap_or_default())
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Nanoseconds since the epoch (unique enough for test keys).

@@ -492,6 +492,7 @@ fn stored_answer(record: Record) -> ApiResponse {
             problem: !(200..300).contains(&record.status),
             body: record.body,
             retry_after: None,
+            code: None,
         },
     }
 }
@@ -629,13 +630,14 @@ async fn complete(
         }
         Err(e) => return Err(e.into()),
     }
+    crate::metrics::settlement(state.as_str());
     if state == State::Settled
         && let Some(cti) = &prepared.subject.token_id
     {
         let forget_after = prepared.subject.token_expires_at.unwrap_or(now) + gateway.config.tokens.clock_skew_secs;
         let _ = gateway.replay_cache.claim(cti, forget_after, now);
     }
-    Ok(ApiResponse { status, problem: state != State::Settled, body: answer, retry_after: None })
+    Ok(ApiResponse { status, problem: state != State::Settled, body: answer, retry_after: None, code: None })
 }
 
 /// Completes a settlement left `pending` (by a crash) or `unknown` (by a timeout), from the

@@ -166,6 +166,7 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+        let (started, size) = (std::time::Instant::now(), batch.len());
         let mut completions = Vec::with_capacity(batch.len());
         let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
             Ok(tx) => tx,
@@ -191,6 +192,7 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>) {
             }
         }
         let committed = tx.commit().map_err(storage);
+        crate::metrics::ledger_commit(size, started.elapsed());
         if let Err(e) = &committed {
             tracing::error!(error = %e, "ledger: commit failed");
         }

@@ -69,6 +69,11 @@ async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response
         (&Method::GET, "/admin/plugins") => reply(StatusCode::OK, plugins(gateway)),
         (&Method::POST, "/admin/plugins/reload") => reload(gateway).await,
         (&Method::GET, "/admin/routes") => reply(StatusCode::OK, routes(gateway)),
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render())));
+            response.headers_mut().insert("content-type", http::HeaderValue::from_static("text/plain; version=0.0.4"));
+            response
+        }
         _ => reply(StatusCode::NOT_FOUND, json!({ "code": "not_found" })),
     }
 }

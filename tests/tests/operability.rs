@@ -1,0 +1,68 @@
+//! Operability: every metric family shows up with real values after real traffic.
+
+use cardgate_tests::harness::{Card, Options, TestGateway, admin_text, post};
+use http::{Method, StatusCode};
+use serde_json::json;
+
+fn body(token: &str) -> serde_json::Value {
+    json!({
+        "token": token, "terminal_id": "POS-1", "total_fen": 10000,
+        "lines": [{ "code": "X1", "name": "n", "category": "class_a", "quantity": 1, "unit_price_fen": 10000, "amount_fen": 10000 }]
+    })
+}
+
+/// The value of the first sample of a family whose line contains every fragment.
+fn sample(text: &str, family: &str, fragments: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && fragments.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max)
+}
+
+#[tokio::test]
+async fn metrics_show_every_family_after_traffic() {
+    let gw = TestGateway::start(Options {
+        extra_toml: "[limits.terminal]\nper_minute = 60\nburst = 3\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut keep_alive = gw.pharmacy.connect().await.expect("connection");
+    let token = gw.token(&Card::beijing(), 120);
+    let reply = keep_alive
+        .send(Method::POST, "/v1/settlements", &[("idempotency-key", "m-1")], Some(&body(&token).to_string()))
+        .await
+        .expect("answer");
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    let forged = post(&gw.pharmacy, "/v1/settlements", Some("m-2"), &body("EC1:NOTATOKEN")).await;
+    assert_eq!(forged.status, StatusCode::BAD_REQUEST);
+    for i in 0..3 {
+        post(&gw.pharmacy, "/v1/inquiries", None, &json!({ "token": token, "terminal_id": "POS-1", "n": i })).await;
+        post(&gw.pharmacy, "/v1/inquiries", None, &json!({ "token": token, "terminal_id": "POS-1" })).await;
+    }
+    let stranger = cardgate::dev::Pki::generate().expect("PKI");
+    let outsider = stranger.client("outsider").expect("certificate");
+    let ca = std::fs::read_to_string(gw.dir.path().join("ca.pem")).expect("CA");
+    let refused = cardgate::client::Client::new(gw.addr, &ca, &outsider.cert, &outsider.key).expect("client");
+    assert!(refused.send(Method::GET, "/v1/settlements/x", &[], None).await.is_err());
+
+    let (status, text) = admin_text(gw.admin, Method::GET, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let families: [(&str, &[&str]); 11] = [
+        ("cardgate_requests_total", &["endpoint=\"settlements\"", "status=\"201\""]),
+        ("cardgate_request_duration_seconds_count", &["endpoint=\"settlements\""]),
+        ("cardgate_token_rejections_total", &["reason=\"token_malformed\""]),
+        ("cardgate_rate_limited_total", &["scope=\"terminal\""]),
+        ("cardgate_plugin_calls_total", &["plugin=\"basic-medical\"", "operation=\"settle\"", "outcome=\"ok\""]),
+        ("cardgate_plugin_call_duration_seconds_count", &["plugin=\"critical-illness\""]),
+        ("cardgate_plugin_breaker_state", &["plugin=\"basic-medical\"", "state=\"closed\""]),
+        ("cardgate_ledger_commit_batch_size_count", &[]),
+        ("cardgate_ledger_commit_duration_seconds_count", &[]),
+        ("cardgate_open_connections", &[]),
+        ("cardgate_tls_handshake_failures_total", &[]),
+    ];
+    for (family, fragments) in families {
+        assert!(sample(&text, family, fragments) > 0.0, "{family} {fragments:?} missing or zero in:\n{text}");
+    }
+    assert!(sample(&text, "cardgate_settlements_total", &["state=\"settled\""]) >= 1.0);
+    drop(keep_alive);
+}
