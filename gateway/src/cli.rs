@@ -25,14 +25,29 @@ pub const EXIT_CONFIG: u8 = 78;
 #[derive(Debug, Parser)]
 #[command(name = "cardgate", version, about)]
 pub struct Cli {
+    /// Log format: `pretty` for a terminal, `json` for production log pipelines. The level
+    /// comes from `CARDGATE_LOG` (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable.
+    Pretty,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway.
     Serve(serve::ServeArgs),
+    /// Check a configuration without serving: every problem with its key path; exit 78 if any.
+    CheckConfig(serve::CheckArgs),
     /// Run the gateway on generated dev certificates, keys and configuration (set up once in
     /// DIR, reused afterwards).
     Dev(serve::DevArgs),
@@ -55,8 +70,9 @@ enum Command {
 
 /// Parses the process's arguments and runs the command.
 pub fn main() -> ExitCode {
-    init_logging();
-    let code = run(Cli::parse(), &mut std::io::stdout().lock(), &mut std::io::stderr().lock());
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let code = run(cli, &mut std::io::stdout().lock(), &mut std::io::stderr().lock());
     ExitCode::from(code)
 }
 
@@ -64,6 +80,7 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let result = match cli.command {
         Command::Serve(args) => serve::serve(args),
+        Command::CheckConfig(args) => serve::check(args, out),
         Command::Dev(args) => serve::dev(args, out),
         Command::Plugin(command) => plugin::run(command, out),
         Command::Ledger(command) => ledger::run(command, out),
@@ -101,8 +118,12 @@ impl Failure {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CARDGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
 }

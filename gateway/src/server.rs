@@ -84,6 +84,7 @@ pub async fn run(
         }
     }
     drop(listener);
+    gateway.start_draining();
     tracing::info!("shutting down: draining connections");
     if tokio::time::timeout(limits.grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period over; closing the remaining connections");

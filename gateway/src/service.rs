@@ -62,6 +62,8 @@ pub struct Gateway {
     pub limiter: Limiter,
     /// The clock.
     pub clock: Arc<dyn Clock>,
+    /// Set when shutdown begins: readiness turns false so load balancers move away.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -106,6 +108,7 @@ impl Gateway {
             replay_cache: MemoryReplayStore::new(),
             limiter: Limiter::new(&config.limits),
             clock,
+            draining: std::sync::atomic::AtomicBool::new(false),
             config,
         })
     }
@@ -113,6 +116,16 @@ impl Gateway {
     /// An institution's configuration.
     pub fn institution(&self, id: &str) -> Option<&InstitutionConfig> {
         self.config.institutions.get(id)
+    }
+
+    /// Marks the gateway as shutting down.
+    pub fn start_draining(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The current plugin generation.

@@ -56,3 +56,43 @@ fn plugin_inspect_of_missing_file_fails() {
     assert_eq!(code, 1);
     assert!(stderr.contains("file not found"), "{stderr}");
 }
+
+#[test]
+fn check_config_lists_every_mistake_with_its_key_path() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")).expect("example");
+    let broken = example
+        .replace(
+            "secret = \"0000000000000000000000000000000000000000000000000000000000000000\"",
+            "secret = \"too-short\"",
+        )
+        .replace("payers = [\"basic-medical\", \"critical-illness\"]", "payers = [\"basic-medical\", \"nobody\"]")
+        .replace("clock_skew_secs = 60", "clock_skew_secs = -5");
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, broken).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    for key in ["ledger.secret", "routes[0].payers: no plugin named `nobody`", "tokens.clock_skew_secs"] {
+        assert!(stderr.contains(key), "`{key}` missing from:\n{stderr}");
+    }
+    let problems = stderr.lines().filter(|l| l.starts_with("  ")).count();
+    assert_eq!(problems, 3, "{stderr}");
+}
+
+#[test]
+fn check_config_reports_missing_files_of_a_valid_config() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
+        .args(["check-config", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr.contains("server.certificate: /etc/cardgate/server.pem"), "{stderr}");
+    assert!(stderr.contains("plugins.basic-medical.library"), "{stderr}");
+}

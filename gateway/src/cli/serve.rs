@@ -19,6 +19,62 @@ pub struct ServeArgs {
     config: PathBuf,
 }
 
+/// `check-config` arguments.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Configuration file to check.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// Checks a configuration as `serve` would before serving, without loading plugin code:
+/// the file, every value, the certificates, the trust, revocation and signer lists, and the
+/// plugin libraries' presence. Prints every problem with its key path.
+pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match Config::load(&args.config, &env) {
+        Ok(config) => config,
+        Err(e) => return Err(Failure::config(format!("{}:\n{}", args.config.display(), indent(&e.problems)))),
+    };
+    let mut problems = Vec::new();
+    if let Err(p) = server::tls::server_config(&config.server) {
+        problems.extend(p);
+    }
+    if let Some((certificate, key, ca)) = config.admin.as_ref().and_then(|a| a.tls())
+        && let Err(p) = server::tls::mutual_tls("admin", certificate, key, ca)
+    {
+        problems.extend(p);
+    }
+    if let Err(p) = crate::token::TrustList::load(&config.tokens.trust_list) {
+        problems.extend(p.into_iter().map(|m| format!("tokens.trust_list: {m}")));
+    }
+    if let Some(path) = &config.tokens.revocations
+        && let Err(p) = crate::token::RevocationList::load(path)
+    {
+        problems.extend(p.into_iter().map(|m| format!("tokens.revocations: {m}")));
+    }
+    if let Some(path) = &config.plugin_runtime.signers
+        && let Err(p) = crate::plugin::signing::SignerTrust::load(path)
+    {
+        problems.extend(p.into_iter().map(|m| format!("plugin_runtime.signers: {m}")));
+    }
+    for (name, plugin) in &config.plugins {
+        if !plugin.library.is_file() {
+            problems.push(format!("plugins.{name}.library: {}: no such file", plugin.library.display()));
+        }
+    }
+    if problems.is_empty() {
+        writeln!(out, "ok: {}", args.config.display()).map_err(Failure::new)?;
+        Ok(0)
+    } else {
+        Err(Failure::config(format!("{}:\n{}", args.config.display(), indent(&problems))))
+    }
+}
+
+fn indent(problems: &[String]) -> String {
+    problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
+}
+
 /// `dev` arguments.
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {

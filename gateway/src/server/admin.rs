@@ -81,8 +81,12 @@ async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response
 fn readiness(gateway: &Gateway) -> Response<Full<Bytes>> {
     let ledger = gateway.ledger.unresolved().is_ok();
     let plugins = gateway.plugins().handles.len() == gateway.config.plugins.len();
-    let status = if ledger && plugins { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    reply(status, json!({ "ready": status == StatusCode::OK, "ledger": ledger, "plugins": plugins }))
+    let draining = gateway.is_draining();
+    let status = if ledger && plugins && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    reply(
+        status,
+        json!({ "ready": status == StatusCode::OK, "ledger": ledger, "plugins": plugins, "draining": draining }),
+    )
 }
 
 /// The current plugin generation, plugin by plugin.
