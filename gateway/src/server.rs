@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::{self, ApiError, ApiRequest, ApiResponse, Identity};
 use crate::config::ServerConfig;
-use crate::service::Gateway;
+use crate::service::{Gateway, Live};
 
 /// Timeouts and limits the server enforces.
 #[derive(Debug, Clone, Copy)]
@@ -53,14 +53,7 @@ impl From<&ServerConfig> for Limits {
 /// Serves until `shutdown` completes, then drains connections under the grace period.
 ///
 /// `main` binds the listener; tests bind `127.0.0.1:0`.
-pub async fn run(
-    listener: TcpListener,
-    gateway: Arc<Gateway>,
-    tls: Arc<rustls::ServerConfig>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let limits = Limits::from(&gateway.config.server);
-    let acceptor = TlsAcceptor::from(tls);
+pub async fn run(listener: TcpListener, live: Arc<Live>, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -68,10 +61,13 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let (acceptor, gateway) = (acceptor.clone(), Arc::clone(&gateway));
-                    let watcher = graceful.watcher();
+                    // The configuration current when the connection arrives: a reload applies
+                    // to new connections (TLS) and new requests (everything else).
+                    let acceptor = TlsAcceptor::from(live.tls());
+                    let limits = Limits::from(&live.gateway().config.server);
+                    let (live, watcher) = (Arc::clone(&live), graceful.watcher());
                     tokio::spawn(async move {
-                        serve_connection(stream, peer, acceptor, gateway, limits, watcher).await;
+                        serve_connection(stream, peer, acceptor, live, limits, watcher).await;
                     });
                 }
                 Err(e) => {
@@ -84,9 +80,11 @@ pub async fn run(
         }
     }
     drop(listener);
+    let gateway = live.gateway();
     gateway.start_draining();
     tracing::info!("shutting down: draining connections");
-    if tokio::time::timeout(limits.grace, graceful.shutdown()).await.is_err() {
+    let grace = Limits::from(&gateway.config.server).grace;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period over; closing the remaining connections");
     }
 }
@@ -95,7 +93,7 @@ async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     acceptor: TlsAcceptor,
-    gateway: Arc<Gateway>,
+    live: Arc<Live>,
     limits: Limits,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
@@ -115,7 +113,7 @@ async fn serve_connection(
     crate::metrics::connections(1.0);
     let identity = tls::identity(tls.get_ref().1).map(|institution| Identity { institution });
     let service = hyper::service::service_fn(move |request| {
-        let (gateway, identity) = (Arc::clone(&gateway), identity.clone());
+        let (gateway, identity) = (live.gateway(), identity.clone());
         async move { Ok::<_, std::convert::Infallible>(respond(&gateway, identity.as_ref(), request, limits).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

@@ -57,7 +57,7 @@ pub struct Gateway {
     /// Card-id hashing and quote sealing.
     pub card_key: CardKey,
     /// Fast replay check in front of the ledger's unique token ids.
-    pub replay_cache: MemoryReplayStore,
+    pub replay_cache: Arc<MemoryReplayStore>,
     /// Rate limits and the in-flight limit.
     pub limiter: Limiter,
     /// The clock.
@@ -72,6 +72,42 @@ impl Gateway {
     pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
         crate::metrics::install();
         let mut problems = Vec::new();
+        let pool = start_pool(&config, &mut problems);
+        let ledger = SqliteLedger::open(&config.ledger.path)
+            .map_err(|e| problems.push(format!("ledger.path: {}: {e}", config.ledger.path.display())))
+            .ok();
+        let shared = match (ledger, pool) {
+            (Some(ledger), Some(pool)) => Some(Shared {
+                ledger: Arc::new(ledger),
+                pool,
+                replay_cache: Arc::new(MemoryReplayStore::new()),
+                clock,
+                generation: 0,
+            }),
+            _ => None,
+        };
+        Self::assemble(config, shared, problems)
+    }
+
+    /// A gateway for a new configuration that keeps this one's ledger, replay cache, plugin
+    /// pool and clock: trust and revocation lists, routes, limits and plugins (a new
+    /// generation) come from `config`. The ledger's path and secret cannot change this way.
+    pub fn rebuild(&self, config: Config) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        if config.ledger.path != self.config.ledger.path || config.ledger.secret != self.config.ledger.secret {
+            problems.push("ledger: the path and secret cannot change on reload; restart instead".to_owned());
+        }
+        let shared = Shared {
+            ledger: Arc::clone(&self.ledger),
+            pool: self.pool.clone(),
+            replay_cache: Arc::clone(&self.replay_cache),
+            clock: Arc::clone(&self.clock),
+            generation: self.plugins().generation,
+        };
+        Self::assemble(config, Some(shared), problems)
+    }
+
+    fn assemble(config: Config, shared: Option<Shared>, mut problems: Vec<String>) -> Result<Self, ConfigError> {
         let trust = TrustList::load(&config.tokens.trust_list).unwrap_or_else(|p| {
             problems.extend(p.into_iter().map(|m| format!("tokens.trust_list: {m}")));
             TrustList::default()
@@ -83,14 +119,8 @@ impl Gateway {
             }),
             None => RevocationList::default(),
         };
-        let pool = start_pool(&config, &mut problems);
-        let plugins = pool.as_ref().map(|pool| load_plugins(&config, pool, &mut problems)).unwrap_or_default();
-        let ledger = SqliteLedger::open(&config.ledger.path)
-            .map_err(|e| problems.push(format!("ledger.path: {}: {e}", config.ledger.path.display())))
-            .ok();
-        let (Some(ledger), Some(pool), true) = (ledger, pool, problems.is_empty()) else {
-            return Err(ConfigError { problems });
-        };
+        let plugins = shared.as_ref().map(|s| load_plugins(&config, &s.pool, &mut problems)).unwrap_or_default();
+        let (Some(shared), true) = (shared, problems.is_empty()) else { return Err(ConfigError { problems }) };
         let options = VerifyOptions {
             profile: Profile::ECard,
             prefix: crate::token::envelope::ECARD_PREFIX.to_owned(),
@@ -100,14 +130,14 @@ impl Gateway {
         Ok(Self {
             verifier: Verifier::new(Arc::new(trust), Arc::new(revocations), options),
             router: Router::new(config.routes.clone()),
-            plugins: RwLock::new(Arc::new(PluginSet { generation: 1, handles: plugins })),
-            pool,
+            plugins: RwLock::new(Arc::new(PluginSet { generation: shared.generation + 1, handles: plugins })),
+            pool: shared.pool,
             reloading: Mutex::new(()),
-            ledger: Arc::new(ledger),
+            ledger: shared.ledger,
             card_key: CardKey::new(&config.ledger_secret()),
-            replay_cache: MemoryReplayStore::new(),
+            replay_cache: shared.replay_cache,
             limiter: Limiter::new(&config.limits),
-            clock,
+            clock: shared.clock,
             draining: std::sync::atomic::AtomicBool::new(false),
             config,
         })
@@ -156,6 +186,67 @@ impl Gateway {
         *current = Arc::clone(&next);
         tracing::info!(generation = next.generation, "plugins reloaded");
         Ok(next)
+    }
+}
+
+/// What a rebuilt gateway keeps from the one before.
+struct Shared {
+    ledger: Arc<dyn Ledger>,
+    pool: PluginPool,
+    replay_cache: Arc<MemoryReplayStore>,
+    clock: Arc<dyn Clock>,
+    generation: u64,
+}
+
+/// The gateway currently serving, and the TLS configuration: swapped whole by a reload, read
+/// by every new connection (TLS) and every request (gateway). Requests in flight finish on the
+/// gateway they started with.
+#[derive(Debug)]
+pub struct Live {
+    gateway: RwLock<Arc<Gateway>>,
+    tls: RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl Live {
+    /// A live pair.
+    pub fn new(gateway: Gateway, tls: Arc<rustls::ServerConfig>) -> Arc<Self> {
+        Arc::new(Self { gateway: RwLock::new(Arc::new(gateway)), tls: RwLock::new(tls) })
+    }
+
+    /// The gateway serving now.
+    pub fn gateway(&self) -> Arc<Gateway> {
+        Arc::clone(&self.gateway.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The TLS configuration for new connections.
+    pub fn tls(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.tls.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reloads the whole configuration from `path`: routes, limits, trust and revocation lists,
+    /// the TLS certificate and client CA, and the plugins. A configuration with errors is
+    /// refused with all of them, and the current one keeps serving. Blocking.
+    pub fn reload(&self, path: &std::path::Path, env: &HashMap<String, String>) -> Result<(), Vec<String>> {
+        let config = Config::load(path, env).map_err(|e| e.problems)?;
+        let tls = crate::server::tls::server_config(&config.server);
+        let current = self.gateway();
+        if config.server.listen != current.config.server.listen {
+            tracing::warn!("server.listen changed: it takes effect at the next restart");
+        }
+        let rebuilt = current.rebuild(config);
+        let (tls, gateway) = match (tls, rebuilt) {
+            (Ok(tls), Ok(gateway)) => (tls, gateway),
+            (tls, gateway) => {
+                let mut problems = tls.err().unwrap_or_default();
+                problems.extend(gateway.err().map(|e| e.problems).unwrap_or_default());
+                tracing::warn!(problems = %problems.join("; "), "configuration reload refused; the current one keeps serving");
+                return Err(problems);
+            }
+        };
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+        *self.gateway.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(gateway);
+        tracing::info!("configuration reloaded");
+        Ok(())
     }
 }
 

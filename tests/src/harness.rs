@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cardgate::client::{Client, Reply};
 use cardgate::config::Config;
 use cardgate::dev::{HOSPITAL, PHARMACY, Pki};
-use cardgate::service::{Gateway, SystemClock};
+use cardgate::service::{Gateway, Live, SystemClock};
 use cardgate::token::issue::{self, MintRequest, SigningKey};
 use cardgate::token::trust::Algorithm;
 use cardgate::token::{DelegateClaim, ECardClaim};
@@ -57,8 +57,8 @@ pub struct TestGateway {
     pub stranger: Client,
     /// The admin listener (plain HTTP, loopback).
     pub admin: SocketAddr,
-    /// The running gateway's state.
-    pub gateway: Arc<Gateway>,
+    /// The running gateway's state (swapped by a configuration reload).
+    pub live: Arc<Live>,
     issuer: Arc<SigningKey>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -202,10 +202,10 @@ impl TestGateway {
     /// Sets up a directory and starts a gateway on it.
     pub async fn start(options: Options) -> Self {
         let setup = Setup::create(&options, "127.0.0.1:0");
-        let (addr, admin, gateway, stop, task) = serve(setup.dir.path()).await;
+        let (addr, admin, live, stop, task) = serve(setup.dir.path()).await;
         Self {
             admin,
-            gateway,
+            live,
             hospital: setup.client(addr, 0),
             pharmacy: setup.client(addr, 1),
             stranger: setup.client(addr, 2),
@@ -220,12 +220,21 @@ impl TestGateway {
     /// Stops the gateway (draining) and starts it again on the same directory and port.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let (addr, admin, gateway, stop, task) = serve_on(self.dir.path(), Some(self.addr)).await;
+        let (addr, admin, live, stop, task) = serve_on(self.dir.path(), Some(self.addr)).await;
         assert_eq!(addr, self.addr);
         self.admin = admin;
-        self.gateway = gateway;
+        self.live = live;
         self.stop = Some(stop);
         self.task = Some(task);
+    }
+
+    /// Rewrites `cardgate.toml` with `edit` and reloads it, as SIGHUP does.
+    pub async fn reload_config(&self, edit: impl FnOnce(String) -> String) -> Result<(), Vec<String>> {
+        let path = self.dir.path().join("cardgate.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, edit(text)).expect("write config");
+        let live = Arc::clone(&self.live);
+        tokio::task::spawn_blocking(move || live.reload(&path, &HashMap::new())).await.expect("reload task")
     }
 
     /// Stops the gateway and waits for it.
@@ -265,7 +274,7 @@ impl Drop for TestGateway {
     }
 }
 
-type Served = (SocketAddr, SocketAddr, Arc<Gateway>, oneshot::Sender<()>, JoinHandle<()>);
+type Served = (SocketAddr, SocketAddr, Arc<Live>, oneshot::Sender<()>, JoinHandle<()>);
 
 async fn serve(dir: &Path) -> Served {
     serve_on(dir, None).await
@@ -274,8 +283,9 @@ async fn serve(dir: &Path) -> Served {
 async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {
     let config = Config::load(&dir.join("cardgate.toml"), &HashMap::new()).expect("test config is valid");
     let tls = cardgate::server::tls::server_config(&config.server).expect("TLS config");
-    let gateway = Arc::new(Gateway::build(config, Arc::new(SystemClock)).expect("gateway builds"));
+    let gateway = Gateway::build(config, Arc::new(SystemClock)).expect("gateway builds");
     cardgate::api::flow::resolve_all(&gateway).await.expect("start-up recovery");
+    let live = Live::new(gateway, tls);
     let listener = tokio::net::TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("address")))
         .await
         .expect("bind");
@@ -284,14 +294,13 @@ async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {
     let admin = admin_listener.local_addr().expect("address");
     let (stop, stopped) = oneshot::channel::<()>();
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
-    let admin_task =
-        tokio::spawn(cardgate::server::admin::run(admin_listener, Arc::clone(&gateway), None, async move {
-            let mut rx = admin_stopped;
-            let _ = rx.wait_for(|s| *s).await;
-        }));
-    let state = Arc::clone(&gateway);
+    let admin_task = tokio::spawn(cardgate::server::admin::run(admin_listener, Arc::clone(&live), None, async move {
+        let mut rx = admin_stopped;
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    let state = Arc::clone(&live);
     let task = tokio::spawn(async move {
-        cardgate::server::run(listener, gateway, tls, async {
+        cardgate::server::run(listener, live, async {
             let _ = stopped.await;
         })
         .await;

@@ -66,3 +66,42 @@ async fn metrics_show_every_family_after_traffic() {
     assert!(sample(&text, "cardgate_settlements_total", &["state=\"settled\""]) >= 1.0);
     drop(keep_alive);
 }
+
+#[tokio::test]
+async fn configuration_reload_applies_or_is_refused_with_every_error() {
+    let gw = TestGateway::start(Options::default()).await;
+    let settle = |card: Card, key: &'static str| {
+        let token = gw.token(&card, 120);
+        let gw = &gw;
+        async move { post(&gw.pharmacy, "/v1/settlements", Some(key), &body(&token)).await }
+    };
+    assert_eq!(settle(Card::in_region("440305"), "r-1").await.json()["code"], "no_route");
+
+    // A new route and a revocation list, reloaded while serving.
+    let revoked = Card::beijing();
+    let revocations = gw.dir.path().join("revoked.json");
+    std::fs::write(&revocations, json!({ "cards": [revoked.id] }).to_string()).expect("write");
+    gw.reload_config(|text| {
+        text.replace("[tokens]\n", "[tokens]\nrevocations = \"revoked.json\"\n")
+            + "\n[[routes]]\nregions = [\"44\"]\npayers = [\"basic-medical\"]\n"
+    })
+    .await
+    .expect("a valid configuration reloads");
+    assert_eq!(settle(Card::in_region("440305"), "r-2").await.status, StatusCode::CREATED);
+    assert_eq!(settle(revoked, "r-3").await.json()["code"], "card_revoked");
+
+    // Three mistakes: refused with all three, and the configuration above keeps serving.
+    let problems = gw
+        .reload_config(|text| {
+            text.replace("clock_skew_secs = 60", "clock_skew_secs = -1")
+                .replace("regions = [\"44\"]", "regions = [\"4\"]")
+                + "\n[limits.global]\nper_second = 10\nburst = 0\n"
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    for key in ["tokens.clock_skew_secs", "routes[2].regions", "limits.global.burst"] {
+        assert!(problems.iter().any(|p| p.starts_with(key)), "{key} in {problems:?}");
+    }
+    assert_eq!(settle(Card::in_region("440305"), "r-4").await.status, StatusCode::CREATED);
+}

@@ -94,10 +94,10 @@ pub struct DevArgs {
 pub fn serve(args: ServeArgs) -> Result<u8, Failure> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = Config::load(&args.config, &env).map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
-    run(config)
+    run(config, args.config)
 }
 
-fn run(config: Config) -> Result<u8, Failure> {
+fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Failure::new)?;
     runtime.block_on(async move {
         let tls = server::tls::server_config(&config.server)
@@ -119,7 +119,7 @@ fn run(config: Config) -> Result<u8, Failure> {
         if unresolved > 0 {
             tracing::info!(count = unresolved, "resolved settlements interrupted by the last stop");
         }
-        let gateway = Arc::new(gateway);
+        let live = crate::service::Live::new(gateway, tls);
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|e| Failure::new(format!("{listen}: {e}")))?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -132,32 +132,34 @@ fn run(config: Config) -> Result<u8, Failure> {
             tracing::info!(%address, "admin listener");
             tokio::spawn(server::admin::run(
                 admin_listener,
-                Arc::clone(&gateway),
+                Arc::clone(&live),
                 admin_tls,
                 until_stopped(stopped.clone()),
             ));
         }
-        tokio::spawn(reload_on_sighup(Arc::clone(&gateway)));
+        tokio::spawn(reload_on_sighup(Arc::clone(&live), path));
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop.send(true);
         });
         tracing::info!(%listen, "cardgate serving");
-        server::run(listener, gateway, tls, until_stopped(stopped)).await;
+        server::run(listener, live, until_stopped(stopped)).await;
         tracing::info!("cardgate stopped");
         Ok(0)
     })
 }
 
-/// Reloads the plugins on every SIGHUP; a failed reload keeps the current generation.
-async fn reload_on_sighup(gateway: Arc<Gateway>) {
+/// Reloads the whole configuration (and the plugins) on every SIGHUP; a configuration with
+/// errors is refused with all of them and the current one keeps serving.
+async fn reload_on_sighup(live: Arc<crate::service::Live>, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangup) = signal(SignalKind::hangup()) else { return };
     while hangup.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading plugins");
-        let worker = Arc::clone(&gateway);
-        if let Ok(Err(problems)) = tokio::task::spawn_blocking(move || worker.reload_plugins()).await {
-            tracing::error!(problems = %problems.join("; "), "reload refused; still serving the previous plugins");
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+        let (live, path) = (Arc::clone(&live), path.clone());
+        let env: HashMap<String, String> = std::env::vars().collect();
+        if let Ok(Err(problems)) = tokio::task::spawn_blocking(move || live.reload(&path, &env)).await {
+            tracing::error!(problems = %problems.join("; "), "reload refused; still serving the previous configuration");
         }
     }
 }
@@ -188,7 +190,7 @@ pub fn dev(args: DevArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     let config = Config::load(&files.config, &HashMap::new())
         .map_err(|e| Failure::config(format!("{}:\n{e}", files.config.display())))?;
     instructions(out, &files.dir, &config.server.listen.to_string()).map_err(Failure::new)?;
-    run(config)
+    run(config, files.config)
 }
 
 fn build_plugins(out: &mut dyn Write) -> Result<DevPlugins, Failure> {

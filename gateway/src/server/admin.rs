@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::plugin::{BreakerState, Dispatch};
-use crate::service::Gateway;
+use crate::service::{Gateway, Live};
 
 /// Serves the admin API until `shutdown` completes: plain HTTP, or mutual TLS when `tls` is
 /// given (any client certificate from the admin CA is an operator).
 pub async fn run(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    live: Arc<Live>,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -30,10 +30,10 @@ pub async fn run(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let (gateway, acceptor) = (Arc::clone(&gateway), acceptor.clone());
+                let (live, acceptor) = (Arc::clone(&live), acceptor.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
-                        let gateway = Arc::clone(&gateway);
+                        let gateway = live.gateway();
                         async move { Ok::<_, std::convert::Infallible>(respond(&gateway, request).await) }
                     });
                     let http = hyper::server::conn::http1::Builder::new();
