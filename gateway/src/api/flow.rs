@@ -148,6 +148,22 @@ fn payer_chain<'g>(
         .collect()
 }
 
+/// The payer chain as `a>b`, for the request log.
+fn route_names(
+    gateway: &Gateway,
+    subject: &Subject,
+    insurance_type: &str,
+    institution: (&str, &InstitutionConfig),
+) -> String {
+    let query = RouteQuery {
+        insured_region: &subject.insured_region,
+        insurance_type,
+        institution: institution.0,
+        treatment_region: &institution.1.region,
+    };
+    gateway.router.route(&query).map_or_else(|| "-".to_owned(), |names| names.join(">"))
+}
+
 fn year_of(now: i64) -> i32 {
     time::OffsetDateTime::from_unix_timestamp(now + UTC_OFFSET_SECS).map_or(1970, |t| t.year())
 }
@@ -631,6 +647,15 @@ async fn complete(
         Err(e) => return Err(e.into()),
     }
     crate::metrics::settlement(state.as_str());
+    tracing::debug!(
+        request_id,
+        settlement = id,
+        institution = institution.0,
+        terminal = %prepared.bill.terminal_id,
+        route = %route_names(gateway, &prepared.subject, &prepared.insurance_type, institution),
+        outcome = state.as_str(),
+        "settlement"
+    );
     if state == State::Settled
         && let Some(cti) = &prepared.subject.token_id
     {
