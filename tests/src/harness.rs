@@ -34,11 +34,22 @@ pub struct Options {
     pub plugin_runtime: Option<String>,
     /// Copy the example plugins here and load them from there (to sign them, say).
     pub plugins_dir: Option<PathBuf>,
+    /// Build the example plugins with `--release` (benchmarks).
+    pub release_plugins: bool,
+    /// Call the example plugins inline rather than on the pool.
+    pub inline_plugins: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { clock_skew_secs: 60, extra_toml: String::new(), plugin_runtime: None, plugins_dir: None }
+        Self {
+            clock_skew_secs: 60,
+            extra_toml: String::new(),
+            plugin_runtime: None,
+            plugins_dir: None,
+            release_plugins: false,
+            inline_plugins: false,
+        }
     }
 }
 
@@ -72,7 +83,16 @@ fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
 
 fn config_toml(options: &Options) -> String {
     let library = |p: &str| {
-        let built = build_cdylib(p);
+        let built = if options.release_plugins {
+            let build = cardgate_sdk::testing::Build {
+                release: true,
+                flavour: Some("bench".into()),
+                ..cardgate_sdk::testing::Build::new(p)
+            };
+            build.run().unwrap_or_else(|e| panic!("{e}"))
+        } else {
+            build_cdylib(p)
+        };
         match &options.plugins_dir {
             Some(dir) => {
                 let copy = dir.join(built.file_name().expect("file name"));
@@ -125,10 +145,12 @@ payers = ["basic-medical"]
 
 [plugins.basic-medical]
 library = "{basic}"
+dispatch = "{dispatch}"
 {basic_config}
 
 [plugins.critical-illness]
 library = "{critical}"
+dispatch = "{dispatch}"
 {critical_config}
 {extra}
 "#,
@@ -140,6 +162,7 @@ library = "{critical}"
         critical_config = crate::plugin_config_toml("critical-illness", "critical-illness"),
         extra = options.extra_toml,
         runtime = options.plugin_runtime.as_deref().unwrap_or("allow_unsigned = true"),
+        dispatch = if options.inline_plugins { "inline" } else { "pool" },
     )
 }
 
@@ -278,6 +301,12 @@ type Served = (SocketAddr, SocketAddr, Arc<Live>, oneshot::Sender<()>, JoinHandl
 
 async fn serve(dir: &Path) -> Served {
     serve_on(dir, None).await
+}
+
+/// Serves a setup's gateway in this process on `127.0.0.1:0`: its address and a stop handle.
+pub async fn serve_setup(setup: &Setup) -> (SocketAddr, oneshot::Sender<()>) {
+    let (addr, _, _, stop, _) = serve(setup.dir.path()).await;
+    (addr, stop)
 }
 
 async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {

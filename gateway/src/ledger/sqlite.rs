@@ -91,6 +91,12 @@ pub struct SqliteLedger {
     readers: Mutex<Vec<Connection>>,
 }
 
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> Self {
+        storage(e)
+    }
+}
+
 fn storage(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Storage(e.to_string())
 }
@@ -219,7 +225,7 @@ const RECORD_COLUMNS: &str = "id, institution, request_hash, state, status, body
 
 fn add_accumulators(conn: &Connection, card_hash: &[u8], deltas: &[AccumulatorDelta]) -> rusqlite::Result<()> {
     for AccumulatorDelta { payer, delta: d } in deltas {
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO accumulators (card_hash, payer, year, deductible_fen, fund_paid_fen, eligible_fen,
                  account_paid_fen, eligible_self_pay_fen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (card_hash, payer, year) DO UPDATE SET
@@ -228,31 +234,29 @@ fn add_accumulators(conn: &Connection, card_hash: &[u8], deltas: &[AccumulatorDe
                  eligible_fen = eligible_fen + excluded.eligible_fen,
                  account_paid_fen = account_paid_fen + excluded.account_paid_fen,
                  eligible_self_pay_fen = eligible_self_pay_fen + excluded.eligible_self_pay_fen",
-            params![
-                card_hash,
-                payer,
-                d.year,
-                d.deductible_fen,
-                d.fund_paid_fen,
-                d.eligible_fen,
-                d.account_paid_fen,
-                d.eligible_self_pay_fen
-            ],
-        )?;
+        )?
+        .execute(params![
+            card_hash,
+            payer,
+            d.year,
+            d.deductible_fen,
+            d.fund_paid_fen,
+            d.eligible_fen,
+            d.account_paid_fen,
+            d.eligible_self_pay_fen
+        ])?;
     }
     Ok(())
 }
 
 fn record_amounts(conn: &Connection, id: &str, a: &super::Amounts) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE settlements SET fund_fen = ?2, account_fen = ?3, cash_fen = ?4 WHERE id = ?1",
-        params![id, a.fund_fen, a.account_fen, a.cash_fen],
-    )?;
+    conn.prepare_cached("UPDATE settlements SET fund_fen = ?2, account_fen = ?3, cash_fen = ?4 WHERE id = ?1")?
+        .execute(params![id, a.fund_fen, a.account_fen, a.cash_fen])?;
     for (payer, fund, account) in &a.payers {
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO settlement_payers (settlement_id, payer, fund_fen, account_fen) VALUES (?1, ?2, ?3, ?4)",
-            params![id, payer, fund, account],
-        )?;
+        )?
+        .execute(params![id, payer, fund, account])?;
     }
     Ok(())
 }
@@ -361,11 +365,13 @@ fn deltas_json(deltas: &[AccumulatorDelta]) -> String {
 }
 
 fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
-    let inserted = conn.execute(
-        "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
              card_hash, card_masked, total_fen, state, created_at, updated_at, sealed_request, day)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, ?11, ?12, ?13)",
-        params![
+        )?
+        .execute(params![
             i.id,
             i.institution,
             i.terminal,
@@ -379,8 +385,7 @@ fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
             i.created_at,
             i.sealed_request,
             super::business_day(i.created_at)
-        ],
-    );
+        ]);
     match inserted {
         Ok(_) => Ok(()),
         Err(rusqlite::Error::SqliteFailure(e, Some(message))) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -399,43 +404,38 @@ fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
 impl Ledger for SqliteLedger {
     fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
         self.read(|c| {
-            c.query_row(
-                &format!("SELECT {RECORD_COLUMNS} FROM settlements WHERE institution = ?1 AND idempotency_key = ?2"),
-                params![institution, key],
-                record,
-            )
+            c.prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM settlements WHERE institution = ?1 AND idempotency_key = ?2"
+            ))?
+            .query_row(params![institution, key], record)
             .optional()
         })
     }
 
     fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
         self.read(|c| {
-            c.query_row(
-                &format!("SELECT {RECORD_COLUMNS} FROM settlements WHERE institution = ?1 AND id = ?2"),
-                params![institution, id],
-                record,
-            )
-            .optional()
+            c.prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM settlements WHERE institution = ?1 AND id = ?2"))?
+                .query_row(params![institution, id], record)
+                .optional()
         })
     }
 
     fn accumulators(&self, card_hash: &[u8], payer: &str, year: i32) -> Result<YearToDate, LedgerError> {
         self.read(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
                  FROM accumulators WHERE card_hash = ?1 AND payer = ?2 AND year = ?3",
-                params![card_hash, payer, year],
-                |r| {
-                    Ok(YearToDate {
-                        year,
-                        deductible_fen: r.get(0)?,
-                        fund_paid_fen: r.get(1)?,
-                        eligible_fen: r.get(2)?,
-                        account_paid_fen: r.get(3)?,
-                        eligible_self_pay_fen: r.get(4)?,
-                    })
-                },
-            )
+            )?
+            .query_row(params![card_hash, payer, year], |r| {
+                Ok(YearToDate {
+                    year,
+                    deductible_fen: r.get(0)?,
+                    fund_paid_fen: r.get(1)?,
+                    eligible_fen: r.get(2)?,
+                    account_paid_fen: r.get(3)?,
+                    eligible_self_pay_fen: r.get(4)?,
+                })
+            })
             .optional()
             .map(|found| found.unwrap_or(YearToDate { year, ..YearToDate::default() }))
         })
@@ -492,32 +492,29 @@ impl Ledger for SqliteLedger {
 
     fn save_quote(&self, q: StoredQuote) -> LedgerFuture<'_, ()> {
         self.write(move |c| {
-            c.execute(
-                "INSERT INTO quotes (id, institution, expires_at, sealed) VALUES (?1, ?2, ?3, ?4)",
-                params![q.id, q.institution, q.expires_at, q.sealed],
-            )
-            .map(|_| ())
-            .map_err(storage)
+            c.prepare_cached("INSERT INTO quotes (id, institution, expires_at, sealed) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![q.id, q.institution, q.expires_at, q.sealed])
+                .map(|_| ())
+                .map_err(storage)
         })
     }
 
     fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError> {
         self.read(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT q.id, q.institution, q.expires_at, q.sealed, s.id FROM quotes q
                  LEFT JOIN settlements s ON s.quote_id = q.id
                  WHERE q.institution = ?1 AND q.id = ?2",
-                params![institution, id],
-                |r| {
-                    Ok(StoredQuote {
-                        id: r.get(0)?,
-                        institution: r.get(1)?,
-                        expires_at: r.get(2)?,
-                        sealed: r.get(3)?,
-                        settled_by: r.get(4)?,
-                    })
-                },
-            )
+            )?
+            .query_row(params![institution, id], |r| {
+                Ok(StoredQuote {
+                    id: r.get(0)?,
+                    institution: r.get(1)?,
+                    expires_at: r.get(2)?,
+                    sealed: r.get(3)?,
+                    settled_by: r.get(4)?,
+                })
+            })
             .optional()
         })
     }
@@ -534,12 +531,11 @@ impl Ledger for SqliteLedger {
 
     fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<super::Unresolved>, LedgerError> {
         self.read(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT id, institution, state, sealed_request, created_at FROM settlements
                  WHERE institution = ?1 AND id = ?2",
-                params![institution, id],
-                unresolved_row,
-            )
+            )?
+            .query_row(params![institution, id], unresolved_row)
             .optional()
         })
     }
@@ -556,10 +552,9 @@ impl Ledger for SqliteLedger {
 
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {
         let row: Option<(Vec<u8>, String)> = self.read(|c| {
-            c.query_row("SELECT card_hash, deltas FROM settlements WHERE id = ?1", params![id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
+            c.prepare_cached("SELECT card_hash, deltas FROM settlements WHERE id = ?1")?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
         })?;
         let Some((card_hash, json)) = row else { return Ok(None) };
         let list: Vec<serde_json::Value> = serde_json::from_str(&json).map_err(storage)?;

@@ -1,0 +1,234 @@
+//! The load harness: one HTTPS client with mutual-TLS keep-alive connections standing for many
+//! terminals, against three servers with the same TLS settings, in one run:
+//! - (a) the bare floor: hyper + rustls reading the body and answering a fixed JSON;
+//! - (a') the floor plus one Ed25519 signature check per request;
+//! - (b) the full gateway: EdDSA tokens, every limiter on, the two-payer in-process plugin
+//!   chain, the durable ledger (fsync on commit) on disk.
+//!
+//! Closed loop (maximum throughput) and open loop (a fixed offered rate, latency measured from
+//! each request's scheduled time, so no coordinated omission). Tokens are minted before the
+//! clock starts, each unique, so the replay check is real.
+//!
+//! Run: `cargo run --release -p cardgate-tests --bin loadgen -- [SECONDS] [CONNECTIONS]`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cardgate::client::Client;
+use cardgate_tests::harness::{Card, Options, Setup, serve_setup};
+use http::{Method, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+const LIMITS: &str = "
+[limits]
+max_in_flight = 100000
+global = { per_second = 1000000, burst = 1000000 }
+institution = { per_second = 1000000, burst = 1000000 }
+terminal = { per_second = 100000, burst = 100000 }
+card = { per_minute = 60, burst = 10 }
+";
+
+/// A bare server: reads the body, optionally verifies one Ed25519 signature, answers JSON.
+async fn bare(setup: &Setup, verify: bool) -> SocketAddr {
+    let dir = setup.dir.path();
+    let tls = cardgate::server::tls::mutual_tls(
+        "bare",
+        &dir.join("server.pem"),
+        &dir.join("server.key"),
+        &dir.join("ca.pem"),
+    )
+    .expect("TLS");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let key = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(key.as_ref()).expect("key");
+    let message = vec![7u8; 180];
+    let signature = pair.sign(&message).as_ref().to_vec();
+    let public = ring::signature::KeyPair::public_key(&pair).as_ref().to_vec();
+    let check = Arc::new((public, message, signature));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            let (acceptor, check) = (acceptor.clone(), Arc::clone(&check));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let check = Arc::clone(&check);
+                    async move {
+                        let _ = request.into_body().collect().await;
+                        if verify {
+                            let (public, message, signature) = &*check;
+                            let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public);
+                            assert!(key.verify(message, signature).is_ok());
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                            b"{\"state\":\"settled\"}",
+                        ))))
+                    }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+            });
+        }
+    });
+    addr
+}
+
+fn bill(token: &str) -> String {
+    json!({
+        "token": token, "terminal_id": "POS-01", "total_fen": 170000,
+        "lines": [
+            { "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 10, "unit_price_fen": 10000, "amount_fen": 100000 },
+            { "code": "XB02", "name": "CT scan", "category": "class_b", "quantity": 1, "unit_price_fen": 50000, "amount_fen": 50000 },
+            { "code": "XC03", "name": "Single room", "category": "class_c", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }
+        ]
+    })
+    .to_string()
+}
+
+struct Run {
+    completed: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Run {
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let index = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[index]) / 1000.0
+    }
+
+    fn throughput(&self) -> f64 {
+        self.completed as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Sends `bodies` over `connections` keep-alive connections; `rate` = None is closed loop,
+/// Some(r) schedules request i at start + i/r and measures from that moment.
+async fn drive(
+    client: &Client,
+    bodies: Arc<Vec<String>>,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> Run {
+    static RUN: AtomicUsize = AtomicUsize::new(0);
+    let run_id = RUN.fetch_add(1, Ordering::Relaxed);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now() + Duration::from_millis(200);
+    let mut workers = Vec::new();
+    for _ in 0..connections {
+        let (client, bodies, next) = (client.clone(), Arc::clone(&bodies), Arc::clone(&next));
+        let run_id = run_id;
+        workers.push(tokio::spawn(async move {
+            let mut connection = client.connect().await.expect("connect");
+            let (mut latencies, mut errors, mut completed) = (Vec::new(), 0usize, 0usize);
+            tokio::time::sleep_until(start.into()).await;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= bodies.len() {
+                    break;
+                }
+                let scheduled = match rate {
+                    Some(r) => start + Duration::from_secs_f64(i as f64 / r),
+                    None => Instant::now(),
+                };
+                if scheduled.duration_since(start) > duration {
+                    break;
+                }
+                if scheduled > Instant::now() {
+                    tokio::time::sleep_until(scheduled.into()).await;
+                }
+                let key = format!("load-{run_id}-{i}");
+                let headers = [("idempotency-key", key.as_str())];
+                match connection.send(Method::POST, "/v1/settlements", &headers, Some(&bodies[i])).await {
+                    Ok(reply) if reply.status.is_success() => completed += 1,
+                    Ok(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        connection = client.connect().await.expect("reconnect");
+                    }
+                }
+                latencies.push(scheduled.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            (latencies, errors, completed)
+        }));
+    }
+    let mut run = Run { completed: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    for worker in workers {
+        let (latencies, errors, completed) = worker.await.expect("worker");
+        run.latencies_us.extend(latencies);
+        run.errors += errors;
+        run.completed += completed;
+    }
+    run.elapsed = start.elapsed();
+    run.latencies_us.sort_unstable();
+    run
+}
+
+fn row(name: &str, run: &Run) {
+    println!(
+        "| {name} | {:>9.0} | {:>7.2} | {:>7.2} | {:>7.2} | {:>7.2} | {:>6} |",
+        run.throughput(),
+        run.percentile(0.5),
+        run.percentile(0.9),
+        run.percentile(0.99),
+        run.percentile(0.999),
+        run.errors
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let connections: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
+    let duration = Duration::from_secs(seconds);
+    let options =
+        Options { extra_toml: LIMITS.into(), release_plugins: true, inline_plugins: true, ..Options::default() };
+    let setup = Setup::create(&options, "127.0.0.1:0");
+    let (gateway, _stop) = serve_setup(&setup).await;
+    let (floor, floor_sig) = (bare(&setup, false).await, bare(&setup, true).await);
+
+    let budget = (seconds as usize) * 60_000;
+    eprintln!("minting {budget} tokens ...");
+    let minted = Instant::now();
+    let bodies: Vec<String> = (0..budget).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
+    eprintln!("minted in {:.1} s", minted.elapsed().as_secs_f64());
+    let bodies = Arc::new(bodies);
+    println!("closed loop, {connections} connections, {seconds} s each; latency in ms");
+    println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    let a = drive(&setup.client(floor, 1), Arc::clone(&bodies), connections, duration, None).await;
+    row("(a) bare mTLS floor", &a);
+    let a_sig = drive(&setup.client(floor_sig, 1), Arc::clone(&bodies), connections, duration, None).await;
+    row("(a') floor + Ed25519", &a_sig);
+    let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
+    row("(b) full gateway", &b);
+    println!(
+        "\nratios: (b)/(a') = {:.2}, (b)/(a) = {:.2}",
+        b.throughput() / a_sig.throughput(),
+        b.throughput() / a.throughput()
+    );
+    // Open loop at half the gateway's maximum, fresh tokens.
+    let rate = (b.throughput() / 2.0).max(1.0);
+    let fresh: Vec<String> =
+        (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
+    let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections.max(64), duration, Some(rate)).await;
+    println!("\nopen loop at {rate:.0} req/s (half the gateway's maximum), latency from the scheduled time:");
+    println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    row("(b) full gateway", &open);
+}
