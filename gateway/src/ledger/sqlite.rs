@@ -184,14 +184,14 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>) {
             }
         };
         for job in batch {
-            let outcome = tx.execute_batch("SAVEPOINT job").map(|()| job(&tx));
+            let outcome = run_cached(&tx, "SAVEPOINT job").map(|()| job(&tx));
             match outcome {
                 Ok((true, completion)) => {
-                    let _ = tx.execute_batch("RELEASE job");
+                    let _ = run_cached(&tx, "RELEASE job");
                     completions.push(completion);
                 }
                 Ok((false, completion)) => {
-                    let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
+                    let _ = run_cached(&tx, "ROLLBACK TO job").and_then(|()| run_cached(&tx, "RELEASE job"));
                     completions.push(completion);
                 }
                 Err(e) => tracing::error!(error = %e, "ledger: savepoint failed"),
@@ -249,9 +249,12 @@ fn add_accumulators(conn: &Connection, card_hash: &[u8], deltas: &[AccumulatorDe
     Ok(())
 }
 
+/// Runs a parameterless statement through the statement cache (no parsing after the first).
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn record_amounts(conn: &Connection, id: &str, a: &super::Amounts) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE settlements SET fund_fen = ?2, account_fen = ?3, cash_fen = ?4 WHERE id = ?1")?
-        .execute(params![id, a.fund_fen, a.account_fen, a.cash_fen])?;
     for (payer, fund, account) in &a.payers {
         conn.prepare_cached(
             "INSERT INTO settlement_payers (settlement_id, payer, fund_fen, account_fen) VALUES (?1, ?2, ?3, ?4)",
@@ -451,10 +454,22 @@ impl Ledger for SqliteLedger {
             let changed = c
                 .execute(
                     "UPDATE settlements SET state = ?2, status = ?3, body = ?4, updated_at = ?5, deltas = ?7,
+                         fund_fen = ?8, account_fen = ?9, cash_fen = ?10,
                          token_id = CASE WHEN ?6 THEN NULL ELSE token_id END,
                          quote_id = CASE WHEN ?6 THEN NULL ELSE quote_id END
                      WHERE id = ?1 AND state IN ('pending', 'unknown')",
-                    params![o.id, o.state.as_str(), o.status, o.body, o.at, release_token, deltas_json(&o.deltas)],
+                    params![
+                        o.id,
+                        o.state.as_str(),
+                        o.status,
+                        o.body,
+                        o.at,
+                        release_token,
+                        deltas_json(&o.deltas),
+                        o.amounts.as_ref().map_or(0, |a| a.fund_fen),
+                        o.amounts.as_ref().map_or(0, |a| a.account_fen),
+                        o.amounts.as_ref().map_or(0, |a| a.cash_fen)
+                    ],
                 )
                 .map_err(storage)?;
             if changed != 1 {

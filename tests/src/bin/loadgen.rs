@@ -9,7 +9,8 @@
 //! each request's scheduled time, so no coordinated omission). Tokens are minted before the
 //! clock starts, each unique, so the replay check is real.
 //!
-//! Run: `cargo run --release -p cardgate-tests --bin loadgen -- [SECONDS] [CONNECTIONS]`.
+//! Run: `cargo run --release -p cardgate-tests --bin loadgen -- [SECONDS] [CONNECTIONS] [gateway]`
+//! (`gateway`: only the full gateway, with fewer tokens — for profiling).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -202,7 +203,8 @@ async fn main() {
     let (gateway, _stop) = serve_setup(&setup).await;
     let (floor, floor_sig) = (bare(&setup, false).await, bare(&setup, true).await);
 
-    let budget = (seconds as usize) * 60_000;
+    let only_gateway = args.get(3).is_some_and(|a| a == "gateway");
+    let budget = (seconds as usize) * if only_gateway { 15_000 } else { 60_000 };
     eprintln!("minting {budget} tokens ...");
     let minted = Instant::now();
     let bodies: Vec<String> = (0..budget).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
@@ -211,6 +213,12 @@ async fn main() {
     println!("closed loop, {connections} connections, {seconds} s each; latency in ms");
     println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors |");
     println!("|---|---|---|---|---|---|---|");
+    if only_gateway {
+        eprintln!("profiling window starts");
+        let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
+        row("(b) full gateway", &b);
+        return;
+    }
     let a = drive(&setup.client(floor, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(a) bare mTLS floor", &a);
     let a_sig = drive(&setup.client(floor_sig, 1), Arc::clone(&bodies), connections, duration, None).await;
