@@ -507,7 +507,7 @@ mod tests {
     fn the_documented_example_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cardgate.toml");
         let config = Config::load(&path, &HashMap::new()).expect("examples/cardgate.toml is valid");
-        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.routes.len(), 3);
         assert_eq!(config.plugins["basic-medical"].config["schemes"]["310"]["deductible_fen"], 80000);
     }
 

@@ -92,6 +92,8 @@ pub struct DevPlugins {
     pub basic_medical: PathBuf,
     /// `critical-illness` library.
     pub critical_illness: PathBuf,
+    /// `medical-assistance` library.
+    pub medical_assistance: PathBuf,
 }
 
 /// The files of a dev setup.
@@ -160,6 +162,7 @@ fn random_hex(bytes: usize) -> String {
 
 const BASIC_MEDICAL_CONFIG: &str = include_str!("../../plugins/basic-medical/config.example.toml");
 const CRITICAL_ILLNESS_CONFIG: &str = include_str!("../../plugins/critical-illness/config.example.toml");
+const MEDICAL_ASSISTANCE_CONFIG: &str = include_str!("../../plugins/medical-assistance/config.example.toml");
 
 /// The dev configuration: the two example institutions, the example payer chain for Beijing
 /// cards, and a cross-region rule for Shanghai cards.
@@ -201,10 +204,11 @@ name = "Example Pharmacy"
 level = "pharmacy"
 region = "110105"
 
-# Beijing cards: basic medical insurance, then critical-illness insurance.
+# Beijing cards: basic medical insurance, then critical-illness insurance, then medical
+# assistance for registered low-income recipients.
 [[routes]]
 regions = ["11"]
-payers = ["basic-medical", "critical-illness"]
+payers = ["basic-medical", "critical-illness", "medical-assistance"]
 
 # Shanghai cards treated outside Shanghai: basic medical insurance only.
 [[routes]]
@@ -222,6 +226,7 @@ payers = ["basic-medical"]
     for (name, library, text) in [
         ("basic-medical", &plugins.basic_medical, BASIC_MEDICAL_CONFIG),
         ("critical-illness", &plugins.critical_illness, CRITICAL_ILLNESS_CONFIG),
+        ("medical-assistance", &plugins.medical_assistance, MEDICAL_ASSISTANCE_CONFIG),
     ] {
         let mut table = toml::Table::new();
         table.insert("library".into(), toml::Value::String(library.display().to_string()));

@@ -40,6 +40,18 @@ pub enum PluginCommand {
         /// The plugin library.
         file: PathBuf,
     },
+    /// Create a new plugin crate: a compiling policy, tests through the SDK's test kit, a README
+    /// and an example configuration.
+    New {
+        /// The plugin's name (lowercase letters, digits and `-`).
+        name: String,
+        /// Directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Path to the cardgate SDK [default: the SDK of this source tree].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Check a plugin library's signed manifest against a signers file, as the gateway would.
     Verify {
         /// Trusted signers (JSON).
@@ -122,8 +134,51 @@ pub fn run(command: PluginCommand, out: &mut dyn Write) -> Result<u8, Failure> {
             inspect(&file, json, cache_dir.unwrap_or_else(temp_cache), out)
         }
         PluginCommand::Sign { key, kid, file } => sign(&key, &kid, &file, temp_cache(), out),
+        PluginCommand::New { name, dir, sdk } => new_plugin(&name, &dir, sdk, out),
         PluginCommand::Verify { trust, name, file } => verify(&trust, name, &file, temp_cache(), out),
     }
+}
+
+const TEMPLATE: [(&str, &str); 5] = [
+    ("Cargo.toml", include_str!("template/Cargo.toml.tmpl")),
+    ("src/lib.rs", include_str!("template/lib.rs.tmpl")),
+    ("tests/policy.rs", include_str!("template/test.rs.tmpl")),
+    ("README.md", include_str!("template/README.md.tmpl")),
+    ("config.example.toml", include_str!("template/config.example.toml.tmpl")),
+];
+
+fn new_plugin(name: &str, dir: &Path, sdk: Option<PathBuf>, out: &mut dyn Write) -> Result<u8, Failure> {
+    let valid = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(Failure::config("NAME: lowercase letters, digits and `-`, starting with a letter"));
+    }
+    let sdk = match sdk {
+        Some(path) => path,
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk"),
+    };
+    let sdk = sdk
+        .canonicalize()
+        .map_err(|e| Failure::config(format!("the SDK is not at {} ({e}); pass --sdk PATH", sdk.display())))?;
+    let root = dir.join(name);
+    if root.exists() {
+        return Err(Failure::config(format!("{} exists already", root.display())));
+    }
+    let crate_name = name.replace('-', "_");
+    for (file, template) in TEMPLATE {
+        let path = root.join(file);
+        let text = template
+            .replace("{{name}}", name)
+            .replace("{{crate_name}}", &crate_name)
+            .replace("{{sdk}}", &sdk.display().to_string());
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Failure::new(format!("{}: {e}", parent.display())))?;
+        }
+        std::fs::write(&path, text).map_err(|e| Failure::new(format!("{}: {e}", path.display())))?;
+    }
+    writeln!(out, "created {} — next: cd {} && cargo test", root.display(), root.display()).map_err(Failure::new)?;
+    Ok(0)
 }
 
 fn label(file: &Path) -> String {

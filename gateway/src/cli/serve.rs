@@ -84,8 +84,8 @@ pub struct DevArgs {
     /// Address to listen on (used when the directory is first set up).
     #[arg(long, default_value = "127.0.0.1:8443")]
     listen: String,
-    /// Directory holding `libbasic_medical.so` and `libcritical_illness.so` [default: build
-    /// them from this source tree].
+    /// Directory holding `libbasic_medical.so`, `libcritical_illness.so` and
+    /// `libmedical_assistance.so` [default: build them from this source tree].
     #[arg(long)]
     plugins: Option<PathBuf>,
 }
@@ -183,6 +183,7 @@ pub fn dev(args: DevArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         Some(dir) => DevPlugins {
             basic_medical: dir.join("libbasic_medical.so"),
             critical_illness: dir.join("libcritical_illness.so"),
+            medical_assistance: dir.join("libmedical_assistance.so"),
         },
         None => build_plugins(out)?,
     };
@@ -207,7 +208,11 @@ fn build_plugins(out: &mut dyn Write) -> Result<DevPlugins, Failure> {
         };
         build.run().map_err(Failure::new)
     };
-    Ok(DevPlugins { basic_medical: build("basic-medical")?, critical_illness: build("critical-illness")? })
+    Ok(DevPlugins {
+        basic_medical: build("basic-medical")?,
+        critical_illness: build("critical-illness")?,
+        medical_assistance: build("medical-assistance")?,
+    })
 }
 
 fn instructions(out: &mut dyn Write, dir: &Path, listen: &str) -> std::io::Result<()> {
