@@ -1,5 +1,5 @@
 /*
- * cardgate plugin ABI, version 1.0.
+ * cardgate plugin ABI, version 1.1 (1.1 added `description` to the declaration).
  *
  * A cardgate plugin is a shared library exporting one function, CARDGATE_ENTRY_SYMBOL, that
  * returns a pointer to a static cardgate_declaration. The gateway checks the magic bytes, the
@@ -38,7 +38,7 @@ extern "C" {
 
 #define CARDGATE_MAGIC "CARDGATE" /* 8 bytes, no NUL in the declaration */
 #define CARDGATE_ABI_MAJOR 1
-#define CARDGATE_ABI_MINOR 0
+#define CARDGATE_ABI_MINOR 1
 #define CARDGATE_ENTRY_SYMBOL "cardgate_plugin_declaration"
 
 /* cardgate_declaration.flags */
@@ -109,6 +109,8 @@ typedef struct cardgate_declaration {
     cardgate_init_fn init;
     cardgate_call_fn call;
     cardgate_destroy_fn destroy;
+    /* ABI 1.1 */
+    const char *description; /* NUL-terminated, static; may be NULL */
 } cardgate_declaration;
 
 /* The entry point every plugin exports. */

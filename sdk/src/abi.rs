@@ -27,7 +27,7 @@ pub const MAGIC: [u8; 8] = *b"CARDGATE";
 /// The ABI major version: a host loads only plugins with the same major version.
 pub const ABI_MAJOR: u16 = 1;
 /// The ABI minor version: a host loads plugins whose minor version is at most its own.
-pub const ABI_MINOR: u16 = 0;
+pub const ABI_MINOR: u16 = 1;
 /// The name of the exported entry function.
 pub const ENTRY_SYMBOL: &str = "cardgate_plugin_declaration";
 /// The version of this SDK, recorded in every declaration.
@@ -146,13 +146,26 @@ pub struct Declaration {
     pub call: Option<CallFn>,
     /// Drops an instance.
     pub destroy: Option<DestroyFn>,
+    /// ABI 1.1: NUL-terminated description of the plugin, or null. A host reads it only when
+    /// `size` covers it.
+    pub description: *const c_char,
 }
+
+/// The size of an ABI 1.0 declaration: the fields up to `destroy`. Plugins built for 1.0
+/// declare this size, and a host reads nothing past it from them.
+pub const DECLARATION_SIZE_1_0: u32 = std::mem::offset_of!(Declaration, description) as u32;
 
 impl Declaration {
     /// The declaration of plugin `P`. `name` and `version` must end with a NUL byte; the
     /// export macro passes the crate's package name and version.
-    pub const fn new<P: Plugin>(name: &'static str, version: &'static str, unwind: bool) -> Self {
+    pub const fn new<P: Plugin>(
+        name: &'static str,
+        version: &'static str,
+        description: &'static str,
+        unwind: bool,
+    ) -> Self {
         assert!(ends_with_nul(name) && ends_with_nul(version), "name and version must end with NUL");
+        assert!(ends_with_nul(description), "description must end with NUL");
         Self {
             magic: MAGIC,
             abi_major: ABI_MAJOR,
@@ -166,6 +179,7 @@ impl Declaration {
             init: Some(init::<P>),
             call: Some(call::<P>),
             destroy: Some(destroy::<P>),
+            description: description.as_ptr().cast(),
         }
     }
 }
@@ -404,6 +418,7 @@ macro_rules! export_plugin {
                     ..$crate::abi::Declaration::new::<$plugin>(
                         concat!(env!("CARGO_PKG_NAME"), "\0"),
                         concat!(env!("CARGO_PKG_VERSION"), "\0"),
+                        concat!(env!("CARGO_PKG_DESCRIPTION"), "\0"),
                         cfg!(panic = "unwind"),
                     )
                 });

@@ -25,6 +25,7 @@ int main(void) {
     OFF(cardgate_declaration, sdk_version); OFF(cardgate_declaration, name);
     OFF(cardgate_declaration, version); OFF(cardgate_declaration, init);
     OFF(cardgate_declaration, call); OFF(cardgate_declaration, destroy);
+    OFF(cardgate_declaration, description);
     OFF(cardgate_host_api, size); OFF(cardgate_host_api, abi_major); OFF(cardgate_host_api, abi_minor);
     OFF(cardgate_host_api, max_log_level); OFF(cardgate_host_api, reserved);
     OFF(cardgate_host_api, ctx); OFF(cardgate_host_api, log);
@@ -65,7 +66,8 @@ fn expected() -> BTreeMap<String, String> {
         version,
         init,
         call,
-        destroy
+        destroy,
+        description
     );
     off!("cardgate_host_api", HostApi, size, abi_major, abi_minor, max_log_level, reserved, ctx, log);
     let constants: [(&str, i64); 18] = [

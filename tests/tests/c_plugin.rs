@@ -12,12 +12,17 @@ use http::StatusCode;
 use serde_json::json;
 
 fn build_c_plugin(dir: &std::path::Path) -> PathBuf {
+    build_c_plugin_with(dir, &workspace_root().join("sdk/include"), "libhalf_pay.so")
+}
+
+/// Compiles the C plugin against the header in `include` (today's, or an older ABI's).
+fn build_c_plugin_with(dir: &std::path::Path, include: &std::path::Path, name: &str) -> PathBuf {
     let source = workspace_root().join("examples/c-plugin/half_pay.c");
-    let output = dir.join("libhalf_pay.so");
+    let output = dir.join(name);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(&cc)
         .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-I"])
-        .arg(workspace_root().join("sdk/include"))
+        .arg(include)
         .arg("-o")
         .arg(&output)
         .arg(&source)
@@ -63,4 +68,26 @@ async fn c_plugin_settles_through_the_gateway() {
     let receipt = reply.json();
     assert_eq!((receipt["fund_pay_fen"].as_i64(), receipt["cash_pay_fen"].as_i64()), (Some(501), Some(500)));
     assert_eq!(receipt["payers"][0]["version"], "1.0.0");
+}
+
+#[test]
+fn a_plugin_built_against_the_previous_abi_minor_still_loads_and_answers() {
+    // The same C plugin compiled against the ABI 1.0 header, kept as it shipped: its
+    // declaration is the 1.0 size, without the fields 1.1 appended.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let library = build_c_plugin_with(dir.path(), &workspace_root().join("tests/abi-1.0"), "libhalf_pay_1_0.so");
+    let options = LoadOptions::new(dir.path().join("cache"));
+    let instance =
+        load("half-pay-1.0", &library, &json!({ "fund_bp": 5000 }), &options).expect("an ABI 1.0 plugin loads");
+    let info = instance.library().info();
+    assert_eq!(info.abi, cardgate::plugin::AbiVersion { major: 1, minor: 0 });
+    assert_eq!(info.description, "", "nothing is read past a 1.0 declaration");
+    let request = settlement_request(bill(2));
+    let output = instance.call(Operation::Settle, &serde_json::to_vec(&request).expect("JSON")).expect("answers");
+    let split: Split = serde_json::from_slice(&output).expect("a split");
+    assert_eq!(split.check_balances(request.due_fen), Ok(()));
+    // And today's build of the same source declares 1.1.
+    let current = build_c_plugin(dir.path());
+    let instance = load("half-pay", &current, &json!({}), &options).expect("loads");
+    assert_eq!(instance.library().info().abi, cardgate::plugin::AbiVersion::HOST);
 }

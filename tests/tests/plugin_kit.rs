@@ -15,7 +15,8 @@ use http::StatusCode;
 use serde_json::json;
 
 fn cli(args: &[&str]) -> (u8, String) {
-    let cli = cardgate::cli::Cli::try_parse_from(std::iter::once("cardgate").chain(args.iter().copied())).expect("args");
+    let cli =
+        cardgate::cli::Cli::try_parse_from(std::iter::once("cardgate").chain(args.iter().copied())).expect("args");
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = cardgate::cli::run(cli, &mut out, &mut err);
     (code, format!("{}{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err)))
@@ -42,7 +43,8 @@ async fn from_plugin_new_to_a_signed_plugin_serving_a_route() {
         .output()
         .expect("cargo test");
     assert!(tested.status.success(), "the generated tests fail:\n{}", String::from_utf8_lossy(&tested.stderr));
-    let build = Build { workspace: Some(crate_dir.clone()), flavour: Some("kit-build".into()), ..Build::new("acme-assist") };
+    let build =
+        Build { workspace: Some(crate_dir.clone()), flavour: Some("kit-build".into()), ..Build::new("acme-assist") };
     let built = build.run().expect("the generated crate builds");
     let library = work.path().join("libacme_assist.so");
     std::fs::copy(&built, &library).expect("deploy");

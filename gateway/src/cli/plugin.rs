@@ -119,7 +119,7 @@ pub fn host(args: HostArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     let info = library.info();
     let ready = serde_json::json!({
         "ready": true, "name": info.name, "version": info.version, "sdk_version": info.sdk_version,
-        "abi": info.abi.to_string(), "unwind": info.unwind,
+        "abi": info.abi.to_string(), "unwind": info.unwind, "description": info.description,
     });
     writeln!(out, "{ready}").and_then(|()| out.flush()).map_err(Failure::new)?;
     crate::plugin::process::serve_host(instance, listener).map_err(Failure::new)?;
@@ -236,15 +236,17 @@ fn inspect(file: &Path, json: bool, cache_dir: PathBuf, out: &mut dyn Write) -> 
             "abi": info.abi.to_string(),
             "gateway_abi": AbiVersion::HOST.to_string(),
             "unwind": info.unwind,
+            "description": info.description,
             "sha256": library.sha256(),
             "file": file.display().to_string(),
         });
         format!("{value:#}\n")
     } else {
         format!(
-            "plugin:      {} {}\nsdk:         {}\nabi:         {} (gateway {})\nunwinding:   {}\nsha256:      {}\nfile:        {}\n",
+            "plugin:      {} {}\nabout:       {}\nsdk:         {}\nabi:         {} (gateway {})\nunwinding:   {}\nsha256:      {}\nfile:        {}\n",
             info.name,
             info.version,
+            info.description,
             info.sdk_version,
             info.abi,
             AbiVersion::HOST,

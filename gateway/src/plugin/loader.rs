@@ -59,6 +59,8 @@ pub struct PluginInfo {
     pub abi: AbiVersion,
     /// Whether it was built with unwinding (its panics can be contained).
     pub unwind: bool,
+    /// Its description (ABI 1.1; empty for older plugins).
+    pub description: String,
 }
 
 /// A loaded plugin library: checked, never unloaded.
@@ -363,13 +365,20 @@ fn check_declaration(
         expected,
         reason,
     };
-    if (declaration.size as usize) < size_of::<Declaration>() {
+    if declaration.size < abi::DECLARATION_SIZE_1_0 {
         return Err(bad(format!(
             "size {} is smaller than the {} bytes of ABI 1.0",
             declaration.size,
-            size_of::<Declaration>()
+            abi::DECLARATION_SIZE_1_0
         )));
     }
+    // Fields added by later minor versions are read only when the declaration has them.
+    let has = |offset: usize| declaration.size as usize >= offset + size_of::<usize>();
+    let description = if has(std::mem::offset_of!(Declaration, description)) {
+        read_c_str(declaration.description).unwrap_or_default()
+    } else {
+        String::new()
+    };
     let text =
         |what: &str, ptr| read_c_str(ptr).ok_or_else(|| bad(format!("{what} is not a NUL-terminated UTF-8 string")));
     let info = PluginInfo {
@@ -378,6 +387,7 @@ fn check_declaration(
         sdk_version: text("sdk_version", declaration.sdk_version)?,
         abi: found,
         unwind: declaration.flags & abi::FLAG_UNWIND != 0,
+        description,
     };
     let (Some(init), Some(call), Some(destroy)) = (declaration.init, declaration.call, declaration.destroy) else {
         return Err(bad("init, call and destroy must all be set".to_owned()));

@@ -132,7 +132,6 @@ async fn drive(
     let mut workers = Vec::new();
     for _ in 0..connections {
         let (client, bodies, next) = (client.clone(), Arc::clone(&bodies), Arc::clone(&next));
-        let run_id = run_id;
         workers.push(tokio::spawn(async move {
             let mut connection = client.connect().await.expect("connect");
             let (mut latencies, mut errors, mut completed) = (Vec::new(), 0usize, 0usize);
