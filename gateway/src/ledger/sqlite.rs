@@ -89,6 +89,26 @@ pub struct SqliteLedger {
     path: PathBuf,
     jobs: Sender<Job>,
     readers: Mutex<Vec<Connection>>,
+    /// Tells the checkpoint thread to stop when the ledger is dropped.
+    stop_checkpoints: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for SqliteLedger {
+    fn drop(&mut self) {
+        self.stop_checkpoints.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies the write-ahead log into the database off the writer's thread, so commits never
+/// wait for a checkpoint.
+fn checkpoint_loop(path: PathBuf, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let Ok(conn) = open(&path) else { return };
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "ledger: checkpoint failed");
+        }
+    }
 }
 
 impl From<rusqlite::Error> for LedgerError {
@@ -124,12 +144,20 @@ impl SqliteLedger {
         }
         writer.execute_batch(SCHEMA).map_err(storage)?;
         writer.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(storage)?;
+        // Checkpoints run on their own thread (below), not inside the writer's commits.
+        writer.execute_batch("PRAGMA wal_autocheckpoint = 0").map_err(storage)?;
+        let stop_checkpoints = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (checkpoint_path, stop) = (path.to_owned(), std::sync::Arc::clone(&stop_checkpoints));
+        std::thread::Builder::new()
+            .name("cardgate-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoint_path, stop))
+            .map_err(storage)?;
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
         std::thread::Builder::new()
             .name("cardgate-ledger".into())
             .spawn(move || write_loop(writer, queue))
             .map_err(storage)?;
-        Ok(Self { path: path.to_owned(), jobs, readers: Mutex::new(Vec::new()) })
+        Ok(Self { path: path.to_owned(), jobs, readers: Mutex::new(Vec::new()), stop_checkpoints })
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, LedgerError> {
