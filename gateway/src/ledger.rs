@@ -28,6 +28,14 @@ pub fn business_day(at: i64) -> String {
         .unwrap_or_default()
 }
 
+/// A moment as RFC 3339 (UTC), for receipts and reports.
+pub fn rfc3339(at: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(at)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
 /// A boxed future returned by ledger operations.
 pub type LedgerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'a>>;
 

@@ -145,8 +145,12 @@ impl PluginHandle {
     /// Wraps an instance; calls go through the pool, at most 256 at once, with a breaker that
     /// opens for 5 s after 5 consecutive failures.
     pub fn new(instance: Instance, pool: PluginPool, timeout: Duration) -> Self {
+        Self::with_backend(Backend::InProcess(Arc::new(instance)), pool, timeout)
+    }
+
+    fn with_backend(backend: Backend, pool: PluginPool, timeout: Duration) -> Self {
         Self {
-            backend: Backend::InProcess(Arc::new(instance)),
+            backend,
             pool,
             timeout,
             dispatch: Dispatch::Pool,
@@ -182,16 +186,7 @@ impl PluginHandle {
 
     /// A handle on a plugin running in its own process (`sha256` of its library).
     pub fn process_tier(plugin: process::ProcessPlugin, sha256: String, pool: PluginPool, timeout: Duration) -> Self {
-        Self {
-            backend: Backend::Process(Arc::new(plugin), sha256),
-            pool,
-            timeout,
-            dispatch: Dispatch::Pool,
-            permits: Arc::new(tokio::sync::Semaphore::new(256)),
-            breaker: Arc::new(Breaker::new(5, Duration::from_secs(5))),
-            counters: Arc::default(),
-            label: Arc::from(""),
-        }
+        Self::with_backend(Backend::Process(Arc::new(plugin), sha256), pool, timeout)
     }
 
     /// `in_process` or `process`.

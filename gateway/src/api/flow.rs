@@ -16,10 +16,10 @@ use serde_json::{Value, json};
 use super::model::{BillBody, InquiryBody, ReversalBody, check_bill, check_id};
 use super::{ApiError, ApiResponse, Identity};
 use crate::config::InstitutionConfig;
-use crate::ledger::UTC_OFFSET_SECS;
 use crate::ledger::{
     AccumulatorDelta, Amounts, Intent, LedgerError, Outcome, Record, State, StoredQuote, Unresolved, mask_card,
 };
+use crate::ledger::{UTC_OFFSET_SECS, rfc3339};
 use crate::plugin::{CallError, PluginHandle};
 use crate::route::RouteQuery;
 use crate::service::{Gateway, PluginSet};
@@ -166,13 +166,6 @@ fn route_names(
 
 fn year_of(now: i64) -> i32 {
     time::OffsetDateTime::from_unix_timestamp(now + UTC_OFFSET_SECS).map_or(1970, |t| t.year())
-}
-
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
 }
 
 fn new_id(prefix: char) -> String {

@@ -365,10 +365,7 @@ fn reconcile(
                 state: r.get(1)?,
                 terminal_id: r.get(2)?,
                 card: r.get(3)?,
-                created_at: time::OffsetDateTime::from_unix_timestamp(created)
-                    .ok()
-                    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-                    .unwrap_or_default(),
+                created_at: super::rfc3339(created),
                 total_fen: r.get(5)?,
                 fund_pay_fen: r.get(6)?,
                 account_pay_fen: r.get(7)?,
