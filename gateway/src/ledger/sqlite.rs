@@ -117,6 +117,30 @@ impl From<rusqlite::Error> for LedgerError {
     }
 }
 
+/// Stored answers are JSON; they are kept deflated (a third of the bytes to write and
+/// checkpoint). Readers accept both forms.
+fn pack(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::with_capacity(text.len() / 3), flate2::Compression::fast());
+    let _ = encoder.write_all(text.as_bytes());
+    encoder.finish().unwrap_or_else(|_| text.as_bytes().to_vec())
+}
+
+fn unpack(value: rusqlite::types::ValueRef<'_>) -> String {
+    use std::io::Read;
+    match value {
+        rusqlite::types::ValueRef::Text(text) => String::from_utf8_lossy(text).into_owned(),
+        rusqlite::types::ValueRef::Blob(bytes) => {
+            let mut text = String::new();
+            match flate2::read::ZlibDecoder::new(bytes).read_to_string(&mut text) {
+                Ok(_) => text,
+                Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+            }
+        }
+        _ => String::new(),
+    }
+}
+
 fn storage(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Storage(e.to_string())
 }
@@ -244,7 +268,7 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         request_hash: row.get(2)?,
         state: State::parse(&state).unwrap_or(State::Unknown),
         status: row.get(4)?,
-        body: row.get(5)?,
+        body: unpack(row.get_ref(5)?),
         reversal: row.get(6)?,
     })
 }
@@ -474,28 +498,30 @@ impl Ledger for SqliteLedger {
     }
 
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
+        // Compressed here, on the caller's thread: the writer's thread is the one to spare.
+        let (body, deltas) = (pack(&o.body), deltas_json(&o.deltas));
         self.write(move |c| {
             let release_token = o.state != State::Settled && o.state != State::Unknown;
             let changed = c
-                .execute(
+                .prepare_cached(
                     "UPDATE settlements SET state = ?2, status = ?3, body = ?4, updated_at = ?5, deltas = ?7,
                          fund_fen = ?8, account_fen = ?9, cash_fen = ?10,
                          token_id = CASE WHEN ?6 THEN NULL ELSE token_id END,
                          quote_id = CASE WHEN ?6 THEN NULL ELSE quote_id END
                      WHERE id = ?1 AND state IN ('pending', 'unknown')",
-                    params![
-                        o.id,
-                        o.state.as_str(),
-                        o.status,
-                        o.body,
-                        o.at,
-                        release_token,
-                        deltas_json(&o.deltas),
-                        o.amounts.as_ref().map_or(0, |a| a.fund_fen),
-                        o.amounts.as_ref().map_or(0, |a| a.account_fen),
-                        o.amounts.as_ref().map_or(0, |a| a.cash_fen)
-                    ],
-                )
+                )?
+                .execute(params![
+                    o.id,
+                    o.state.as_str(),
+                    o.status,
+                    body,
+                    o.at,
+                    release_token,
+                    deltas,
+                    o.amounts.as_ref().map_or(0, |a| a.fund_fen),
+                    o.amounts.as_ref().map_or(0, |a| a.account_fen),
+                    o.amounts.as_ref().map_or(0, |a| a.cash_fen)
+                ])
                 .map_err(storage)?;
             if changed != 1 {
                 return Err(LedgerError::NotFound);
