@@ -1,0 +1,162 @@
+//! One criterion bench per stage of the request flow that is not measured elsewhere (token
+//! verification: `benches/token.rs`; plugin calls: `tests/benches/plugin_call.rs`):
+//! body parse, limiter checks, routing, and ledger commits (batched by concurrency).
+//!
+//! Run: `cargo bench -p cardgate --bench stages`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use cardgate::api::model::{BillBody, check_bill};
+use cardgate::config::{LimitsConfig, RateConfig, RouteConfig};
+use cardgate::ledger::sqlite::SqliteLedger;
+use cardgate::ledger::{AccumulatorDelta, Amounts, Intent, Ledger, Outcome, State};
+use cardgate::limit::Limiter;
+use cardgate::route::{RouteQuery, Router};
+use cardgate_sdk::YearToDate;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+
+const BODY: &str = r#"{"token":"EC1:6BFOXN%TS3DH0YOJ58S S-W5HDC *M0II5XHC9B5G2+$N IOP-IA%NH$RSC9 PBUVH9V3IUQJ1 Q3S1BMTF*X4TT5$$D2-HXRQ4L2H8W1U$A3F2*7O","terminal_id":"POS-01","total_fen":170000,"lines":[{"code":"XA01","name":"Amoxicillin","category":"class_a","quantity":10,"unit_price_fen":10000,"amount_fen":100000},{"code":"XB02","name":"CT scan","category":"class_b","quantity":1,"unit_price_fen":50000,"amount_fen":50000},{"code":"XC03","name":"Single room","category":"class_c","quantity":1,"unit_price_fen":20000,"amount_fen":20000}]}"#;
+
+fn rate(per_second: u32) -> Option<RateConfig> {
+    Some(RateConfig { per_second: Some(per_second), per_minute: None, burst: per_second })
+}
+
+fn stages(c: &mut Criterion) {
+    let mut group = c.benchmark_group("stages");
+    group.bench_function("body_parse_and_check", |b| {
+        b.iter(|| {
+            let body: BillBody = serde_json::from_str(black_box(BODY)).expect("parses");
+            check_bill(&body.lines, body.total_fen).expect("balances")
+        })
+    });
+
+    let limiter = Limiter::new(&LimitsConfig {
+        global: rate(1_000_000_000),
+        institution: rate(1_000_000_000),
+        terminal: rate(1_000_000_000),
+        card: rate(1_000_000_000),
+        max_in_flight: 1_000_000,
+    });
+    group.bench_function("limiter_all_scopes", |b| {
+        b.iter(|| {
+            let _guard = limiter.enter();
+            limiter.check_request(black_box("H110105001")).expect("allowed");
+            limiter.check_terminal("H110105001", black_box("POS-01")).expect("allowed");
+            limiter.check_card(black_box(&[7u8; 32])).expect("allowed");
+        })
+    });
+
+    let routes: Vec<RouteConfig> = (10..60)
+        .flat_map(|province| {
+            let p = province.to_string();
+            [
+                RouteConfig {
+                    regions: vec![p.clone()],
+                    insurance_types: vec![],
+                    institutions: vec![],
+                    cross_region: None,
+                    payers: vec!["a".into()],
+                },
+                RouteConfig {
+                    regions: vec![format!("{p}01")],
+                    insurance_types: vec!["390".into()],
+                    institutions: vec![],
+                    cross_region: None,
+                    payers: vec!["b".into()],
+                },
+                RouteConfig {
+                    regions: vec![p],
+                    insurance_types: vec![],
+                    institutions: vec![],
+                    cross_region: Some(true),
+                    payers: vec!["c".into()],
+                },
+            ]
+        })
+        .collect();
+    let router = Router::new(routes);
+    group.bench_function("routing_150_rules", |b| {
+        b.iter(|| {
+            let query = RouteQuery {
+                insured_region: black_box("440305"),
+                insurance_type: "390",
+                institution: "H1",
+                treatment_region: "110105",
+            };
+            router.route(&query).map(<[String]>::len)
+        })
+    });
+
+    // A settlement's two durable commits (intent, outcome), 64 settlements at once, as the
+    // group commit sees them under load; the figure is per batch of 64.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("bench.db")).expect("ledger"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let serial = std::sync::atomic::AtomicU64::new(0);
+    group.sample_size(20);
+    group.bench_function("ledger_64_settlements_two_commits_each", |b| {
+        b.iter_batched(
+            || (0..64).map(|_| serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).collect::<Vec<_>>(),
+            |ids| {
+                runtime.block_on(async {
+                    let tasks: Vec<_> = ids
+                        .into_iter()
+                        .map(|n| {
+                            let ledger = Arc::clone(&ledger);
+                            tokio::spawn(async move { settle(&ledger, n).await })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("task");
+                    }
+                })
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+async fn settle(ledger: &SqliteLedger, n: u64) {
+    let id = format!("S{n}");
+    let card_hash = n.to_le_bytes().repeat(4);
+    let intent = Intent {
+        id: id.clone(),
+        institution: "H1".into(),
+        terminal: "T1".into(),
+        idempotency_key: format!("k{n}"),
+        request_hash: vec![0; 32],
+        token_id: Some(n.to_le_bytes().to_vec()),
+        quote_id: None,
+        card_hash: card_hash.clone(),
+        card_masked: "1101**********1234".into(),
+        total_fen: 170_000,
+        created_at: 1_780_000_000,
+        sealed_request: vec![1; 1200],
+    };
+    ledger.begin(intent).await.expect("begin");
+    let delta = YearToDate { year: 2026, deductible_fen: 80_000, fund_paid_fen: 52_000, ..YearToDate::default() };
+    let outcome = Outcome {
+        id,
+        state: State::Settled,
+        status: 201,
+        body: BODY.repeat(3),
+        deltas: vec![
+            AccumulatorDelta { payer: "basic-medical".into(), delta },
+            AccumulatorDelta { payer: "critical-illness".into(), delta: YearToDate::default() },
+        ],
+        card_hash,
+        at: 1_780_000_001,
+        amounts: Some(Amounts {
+            fund_fen: 52_000,
+            account_fen: 98_000,
+            cash_fen: 20_000,
+            payers: vec![("basic-medical".into(), 52_000, 98_000), ("critical-illness".into(), 0, 0)],
+        }),
+    };
+    ledger.finish(outcome).await.expect("finish");
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);
