@@ -121,7 +121,7 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
     }
     match (method, segments.as_slice()) {
         (&Method::POST, ["v1", "inquiries"]) => flow::inquire(gateway, identity, parse(r.body)?).await,
-        (&Method::POST, ["v1", "quotes"]) => flow::quote(gateway, identity, parse(r.body)?, r.request_id).await,
+        (&Method::POST, ["v1", "quotes"]) => flow::quote(gateway, identity, parse(r.body)?).await,
         (&Method::POST, ["v1", "settlements"]) => {
             let key = r.idempotency_key.ok_or_else(|| {
                 ApiError::client(StatusCode::BAD_REQUEST, "idempotency_key_required", "send an Idempotency-Key header")
@@ -133,7 +133,7 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
         (&Method::GET, ["v1", "reconciliation"]) => flow::reconciliation(gateway, identity, r.query),
         (&Method::POST, ["v1", "settlements", id, "reversal"]) => {
             let body = if r.body.iter().all(u8::is_ascii_whitespace) { Default::default() } else { parse(r.body)? };
-            flow::reverse(gateway, identity, id, body, r.request_id).await
+            flow::reverse(gateway, identity, id, body).await
         }
         (
             _,

@@ -93,6 +93,17 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+impl BreakerState {
+    /// The state's name in metrics and the admin API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Closed(_) => "closed",
+            Self::Open(_) => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
 /// Opens after `threshold` consecutive failures; after `open_for`, lets one probe through;
 /// closes when a call succeeds.
 #[derive(Debug)]
@@ -113,22 +124,25 @@ impl Breaker {
         *self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a call may go ahead now.
-    fn admit(&self) -> Result<(), CallError> {
+    /// Whether a call may go ahead now (the state is recorded in the metrics on a change).
+    fn admit(&self, label: &str) -> Result<(), CallError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match *state {
             BreakerState::Closed(_) => Ok(()),
             BreakerState::Open(until) if Instant::now() >= until => {
                 *state = BreakerState::HalfOpen;
+                crate::metrics::breaker(label, BreakerState::HalfOpen.name());
                 Ok(())
             }
             BreakerState::Open(_) | BreakerState::HalfOpen => Err(CallError::CircuitOpen),
         }
     }
 
-    /// Records a call's outcome.
-    fn record(&self, failed: bool) {
+    /// Records a call's outcome; returns the new state when it changed from closed, open or
+    /// half-open to another of them.
+    fn record(&self, failed: bool) -> Option<BreakerState> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = *state;
         *state = match (*state, failed) {
             (_, false) => BreakerState::Closed(0),
             (BreakerState::Closed(n), true) if n + 1 < self.threshold => BreakerState::Closed(n + 1),
@@ -138,6 +152,7 @@ impl Breaker {
                 BreakerState::Open(Instant::now() + self.open_for)
             }
         };
+        (std::mem::discriminant(&before) != std::mem::discriminant(&*state)).then_some(*state)
     }
 }
 
@@ -161,8 +176,10 @@ impl PluginHandle {
         }
     }
 
-    /// The same handle labelled with its configured name (for metrics).
+    /// The same handle labelled with its configured name (for metrics, which start with the
+    /// breaker's current state).
     pub fn with_label(self, label: &str) -> Self {
+        crate::metrics::breaker(label, self.breaker.state().name());
         Self { label: Arc::from(label), ..self }
     }
 
@@ -253,7 +270,7 @@ impl PluginHandle {
         request: &Req,
     ) -> Result<Resp, CallError> {
         let started = Instant::now();
-        if let Err(e) = self.breaker.admit() {
+        if let Err(e) = self.breaker.admit(&self.label) {
             crate::metrics::plugin_call(&self.label, operation.as_str(), e.code(), started.elapsed());
             return Err(e);
         }
@@ -275,17 +292,12 @@ impl PluginHandle {
                 Err(e) => Err(e),
             },
         };
-        self.breaker.record(result.as_ref().err().is_some_and(CallError::is_plugin_failure));
+        let changed = self.breaker.record(result.as_ref().err().is_some_and(CallError::is_plugin_failure));
         let outcome = result.as_ref().err().map_or("ok", CallError::code);
         crate::metrics::plugin_call(&self.label, operation.as_str(), outcome, started.elapsed());
-        crate::metrics::breaker(
-            &self.label,
-            match self.breaker.state() {
-                BreakerState::Closed(_) => "closed",
-                BreakerState::HalfOpen => "half_open",
-                BreakerState::Open(_) => "open",
-            },
-        );
+        if let Some(state) = changed {
+            crate::metrics::breaker(&self.label, state.name());
+        }
         self.counters.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if result.is_err() {
             self.counters.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -101,6 +101,20 @@ fn institution<'g>(
     Ok((id.as_str(), config))
 }
 
+/// What every request that names a terminal goes through first: the institution must be the
+/// certificate's, the terminal id well-formed and within its rate limit.
+fn admit<'g>(
+    gateway: &'g Gateway,
+    identity: &Identity,
+    named: Option<&str>,
+    terminal: &str,
+) -> Result<(&'g str, &'g InstitutionConfig), ApiError> {
+    let institution = institution(gateway, identity, named)?;
+    check_id("terminal_id", terminal)?;
+    gateway.limiter.check_terminal(institution.0, terminal)?;
+    Ok(institution)
+}
+
 fn sdk_institution(id: &str, config: &InstitutionConfig) -> Institution {
     Institution { id: id.to_owned(), level: config.level, region: config.region.clone() }
 }
@@ -282,9 +296,7 @@ fn merge(mut base: Value, extra: Value) -> Value {
 
 /// `POST /v1/inquiries`.
 pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) -> Result<ApiResponse, ApiError> {
-    let institution = institution(gateway, identity, body.institution_id.as_deref())?;
-    check_id("terminal_id", &body.terminal_id)?;
-    gateway.limiter.check_terminal(institution.0, &body.terminal_id)?;
+    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
     let now = gateway.clock.now();
     let verified = gateway.verifier.verify(&body.token, now)?;
     let subject =
@@ -327,15 +339,8 @@ pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) 
 }
 
 /// `POST /v1/quotes`.
-pub async fn quote(
-    gateway: &Gateway,
-    identity: &Identity,
-    body: BillBody,
-    _request_id: &str,
-) -> Result<ApiResponse, ApiError> {
-    let institution = institution(gateway, identity, body.institution_id.as_deref())?;
-    check_id("terminal_id", &body.terminal_id)?;
-    gateway.limiter.check_terminal(institution.0, &body.terminal_id)?;
+pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Result<ApiResponse, ApiError> {
+    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
     let total_fen = check_bill(&body.lines, body.total_fen)?;
     let token = match (&body.token, &body.quote_id) {
         (Some(token), None) => token,
@@ -514,9 +519,7 @@ pub async fn settle(
     body: BillBody,
     request_id: &str,
 ) -> Result<ApiResponse, ApiError> {
-    let institution = institution(gateway, identity, body.institution_id.as_deref())?;
-    check_id("terminal_id", &body.terminal_id)?;
-    gateway.limiter.check_terminal(institution.0, &body.terminal_id)?;
+    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
     let hash = request_hash(&body);
     if let Some(record) = gateway.ledger.by_idempotency_key(institution.0, key)? {
         return replay(gateway, record, &hash).await;
@@ -733,7 +736,6 @@ pub async fn reverse(
     identity: &Identity,
     id: &str,
     body: ReversalBody,
-    _request_id: &str,
 ) -> Result<ApiResponse, ApiError> {
     let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
     match record.state {

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::plugin::{BreakerState, Dispatch};
+use crate::plugin::Dispatch;
 use crate::service::{Gateway, Live};
 
 /// Serves the admin API until `shutdown` completes: plain HTTP, or mutual TLS when `tls` is
@@ -97,11 +97,7 @@ pub fn plugins(gateway: &Gateway) -> Value {
         .iter()
         .map(|(name, handle)| {
             let info = handle.info();
-            let breaker = match handle.breaker_state() {
-                BreakerState::Closed(_) => "closed",
-                BreakerState::Open(_) => "open",
-                BreakerState::HalfOpen => "half_open",
-            };
+            let breaker = handle.breaker_state().name();
             json!({
                 "name": name,
                 "declared_name": info.name,
