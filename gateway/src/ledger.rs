@@ -300,8 +300,14 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError>;
     /// A settlement of an institution, by id.
     fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError>;
-    /// The person's accumulators with a payer for a year.
-    fn accumulators(&self, card_hash: &[u8], payer: &str, year: i32) -> Result<YearToDate, LedgerError>;
+    /// The person's accumulators for a year with each of `payers`, in that order (zero where
+    /// none are recorded), read together.
+    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError>;
+    /// The person's accumulators with one payer for a year.
+    fn accumulators(&self, card_hash: &[u8], payer: &str, year: i32) -> Result<YearToDate, LedgerError> {
+        let mut found = self.year_to_date(card_hash, year, &[payer])?;
+        Ok(found.pop().unwrap_or(YearToDate { year, ..YearToDate::default() }))
+    }
     /// Records an intent (durably), refusing a used token, quote or idempotency key.
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()>;
     /// Records an outcome (durably) with its accumulator changes.

@@ -143,3 +143,53 @@ async fn unresolved_settlements_are_listed_and_an_unknown_one_can_complete_once(
     let day = ledger.reconciliation("H1", &cardgate::ledger::business_day(1_700_000_000), 1, 10).expect("read");
     assert_eq!((day.settled.count, day.settled.fund_pay_fen), (1, 300));
 }
+
+#[tokio::test]
+async fn a_version_2_ledger_is_migrated_with_every_state_and_sum_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger.db");
+    {
+        let old = rusqlite::Connection::open(&path).expect("create");
+        old.execute_batch(include_str!("fixtures/ledger-v2.sql")).expect("version 2 ledger");
+    }
+    let ledger = SqliteLedger::open(&path).expect("migrated");
+    let state = |institution: &str, id: &str| ledger.get(institution, id).expect("read").map(|r| (r.state, r.status));
+    assert_eq!(state("H1", "S1"), Some((State::Settled, 201)));
+    assert_eq!(state("H1", "S2"), Some((State::Reversed, 201)));
+    assert_eq!(state("H1", "S3"), Some((State::Failed, 422)));
+    assert_eq!(state("H1", "S4"), Some((State::Pending, 0)));
+    assert_eq!(state("H2", "S5"), Some((State::Unknown, 504)));
+    let s1 = ledger.by_idempotency_key("H1", "k1").expect("read").expect("S1");
+    assert_eq!((s1.id.as_str(), s1.body.as_str()), ("S1", "{\"settlement_id\":\"S1\"}"));
+    assert_eq!(
+        ledger.get("H1", "S2").expect("read").expect("S2").reversal.as_deref(),
+        Some("{\"state\":\"reversed\"}")
+    );
+
+    // Tokens, quotes and idempotency keys stay taken.
+    assert_eq!(ledger.begin(intent("S9", "k9", &[0xaa, 0x01])).await, Err(LedgerError::TokenUsed));
+    assert_eq!(ledger.begin(intent("S9", "k4", b"fresh")).await, Err(LedgerError::IdempotencyTaken));
+    assert_eq!(ledger.quote("H2", "Q1").expect("read").expect("Q1").settled_by.as_deref(), Some("S5"));
+
+    // The interrupted ones are still to resolve, and the day's sums are unchanged.
+    let mut unresolved: Vec<_> = ledger.unresolved().expect("read").into_iter().map(|u| (u.id, u.state)).collect();
+    unresolved.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(unresolved, vec![("S4".to_owned(), State::Pending), ("S5".to_owned(), State::Unknown)]);
+    let day = ledger.reconciliation("H1", "2025-11-20", 1, 10).expect("read");
+    assert_eq!((day.settled.count, day.settled.total_fen, day.settled.fund_pay_fen), (2, 30_000, 18_000));
+    assert_eq!((day.reversed.count, day.net.total_fen, day.net.cash_pay_fen), (1, 10_000, 1_000));
+    let payers: Vec<_> = day.payers.iter().map(|p| (p.payer.as_str(), p.count, p.fund_pay_fen)).collect();
+    assert_eq!(payers, vec![("basic-medical", 2, 18_000), ("critical-illness", 1, 0)]);
+    let ids: Vec<_> = day.details.iter().map(|d| d.settlement_id.as_str()).collect();
+    assert_eq!(ids, vec!["S1", "S2"]);
+    let ytd = ledger.accumulators(&[0xc1], "basic-medical", 2025).expect("read");
+    assert_eq!((ytd.fund_paid_fen, ytd.eligible_fen), (6000, 10_000));
+    let (card, deltas) = ledger.settled_deltas("S1").expect("read").expect("S1");
+    assert_eq!((card, deltas.len(), deltas[0].delta.fund_paid_fen), (vec![0xc1], 1, 6000));
+
+    // And the pending one completes on the new schema.
+    ledger.finish(settled("S4", 300)).await.expect("finish");
+    assert_eq!(state("H1", "S4"), Some((State::Settled, 201)));
+    drop(ledger);
+    SqliteLedger::open(&path).expect("a migrated ledger reopens as version 3");
+}

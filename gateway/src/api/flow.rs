@@ -220,8 +220,10 @@ async fn run_chain<'g>(
     let mut due = bill.total_fen;
     let mut prior: Vec<PriorPayment> = Vec::new();
     let mut results = Vec::with_capacity(chain.len());
+    let names: Vec<&str> = chain.iter().map(|(name, _)| *name).collect();
+    let mut years = gateway.ledger.year_to_date(card_hash, year, &names)?.into_iter();
     for (name, plugin) in chain {
-        let year_to_date = gateway.ledger.accumulators(card_hash, name, year)?;
+        let year_to_date = years.next().unwrap_or(YearToDate { year, ..YearToDate::default() });
         let request = SettlementRequest {
             settlement_id: bill.id.to_owned(),
             card: bill.subject.card(),
@@ -307,8 +309,10 @@ pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) 
     let plugins = gateway.plugins();
     let chain = payer_chain(gateway, &plugins, &subject, &insurance_type, institution)?;
     let mut payers = Vec::new();
+    let (year, names) = (year_of(now), chain.iter().map(|(name, _)| *name).collect::<Vec<_>>());
+    let mut years = gateway.ledger.year_to_date(&card_hash, year, &names)?.into_iter();
     for (name, plugin) in chain {
-        let year_to_date = gateway.ledger.accumulators(&card_hash, name, year_of(now))?;
+        let year_to_date = years.next().unwrap_or(YearToDate { year, ..YearToDate::default() });
         let request = InquiryRequest {
             card: subject.card(),
             institution: sdk_institution(institution.0, institution.1),
