@@ -410,12 +410,12 @@ fn reconcile(
         account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
         cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
     };
-    let mut payers = conn.prepare_cached(&format!(
+    let mut payers = conn.prepare_cached(
         "SELECT p.value ->> 0, count(*), sum(p.value ->> 1), sum(p.value ->> 2)
          FROM settlements s JOIN outcomes o ON o.seq = s.seq, json_each(o.payers) p
          WHERE s.institution = ?1 AND s.day = ?2 AND o.state IN ('settled', 'reversed')
-         GROUP BY 1 ORDER BY 1"
-    ))?;
+         GROUP BY 1 ORDER BY 1",
+    )?;
     let payers = payers
         .query_map(params![institution, date], |r| {
             Ok(super::PayerTotals {
