@@ -182,6 +182,26 @@ async fn idempotent_retry_returns_the_identical_receipt() {
 }
 
 #[tokio::test]
+async fn a_retry_gets_its_receipt_after_a_restart_and_after_its_token_expired() {
+    let options = Options { clock_skew_secs: 0, ..Options::default() };
+    let mut gw = TestGateway::start(options).await;
+    let body = settle_body(&gw.token(&Card::beijing(), 3));
+    let key = key();
+    let first = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    // The in-memory replay cache is gone: the ledger finds the key when the intent is refused.
+    gw.restart().await;
+    let retry = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!((retry.status, &retry.body), (StatusCode::CREATED, &first.body));
+    // The token no longer verifies; the stored answer still comes back, byte for byte.
+    tokio::time::sleep(std::time::Duration::from_millis(4_100)).await;
+    let late = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!((late.status, &late.body), (StatusCode::CREATED, &first.body));
+    let fresh = post(&gw.pharmacy, "/v1/settlements", Some(&self::key()), &body).await;
+    assert_eq!((fresh.status, fresh.json()["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("token_expired")));
+}
+
+#[tokio::test]
 async fn reversal_is_idempotent_and_restores_the_accumulators() {
     let gw = TestGateway::start(Options::default()).await;
     let card = Card::beijing();

@@ -253,40 +253,74 @@ async fn run_chain<'g>(
     Ok(results)
 }
 
-/// The split part shared by quotes and receipts.
-fn split_json(results: &[PayerSplit<'_>], total_fen: i64) -> Value {
-    let fund: i64 = results.iter().map(|r| r.split.fund_pay_fen()).sum();
-    let account: i64 = results.iter().map(|r| r.split.account_pay_fen).sum();
-    let cash = results.last().map_or(total_fen, |r| r.split.cash_pay_fen);
-    let funds: Vec<Value> = results
-        .iter()
-        .flat_map(|r| {
-            r.split.funds.iter().map(|f| json!({ "payer": r.name, "fund": f.fund, "amount_fen": f.amount_fen }))
-        })
-        .collect();
-    let payers: Vec<Value> = results
-        .iter()
-        .map(|r| {
-            json!({
-                "payer": r.name,
-                "version": r.version,
-                "funds": r.split.funds,
-                "fund_pay_fen": r.split.fund_pay_fen(),
-                "account_pay_fen": r.split.account_pay_fen,
-                "cash_pay_fen": r.split.cash_pay_fen,
-                "eligible_self_pay_fen": r.split.eligible_self_pay_fen,
-                "breakdown": r.split.breakdown,
+/// A delegate as answers show it: the card masked.
+#[derive(Serialize)]
+struct DelegateView<'a> {
+    card: String,
+    name: &'a Option<String>,
+    relation: &'a str,
+}
+
+fn delegate_view(subject: &Subject) -> Option<DelegateView<'_>> {
+    subject.delegate.as_ref().map(|(card_id, name, relation)| DelegateView { card: mask_card(card_id), name, relation })
+}
+
+#[derive(Serialize)]
+struct FundLine<'a> {
+    payer: &'a str,
+    fund: &'a str,
+    amount_fen: i64,
+}
+
+#[derive(Serialize)]
+struct PayerView<'a> {
+    payer: &'a str,
+    version: &'a str,
+    funds: &'a [cardgate_sdk::FundPayment],
+    fund_pay_fen: i64,
+    account_pay_fen: i64,
+    cash_pay_fen: i64,
+    eligible_self_pay_fen: i64,
+    breakdown: &'a [cardgate_sdk::BreakdownItem],
+}
+
+/// The split part shared by quotes and receipts, serialised straight from the payers' answers.
+#[derive(Serialize)]
+struct SplitView<'a> {
+    total_fen: i64,
+    fund_pay_fen: i64,
+    account_pay_fen: i64,
+    cash_pay_fen: i64,
+    funds: Vec<FundLine<'a>>,
+    payers: Vec<PayerView<'a>>,
+}
+
+fn split_view<'a>(results: &'a [PayerSplit<'_>], total_fen: i64) -> SplitView<'a> {
+    SplitView {
+        total_fen,
+        fund_pay_fen: results.iter().map(|r| r.split.fund_pay_fen()).sum(),
+        account_pay_fen: results.iter().map(|r| r.split.account_pay_fen).sum(),
+        cash_pay_fen: results.last().map_or(total_fen, |r| r.split.cash_pay_fen),
+        funds: results
+            .iter()
+            .flat_map(|r| {
+                r.split.funds.iter().map(|f| FundLine { payer: r.name, fund: &f.fund, amount_fen: f.amount_fen })
             })
-        })
-        .collect();
-    json!({
-        "total_fen": total_fen,
-        "fund_pay_fen": fund,
-        "account_pay_fen": account,
-        "cash_pay_fen": cash,
-        "funds": funds,
-        "payers": payers,
-    })
+            .collect(),
+        payers: results
+            .iter()
+            .map(|r| PayerView {
+                payer: r.name,
+                version: &r.version,
+                funds: &r.split.funds,
+                fund_pay_fen: r.split.fund_pay_fen(),
+                account_pay_fen: r.split.account_pay_fen,
+                cash_pay_fen: r.split.cash_pay_fen,
+                eligible_self_pay_fen: r.split.eligible_self_pay_fen,
+                breakdown: &r.split.breakdown,
+            })
+            .collect(),
+    }
 }
 
 fn merge(mut base: Value, extra: Value) -> Value {
@@ -342,6 +376,23 @@ pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) 
     Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
 }
 
+/// A quote, as answered.
+#[derive(Serialize)]
+struct QuoteView<'a> {
+    quote_id: &'a str,
+    state: &'static str,
+    expires_at: String,
+    institution_id: &'a str,
+    terminal_id: &'a str,
+    card: String,
+    holder_name: &'a str,
+    delegate: Option<DelegateView<'a>>,
+    insurance_type: &'a str,
+    insured_region: &'a str,
+    #[serde(flatten)]
+    split: SplitView<'a>,
+}
+
 /// `POST /v1/quotes`.
 pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Result<ApiResponse, ApiError> {
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
@@ -380,22 +431,21 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
     let stored =
         StoredQuote { id: id.clone(), institution: institution.0.to_owned(), expires_at, sealed, settled_by: None };
     gateway.ledger.save_quote(stored).await?;
-    let answer = merge(
-        json!({
-            "quote_id": id,
-            "state": "quoted",
-            "expires_at": rfc3339(expires_at),
-            "institution_id": institution.0,
-            "terminal_id": body.terminal_id,
-            "card": mask_card(&subject.card_id),
-            "holder_name": subject.holder_name,
-            "delegate": subject.delegate_json(),
-            "insurance_type": insurance_type,
-            "insured_region": subject.insured_region,
-        }),
-        split_json(&results, total_fen),
-    );
-    Ok(ApiResponse::json(StatusCode::CREATED, answer.to_string()))
+    let answer = QuoteView {
+        quote_id: &id,
+        state: "quoted",
+        expires_at: rfc3339(expires_at),
+        institution_id: institution.0,
+        terminal_id: &body.terminal_id,
+        card: mask_card(&subject.card_id),
+        holder_name: &subject.holder_name,
+        delegate: delegate_view(&subject),
+        insurance_type: &insurance_type,
+        insured_region: &subject.insured_region,
+        split: split_view(&results, total_fen),
+    };
+    let answer = serde_json::to_string(&answer).map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(ApiResponse::json(StatusCode::CREATED, answer))
 }
 
 /// What a settlement request resolves to before any money moves; sealed into the intent so an
@@ -525,19 +575,31 @@ pub async fn settle(
 ) -> Result<ApiResponse, ApiError> {
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
     let hash = request_hash(&body);
-    if let Some(record) = gateway.ledger.by_idempotency_key(institution.0, key)? {
-        return replay(gateway, record, &hash).await;
-    }
     let now = gateway.clock.now();
-    let prepared = match (&body.token, &body.quote_id) {
-        (Some(token), None) => prepare_by_token(gateway, &body, token, now)?,
-        (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, &body, quote_id, now)?,
-        _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
+    let admitted = (|| {
+        let prepared = match (&body.token, &body.quote_id) {
+            (Some(token), None) => prepare_by_token(gateway, &body, token, now)?,
+            (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, &body, quote_id, now)?,
+            _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
+        };
+        let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
+        gateway.limiter.check_card(&card_hash)?;
+        // Refuse an unroutable card before anything is recorded.
+        payer_chain(gateway, &gateway.plugins(), &prepared.subject, &prepared.insurance_type, institution)?;
+        Ok((prepared, card_hash))
+    })();
+    // A retry gets the stored answer whatever its token or quote says by now (used, expired,
+    // over the card's velocity). The key is looked up only when the request is refused, or
+    // when recording its intent finds the key taken: a new settlement costs no extra read.
+    let (prepared, card_hash) = match admitted {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            return match gateway.ledger.by_idempotency_key(institution.0, key)? {
+                Some(record) => replay(gateway, record, &hash).await,
+                None => Err(error),
+            };
+        }
     };
-    let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
-    gateway.limiter.check_card(&card_hash)?;
-    // Refuse an unroutable card before anything is recorded.
-    payer_chain(gateway, &gateway.plugins(), &prepared.subject, &prepared.insurance_type, institution)?;
     let id = new_id('S');
     let intent = Intent {
         id: id.clone(),
@@ -619,7 +681,7 @@ async fn complete(
                     .map(|r| (r.name.to_owned(), r.split.fund_pay_fen(), r.split.account_pay_fen))
                     .collect(),
             };
-            (State::Settled, StatusCode::CREATED, receipt.to_string(), deltas, Some(amounts))
+            (State::Settled, StatusCode::CREATED, receipt, deltas, Some(amounts))
         }
         Err(error) => {
             let timed_out = matches!(error, ApiError::Plugin { error: CallError::Timeout(_), .. });
@@ -692,24 +754,42 @@ pub async fn resolve_all(gateway: &Gateway) -> Result<usize, ApiError> {
     Ok(unresolved.len())
 }
 
-fn receipt(id: &str, institution: &str, terminal: &str, p: &Prepared, results: &[PayerSplit<'_>], now: i64) -> Value {
-    merge(
-        json!({
-            "settlement_id": id,
-            "state": "settled",
-            "institution_id": institution,
-            "terminal_id": terminal,
-            "card": mask_card(&p.subject.card_id),
-            "holder_name": p.subject.holder_name,
-            "delegate": p.subject.delegate_json(),
-            "insured_region": p.subject.insured_region,
-            "insurance_type": p.insurance_type,
-            "quote_id": p.quote_id,
-            "lines": p.bill.lines.len(),
-            "settled_at": rfc3339(now),
-        }),
-        split_json(results, p.total_fen),
-    )
+/// A settled receipt, as stored and answered.
+#[derive(Serialize)]
+struct Receipt<'a> {
+    settlement_id: &'a str,
+    state: &'static str,
+    institution_id: &'a str,
+    terminal_id: &'a str,
+    card: String,
+    holder_name: &'a str,
+    delegate: Option<DelegateView<'a>>,
+    insured_region: &'a str,
+    insurance_type: &'a str,
+    quote_id: Option<&'a str>,
+    lines: usize,
+    settled_at: String,
+    #[serde(flatten)]
+    split: SplitView<'a>,
+}
+
+fn receipt(id: &str, institution: &str, terminal: &str, p: &Prepared, results: &[PayerSplit<'_>], now: i64) -> String {
+    let receipt = Receipt {
+        settlement_id: id,
+        state: "settled",
+        institution_id: institution,
+        terminal_id: terminal,
+        card: mask_card(&p.subject.card_id),
+        holder_name: &p.subject.holder_name,
+        delegate: delegate_view(&p.subject),
+        insured_region: &p.subject.insured_region,
+        insurance_type: &p.insurance_type,
+        quote_id: p.quote_id.as_deref(),
+        lines: p.bill.lines.len(),
+        settled_at: rfc3339(now),
+        split: split_view(results, p.total_fen),
+    };
+    serde_json::to_string(&receipt).unwrap_or_default()
 }
 
 /// `GET /v1/settlements/{id}`.

@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     seq         INTEGER PRIMARY KEY,
     state       TEXT NOT NULL,
     status      INTEGER NOT NULL,
-    body        BLOB NOT NULL,
+    body        TEXT NOT NULL,
     reversal    TEXT,
     deltas      TEXT NOT NULL,
     payers      TEXT NOT NULL,
@@ -150,15 +150,9 @@ impl From<rusqlite::Error> for LedgerError {
     }
 }
 
-/// Stored answers are JSON; they are kept deflated (a third of the bytes to write and
-/// checkpoint). Readers accept both forms.
-fn pack(text: &str) -> Vec<u8> {
-    use std::io::Write;
-    let mut encoder = flate2::write::ZlibEncoder::new(Vec::with_capacity(text.len() / 3), flate2::Compression::fast());
-    let _ = encoder.write_all(text.as_bytes());
-    encoder.finish().unwrap_or_else(|_| text.as_bytes().to_vec())
-}
-
+/// Stored answers are JSON text. Version 2 ledgers kept some deflated (rows rewritten in
+/// place made bytes count; appended rows made the compression cost more than it saved):
+/// readers accept both forms.
 fn unpack(value: rusqlite::types::ValueRef<'_>) -> String {
     use std::io::Read;
     match value {
@@ -180,13 +174,8 @@ fn storage(e: impl std::fmt::Display) -> LedgerError {
 
 fn open(path: &Path) -> Result<Connection, LedgerError> {
     let conn = Connection::open(path).map_err(storage)?;
-    // Reads through a memory map: a reader's page cache is emptied whenever the writer commits,
-    // and re-reading a page from the map costs no system call.
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;
-         PRAGMA mmap_size = 1073741824;",
-    )
-    .map_err(storage)?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")
+        .map_err(storage)?;
     Ok(conn)
 }
 
@@ -531,7 +520,7 @@ fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
 }
 
 /// Records an outcome: the intent must be pending, or unknown (a retry completing it).
-fn finish_outcome(conn: &Connection, o: &Outcome, body: &[u8], deltas: &str, payers: &str) -> Result<(), LedgerError> {
+fn finish_outcome(conn: &Connection, o: &Outcome, deltas: &str, payers: &str) -> Result<(), LedgerError> {
     type Found = (i64, Option<Vec<u8>>, Option<String>, Option<String>);
     let found: Option<Found> = conn
         .prepare_cached(
@@ -546,7 +535,7 @@ fn finish_outcome(conn: &Connection, o: &Outcome, body: &[u8], deltas: &str, pay
         seq,
         o.state.as_str(),
         o.status,
-        body,
+        o.body,
         deltas,
         payers,
         amounts.map_or(0, |a| a.fund_fen),
@@ -633,8 +622,8 @@ impl Ledger for SqliteLedger {
 
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
         // Encoded here, on the caller's thread: the writer's thread is the one to spare.
-        let (body, deltas, payers) = (pack(&o.body), deltas_json(&o.deltas), payers_json(o.amounts.as_ref()));
-        self.write(move |c| finish_outcome(c, &o, &body, &deltas, &payers))
+        let (deltas, payers) = (deltas_json(&o.deltas), payers_json(o.amounts.as_ref()));
+        self.write(move |c| finish_outcome(c, &o, &deltas, &payers))
     }
 
     fn reverse(
