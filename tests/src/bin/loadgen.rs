@@ -11,6 +11,11 @@
 //!
 //! Run: `cargo run --release -p cardgate-tests --bin loadgen -- [SECONDS] [CONNECTIONS] [gateway]`
 //! (`gateway`: only the full gateway, with fewer tokens — for profiling).
+//!
+//! `loadgen rss [CONNECTIONS] [SECONDS]` measures the resident memory of the real daemon
+//! (`target/release/cardgate serve`, a process of its own) idle, with CONNECTIONS mutual-TLS
+//! keep-alive connections open (each has settled one bill), and at its peak while all of them
+//! settle for SECONDS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -200,9 +205,115 @@ fn row(name: &str, run: &Run) {
     );
 }
 
+/// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
+fn resident_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The daemon's resident memory with many terminals connected.
+async fn rss(connections: usize, seconds: u64) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+    let options =
+        Options { extra_toml: LIMITS.into(), release_plugins: true, inline_plugins: true, ..Options::default() };
+    let setup = Setup::create(&options, &addr.to_string());
+    let binary = std::env::current_exe().expect("own path").with_file_name("cardgate");
+    assert!(binary.exists(), "{} is missing: cargo build --release -p cardgate", binary.display());
+    let mut daemon = std::process::Command::new(&binary)
+        .args(["serve", "--config"])
+        .arg(setup.dir.path().join("cardgate.toml"))
+        .env("CARDGATE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start cardgate");
+    let client = setup.client(addr, 1);
+    let ready = Instant::now();
+    while client.send(Method::GET, "/v1/settlements/ready", &[], None).await.is_err() {
+        assert!(ready.elapsed() < Duration::from_secs(30), "the daemon did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = daemon.id();
+    let idle = resident_mib(pid);
+    eprintln!("minting {} tokens ...", connections * (seconds as usize * 40 + 1));
+    let bodies: Vec<String> =
+        (0..connections * (seconds as usize * 40 + 1)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
+    let mut open = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let mut connection = client.connect().await.expect("connect");
+        let key = format!("rss-open-{i}");
+        let reply = connection
+            .send(Method::POST, "/v1/settlements", &[("idempotency-key", key.as_str())], Some(&bodies[i]))
+            .await
+            .expect("settle");
+        assert!(reply.status.is_success(), "{}: {}", reply.status, reply.body);
+        open.push(connection);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let connected = resident_mib(pid);
+    // Every connection settles in a closed loop; the peak is read afterwards.
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(connections));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for (c, mut connection) in open.into_iter().enumerate() {
+        let (bodies, next) = (Arc::clone(&bodies), Arc::clone(&next));
+        workers.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            while Instant::now() < deadline {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                let key = format!("rss-{c}-{i}");
+                match connection
+                    .send(Method::POST, "/v1/settlements", &[("idempotency-key", key.as_str())], Some(body))
+                    .await
+                {
+                    Ok(reply) if reply.status.is_success() => done += 1,
+                    _ => {}
+                }
+            }
+            (done, connection)
+        }));
+    }
+    let mut settled = 0;
+    let mut still_open = Vec::new();
+    for worker in workers {
+        let (done, connection) = worker.await.expect("worker");
+        settled += done;
+        still_open.push(connection);
+    }
+    let loaded = resident_mib(pid);
+    println!("resident memory of `cardgate serve` (MiB), {connections} mutual-TLS keep-alive connections:");
+    println!("| moment | VmRSS | VmHWM (peak so far) |");
+    println!("|---|---|---|");
+    println!("| started, no connection | {:.1} | {:.1} |", idle.0, idle.1);
+    println!("| {connections} connections open, one settlement each | {:.1} | {:.1} |", connected.0, connected.1);
+    println!(
+        "| after {seconds} s of all {connections} settling ({settled} settlements, {:.0}/s) | {:.1} | {:.1} |",
+        settled as f64 / seconds as f64,
+        loaded.0,
+        loaded.1
+    );
+    drop(still_open);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "rss") {
+        let connections = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
+        let seconds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+        rss(connections, seconds).await;
+        return;
+    }
     let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let connections: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
     let duration = Duration::from_secs(seconds);
