@@ -245,11 +245,11 @@ async fn rss(connections: usize, seconds: u64) {
     let bodies: Vec<String> =
         (0..connections * (seconds as usize * 40 + 1)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
     let mut open = Vec::with_capacity(connections);
-    for i in 0..connections {
+    for (i, body) in bodies.iter().take(connections).enumerate() {
         let mut connection = client.connect().await.expect("connect");
         let key = format!("rss-open-{i}");
         let reply = connection
-            .send(Method::POST, "/v1/settlements", &[("idempotency-key", key.as_str())], Some(&bodies[i]))
+            .send(Method::POST, "/v1/settlements", &[("idempotency-key", key.as_str())], Some(body))
             .await
             .expect("settle");
         assert!(reply.status.is_success(), "{}: {}", reply.status, reply.body);
