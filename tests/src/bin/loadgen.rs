@@ -105,6 +105,17 @@ struct Run {
     errors: usize,
     elapsed: Duration,
     latencies_us: Vec<u32>,
+    /// CPU time this process (client and server) spent during the run.
+    cpu: Duration,
+}
+
+/// CPU time (user + system) this process has used so far.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum());
+    Duration::from_millis(ticks * 10)
 }
 
 impl Run {
@@ -173,7 +184,10 @@ async fn drive(
             (latencies, errors, completed)
         }));
     }
-    let mut run = Run { completed: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    tokio::time::sleep_until(start.into()).await;
+    let cpu_start = cpu_time();
+    let mut run =
+        Run { completed: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new(), cpu: Duration::ZERO };
     for worker in workers {
         let (latencies, errors, completed) = worker.await.expect("worker");
         run.latencies_us.extend(latencies);
@@ -181,6 +195,7 @@ async fn drive(
         run.completed += completed;
     }
     run.elapsed = start.elapsed();
+    run.cpu = cpu_time().saturating_sub(cpu_start);
     run.latencies_us.sort_unstable();
     run
 }
@@ -195,13 +210,14 @@ fn splitmix(mut x: u64) -> u64 {
 
 fn row(name: &str, run: &Run) {
     println!(
-        "| {name} | {:>9.0} | {:>7.2} | {:>7.2} | {:>7.2} | {:>7.2} | {:>6} |",
+        "| {name} | {:>9.0} | {:>7.2} | {:>7.2} | {:>7.2} | {:>7.2} | {:>6} | {:>5.0} |",
         run.throughput(),
         run.percentile(0.5),
         run.percentile(0.9),
         run.percentile(0.99),
         run.percentile(0.999),
-        run.errors
+        run.errors,
+        run.cpu.as_secs_f64() * 1e6 / run.completed.max(1) as f64
     );
 }
 
@@ -331,8 +347,8 @@ async fn main() {
     eprintln!("minted in {:.1} s", minted.elapsed().as_secs_f64());
     let bodies = Arc::new(bodies);
     println!("closed loop, {connections} connections, {seconds} s each; latency in ms");
-    println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors | CPU µs/req |");
+    println!("|---|---|---|---|---|---|---|---|");
     if only_gateway {
         eprintln!("profiling window starts");
         let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
@@ -356,7 +372,7 @@ async fn main() {
         (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
     let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections.max(64), duration, Some(rate)).await;
     println!("\nopen loop at {rate:.0} req/s (half the gateway's maximum), latency from the scheduled time:");
-    println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors | CPU µs/req |");
+    println!("|---|---|---|---|---|---|---|---|");
     row("(b) full gateway", &open);
 }
