@@ -31,6 +31,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+/// The allocator the `cardgate` binary uses, so the in-process servers run as the daemon does
+/// (all three servers share it).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const LIMITS: &str = "
 [limits]
 max_in_flight = 100000
