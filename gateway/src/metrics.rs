@@ -91,6 +91,13 @@ pub fn ledger_commit(batch: usize, elapsed: Duration) {
     metrics::histogram!("cardgate_ledger_commit_duration_seconds").record(elapsed.as_secs_f64());
 }
 
+/// The write-ahead log after the writer's checkpoint: frames in it, and how many of them are
+/// copied into the database (equal: the log starts over with the next commit).
+pub fn ledger_wal(frames: i64, copied: i64) {
+    metrics::gauge!("cardgate_ledger_wal_frames").set(frames as f64);
+    metrics::gauge!("cardgate_ledger_wal_uncopied_frames").set((frames - copied).max(0) as f64);
+}
+
 /// A settlement outcome.
 pub fn settlement(state: &'static str) {
     metrics::counter!("cardgate_settlements_total", "state" => state).increment(1);

@@ -21,6 +21,11 @@ use cardgate_sdk::{Operation, Plugin, Split};
 use cardgate_tests::{bill, example_plugin_config, settlement_request};
 use criterion::{Criterion, criterion_group, criterion_main};
 
+/// The daemon's allocator, so the host's half of each call costs what it costs in the daemon.
+/// (The plugin, a shared library of its own, keeps its own allocator.)
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn plugin_call(c: &mut Criterion) {
     let build = Build { release: true, flavour: Some("bench".into()), ..Build::new("basic-medical") };
     let library = build.run().expect("build basic-medical");
