@@ -435,5 +435,8 @@ async fn main() {
         "| in-process plugin dispatch (10-line bill; 3-line: {dispatch_3:.2} µs) | < 5 µs | {dispatch_10:.2} µs | {} |",
         met(dispatch_10 < 5.0)
     );
-    println!("| resident memory, 1,000 connections settling (peak) | <= 150 MiB | {peak:.1} MiB | {} |", met(peak <= 150.0));
+    println!(
+        "| resident memory, 1,000 connections settling (peak) | <= 150 MiB | {peak:.1} MiB | {} |",
+        met(peak <= 150.0)
+    );
 }
