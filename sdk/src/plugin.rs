@@ -115,18 +115,62 @@ pub enum DispatchError {
 pub fn dispatch<P: Plugin>(plugin: &P, operation: Operation, input: &[u8]) -> Result<Vec<u8>, DispatchError> {
     match operation {
         Operation::Inquire => encode(plugin.inquire(&decode(operation, input)?)?),
-        Operation::Quote => encode(plugin.quote(&decode(operation, input)?)?),
-        Operation::Settle => encode(plugin.settle(&decode(operation, input)?)?),
+        Operation::Quote => encode(with_settlement(operation, input, |request| plugin.quote(request))??),
+        Operation::Settle => encode(with_settlement(operation, input, |request| plugin.settle(request))??),
         Operation::Reverse => encode(plugin.reverse(&decode(operation, input)?)?),
         Operation::Health => encode(plugin.health()),
     }
 }
 
+/// One UTF-8 check of the whole buffer is cheaper than the decoder's check of every string.
+fn text(operation: Operation, input: &[u8]) -> Result<&str, DispatchError> {
+    std::str::from_utf8(input).map_err(|e| DispatchError::BadInput { operation, reason: e.to_string() })
+}
+
 fn decode<T: DeserializeOwned>(operation: Operation, input: &[u8]) -> Result<T, DispatchError> {
-    let bad = |reason: String| DispatchError::BadInput { operation, reason };
-    // One UTF-8 check of the whole buffer is cheaper than the decoder's check of every string.
-    let text = std::str::from_utf8(input).map_err(|e| bad(e.to_string()))?;
-    serde_json::from_str(text).map_err(|e| bad(e.to_string()))
+    serde_json::from_str(text(operation, input)?)
+        .map_err(|e| DispatchError::BadInput { operation, reason: e.to_string() })
+}
+
+thread_local! {
+    /// The last settlement request decoded on this thread. The next one is decoded into it,
+    /// reusing its strings and lines instead of allocating them again (serde's
+    /// `deserialize_in_place`: fields present are overwritten, fields absent take their
+    /// defaults, so nothing of the previous request survives). Settlements are the hot path.
+    static SETTLEMENT: std::cell::Cell<Option<SettlementRequest>> = const { std::cell::Cell::new(None) };
+}
+
+/// Requests this large or larger are decoded afresh and not kept, so a thread does not hold a
+/// large bill's allocations for good.
+const KEEP_BELOW_BYTES: usize = 64 * 1024;
+
+/// Decodes a settlement request, into this thread's previous one where there is one, and calls
+/// `f` with it.
+fn with_settlement<R>(
+    operation: Operation,
+    input: &[u8],
+    f: impl FnOnce(&SettlementRequest) -> R,
+) -> Result<R, DispatchError> {
+    let text = text(operation, input)?;
+    let bad = |e: serde_json::Error| DispatchError::BadInput { operation, reason: e.to_string() };
+    let keep = input.len() < KEEP_BELOW_BYTES;
+    // Taken out of the cell for the call: none yet, the thread ending, or a plugin re-entering
+    // dispatch all find it empty and decode afresh. A request half overwritten by a failed
+    // decode, or by a panic in `f`, is dropped, never put back.
+    let kept = if keep { SETTLEMENT.try_with(std::cell::Cell::take).ok().flatten() } else { None };
+    let request = match kept {
+        Some(mut request) => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            serde::Deserialize::deserialize_in_place(&mut de, &mut request).and_then(|()| de.end()).map_err(bad)?;
+            request
+        }
+        None => serde_json::from_str(text).map_err(bad)?,
+    };
+    let answer = f(&request);
+    if keep {
+        let _ = SETTLEMENT.try_with(|cell| cell.set(Some(request)));
+    }
+    Ok(answer)
 }
 
 fn encode<T: serde::Serialize>(answer: T) -> Result<Vec<u8>, DispatchError> {

@@ -86,6 +86,13 @@ fn plugin_call(c: &mut Criterion) {
     group.bench_function("json_request_decode", |b| {
         b.iter(|| serde_json::from_slice::<cardgate_sdk::SettlementRequest>(black_box(&encoded_request)))
     });
+    let mut place: cardgate_sdk::SettlementRequest = serde_json::from_slice(&encoded_request).expect("decode");
+    group.bench_function("json_request_decode_in_place", |b| {
+        b.iter(|| {
+            let mut de = serde_json::Deserializer::from_slice(black_box(&encoded_request));
+            serde::Deserialize::deserialize_in_place(&mut de, &mut place).expect("decode");
+        })
+    });
     group.bench_function("json_request_parse_only", |b| {
         b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&encoded_request)))
     });
