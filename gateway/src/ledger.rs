@@ -112,6 +112,8 @@ pub struct Record {
     pub body: String,
     /// The stored answer to the reversal, once reversed.
     pub reversal: Option<String>,
+    /// When the intent was recorded (seconds since the epoch).
+    pub created_at: i64,
 }
 
 /// What is recorded before the plugins are called.

@@ -534,19 +534,29 @@ async fn replay(gateway: &Gateway, record: Record, hash: &[u8]) -> Result<ApiRes
             "this Idempotency-Key was used with a different request",
         ));
     }
+    let stale = gateway.clock.now() - record.created_at > stale_pending_secs(gateway);
     match record.state {
-        State::Pending => Err(ApiError::client(
+        State::Pending if !stale => Err(ApiError::client(
             StatusCode::CONFLICT,
             "request_in_progress",
             "a request with this Idempotency-Key is still being processed; retry shortly",
         )),
-        State::Unknown => {
+        // Pending for longer than any chain of payers can take: its outcome was never recorded
+        // (the write failed, the storage was full). Completed now like an unknown one.
+        State::Pending | State::Unknown => {
             let unresolved =
                 gateway.ledger.sealed_request(&record.institution, &record.id)?.ok_or(LedgerError::NotFound)?;
             resolve(gateway, &unresolved).await
         }
         _ => Ok(stored_answer(record)),
     }
+}
+
+/// How long a settlement may stay `pending` while its payers are being asked: every configured
+/// plugin's timeout (the longest chain could call them all) and ten seconds for the ledger.
+fn stale_pending_secs(gateway: &Gateway) -> i64 {
+    let payers_ms: u64 = gateway.config.plugins.values().map(|p| p.timeout_ms).sum();
+    i64::try_from(payers_ms / 1000).unwrap_or(i64::MAX / 2) + 10
 }
 
 fn stored_answer(record: Record) -> ApiResponse {

@@ -415,12 +415,13 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         status: row.get::<_, Option<u16>>(4)?.unwrap_or(0),
         body: row.get_ref(5).map(unpack)?,
         reversal: row.get(6)?,
+        created_at: row.get(7)?,
     })
 }
 
 /// A settlement with its outcome, if any (none: still pending).
-const RECORD_SELECT: &str = "SELECT s.id, s.institution, s.request_hash, o.state, o.status, o.body, o.reversal
-    FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq";
+const RECORD_SELECT: &str = "SELECT s.id, s.institution, s.request_hash, o.state, o.status, o.body, o.reversal,
+    s.created_at FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq";
 
 fn add_accumulators(conn: &Connection, card_hash: &[u8], deltas: &[AccumulatorDelta]) -> rusqlite::Result<()> {
     for AccumulatorDelta { payer, delta: d } in deltas {

@@ -1,0 +1,155 @@
+//! A settlement whose outcome could not be written (the storage failed after its intent was
+//! recorded) stays `pending`. A retry with its key answers `request_in_progress` while the
+//! payers could still be answering; past the longest chain's timeouts it completes the
+//! settlement — once — instead of waiting for a restart.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use cardgate::api::flow;
+use cardgate::api::model::BillBody;
+use cardgate::api::{ApiError, Identity};
+use cardgate::config::Config;
+use cardgate::dev::PHARMACY;
+use cardgate::ledger::{
+    AccumulatorDelta, Intent, Ledger, LedgerError, LedgerFuture, Outcome, Reconciliation, Record, SettledDeltas, State,
+    StoredQuote, Unresolved,
+};
+use cardgate::service::{Clock, Gateway};
+use cardgate_sdk::YearToDate;
+use cardgate_tests::harness::{Card, Options, Setup, now};
+use http::StatusCode;
+use serde_json::json;
+
+#[derive(Debug)]
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The real ledger, whose next outcome write fails as a full disk would make it.
+#[derive(Debug)]
+struct FailingOutcome {
+    inner: Arc<dyn Ledger>,
+    fail_next: AtomicBool,
+}
+
+impl Ledger for FailingOutcome {
+    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
+        self.inner.by_idempotency_key(institution, key)
+    }
+    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
+        self.inner.get(institution, id)
+    }
+    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
+        self.inner.year_to_date(card_hash, year, payers)
+    }
+    fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
+        self.inner.begin(intent)
+    }
+    fn finish(&self, outcome: Outcome) -> LedgerFuture<'_, ()> {
+        if self.fail_next.swap(false, Ordering::Relaxed) {
+            return Box::pin(async { Err(LedgerError::Storage("database or disk is full".into())) });
+        }
+        self.inner.finish(outcome)
+    }
+    fn reverse(
+        &self,
+        id: String,
+        body: String,
+        deltas: Vec<AccumulatorDelta>,
+        card_hash: Vec<u8>,
+        at: i64,
+    ) -> LedgerFuture<'_, ()> {
+        self.inner.reverse(id, body, deltas, card_hash, at)
+    }
+    fn save_quote(&self, quote: StoredQuote) -> LedgerFuture<'_, ()> {
+        self.inner.save_quote(quote)
+    }
+    fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError> {
+        self.inner.quote(institution, id)
+    }
+    fn unresolved(&self) -> Result<Vec<Unresolved>, LedgerError> {
+        self.inner.unresolved()
+    }
+    fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<Unresolved>, LedgerError> {
+        self.inner.sealed_request(institution, id)
+    }
+    fn reconciliation(
+        &self,
+        institution: &str,
+        date: &str,
+        page: u32,
+        size: u32,
+    ) -> Result<Reconciliation, LedgerError> {
+        self.inner.reconciliation(institution, date, page, size)
+    }
+    fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {
+        self.inner.settled_deltas(id)
+    }
+}
+
+fn status(answer: &Result<cardgate::api::ApiResponse, ApiError>) -> (StatusCode, String) {
+    match answer {
+        Ok(response) => (response.status, response.body.clone()),
+        Err(error) => {
+            let (status, body) = error.body("test", None);
+            (status, body)
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_settlement_whose_outcome_write_failed_completes_on_a_late_retry() {
+    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
+    let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
+    let clock = Arc::new(TestClock(AtomicI64::new(now())));
+    let mut gateway = Gateway::build(config, Arc::clone(&clock) as Arc<dyn Clock>).expect("gateway");
+    let failing = Arc::new(FailingOutcome { inner: Arc::clone(&gateway.ledger), fail_next: AtomicBool::new(true) });
+    gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
+    let identity = Identity { institution: PHARMACY.into() };
+    let body: BillBody = serde_json::from_value(json!({
+        "token": setup.token(&Card::beijing(), 300), "terminal_id": "POS-01", "total_fen": 170000,
+        "lines": [
+            { "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 10, "unit_price_fen": 10000, "amount_fen": 100000 },
+            { "code": "XB02", "name": "CT scan", "category": "class_b", "quantity": 1, "unit_price_fen": 50000, "amount_fen": 50000 },
+            { "code": "XC03", "name": "Single room", "category": "class_c", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }
+        ]
+    }))
+    .expect("body");
+
+    let first = flow::settle(&gateway, &identity, "till-7", body.clone(), "r1").await;
+    assert!(status(&first).0.is_server_error(), "{:?}", status(&first));
+    let record = gateway.ledger.by_idempotency_key(PHARMACY, "till-7").expect("read").expect("intent kept");
+    assert_eq!(record.state, State::Pending);
+
+    // Right away the payers might still be answering: the retry waits.
+    let soon = status(&flow::settle(&gateway, &identity, "till-7", body.clone(), "r2").await);
+    assert_eq!(soon.0, StatusCode::CONFLICT);
+    assert!(soon.1.contains("request_in_progress"), "{}", soon.1);
+
+    // Past every payer's timeout (two plugins of 2 s here) and the ledger's margin: completed.
+    clock.0.fetch_add(2 * 2 + 10 + 1, Ordering::Relaxed);
+    let late = status(&flow::settle(&gateway, &identity, "till-7", body.clone(), "r3").await);
+    assert_eq!(late.0, StatusCode::CREATED, "{}", late.1);
+    let receipt: serde_json::Value = serde_json::from_str(&late.1).expect("receipt");
+    assert_eq!(
+        (receipt["state"].as_str(), receipt["settlement_id"].as_str()),
+        (Some("settled"), Some(record.id.as_str()))
+    );
+    assert_eq!(
+        receipt["fund_pay_fen"].as_i64().unwrap_or(-1)
+            + receipt["account_pay_fen"].as_i64().unwrap_or(-1)
+            + receipt["cash_pay_fen"].as_i64().unwrap_or(-1),
+        170_000
+    );
+    // Recorded once: every later retry gets the same receipt, byte for byte.
+    let again = status(&flow::settle(&gateway, &identity, "till-7", body, "r4").await);
+    assert_eq!(again, late);
+    let stored = gateway.ledger.get(PHARMACY, &record.id).expect("read").expect("record");
+    assert_eq!((stored.state, stored.body), (State::Settled, late.1));
+}
