@@ -157,9 +157,12 @@ struct WalState {
 /// over ([`restart_point`]).
 fn checkpoint_loop(path: PathBuf, wal: Arc<WalState>) {
     let Ok(conn) = open(&path) else { return };
-    let mut copied_before = 0;
+    let (mut copied_before, mut idle) = (0, false);
     while !wal.stop.load(Ordering::Relaxed) {
-        if !wal.hurry.load(Ordering::Relaxed) {
+        if wal.hurry.load(Ordering::Relaxed) && !idle {
+            // Hurried: the next pass as soon as the writer may have added a commit or two.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        } else {
             std::thread::park_timeout(std::time::Duration::from_millis(250));
         }
         let hurry = wal.hurry.load(Ordering::Relaxed);
@@ -167,6 +170,8 @@ fn checkpoint_loop(path: PathBuf, wal: Arc<WalState>) {
             Ok((log, copied)) => {
                 let step = copied - copied_before;
                 copied_before = copied;
+                // Nothing new since the last pass: the writer is idle, no need to spin.
+                idle = step == 0;
                 wal.caught_up
                     .store(hurry && copied == log && (0..=CAUGHT_UP_FRAMES).contains(&step), Ordering::Release);
             }
@@ -320,6 +325,7 @@ impl SqliteLedger {
 /// The writer: takes a batch, runs each job in a savepoint, commits once, then answers.
 fn write_loop(mut conn: Connection, queue: Receiver<Job>, wal: &WalState) {
     conn.wal_hook(Some(note_wal_frames));
+    let mut hurried_at = std::time::Instant::now();
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter().take(MAX_BATCH - 1));
@@ -356,18 +362,25 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>, wal: &WalState) {
         for completion in completions {
             completion(committed.clone());
         }
-        if WAL_FRAMES.get() > wal.restart_frames
-            && !wal.hurry.swap(true, Ordering::Relaxed)
-            && let Some(checkpointer) = wal.checkpointer.get()
-        {
-            checkpointer.unpark();
+        if WAL_FRAMES.get() > wal.restart_frames && !wal.hurry.swap(true, Ordering::Relaxed) {
+            hurried_at = std::time::Instant::now();
+            if let Some(checkpointer) = wal.checkpointer.get() {
+                checkpointer.unpark();
+            }
         }
-        if wal.hurry.load(Ordering::Relaxed) && wal.caught_up.swap(false, Ordering::Acquire) {
+        // Once the checkpoint thread is close behind; or, if it never gets there (every pass
+        // finding the log busy), after two seconds anyway, with a longer pause.
+        if wal.hurry.load(Ordering::Relaxed)
+            && (wal.caught_up.swap(false, Ordering::Acquire) || hurried_at.elapsed() > HURRY_AT_MOST)
+        {
             restart_point(&conn);
             wal.hurry.store(false, Ordering::Relaxed);
         }
     }
 }
+
+/// The longest the writer waits for the checkpoint thread to get close behind.
+const HURRY_AT_MOST: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Past this many frames (1 GiB of 4 KiB pages) the log has not started over for a while: the
 /// writer makes it. Each start-over costs the writer one short copy and an fsync of the
