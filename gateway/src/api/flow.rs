@@ -575,6 +575,26 @@ fn stored_answer(record: Record) -> ApiResponse {
     }
 }
 
+/// Everything a new settlement must pass before its intent is recorded: the token (or quote),
+/// the card's velocity, a route. Answers the prepared request and the card's hash.
+fn prepare_settlement(
+    gateway: &Gateway,
+    institution: (&str, &InstitutionConfig),
+    body: &BillBody,
+    now: i64,
+) -> Result<(Prepared, Vec<u8>), ApiError> {
+    let prepared = match (&body.token, &body.quote_id) {
+        (Some(token), None) => prepare_by_token(gateway, body, token, now)?,
+        (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, body, quote_id, now)?,
+        _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
+    };
+    let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
+    gateway.limiter.check_card(&card_hash)?;
+    // Refuse an unroutable card before anything is recorded.
+    payer_chain(gateway, &gateway.plugins(), &prepared.subject, &prepared.insurance_type, institution)?;
+    Ok((prepared, card_hash))
+}
+
 /// `POST /v1/settlements`.
 pub async fn settle(
     gateway: &Gateway,
@@ -586,18 +606,7 @@ pub async fn settle(
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
     let hash = request_hash(&body);
     let now = gateway.clock.now();
-    let admitted = (|| {
-        let prepared = match (&body.token, &body.quote_id) {
-            (Some(token), None) => prepare_by_token(gateway, &body, token, now)?,
-            (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, &body, quote_id, now)?,
-            _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
-        };
-        let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
-        gateway.limiter.check_card(&card_hash)?;
-        // Refuse an unroutable card before anything is recorded.
-        payer_chain(gateway, &gateway.plugins(), &prepared.subject, &prepared.insurance_type, institution)?;
-        Ok((prepared, card_hash))
-    })();
+    let admitted = prepare_settlement(gateway, institution, &body, now);
     // A retry gets the stored answer whatever its token or quote says by now (used, expired,
     // over the card's velocity). The key is looked up only when the request is refused, or
     // when recording its intent finds the key taken: a new settlement costs no extra read.
