@@ -248,8 +248,8 @@ pub struct DetailLine {
     pub cash_pay_fen: i64,
 }
 
-/// How one payer's accumulators change.
-#[derive(Debug, Clone)]
+/// How one payer's accumulators change (stored as JSON with the outcome, to undo on reversal).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AccumulatorDelta {
     /// Payer (plugin) name.
     pub payer: String,

@@ -125,6 +125,19 @@ fn sign(signer: &Signer, kid: &str, library: &Path) {
     assert_eq!(code, 0, "{err}");
 }
 
+/// `cardgate plugin verify` of the deployed library as the plugin `rotating`.
+fn verify_rotating(signers: &Path, deployed: &Path) -> (u8, String, String) {
+    cli(&[
+        "plugin",
+        "verify",
+        "--trust",
+        signers.to_str().expect("UTF-8"),
+        "--name",
+        "rotating",
+        deployed.to_str().expect("UTF-8"),
+    ])
+}
+
 async fn reload_refused(gw: &TestGateway, expected: &str) {
     let (status, answer) = admin(gw.admin, Method::POST, "/admin/plugins/reload").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
@@ -173,15 +186,7 @@ async fn badly_signed_plugins_are_refused_while_the_old_generation_serves() {
     std::fs::write(&deployed, &bytes).expect("tamper");
     reload_refused(&gw, "SHA-256").await;
     let manifest = cardgate::plugin::signing::manifest_path(&deployed);
-    let (code, _, err) = cli(&[
-        "plugin",
-        "verify",
-        "--trust",
-        signers.to_str().expect("UTF-8"),
-        "--name",
-        "rotating",
-        deployed.to_str().expect("UTF-8"),
-    ]);
+    let (code, _, err) = verify_rotating(&signers, &deployed);
     assert_eq!(code, 1, "{err}");
 
     // Signed by a key the gateway does not trust under the trusted key id.
@@ -210,15 +215,7 @@ async fn badly_signed_plugins_are_refused_while_the_old_generation_serves() {
 
     // Properly signed: the new generation serves.
     sign(&bureau, "bureau", &deployed);
-    let (code, out, err) = cli(&[
-        "plugin",
-        "verify",
-        "--trust",
-        signers.to_str().expect("UTF-8"),
-        "--name",
-        "rotating",
-        deployed.to_str().expect("UTF-8"),
-    ]);
+    let (code, out, err) = verify_rotating(&signers, &deployed);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("valid: fixture-v2 0.2.0"), "{out}");
     let (status, answer) = admin(gw.admin, Method::POST, "/admin/plugins/reload").await;

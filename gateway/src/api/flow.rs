@@ -644,7 +644,7 @@ pub async fn settle(
         }
         Err(e) => return Err(e.into()),
     }
-    complete(gateway, &id, institution.0, &prepared, now, request_id).await
+    complete(gateway, &id, institution.0, &prepared, card_hash, now, request_id).await
 }
 
 /// Runs the payer chain for a recorded intent and records its outcome; answers what was
@@ -654,6 +654,7 @@ async fn complete(
     id: &str,
     institution_id: &str,
     prepared: &Prepared,
+    card_hash: Vec<u8>,
     created_at: i64,
     request_id: &str,
 ) -> Result<ApiResponse, ApiError> {
@@ -663,7 +664,6 @@ async fn complete(
         .get_key_value(institution_id)
         .map(|(k, v)| (k.as_str(), v))
         .ok_or_else(|| ApiError::client(StatusCode::FORBIDDEN, "forbidden_institution", "unknown institution"))?;
-    let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
     let year = year_of(created_at);
     let plugins = gateway.plugins();
     let outcome = match payer_chain(gateway, &plugins, &prepared.subject, &prepared.insurance_type, institution) {
@@ -756,7 +756,9 @@ pub async fn resolve(gateway: &Gateway, unresolved: &Unresolved) -> Result<ApiRe
         .and_then(|plain| serde_json::from_slice(&plain).ok())
         .ok_or_else(|| ApiError::Storage(LedgerError::Storage("a sealed request does not open".into())))?;
     let request_id = format!("resolve-{}", unresolved.id);
-    complete(gateway, &unresolved.id, &unresolved.institution, &prepared, unresolved.created_at, &request_id).await
+    let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
+    complete(gateway, &unresolved.id, &unresolved.institution, &prepared, card_hash, unresolved.created_at, &request_id)
+        .await
 }
 
 /// Resolves every settlement left `pending` or `unknown`; run at start, before serving.

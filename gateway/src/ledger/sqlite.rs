@@ -567,19 +567,6 @@ fn reconcile(
     })
 }
 
-fn deltas_json(deltas: &[AccumulatorDelta]) -> String {
-    let list: Vec<serde_json::Value> =
-        deltas.iter().map(|d| serde_json::json!({ "payer": d.payer, "delta": d.delta })).collect();
-    serde_json::Value::Array(list).to_string()
-}
-
-fn payers_json(amounts: Option<&super::Amounts>) -> String {
-    let list: Vec<serde_json::Value> = amounts
-        .map(|a| a.payers.iter().map(|(payer, fund, account)| serde_json::json!([payer, fund, account])).collect())
-        .unwrap_or_default();
-    serde_json::Value::Array(list).to_string()
-}
-
 /// Maps a unique-constraint failure to what was taken.
 fn taken(e: rusqlite::Error) -> LedgerError {
     match &e {
@@ -740,7 +727,10 @@ impl Ledger for SqliteLedger {
 
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
         // Encoded here, on the caller's thread: the writer's thread is the one to spare.
-        let (deltas, payers) = (deltas_json(&o.deltas), payers_json(o.amounts.as_ref()));
+        // `[{"payer", "delta"}]` and `[[payer, fund, account]]` (reconciliation reads the latter).
+        let deltas = serde_json::to_string(&o.deltas).unwrap_or_else(|_| "[]".into());
+        let payers = serde_json::to_string(o.amounts.as_ref().map_or(&[][..], |a| &a.payers[..]))
+            .unwrap_or_else(|_| "[]".into());
         self.write(move |c| finish_outcome(c, &o, &deltas, &payers))
     }
 
@@ -834,15 +824,7 @@ impl Ledger for SqliteLedger {
             .optional()
         })?;
         let Some((card_hash, json)) = row else { return Ok(None) };
-        let list: Vec<serde_json::Value> = serde_json::from_str(&json).map_err(storage)?;
-        let deltas = list
-            .into_iter()
-            .map(|v| {
-                let payer = v["payer"].as_str().unwrap_or_default().to_owned();
-                serde_json::from_value(v["delta"].clone()).map(|delta| AccumulatorDelta { payer, delta })
-            })
-            .collect::<Result<_, _>>()
-            .map_err(storage)?;
+        let deltas = serde_json::from_str(&json).map_err(storage)?;
         Ok(Some((card_hash, deltas)))
     }
 }
