@@ -147,6 +147,7 @@ async fn settle(ledger: &SqliteLedger, n: u64) {
             AccumulatorDelta { payer: "critical-illness".into(), delta: YearToDate::default() },
         ],
         card_hash,
+        read: Vec::new(),
         at: 1_780_000_001,
         amounts: Some(Amounts {
             fund_fen: 52_000,

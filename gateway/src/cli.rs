@@ -71,8 +71,11 @@ enum Command {
 /// Parses the process's arguments and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    let code = run(cli, &mut std::io::stdout().lock(), &mut std::io::stderr().lock());
+    // Kept until the end of `main`: dropping it writes out what the log thread still holds.
+    let _log = init_logging(cli.log_format);
+    // Not `stderr().lock()` for the life of the command: the log writes to stderr from its own
+    // thread, and a lock held here would stop it, and with it every thread that logs.
+    let code = run(cli, &mut std::io::stdout(), &mut std::io::stderr());
     ExitCode::from(code)
 }
 
@@ -118,12 +121,25 @@ impl Failure {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Lines the log holds for its writer thread; past this, new lines are dropped (and counted)
+/// rather than making the thread that logs wait.
+const LOG_BUFFER_LINES: usize = 64 * 1024;
+
+/// Logs go to stderr through a thread of their own: a thread that logs (a request, a signal
+/// handler, the ledger writer) only queues the line, and never waits for stderr, even when
+/// whatever reads it is slow or stopped. Lines that find the queue full are dropped.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CARDGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .lossy(true)
+        .thread_name("cardgate-log")
+        .finish(std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
     };
+    guard
 }

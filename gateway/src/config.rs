@@ -121,8 +121,14 @@ pub struct LedgerConfig {
     /// SQLite database file.
     pub path: PathBuf,
     /// Secret (64 hex characters) keying the hash under which card ids are stored and the
-    /// encryption of stored quotes. Keep it secret and stable: changing it orphans history.
+    /// encryption of stored requests, quotes and receipts. Keep it secret and stable: changing
+    /// it orphans history. Better given as `secret_file` or the `CARDGATE__LEDGER__SECRET`
+    /// environment variable than written here.
+    #[serde(default)]
     pub secret: String,
+    /// A file (mode 0600) holding the secret, instead of `secret`.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
 }
 
 /// Rate limits (token buckets) by scope, and the in-flight limit. An absent scope is
@@ -373,8 +379,63 @@ impl Config {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| one(format!("{}: {e}", path.display())))?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.read_secret_file()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads `ledger.secret_file` into `ledger.secret`.
+    fn read_secret_file(&mut self) -> Result<(), ConfigError> {
+        let Some(file) = &self.ledger.secret_file else { return Ok(()) };
+        let one = |p: String| ConfigError { problems: vec![p] };
+        if !self.ledger.secret.is_empty() {
+            return Err(one("ledger: give `secret` or `secret_file`, not both".into()));
+        }
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| one(format!("ledger.secret_file: {}: {e}", file.display())))?;
+        self.ledger.secret = text.trim().to_owned();
+        Ok(())
+    }
+
+    /// Files holding secrets or card data that users other than the owner can read (or, for
+    /// the directories, write): each with what to do. The daemon and `check-config` warn.
+    pub fn exposed_files(&self, config_path: &Path) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).ok().map(|m| m.permissions().mode());
+        let mut found = Vec::new();
+        let mut private = |key: &str, path: &Path| {
+            if let Some(m) = mode(path).filter(|m| m & 0o077 != 0) {
+                found.push(format!("{key}: {} is mode {:04o}; run chmod 600 on it", path.display(), m & 0o7777));
+            }
+        };
+        private("server.private_key", &self.server.private_key);
+        if let Some(key) = self.admin.as_ref().and_then(|a| a.private_key.as_ref()) {
+            private("admin.private_key", key);
+        }
+        if let Some(file) = &self.ledger.secret_file {
+            private("ledger.secret_file", file);
+        } else if std::fs::read_to_string(config_path)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .is_some_and(|t| t.get("ledger").and_then(|l| l.get("secret")).is_some())
+        {
+            private("ledger.secret (in the configuration file)", config_path);
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = self.ledger.path.clone().into_os_string();
+            name.push(suffix);
+            private("ledger.path", Path::new(&name));
+        }
+        if let Some(dir) = self.ledger.path.parent()
+            && let Some(m) = mode(dir).filter(|m| m & 0o022 != 0)
+        {
+            found.push(format!(
+                "ledger.path: its directory {} is mode {:04o}: others can replace the ledger; run chmod 700 on it",
+                dir.display(),
+                m & 0o7777
+            ));
+        }
+        found
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -391,6 +452,9 @@ impl Config {
             resolve(p);
         }
         resolve(&mut self.ledger.path);
+        if let Some(p) = &mut self.ledger.secret_file {
+            resolve(p);
+        }
         resolve(&mut self.plugin_runtime.cache_dir);
         if let Some(p) = &mut self.plugin_runtime.signers {
             resolve(p);
@@ -429,7 +493,7 @@ impl Config {
         check(t.quote_validity_secs > 0, "tokens.quote_validity_secs: must be positive".into());
         check(
             self.ledger.secret.len() == 64 && self.ledger.secret.bytes().all(|b| b.is_ascii_hexdigit()),
-            "ledger.secret: must be 64 hex characters".into(),
+            "ledger.secret: must be 64 hex characters (from `secret`, `secret_file` or CARDGATE__LEDGER__SECRET)".into(),
         );
         let l = &self.limits;
         for (scope, rate) in

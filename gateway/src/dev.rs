@@ -115,10 +115,14 @@ impl DevFiles {
 /// Writes a dev setup into `dir` unless `cardgate.toml` is already there.
 pub fn ensure(dir: &Path, listen: &str, plugins: &DevPlugins) -> Result<DevFiles, String> {
     let files = DevFiles { dir: dir.to_owned(), config: dir.join("cardgate.toml") };
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Keys, the ledger secret and card data live here: the owner's alone (also a directory
+    // set up by an earlier version, which left it 0755).
+    restrict(dir, 0o700)?;
     if files.config.exists() {
+        restrict(&files.config, 0o600)?;
         return Ok(files);
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let pki = Pki::generate()?;
     let write = |name: &str, contents: &str| {
         std::fs::write(dir.join(name), contents).map_err(|e| format!("{}: {e}", dir.join(name).display()))
@@ -136,8 +140,14 @@ pub fn ensure(dir: &Path, listen: &str, plugins: &DevPlugins) -> Result<DevFiles
     let kid = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ISSUER_KID);
     let trust = serde_json::json!({ "keys": [{ "kid": kid, "alg": "EdDSA", "public_key": issuer.public_pem }] });
     write("trust.json", &format!("{trust:#}\n"))?;
-    write("cardgate.toml", &config_text(listen, plugins)?)?;
+    write_private(&dir.join("ledger.secret"), &format!("{}\n", random_hex(32)))?;
+    write_private(&files.config, &config_text(listen, plugins)?)?;
     Ok(files)
+}
+
+fn restrict(path: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), String> {
@@ -187,7 +197,8 @@ quote_validity_secs = 1800
 
 [ledger]
 path = "ledger.db"
-secret = "{secret}"
+# The secret keying card hashes and sealing stored requests, quotes and receipts (mode 0600).
+secret_file = "ledger.secret"
 
 [plugin_runtime]
 cache_dir = "plugin-cache"
@@ -216,7 +227,6 @@ regions = ["31"]
 cross_region = true
 payers = ["basic-medical"]
 "#,
-        secret = random_hex(32),
         admin = listen
             .parse::<std::net::SocketAddr>()
             .map(|a| format!("\n[admin]\nlisten = \"127.0.0.1:{}\"\n", a.port().wrapping_add(1)))

@@ -55,6 +55,10 @@ pub enum LedgerError {
     /// The record does not exist (or belongs to another institution).
     #[error("not found")]
     NotFound,
+    /// The card's accumulators changed after the payers were given them (another settlement
+    /// or reversal of the card committed in between): nothing was recorded; ask again.
+    #[error("the card's year-to-date figures changed while its payers were asked")]
+    Stale,
     /// The storage failed.
     #[error("storage: {0}")]
     Storage(String),
@@ -272,6 +276,9 @@ pub struct Outcome {
     pub deltas: Vec<AccumulatorDelta>,
     /// Card hash the accumulators belong to.
     pub card_hash: Vec<u8>,
+    /// The accumulators the payers were given, payer by payer: a settled outcome is recorded
+    /// only if they are still what the ledger holds (else [`LedgerError::Stale`]).
+    pub read: Vec<AccumulatorDelta>,
     /// Seconds since the epoch.
     pub at: i64,
     /// The money, when settled.
@@ -312,7 +319,8 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     }
     /// Records an intent (durably), refusing a used token, quote or idempotency key.
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()>;
-    /// Records an outcome (durably) with its accumulator changes.
+    /// Records an outcome (durably) with its accumulator changes, if the accumulators it read
+    /// ([`Outcome::read`]) are unchanged; else nothing, and [`LedgerError::Stale`].
     fn finish(&self, outcome: Outcome) -> LedgerFuture<'_, ()>;
     /// Marks a settled record reversed with the reversal's answer and accumulator changes.
     fn reverse(
@@ -341,6 +349,12 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     ) -> Result<Reconciliation, LedgerError>;
     /// The card hash and accumulator changes recorded for a settlement (to undo them).
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
+    /// Whether the ledger takes writes now: at once when the last commit succeeded; after a
+    /// failed one (a full disk), by committing a probe (so readiness comes back by itself when
+    /// space does).
+    fn probe(&self) -> LedgerFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The ledger secret's uses: hashing card ids, sealing quotes.
@@ -404,6 +418,28 @@ impl CardKey {
     }
 }
 
+/// What marks a stored answer as sealed ([`CardKey::seal_text`]); plain JSON never starts so.
+const SEALED_TEXT: &str = "sealed:v1:";
+
+impl CardKey {
+    /// Seals a stored answer that names the card holder: `sealed:v1:` and the sealed bytes in
+    /// base64, so it stays text in the ledger.
+    pub fn seal_text(&self, plain: &str) -> String {
+        use base64::Engine;
+        let sealed = self.seal(plain.as_bytes());
+        format!("{SEALED_TEXT}{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(sealed))
+    }
+
+    /// Opens what [`CardKey::seal_text`] made; text stored plain (older ledgers, answers that
+    /// name no one) comes back as it is. `None`: sealed with another key, or altered.
+    pub fn open_text(&self, stored: &str) -> Option<String> {
+        use base64::Engine;
+        let Some(sealed) = stored.strip_prefix(SEALED_TEXT) else { return Some(stored.to_owned()) };
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(sealed).ok()?;
+        String::from_utf8(self.open(&bytes)?).ok()
+    }
+}
+
 /// A card id as shown on receipts: its first four and last four characters.
 pub fn mask_card(card_id: &str) -> String {
     let chars: Vec<char> = card_id.chars().collect();
@@ -432,6 +468,11 @@ mod tests {
         let sealed = key.seal(b"quote");
         assert_eq!(key.open(&sealed).as_deref(), Some(&b"quote"[..]));
         assert_eq!(CardKey::new(&[8; 32]).open(&sealed), None);
+        let text = key.seal_text("{\"holder_name\":\"张三\"}");
+        assert!(!text.contains("holder_name"), "{text}");
+        assert_eq!(key.open_text(&text).as_deref(), Some("{\"holder_name\":\"张三\"}"));
+        assert_eq!(key.open_text("{\"plain\":1}").as_deref(), Some("{\"plain\":1}"));
+        assert_eq!(CardKey::new(&[8; 32]).open_text(&text), None);
         let mut tampered = sealed.clone();
         tampered[13] ^= 1;
         assert_eq!(key.open(&tampered), None);

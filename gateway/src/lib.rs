@@ -10,9 +10,11 @@
 //! - [`token`]: e-card tokens: offline verification, trust and revocation lists, replay
 //!   protection, and issuer tooling.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`cardlock`]: per-card serialisation of settlements and reversals.
 //! - [`cli`]: the `cardgate` command line.
 
 pub mod api;
+pub mod cardlock;
 pub mod cli;
 pub mod client;
 pub mod config;

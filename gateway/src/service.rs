@@ -58,6 +58,8 @@ pub struct Gateway {
     pub card_key: CardKey,
     /// Fast replay check in front of the ledger's unique token ids.
     pub replay_cache: Arc<MemoryReplayStore>,
+    /// One settlement or reversal per card at a time (shared across reloads).
+    pub card_locks: Arc<crate::cardlock::CardLocks>,
     /// Rate limits and the in-flight limit.
     pub limiter: Limiter,
     /// The clock.
@@ -81,6 +83,7 @@ impl Gateway {
                 ledger: Arc::new(ledger),
                 pool,
                 replay_cache: Arc::new(MemoryReplayStore::new()),
+                card_locks: Arc::default(),
                 clock,
                 generation: 0,
             }),
@@ -101,6 +104,7 @@ impl Gateway {
             ledger: Arc::clone(&self.ledger),
             pool: self.pool.clone(),
             replay_cache: Arc::clone(&self.replay_cache),
+            card_locks: Arc::clone(&self.card_locks),
             clock: Arc::clone(&self.clock),
             generation: self.plugins().generation,
         };
@@ -136,6 +140,7 @@ impl Gateway {
             ledger: shared.ledger,
             card_key: CardKey::new(&config.ledger_secret()),
             replay_cache: shared.replay_cache,
+            card_locks: shared.card_locks,
             limiter: Limiter::new(&config.limits),
             clock: shared.clock,
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -194,6 +199,7 @@ struct Shared {
     ledger: Arc<dyn Ledger>,
     pool: PluginPool,
     replay_cache: Arc<MemoryReplayStore>,
+    card_locks: Arc<crate::cardlock::CardLocks>,
     clock: Arc<dyn Clock>,
     generation: u64,
 }

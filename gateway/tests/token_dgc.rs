@@ -1,4 +1,5 @@
-//! The public EU Digital COVID Certificate vectors in `../shared/testdata/dgc`: every stage each
+//! The public EU Digital COVID Certificate vectors in `tests/testdata/dgc` (Apache-2.0, its
+//! LICENSE beside them; vendored so a clone needs nothing beside it): every stage each
 //! file tests gives the expected result, and the signature and expiry checks run through the
 //! `cardgate token verify` code path, with the file's certificate as the trust list.
 
@@ -11,7 +12,7 @@ use clap::Parser;
 use serde_json::Value;
 
 fn vectors() -> Vec<(String, Value)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/dgc");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/dgc");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("test vectors missing at {}: {e}", dir.display()))
         .map(|entry| entry.expect("directory entry").path())

@@ -216,14 +216,16 @@ async fn run_chain<'g>(
     bill: &Bill<'_>,
     card_hash: &[u8],
     year: i32,
-) -> Result<Vec<PayerSplit<'g>>, ApiError> {
+) -> Result<Chained<'g>, ApiError> {
     let mut due = bill.total_fen;
     let mut prior: Vec<PriorPayment> = Vec::new();
     let mut results = Vec::with_capacity(chain.len());
+    let mut read = Vec::with_capacity(chain.len());
     let names: Vec<&str> = chain.iter().map(|(name, _)| *name).collect();
     let mut years = gateway.ledger.year_to_date(card_hash, year, &names)?.into_iter();
     for (name, plugin) in chain {
         let year_to_date = years.next().unwrap_or(YearToDate { year, ..YearToDate::default() });
+        read.push(AccumulatorDelta { payer: (*name).to_owned(), delta: year_to_date });
         let request = SettlementRequest {
             settlement_id: bill.id.to_owned(),
             card: bill.subject.card(),
@@ -250,7 +252,13 @@ async fn run_chain<'g>(
         due = split.cash_pay_fen;
         results.push(PayerSplit { name, version: plugin.info().version.clone(), split });
     }
-    Ok(results)
+    Ok(Chained { results, read })
+}
+
+/// A chain's answers and the accumulators its payers were given.
+struct Chained<'g> {
+    results: Vec<PayerSplit<'g>>,
+    read: Vec<AccumulatorDelta>,
 }
 
 /// A delegate as answers show it: the card masked.
@@ -419,7 +427,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         total_fen,
     };
     let card_hash = gateway.card_key.hash(&subject.card_id);
-    let results = run_chain(gateway, &chain, Operation::Quote, &bill, &card_hash, year_of(now)).await?;
+    let results = run_chain(gateway, &chain, Operation::Quote, &bill, &card_hash, year_of(now)).await?.results;
     let expires_at = now + gateway.config.tokens.quote_validity_secs;
     let content = QuoteContent {
         subject: subject.clone(),
@@ -548,7 +556,7 @@ async fn replay(gateway: &Gateway, record: Record, hash: &[u8]) -> Result<ApiRes
                 gateway.ledger.sealed_request(&record.institution, &record.id)?.ok_or(LedgerError::NotFound)?;
             resolve(gateway, &unresolved).await
         }
-        _ => Ok(stored_answer(record)),
+        _ => stored_answer(gateway, record),
     }
 }
 
@@ -559,8 +567,8 @@ fn stale_pending_secs(gateway: &Gateway) -> i64 {
     i64::try_from(payers_ms / 1000).unwrap_or(i64::MAX / 2) + 10
 }
 
-fn stored_answer(record: Record) -> ApiResponse {
-    match record.state {
+fn stored_answer(gateway: &Gateway, record: Record) -> Result<ApiResponse, ApiError> {
+    Ok(match record.state {
         State::Pending | State::Unknown => {
             let error = ApiError::client(StatusCode::CONFLICT, "request_in_progress", "still being processed; retry");
             ApiResponse::problem(&error, "-")
@@ -568,11 +576,19 @@ fn stored_answer(record: Record) -> ApiResponse {
         _ => ApiResponse {
             status: StatusCode::from_u16(record.status).unwrap_or(StatusCode::OK),
             problem: !(200..300).contains(&record.status),
-            body: record.body,
+            body: opened(gateway, &record.body)?,
             retry_after: None,
             code: None,
         },
-    }
+    })
+}
+
+/// A stored answer as sent: receipts name the holder, so they are stored sealed.
+fn opened(gateway: &Gateway, stored: &str) -> Result<String, ApiError> {
+    gateway
+        .card_key
+        .open_text(stored)
+        .ok_or_else(|| ApiError::Storage(LedgerError::Storage("a stored answer does not open".into())))
 }
 
 /// Everything a new settlement must pass before its intent is recorded: the token (or quote),
@@ -665,68 +681,84 @@ async fn complete(
         .map(|(k, v)| (k.as_str(), v))
         .ok_or_else(|| ApiError::client(StatusCode::FORBIDDEN, "forbidden_institution", "unknown institution"))?;
     let year = year_of(created_at);
-    let plugins = gateway.plugins();
-    let outcome = match payer_chain(gateway, &plugins, &prepared.subject, &prepared.insurance_type, institution) {
-        Ok(chain) => {
-            let bill = Bill {
-                id,
-                subject: &prepared.subject,
-                institution: sdk_institution(institution.0, institution.1),
-                insurance_type: &prepared.insurance_type,
-                body: &prepared.bill,
-                total_fen: prepared.total_fen,
-            };
-            run_chain(gateway, &chain, Operation::Settle, &bill, &card_hash, year).await
+    // One settlement or reversal of a card at a time, from reading its accumulators to the
+    // durable outcome (crate::cardlock); the ledger's conditional commit covers other processes.
+    let _card = gateway.card_locks.lock(&card_hash).await;
+    let mut attempt = 0;
+    let (state, status, answer) = loop {
+        attempt += 1;
+        let plugins = gateway.plugins();
+        let outcome = match payer_chain(gateway, &plugins, &prepared.subject, &prepared.insurance_type, institution) {
+            Ok(chain) => {
+                let bill = Bill {
+                    id,
+                    subject: &prepared.subject,
+                    institution: sdk_institution(institution.0, institution.1),
+                    insurance_type: &prepared.insurance_type,
+                    body: &prepared.bill,
+                    total_fen: prepared.total_fen,
+                };
+                run_chain(gateway, &chain, Operation::Settle, &bill, &card_hash, year).await
+            }
+            Err(e) => Err(e),
+        };
+        let now = gateway.clock.now();
+        let (state, status, answer, deltas, amounts, read) = match outcome {
+            Ok(Chained { results, read }) => {
+                let receipt = receipt(id, institution.0, &prepared.bill.terminal_id, prepared, &results, now);
+                let deltas = results
+                    .iter()
+                    .map(|r| AccumulatorDelta {
+                        payer: r.name.to_owned(),
+                        delta: YearToDate { year, ..r.split.year_to_date_delta },
+                    })
+                    .collect();
+                let amounts = Amounts {
+                    fund_fen: results.iter().map(|r| r.split.fund_pay_fen()).sum(),
+                    account_fen: results.iter().map(|r| r.split.account_pay_fen).sum(),
+                    cash_fen: results.last().map_or(prepared.total_fen, |r| r.split.cash_pay_fen),
+                    payers: results
+                        .iter()
+                        .map(|r| (r.name.to_owned(), r.split.fund_pay_fen(), r.split.account_pay_fen))
+                        .collect(),
+                };
+                (State::Settled, StatusCode::CREATED, receipt, deltas, Some(amounts), read)
+            }
+            Err(error) => {
+                let timed_out = matches!(error, ApiError::Plugin { error: CallError::Timeout(_), .. });
+                let (status, problem) = error.body(request_id, Some(("settlement_id", id)));
+                (if timed_out { State::Unknown } else { State::Failed }, status, problem, Vec::new(), None, Vec::new())
+            }
+        };
+        // A receipt names the holder: stored sealed, like the request.
+        let stored = if state == State::Settled { gateway.card_key.seal_text(&answer) } else { answer.clone() };
+        let outcome = Outcome {
+            id: id.to_owned(),
+            state,
+            status: status.as_u16(),
+            body: stored,
+            deltas,
+            card_hash: card_hash.clone(),
+            read,
+            at: now,
+            amounts,
+        };
+        match gateway.ledger.finish(outcome).await {
+            Ok(()) => break (state, status, answer),
+            // Another process settled the same card in between: ask the payers again with the
+            // figures as they are now (the same settlement id: payers treat it as one bill).
+            Err(LedgerError::Stale) if attempt < STALE_ATTEMPTS => {
+                tracing::info!(settlement = id, attempt, "the card's figures changed meanwhile; asking the payers again");
+            }
+            // Completed meanwhile by a concurrent retry: answer what it recorded.
+            Err(LedgerError::NotFound) => {
+                let record = gateway.ledger.get(institution.0, id)?.ok_or(LedgerError::NotFound)?;
+                return stored_answer(gateway, record);
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e),
     };
     let now = gateway.clock.now();
-    let (state, status, answer, deltas, amounts) = match outcome {
-        Ok(results) => {
-            let receipt = receipt(id, institution.0, &prepared.bill.terminal_id, prepared, &results, now);
-            let deltas = results
-                .iter()
-                .map(|r| AccumulatorDelta {
-                    payer: r.name.to_owned(),
-                    delta: YearToDate { year, ..r.split.year_to_date_delta },
-                })
-                .collect();
-            let amounts = Amounts {
-                fund_fen: results.iter().map(|r| r.split.fund_pay_fen()).sum(),
-                account_fen: results.iter().map(|r| r.split.account_pay_fen).sum(),
-                cash_fen: results.last().map_or(prepared.total_fen, |r| r.split.cash_pay_fen),
-                payers: results
-                    .iter()
-                    .map(|r| (r.name.to_owned(), r.split.fund_pay_fen(), r.split.account_pay_fen))
-                    .collect(),
-            };
-            (State::Settled, StatusCode::CREATED, receipt, deltas, Some(amounts))
-        }
-        Err(error) => {
-            let timed_out = matches!(error, ApiError::Plugin { error: CallError::Timeout(_), .. });
-            let (status, problem) = error.body(request_id, Some(("settlement_id", id)));
-            (if timed_out { State::Unknown } else { State::Failed }, status, problem, Vec::new(), None)
-        }
-    };
-    let outcome = Outcome {
-        id: id.to_owned(),
-        state,
-        status: status.as_u16(),
-        body: answer.clone(),
-        deltas,
-        card_hash,
-        at: now,
-        amounts,
-    };
-    match gateway.ledger.finish(outcome).await {
-        Ok(()) => {}
-        // Completed meanwhile by a concurrent retry: answer what it recorded.
-        Err(LedgerError::NotFound) => {
-            let record = gateway.ledger.get(institution.0, id)?.ok_or(LedgerError::NotFound)?;
-            return Ok(stored_answer(record));
-        }
-        Err(e) => return Err(e.into()),
-    }
     crate::metrics::settlement(state.as_str());
     tracing::debug!(
         request_id,
@@ -745,6 +777,9 @@ async fn complete(
     }
     Ok(ApiResponse { status, problem: state != State::Settled, body: answer, retry_after: None, code: None })
 }
+
+/// How often a settlement is asked again when the card's figures changed under it.
+const STALE_ATTEMPTS: u32 = 3;
 
 /// Completes a settlement left `pending` (by a crash) or `unknown` (by a timeout), from the
 /// request sealed in its intent. The payers are asked again with the same settlement id; the
@@ -818,7 +853,7 @@ pub fn get(gateway: &Gateway, identity: &Identity, id: &str) -> Result<ApiRespon
     let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
     let view = match record.state {
         State::Settled | State::Reversed => {
-            let mut receipt: Value = serde_json::from_str(&record.body).unwrap_or_default();
+            let mut receipt: Value = serde_json::from_str(&opened(gateway, &record.body)?).unwrap_or_default();
             receipt["state"] = json!(record.state.as_str());
             if let Some(reversal) = &record.reversal {
                 receipt["reversal"] = serde_json::from_str(reversal).unwrap_or_default();
@@ -843,6 +878,16 @@ pub async fn reverse(
     body: ReversalBody,
 ) -> Result<ApiResponse, ApiError> {
     let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
+    // The card's lock, as a settlement takes it: its accumulators move back while no payer of
+    // the card is being asked. The state is read again under it.
+    let _card = match record.state {
+        State::Settled => {
+            let (card_hash, _) = gateway.ledger.settled_deltas(id)?.ok_or(LedgerError::NotFound)?;
+            Some(gateway.card_locks.lock(&card_hash).await)
+        }
+        _ => None,
+    };
+    let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
     match record.state {
         State::Reversed => {
             return Ok(ApiResponse::json(StatusCode::OK, record.reversal.unwrap_or_default()));
@@ -856,7 +901,8 @@ pub async fn reverse(
             ));
         }
     }
-    let receipt: Value = serde_json::from_str(&record.body).map_err(|e| LedgerError::Storage(e.to_string()))?;
+    let receipt: Value =
+        serde_json::from_str(&opened(gateway, &record.body)?).map_err(|e| LedgerError::Storage(e.to_string()))?;
     let institution_config = gateway.institution(&identity.institution).ok_or(LedgerError::NotFound)?;
     let card = CardClaims {
         card_id: receipt["card"].as_str().unwrap_or_default().to_owned(),

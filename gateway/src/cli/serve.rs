@@ -64,6 +64,9 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         }
     }
     if problems.is_empty() {
+        for exposed in config.exposed_files(&args.config) {
+            writeln!(out, "warning: {exposed}").map_err(Failure::new)?;
+        }
         writeln!(out, "ok: {}", args.config.display()).map_err(Failure::new)?;
         Ok(0)
     } else {
@@ -100,6 +103,10 @@ pub fn serve(args: ServeArgs) -> Result<u8, Failure> {
 fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Failure::new)?;
     runtime.block_on(async move {
+        survive_file_size_limit();
+        for exposed in config.exposed_files(&path) {
+            tracing::warn!(problem = %exposed, "secrets or card data readable by other users");
+        }
         let tls = server::tls::server_config(&config.server)
             .map_err(|p| Failure::config(format!("bad configuration:\n{}", p.join("\n"))))?;
         let listen = config.server.listen;
@@ -161,6 +168,26 @@ async fn reload_on_sighup(live: Arc<crate::service::Live>, path: PathBuf) {
         if let Ok(Err(problems)) = tokio::task::spawn_blocking(move || live.reload(&path, &env)).await {
             tracing::error!(problems = %problems.join("; "), "reload refused; still serving the previous configuration");
         }
+    }
+}
+
+/// A write past the file-size limit (`RLIMIT_FSIZE`, `LimitFSIZE=` in systemd) raises SIGXFSZ,
+/// whose default action kills the process mid-commit. With the signal handled, the write fails
+/// instead, as on a full disk: the ledger refuses writes with `storage_unavailable`, readiness
+/// turns false, and both come back when the limit is raised.
+fn survive_file_size_limit() {
+    use tokio::signal::unix::{SignalKind, signal};
+    /// SIGXFSZ on Linux and the BSDs.
+    const SIGXFSZ: i32 = 25;
+    match signal(SignalKind::from_raw(SIGXFSZ)) {
+        Ok(mut exceeded) => {
+            tokio::spawn(async move {
+                while exceeded.recv().await.is_some() {
+                    tracing::warn!("a write reached the file-size limit (SIGXFSZ); it failed");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ; a file-size limit would stop the daemon"),
     }
 }
 

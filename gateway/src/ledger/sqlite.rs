@@ -148,8 +148,12 @@ struct WalState {
     caught_up: AtomicBool,
     /// [`SqliteOptions::wal_restart_frames`].
     restart_frames: i32,
+    /// [`SqliteOptions::hurry_at_most`].
+    hurry_at_most: std::time::Duration,
     /// The checkpoint thread, woken when the writer starts to hurry it.
     checkpointer: std::sync::OnceLock<std::thread::Thread>,
+    /// The writer's last transaction failed to begin or commit (a full disk, an I/O error).
+    failing: AtomicBool,
 }
 
 /// Copies the write-ahead log into the database off the writer's thread, so commits never
@@ -211,6 +215,17 @@ fn storage(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Storage(e.to_string())
 }
 
+/// Creates a missing ledger file readable by its owner alone (0600, whatever the umask):
+/// SQLite gives the write-ahead log and shared-memory files the same mode as the database.
+fn create_private(path: &Path) -> Result<(), LedgerError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(LedgerError::Storage(format!("{}: {e}", path.display()))),
+    }
+}
+
 fn open(path: &Path) -> Result<Connection, LedgerError> {
     let conn = Connection::open(path).map_err(storage)?;
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")
@@ -224,11 +239,14 @@ pub struct SqliteOptions {
     /// Frames in the write-ahead log past which the writer makes it start over (see
     /// [`restart_point`]).
     pub wal_restart_frames: i32,
+    /// The longest the writer waits for the checkpoint thread to get close behind before it
+    /// makes the log start over itself (zero: at once, deterministically — for tests).
+    pub hurry_at_most: std::time::Duration,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        Self { wal_restart_frames: WAL_RESTART_FRAMES }
+        Self { wal_restart_frames: WAL_RESTART_FRAMES, hurry_at_most: HURRY_AT_MOST }
     }
 }
 
@@ -240,6 +258,7 @@ impl SqliteLedger {
 
     /// [`SqliteLedger::open`] with tuning.
     pub fn open_with(path: &Path, options: &SqliteOptions) -> Result<Self, LedgerError> {
+        create_private(path)?;
         let writer = open(path)?;
         let version: i64 = writer.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(storage)?;
         let has_tables: bool = writer
@@ -271,7 +290,11 @@ impl SqliteLedger {
         writer
             .execute_batch(&format!("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"))
             .map_err(storage)?;
-        let state = Arc::new(WalState { restart_frames: options.wal_restart_frames, ..WalState::default() });
+        let state = Arc::new(WalState {
+            restart_frames: options.wal_restart_frames,
+            hurry_at_most: options.hurry_at_most,
+            ..WalState::default()
+        });
         let (checkpoint_path, checkpoint_state) = (path.to_owned(), Arc::clone(&state));
         let checkpointer = std::thread::Builder::new()
             .name("cardgate-checkpoint".into())
@@ -336,7 +359,9 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>, wal: &WalState) {
             Err(e) => {
                 // Run nothing: dropping the jobs tells every waiter the storage failed.
                 drop(batch);
-                tracing::error!(error = %e, "ledger: cannot begin a transaction");
+                if !wal.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "ledger: cannot begin a transaction; writes fail until it can");
+                }
                 continue;
             }
         };
@@ -356,8 +381,16 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>, wal: &WalState) {
         }
         let committed = tx.commit().map_err(storage);
         crate::metrics::ledger_commit(size, started.elapsed());
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, "ledger: commit failed");
+        match &committed {
+            // Logged once per failing spell, not once per batch: a full disk would flood the log.
+            Err(e) if !wal.failing.swap(true, Ordering::Relaxed) => {
+                tracing::error!(error = %e, "ledger: commit failed; writes fail until one commits");
+            }
+            Err(_) => {}
+            Ok(()) if wal.failing.swap(false, Ordering::Relaxed) => {
+                tracing::info!("ledger: commits succeed again");
+            }
+            Ok(()) => {}
         }
         for completion in completions {
             completion(committed.clone());
@@ -371,7 +404,7 @@ fn write_loop(mut conn: Connection, queue: Receiver<Job>, wal: &WalState) {
         // Once the checkpoint thread is close behind; or, if it never gets there (every pass
         // finding the log busy), after two seconds anyway, with a longer pause.
         if wal.hurry.load(Ordering::Relaxed)
-            && (wal.caught_up.swap(false, Ordering::Acquire) || hurried_at.elapsed() > HURRY_AT_MOST)
+            && (wal.caught_up.swap(false, Ordering::Acquire) || hurried_at.elapsed() >= wal.hurry_at_most)
         {
             restart_point(&conn);
             wal.hurry.store(false, Ordering::Relaxed);
@@ -675,7 +708,36 @@ fn finish_outcome(conn: &Connection, o: &Outcome, deltas: &str, payers: &str) ->
             conn.prepare_cached("DELETE FROM used_quotes WHERE quote_id = ?1")?.execute(params![quote_id])?;
         }
     }
+    if o.state == State::Settled {
+        check_unchanged(conn, &o.card_hash, &o.read)?;
+    }
     add_accumulators(conn, &o.card_hash, &o.deltas).map_err(storage)
+}
+
+/// The compare of compare-and-set: the accumulators still hold what the payers were given.
+fn check_unchanged(conn: &Connection, card_hash: &[u8], read: &[AccumulatorDelta]) -> Result<(), LedgerError> {
+    for AccumulatorDelta { payer, delta: given } in read {
+        let now: Option<YearToDate> = conn
+            .prepare_cached(
+                "SELECT deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
+                 FROM accumulators WHERE card_hash = ?1 AND year = ?2 AND payer = ?3",
+            )?
+            .query_row(params![card_hash, given.year, payer], |r| {
+                Ok(YearToDate {
+                    year: given.year,
+                    deductible_fen: r.get(0)?,
+                    fund_paid_fen: r.get(1)?,
+                    eligible_fen: r.get(2)?,
+                    account_paid_fen: r.get(3)?,
+                    eligible_self_pay_fen: r.get(4)?,
+                })
+            })
+            .optional()?;
+        if now.unwrap_or(YearToDate { year: given.year, ..YearToDate::default() }) != *given {
+            return Err(LedgerError::Stale);
+        }
+    }
+    Ok(())
 }
 
 impl Ledger for SqliteLedger {
@@ -813,6 +875,17 @@ impl Ledger for SqliteLedger {
         page_size: u32,
     ) -> Result<super::Reconciliation, LedgerError> {
         self.read(|c| reconcile(c, institution, date, page, page_size))
+    }
+
+    fn probe(&self) -> LedgerFuture<'_, ()> {
+        if !self.wal.failing.load(Ordering::Relaxed) {
+            return Box::pin(async { Ok(()) });
+        }
+        self.write(|c| {
+            run_cached(c, "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)")?;
+            c.prepare_cached("INSERT OR REPLACE INTO probe (id, at) VALUES (1, unixepoch())")?.execute([])?;
+            Ok(())
+        })
     }
 
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {

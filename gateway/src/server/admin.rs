@@ -65,7 +65,7 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
 async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => reply(StatusCode::OK, json!({ "status": "ok" })),
-        (&Method::GET, "/readyz") => readiness(gateway),
+        (&Method::GET, "/readyz") => readiness(gateway).await,
         (&Method::GET, "/admin/plugins") => reply(StatusCode::OK, plugins(gateway)),
         (&Method::POST, "/admin/plugins/reload") => reload(gateway).await,
         (&Method::GET, "/admin/routes") => reply(StatusCode::OK, routes(gateway)),
@@ -78,8 +78,14 @@ async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response
     }
 }
 
-fn readiness(gateway: &Gateway) -> Response<Full<Bytes>> {
-    let ledger = gateway.ledger.unresolved().is_ok();
+/// Ready: the ledger reads and takes writes (after a failed commit, a probe must commit within
+/// two seconds), every plugin is loaded, and the gateway is not draining.
+async fn readiness(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let writable = matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), gateway.ledger.probe()).await,
+        Ok(Ok(()))
+    );
+    let ledger = writable && gateway.ledger.unresolved().is_ok();
     let plugins = gateway.plugins().handles.len() == gateway.config.plugins.len();
     let draining = gateway.is_draining();
     let status = if ledger && plugins && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

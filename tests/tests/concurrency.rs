@@ -1,0 +1,106 @@
+//! The same card from many connections at once: concurrent settlements (and reversals) of one
+//! card must move its year-to-date figures exactly as the same bills settled one after another
+//! — never spending the personal account or the deductible twice.
+
+use cardgate_tests::harness::{Card, Options, TestGateway, now, post};
+use http::StatusCode;
+use serde_json::{Value, json};
+
+/// One class A line of 200 yuan: the first four fill the 800-yuan deductible (the account pays
+/// them), each later one is 80% fund, 20% account.
+fn bill(token: &str) -> Value {
+    json!({
+        "token": token, "terminal_id": "POS-01", "total_fen": 20000,
+        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }]
+    })
+}
+
+fn key(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Sums of what a set of receipts took: (fund, account).
+fn sums(receipts: &[Value]) -> (i64, i64) {
+    receipts.iter().fold((0, 0), |(fund, account), r| {
+        (fund + r["fund_pay_fen"].as_i64().unwrap_or(0), account + r["account_pay_fen"].as_i64().unwrap_or(0))
+    })
+}
+
+/// The card's basic-medical accumulators as the ledger holds them.
+fn accumulators(gw: &TestGateway, card: &Card) -> cardgate_sdk::YearToDate {
+    let gateway = gw.live.gateway();
+    let year = time::OffsetDateTime::from_unix_timestamp(now() + 8 * 3600).expect("now").year();
+    gateway.ledger.accumulators(&gateway.card_key.hash(&card.id), "basic-medical", year).expect("accumulators")
+}
+
+async fn settle_at_once(gw: &TestGateway, card: &Card, bills: usize) -> Vec<Value> {
+    let tasks: Vec<_> = (0..bills)
+        .map(|_| {
+            let (client, body) = (gw.pharmacy.clone(), bill(&gw.token(card, 120)));
+            tokio::spawn(async move { post(&client, "/v1/settlements", Some(&key("burst")), &body).await })
+        })
+        .collect();
+    let mut receipts = Vec::new();
+    for task in tasks {
+        let reply = task.await.expect("task");
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        receipts.push(reply.json());
+    }
+    receipts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_bills_of_one_card_at_once_take_what_they_take_one_by_one() {
+    let gw = TestGateway::start(Options::default()).await;
+    let sequential_card = Card::beijing();
+    let mut sequential = Vec::new();
+    for _ in 0..20 {
+        let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key("one")), &bill(&gw.token(&sequential_card, 120))).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        sequential.push(reply.json());
+    }
+    // 4 x 200 yuan of deductible from the account, then 16 x (160 fund + 40 account).
+    assert_eq!(sums(&sequential), (256_000, 144_000));
+    let expected = accumulators(&gw, &sequential_card);
+    assert_eq!((expected.deductible_fen, expected.account_paid_fen), (80_000, 144_000));
+
+    for round in 0..4 {
+        let card = Card::beijing();
+        let receipts = settle_at_once(&gw, &card, 20).await;
+        assert_eq!(sums(&receipts), sums(&sequential), "round {round}: the burst took other amounts");
+        let held = accumulators(&gw, &card);
+        assert!(held.account_paid_fen <= 200_000, "round {round}: account overspent: {held:?}");
+        assert!(held.deductible_fen <= 80_000, "round {round}: deductible over-charged: {held:?}");
+        assert_eq!(held, expected, "round {round}: the figures differ from the sequential run");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reversals_and_settlements_of_one_card_at_once_leave_the_figures_of_what_stands() {
+    let gw = TestGateway::start(Options::default()).await;
+    let card = Card::beijing();
+    let first = settle_at_once(&gw, &card, 10).await;
+    // Reverse all ten while ten more settle, all at once.
+    let reversals: Vec<_> = first
+        .iter()
+        .map(|r| {
+            let (client, id) = (gw.pharmacy.clone(), r["settlement_id"].as_str().expect("id").to_owned());
+            tokio::spawn(async move {
+                post(&client, &format!("/v1/settlements/{id}/reversal"), None, &json!({ "reason": "returned" })).await
+            })
+        })
+        .collect();
+    let second = settle_at_once(&gw, &card, 10).await;
+    for reversal in reversals {
+        let reply = reversal.await.expect("task");
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    // What stands is the second ten: the figures are exactly theirs.
+    let (fund, account) = sums(&second);
+    let held = accumulators(&gw, &card);
+    assert_eq!((held.fund_paid_fen, held.account_paid_fen), (fund, account), "{held:?}");
+    assert!(held.account_paid_fen <= 200_000 && held.deductible_fen <= 80_000, "{held:?}");
+    assert!(held.deductible_fen >= 0 && held.account_paid_fen >= 0, "{held:?}");
+}
