@@ -1,0 +1,285 @@
+//! The real `cardgate` binary as it runs in production: logging on at the default level,
+//! signals, reloads, a disk that fills up and empties again, and the modes of the files it
+//! writes. Every request has a deadline here: a daemon that hangs fails the test, it does not
+//! hang it.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cardgate::client::{Client, Reply};
+use cardgate_sdk::testing::build_cdylib;
+use cardgate_tests::cardgate_binary;
+use cardgate_tests::harness::{Card, Options, Setup, admin};
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
+}
+
+/// A daemon child whose stderr is read into `log` (unless `drain` is false: then nobody reads it).
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    fn start(config: &Path, level: Option<&str>, drain: bool) -> Self {
+        let mut command = Command::new(cardgate_binary());
+        command.args(["serve", "--config"]).arg(config).stdout(Stdio::null()).stderr(Stdio::piped());
+        match level {
+            Some(level) => command.env("CARDGATE_LOG", level),
+            None => command.env_remove("CARDGATE_LOG"),
+        };
+        let mut child = command.spawn().expect("start cardgate");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("stderr");
+        if drain {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                while let Ok(n) = stderr.read(&mut buffer) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock().expect("log").push_str(&String::from_utf8_lossy(&buffer[..n]));
+                }
+            });
+        } else {
+            // Held open and never read: the pipe fills after 64 KiB of log.
+            std::mem::forget(stderr);
+        }
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+        assert!(status.expect("kill").success());
+    }
+
+    /// SIGTERM, then the exit status within `limit`.
+    fn stop(mut self, limit: Duration) -> Option<i32> {
+        self.signal("TERM");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let log = self.log();
+                let _ = self.child.kill();
+                panic!("the daemon did not stop within {limit:?} of SIGTERM; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), future).await.unwrap_or_else(|_| panic!("{what}: no answer in 20 s"))
+}
+
+async fn wait_ready(client: &Client, daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let probe = || tokio::time::timeout(Duration::from_secs(2), client.send(Method::GET, "/v1/settlements/none", &[], None));
+    while !matches!(probe().await, Ok(Ok(_))) {
+        assert!(Instant::now() < deadline, "the daemon did not start; its log:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn bill(token: &str) -> Value {
+    json!({
+        "token": token, "terminal_id": "POS-01", "total_fen": 5000,
+        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 2, "unit_price_fen": 2500, "amount_fen": 5000 }]
+    })
+}
+
+async fn settle(setup: &Setup, client: &Client, key: &str, token: &str) -> Reply {
+    let body = bill(token).to_string();
+    within(
+        "a settlement",
+        client.send(Method::POST, "/v1/settlements", &[("idempotency-key", key)], Some(&body)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("settlement {key} in {}: {e}", setup.dir.path().display()))
+}
+
+fn setup_with_admin() -> (Setup, SocketAddr, SocketAddr) {
+    let (addr, admin_addr) = (free_port(), free_port());
+    let options = Options { extra_toml: format!("\n[admin]\nlisten = \"{admin_addr}\"\n"), ..Options::default() };
+    (Setup::create(&options, &addr.to_string()), addr, admin_addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_default_log_level_it_reloads_settles_and_stops_on_sigterm() {
+    let (setup, addr, admin_addr) = setup_with_admin();
+    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), None, true);
+    let client = setup.client(addr, 1);
+    wait_ready(&client, &daemon).await;
+    let card = Card::beijing();
+    assert_eq!(settle(&setup, &client, "log-1", &setup.token(&card, 120)).await.status, StatusCode::CREATED);
+
+    // Two SIGHUPs: each reloads (and logs, from a blocking thread); the daemon keeps answering.
+    daemon.signal("HUP");
+    daemon.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.log().matches("configuration reloaded").count() < 2 {
+        assert!(Instant::now() < deadline, "two reloads were not logged:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(settle(&setup, &client, "log-2", &setup.token(&card, 120)).await.status, StatusCode::CREATED);
+
+    let (status, body) = within("the admin reload", admin(admin_addr, Method::POST, "/admin/plugins/reload")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(settle(&setup, &client, "log-3", &setup.token(&card, 120)).await.status, StatusCode::CREATED);
+
+    let log = daemon.log();
+    assert!(log.contains("cardgate serving") && log.contains("plugins reloaded"), "logging is on:\n{log}");
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_logs_into_a_pipe_nobody_reads_never_stall_it() {
+    let (setup, addr, _) = setup_with_admin();
+    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), Some("debug"), false);
+    let client = setup.client(addr, 1);
+    wait_ready(&client, &daemon).await;
+    let card = Card::beijing();
+    // Far more than the 64 KiB a pipe holds, at debug level (a request line each, and more).
+    for i in 0..120 {
+        let reply = settle(&setup, &client, &format!("debug-{i}"), &setup.token(&card, 120)).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    }
+    daemon.signal("HUP");
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+}
+
+/// `prlimit` on the daemon: a file-size limit of 0 makes every write to its files fail, as a
+/// full disk does; `unlimited` is the space coming back.
+fn file_size_limit(daemon: &Daemon, limit: &str) {
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={}", daemon.child.id()))
+        .arg(format!("--fsize={limit}:unlimited"))
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_settlements_with_503_and_readiness_comes_back_with_the_space() {
+    let (setup, addr, admin_addr) = setup_with_admin();
+    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), None, true);
+    let client = setup.client(addr, 1);
+    wait_ready(&client, &daemon).await;
+    let card = Card::beijing();
+    let before = settle(&setup, &client, "disk-1", &setup.token(&card, 120)).await;
+    assert_eq!(before.status, StatusCode::CREATED, "{}", before.body);
+
+    file_size_limit(&daemon, "0");
+    let token = setup.token(&card, 120);
+    let refused = settle(&setup, &client, "disk-2", &token).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.body);
+    assert_eq!(refused.json()["code"], "storage_unavailable");
+    let (status, ready) = within("readiness", admin(admin_addr, Method::GET, "/readyz")).await;
+    assert_eq!((status, &ready["ledger"]), (StatusCode::SERVICE_UNAVAILABLE, &json!(false)), "{ready}");
+    // Reads still answer.
+    let id = before.json()["settlement_id"].as_str().expect("id").to_owned();
+    let read = within("a read", client.send(Method::GET, &format!("/v1/settlements/{id}"), &[], None)).await;
+    assert_eq!(read.expect("answer").status, StatusCode::OK);
+
+    file_size_limit(&daemon, "unlimited");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, ready) = within("readiness", admin(admin_addr, Method::GET, "/readyz")).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready again after the space came back: {ready}\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The refused request, retried with its key and token, settles once.
+    let retried = settle(&setup, &client, "disk-2", &token).await;
+    assert_eq!(retried.status, StatusCode::CREATED, "{}", retried.body);
+    let again = settle(&setup, &client, "disk-2", &token).await;
+    assert_eq!(again.json()["settlement_id"], retried.json()["settlement_id"]);
+    let read = within("a read", client.send(Method::GET, &format!("/v1/settlements/{id}"), &[], None)).await;
+    assert_eq!(read.expect("answer").json()["state"], "settled", "nothing acknowledged was lost");
+    assert!(daemon.log().contains("ledger: commit") || daemon.log().contains("cannot begin"), "{}", daemon.log());
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
+    let plugins = tempfile::tempdir().expect("temp dir");
+    for (package, file) in [
+        ("basic-medical", "libbasic_medical.so"),
+        ("critical-illness", "libcritical_illness.so"),
+        ("medical-assistance", "libmedical_assistance.so"),
+    ] {
+        std::fs::copy(build_cdylib(package), plugins.path().join(file)).expect("copy plugin");
+    }
+    let root = tempfile::tempdir().expect("temp dir");
+    let dir = root.path().join("dev");
+    let addr = free_port();
+    let mut child = Command::new(cardgate_binary())
+        .args(["dev", "--listen", &addr.to_string(), "--dir"])
+        .arg(&dir)
+        .arg("--plugins")
+        .arg(plugins.path())
+        .env_remove("CARDGATE_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start cardgate dev");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir.join("ledger.db-wal").exists() {
+        assert!(Instant::now() < deadline && child.try_wait().expect("wait").is_none(), "dev did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+
+    assert_eq!(mode(&dir), 0o700);
+    for file in ["cardgate.toml", "ledger.secret", "server.key", "issuer.key", "pharmacy.key", "ledger.db", "ledger.db-wal"] {
+        assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
+    }
+    let config = std::fs::read_to_string(dir.join("cardgate.toml")).expect("config");
+    assert!(config.contains("secret_file = \"ledger.secret\"") && !config.contains("\nsecret ="), "{config}");
+
+    // check-config says nothing while the modes are right, and warns once they are not.
+    let check = || {
+        let out = Command::new(cardgate_binary())
+            .args(["check-config", "--config"])
+            .arg(dir.join("cardgate.toml"))
+            .output()
+            .expect("check-config");
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!check().contains("warning"), "{}", check());
+    std::fs::set_permissions(dir.join("ledger.secret"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::set_permissions(dir.join("ledger.db"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let warned = check();
+    assert!(warned.contains("warning: ledger.secret_file") && warned.contains("warning: ledger.path"), "{warned}");
+}
