@@ -236,6 +236,11 @@ pub struct PluginConfig {
     /// How long an open breaker refuses calls before letting one probe through, milliseconds.
     #[serde(default = "defaults::breaker_open_ms")]
     pub breaker_open_ms: u64,
+    /// The plugin name a signed manifest must carry (and the library declare) when signers
+    /// are configured; default: this section's name. A manifest signed for another plugin
+    /// never loads in this one's place.
+    #[serde(default)]
+    pub declared_name: Option<String>,
     /// The plugin's own configuration section, handed to it as JSON.
     #[serde(default = "defaults::empty_table")]
     pub config: serde_json::Value,
@@ -391,8 +396,8 @@ impl Config {
         if !self.ledger.secret.is_empty() {
             return Err(one("ledger: give `secret` or `secret_file`, not both".into()));
         }
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| one(format!("ledger.secret_file: {}: {e}", file.display())))?;
+        let text =
+            std::fs::read_to_string(file).map_err(|e| one(format!("ledger.secret_file: {}: {e}", file.display())))?;
         self.ledger.secret = text.trim().to_owned();
         Ok(())
     }
@@ -493,7 +498,8 @@ impl Config {
         check(t.quote_validity_secs > 0, "tokens.quote_validity_secs: must be positive".into());
         check(
             self.ledger.secret.len() == 64 && self.ledger.secret.bytes().all(|b| b.is_ascii_hexdigit()),
-            "ledger.secret: must be 64 hex characters (from `secret`, `secret_file` or CARDGATE__LEDGER__SECRET)".into(),
+            "ledger.secret: must be 64 hex characters (from `secret`, `secret_file` or CARDGATE__LEDGER__SECRET)"
+                .into(),
         );
         let l = &self.limits;
         for (scope, rate) in

@@ -147,7 +147,8 @@ pub fn ensure(dir: &Path, listen: &str, plugins: &DevPlugins) -> Result<DevFiles
 
 fn restrict(path: &Path, mode: u32) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), String> {

@@ -280,10 +280,14 @@ fn start_process(
     plugin: &crate::config::PluginConfig,
     options: &LoadOptions,
 ) -> Result<(ProcessPlugin, String), String> {
+    crate::plugin::loader::refuse_shared_directory(name, plugin.library.parent().unwrap_or(std::path::Path::new(".")))
+        .map_err(|e| e.to_string())?;
     let bytes = std::fs::read(&plugin.library).map_err(|e| format!("{}: {e}", plugin.library.display()))?;
     let sha256 = sha256_hex(&bytes);
     if let Some(signers) = &options.signers {
         let manifest = signers.verify_manifest(&plugin.library, name).map_err(|e| e.to_string())?;
+        crate::plugin::loader::check_manifest_name(&manifest, plugin.declared_name.as_deref().unwrap_or(name))
+            .map_err(|e| e.to_string())?;
         if manifest.sha256 != sha256 {
             return Err(format!("the library's SHA-256 is {sha256}, the signed manifest says {}", manifest.sha256));
         }
@@ -329,15 +333,20 @@ fn load_plugins(config: &Config, pool: &PluginPool, problems: &mut Vec<String>) 
     for (name, plugin) in &config.plugins {
         let timeout = Duration::from_millis(plugin.timeout_ms);
         let handle = match plugin.isolation {
-            IsolationConfig::InProcess => load(name, &plugin.library, &plugin.config, &options)
-                .map(|instance| {
-                    let dispatch = match plugin.dispatch {
-                        DispatchConfig::Pool => Dispatch::Pool,
-                        DispatchConfig::Inline => Dispatch::Inline,
-                    };
-                    PluginHandle::new(instance, pool.clone(), timeout).with_dispatch(dispatch)
-                })
-                .map_err(|e| e.to_string()),
+            IsolationConfig::InProcess => load(
+                name,
+                &plugin.library,
+                &plugin.config,
+                &LoadOptions { manifest_name: plugin.declared_name.clone(), ..options.clone() },
+            )
+            .map(|instance| {
+                let dispatch = match plugin.dispatch {
+                    DispatchConfig::Pool => Dispatch::Pool,
+                    DispatchConfig::Inline => Dispatch::Inline,
+                };
+                PluginHandle::new(instance, pool.clone(), timeout).with_dispatch(dispatch)
+            })
+            .map_err(|e| e.to_string()),
             IsolationConfig::Process => start_process(config, name, plugin, &options)
                 .map(|(process, sha256)| PluginHandle::process_tier(process, sha256, pool.clone(), timeout)),
         };

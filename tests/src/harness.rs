@@ -356,6 +356,8 @@ pub async fn admin_text(addr: SocketAddr, method: Method, path: &str) -> (http::
         .method(method)
         .uri(path)
         .header("host", "localhost")
+        // What the admin listener asks of a request that changes state (no web page can send it).
+        .header("content-type", "application/json")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .expect("request");
     let response = sender.send_request(request).await.expect("admin answer");

@@ -57,7 +57,8 @@ async fn twenty_bills_of_one_card_at_once_take_what_they_take_one_by_one() {
     let sequential_card = Card::beijing();
     let mut sequential = Vec::new();
     for _ in 0..20 {
-        let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key("one")), &bill(&gw.token(&sequential_card, 120))).await;
+        let reply =
+            post(&gw.pharmacy, "/v1/settlements", Some(&key("one")), &bill(&gw.token(&sequential_card, 120))).await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         sequential.push(reply.json());
     }

@@ -97,7 +97,8 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
 
 async fn wait_ready(client: &Client, daemon: &Daemon) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let probe = || tokio::time::timeout(Duration::from_secs(2), client.send(Method::GET, "/v1/settlements/none", &[], None));
+    let probe =
+        || tokio::time::timeout(Duration::from_secs(2), client.send(Method::GET, "/v1/settlements/none", &[], None));
     while !matches!(probe().await, Ok(Ok(_))) {
         assert!(Instant::now() < deadline, "the daemon did not start; its log:\n{}", daemon.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -113,12 +114,9 @@ fn bill(token: &str) -> Value {
 
 async fn settle(setup: &Setup, client: &Client, key: &str, token: &str) -> Reply {
     let body = bill(token).to_string();
-    within(
-        "a settlement",
-        client.send(Method::POST, "/v1/settlements", &[("idempotency-key", key)], Some(&body)),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("settlement {key} in {}: {e}", setup.dir.path().display()))
+    within("a settlement", client.send(Method::POST, "/v1/settlements", &[("idempotency-key", key)], Some(&body)))
+        .await
+        .unwrap_or_else(|e| panic!("settlement {key} in {}: {e}", setup.dir.path().display()))
 }
 
 fn setup_with_admin() -> (Setup, SocketAddr, SocketAddr) {
@@ -261,7 +259,9 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
     let _ = child.wait();
 
     assert_eq!(mode(&dir), 0o700);
-    for file in ["cardgate.toml", "ledger.secret", "server.key", "issuer.key", "pharmacy.key", "ledger.db", "ledger.db-wal"] {
+    for file in
+        ["cardgate.toml", "ledger.secret", "server.key", "issuer.key", "pharmacy.key", "ledger.db", "ledger.db-wal"]
+    {
         assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
     }
     let config = std::fs::read_to_string(dir.join("cardgate.toml")).expect("config");
@@ -282,4 +282,47 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
     std::fs::set_permissions(dir.join("ledger.db"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let warned = check();
     assert!(warned.contains("warning: ledger.secret_file") && warned.contains("warning: ledger.path"), "{warned}");
+}
+
+/// Sends raw bytes to the admin listener and reads what comes back until it closes (or 10 s).
+async fn raw_admin(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect admin");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_refuses_what_a_web_page_could_send_and_closes_stalled_connections() {
+    let (setup, addr, admin_addr) = setup_with_admin();
+    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), None, true);
+    wait_ready(&setup.client(addr, 1), &daemon).await;
+
+    // A form post from a page (text/plain, no preflight), a rebound DNS name, a foreign origin.
+    let form = "POST /admin/plugins/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    assert!(raw_admin(admin_addr, form).await.starts_with("HTTP/1.1 403"), "a text/plain POST is refused");
+    let rebound = "GET /admin/plugins HTTP/1.1\r\nHost: attacker.example:8444\r\nConnection: close\r\n\r\n";
+    assert!(raw_admin(admin_addr, rebound).await.starts_with("HTTP/1.1 403"), "a foreign Host is refused");
+    let origin = "POST /admin/plugins/reload HTTP/1.1\r\nHost: localhost\r\nOrigin: http://attacker.example\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    assert!(raw_admin(admin_addr, origin).await.starts_with("HTTP/1.1 403"), "a foreign Origin is refused");
+    let operator = "POST /admin/plugins/reload HTTP/1.1\r\nHost: localhost:1\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    assert!(raw_admin(admin_addr, operator).await.starts_with("HTTP/1.1 200"), "the operator's reload passes");
+
+    // A half-sent request is closed after the header timeout, not held open.
+    let started = Instant::now();
+    let half = raw_admin(admin_addr, "GET /healthz HTTP/1.1\r\nHost: local").await;
+    assert!(started.elapsed() < Duration::from_secs(9), "a stalled connection stayed open: {half:?}");
+
+    // Idle sockets past the cap are closed at once; the listener still answers afterwards.
+    let mut idle = Vec::new();
+    for _ in 0..cardgate::server::admin::MAX_CONNECTIONS + 8 {
+        idle.push(tokio::net::TcpStream::connect(admin_addr).await.expect("connect"));
+    }
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _) = within("health", admin(admin_addr, Method::GET, "/healthz")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
 }

@@ -278,3 +278,37 @@ fn plugin_logs_reach_the_hosts_tracing() {
     assert!(logs.contains("basic-medical policy loaded with 2 schemes"), "{logs}");
     assert!(logs.contains("plugin=\"basic-medical\""), "{logs}");
 }
+
+#[test]
+fn a_cache_or_library_directory_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    let mode = |path: &Path| std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = example_plugin_config("basic-medical");
+    let built = build_cdylib("basic-medical");
+
+    let shared_cache = dir.path().join("shared-cache");
+    std::fs::create_dir(&shared_cache).expect("mkdir");
+    chmod(&shared_cache, 0o777);
+    let error = load("basic-medical", &built, &config, &options(&shared_cache)).expect_err("refused");
+    assert!(matches!(error, LoadError::UnsafeLocation { .. }), "{error}");
+    assert!(error.to_string().contains("writable by group or others (mode 0777)"), "{error}");
+
+    let libs = dir.path().join("libs");
+    std::fs::create_dir(&libs).expect("mkdir");
+    let library = libs.join("libbasic_medical.so");
+    std::fs::copy(&built, &library).expect("copy");
+    chmod(&libs, 0o775);
+    let cache = dir.path().join("cache");
+    let error = load("basic-medical", &library, &config, &options(&cache)).expect_err("refused");
+    assert!(matches!(error, LoadError::UnsafeLocation { .. }), "{error}");
+
+    // Safe modes: it loads; the cache the loader makes is 0700 and its copy read-only.
+    chmod(&libs, 0o755);
+    let instance = load("basic-medical", &library, &config, &options(&cache)).expect("loads");
+    assert_eq!(mode(&cache), 0o700);
+    assert_eq!(mode(instance.library().loaded_path()), 0o500);
+}

@@ -125,7 +125,8 @@ fn sign(signer: &Signer, kid: &str, library: &Path) {
     assert_eq!(code, 0, "{err}");
 }
 
-/// `cardgate plugin verify` of the deployed library as the plugin `rotating`.
+/// `cardgate plugin verify` of the deployed library as the plugin `rotating`, declared as
+/// `fixture-v2`.
 fn verify_rotating(signers: &Path, deployed: &Path) -> (u8, String, String) {
     cli(&[
         "plugin",
@@ -134,6 +135,8 @@ fn verify_rotating(signers: &Path, deployed: &Path) -> (u8, String, String) {
         signers.to_str().expect("UTF-8"),
         "--name",
         "rotating",
+        "--declared-name",
+        "fixture-v2",
         deployed.to_str().expect("UTF-8"),
     ])
 }
@@ -162,7 +165,8 @@ async fn badly_signed_plugins_are_refused_while_the_old_generation_serves() {
     deploy(&v1, &deployed);
     // Everything the gateway loads is signed; the example plugins are copied next to it first.
     let options = Options {
-        extra_toml: rotating(&deployed),
+        // Signed plugins load only under the name their manifest carries.
+        extra_toml: rotating(&deployed).replace("library =", "declared_name = \"fixture-configurable\"\nlibrary ="),
         plugin_runtime: Some(format!("signers = \"{}\"", signers.display())),
         plugins_dir: Some(libs.clone()),
         ..Options::default()
@@ -211,15 +215,21 @@ async fn badly_signed_plugins_are_refused_while_the_old_generation_serves() {
     let key = issue::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(&bureau.key).expect("key")).expect("key");
     let signed = cardgate::plugin::signing::sign(wrong, &key).expect("sign");
     std::fs::write(&manifest, serde_json::to_string(&signed).expect("JSON")).expect("write manifest");
-    reload_refused(&gw, "declares").await;
+    reload_refused(&gw, "signed for plugin `something-else`, not `fixture-configurable`").await;
 
-    // Properly signed: the new generation serves.
+    // Properly signed, but for another plugin than the one configured here: refused, as any
+    // trusted signer's other plugin placed at this path would be.
     sign(&bureau, "bureau", &deployed);
     let (code, out, err) = verify_rotating(&signers, &deployed);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("valid: fixture-v2 0.2.0"), "{out}");
-    let (status, answer) = admin(gw.admin, Method::POST, "/admin/plugins/reload").await;
-    assert_eq!((status, answer["generation"].as_u64()), (StatusCode::OK, Some(2)), "{answer}");
+    reload_refused(&gw, "signed for plugin `fixture-v2`, not `fixture-configurable`").await;
+    // Once the configuration names it, the new generation serves.
+    gw.reload_config(|text| text.replace("declared_name = \"fixture-configurable\"", "declared_name = \"fixture-v2\""))
+        .await
+        .expect("the configuration naming fixture-v2 reloads");
+    let (_, answer) = admin(gw.admin, Method::GET, "/admin/plugins").await;
+    assert_eq!(answer["generation"].as_u64(), Some(2), "{answer}");
     assert_eq!(settled_version(&gw).await, "0.2.0");
 }
 

@@ -748,7 +748,11 @@ async fn complete(
             // Another process settled the same card in between: ask the payers again with the
             // figures as they are now (the same settlement id: payers treat it as one bill).
             Err(LedgerError::Stale) if attempt < STALE_ATTEMPTS => {
-                tracing::info!(settlement = id, attempt, "the card's figures changed meanwhile; asking the payers again");
+                tracing::info!(
+                    settlement = id,
+                    attempt,
+                    "the card's figures changed meanwhile; asking the payers again"
+                );
             }
             // Completed meanwhile by a concurrent retry: answer what it recorded.
             Err(LedgerError::NotFound) => {

@@ -60,6 +60,10 @@ pub enum PluginCommand {
         /// The plugin's configured name [default: its declared name].
         #[arg(long)]
         name: Option<String>,
+        /// The plugin name the manifest must carry, as `plugins.NAME.declared_name` says
+        /// [default: the configured name].
+        #[arg(long)]
+        declared_name: Option<String>,
         /// The plugin library.
         file: PathBuf,
     },
@@ -135,7 +139,9 @@ pub fn run(command: PluginCommand, out: &mut dyn Write) -> Result<u8, Failure> {
         }
         PluginCommand::Sign { key, kid, file } => sign(&key, &kid, &file, temp_cache(), out),
         PluginCommand::New { name, dir, sdk } => new_plugin(&name, &dir, sdk, out),
-        PluginCommand::Verify { trust, name, file } => verify(&trust, name, &file, temp_cache(), out),
+        PluginCommand::Verify { trust, name, declared_name, file } => {
+            verify(&trust, (name, declared_name), &file, temp_cache(), out)
+        }
     }
 }
 
@@ -206,7 +212,13 @@ fn sign(key: &Path, kid: &str, file: &Path, cache: PathBuf, out: &mut dyn Write)
     Ok(0)
 }
 
-fn verify(trust: &Path, name: Option<String>, file: &Path, cache: PathBuf, out: &mut dyn Write) -> Result<u8, Failure> {
+fn verify(
+    trust: &Path,
+    (name, declared_name): (Option<String>, Option<String>),
+    file: &Path,
+    cache: PathBuf,
+    out: &mut dyn Write,
+) -> Result<u8, Failure> {
     let signers = SignerTrust::load(trust).map_err(|p| Failure::config(p.join("\n")))?;
     let name = match name {
         Some(name) => name,
@@ -216,7 +228,8 @@ fn verify(trust: &Path, name: Option<String>, file: &Path, cache: PathBuf, out: 
             .name
             .clone(),
     };
-    let options = LoadOptions::new(cache).with_signers(Arc::new(signers));
+    let options =
+        LoadOptions { manifest_name: declared_name, ..LoadOptions::new(cache).with_signers(Arc::new(signers)) };
     let library = Library::open(&name, file, &options).map_err(Failure::new)?;
     let info = library.info();
     writeln!(out, "valid: {} {} (ABI {}), sha256 {}", info.name, info.version, info.abi, library.sha256())

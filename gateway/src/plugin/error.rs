@@ -40,6 +40,17 @@ pub enum LoadError {
         path: PathBuf,
     },
     /// Reading the file or writing its content-addressed copy failed.
+    /// A directory the library or its cached copy lives in can be written by users other than
+    /// the gateway's: they could swap the code that runs.
+    #[error("plugin `{plugin}`: {}: {reason}", path.display())]
+    UnsafeLocation {
+        /// Configured name.
+        plugin: String,
+        /// The directory (or file).
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        reason: String,
+    },
     #[error("plugin `{plugin}` at {}: {action}: {source}", path.display())]
     Io {
         /// The plugin's configured name.

@@ -1,8 +1,10 @@
 //! Loads plugin libraries and calls them through ABI v1. With the SDK's `abi` module, the only
 //! place with `unsafe` code.
 //!
-//! Load sequence: read the file -> SHA-256 -> copy to a content-addressed path -> `dlopen`
-//! the copy (`RTLD_NOW | RTLD_LOCAL`) -> entry symbol -> magic -> ABI major equal -> ABI
+//! Load sequence: refuse a library or cache directory others can write -> read the file ->
+//! SHA-256 -> copy to a content-addressed path -> open the copy once, hash it through that
+//! descriptor (against the signed manifest, whose plugin name must be the configured one) ->
+//! `dlopen` that same open file (`/proc/self/fd/N`, `RTLD_NOW | RTLD_LOCAL`) -> entry symbol -> magic -> ABI major equal -> ABI
 //! minor not newer -> declaration size and functions -> unwinding -> init. Because the copy's
 //! name is its hash, a rebuilt file at the same path loads as new code, never as the cached
 //! old one. Libraries are never closed: Rust cdylibs cannot be unloaded soundly, so a
@@ -32,12 +34,14 @@ pub struct LoadOptions {
     pub require_unwind: bool,
     /// Trusted plugin signers; `None` loads unsigned libraries (only when configured so).
     pub signers: Option<Arc<SignerTrust>>,
+    /// The plugin name the signed manifest must carry; `None`: the label it is loaded under.
+    pub manifest_name: Option<String>,
 }
 
 impl LoadOptions {
     /// In-process loading into `cache_dir`, unsigned libraries allowed.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
-        Self { cache_dir: cache_dir.into(), require_unwind: true, signers: None }
+        Self { cache_dir: cache_dir.into(), require_unwind: true, signers: None, manifest_name: None }
     }
 
     /// The same, requiring a manifest signed by one of `signers`.
@@ -94,21 +98,33 @@ impl Library {
             Some(signers) => Some(signers.verify_manifest(path, label).map_err(signed)?),
             None => None,
         };
+        refuse_shared_directory(label, path.parent().unwrap_or(Path::new(".")))?;
         let (loaded, sha256) = copy_content_addressed(label, path, &options.cache_dir)?;
+        // The copy is opened once; its bytes are hashed through that descriptor and the same
+        // open file is mapped (`/proc/self/fd/N`): what runs is exactly what was checked, even
+        // if the path were swapped in between.
+        let (mapped, found) = open_mapped(&sha256, &loaded).map_err(|source| LoadError::Io {
+            plugin: label.to_owned(),
+            path: loaded.clone(),
+            action: "reading the content-addressed copy",
+            source,
+        })?;
+        if let Some(manifest) = &manifest
+            && found != manifest.sha256
+        {
+            return Err(signed(SignatureError::DigestMismatch { expected: manifest.sha256.clone(), found }));
+        }
         if let Some(manifest) = &manifest {
-            // Verify the copy that will be mapped, not the file it came from.
-            let bytes = fs::read(&loaded).map_err(|source| LoadError::Io {
+            check_manifest_name(manifest, options.manifest_name.as_deref().unwrap_or(label)).map_err(signed)?;
+        }
+        if found != sha256 {
+            return Err(LoadError::UnsafeLocation {
                 plugin: label.to_owned(),
                 path: loaded.clone(),
-                action: "reading the content-addressed copy",
-                source,
-            })?;
-            let found = sha256_hex(&bytes);
-            if found != manifest.sha256 {
-                return Err(signed(SignatureError::DigestMismatch { expected: manifest.sha256.clone(), found }));
-            }
+                reason: format!("the cached copy changed after it was written (SHA-256 {found}, expected {sha256})"),
+            });
         }
-        let handle = dlopen(label, path, &loaded)?;
+        let handle = dlopen(label, path, &mapped)?;
         let declaration = entry_declaration(label, path, &handle)?;
         let (info, functions) = check_declaration(label, path, declaration, options.require_unwind)?;
         if let Some(manifest) = &manifest {
@@ -271,6 +287,65 @@ fn decode_plugin_error(output: &[u8]) -> PluginError {
 
 /// Copies the library to `<cache_dir>/<sha256>.so` (atomically; an intact existing copy is
 /// reused) and returns that path and the hash.
+/// A manifest signed for another plugin, placed at this plugin's path, is refused: the name
+/// it carries must be the one configured (`plugins.NAME.declared_name`, default NAME).
+pub fn check_manifest_name(manifest: &super::signing::Manifest, configured: &str) -> Result<(), SignatureError> {
+    if manifest.name == configured {
+        return Ok(());
+    }
+    Err(SignatureError::WrongPlugin { configured: configured.to_owned(), signed_for: manifest.name.clone() })
+}
+
+/// The content-addressed copies opened for loading, by SHA-256, kept open for the life of the
+/// process: the dynamic loader knows a library by the name it was opened under, so a
+/// `/proc/self/fd/N` name must never stand for another file (a closed and reused descriptor
+/// would make it answer with the library loaded first). One descriptor per distinct library.
+static MAPPED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, fs::File>>> =
+    std::sync::OnceLock::new();
+
+/// Opens the copy of `sha256` once (or takes the descriptor opened before) and hashes what is
+/// readable through that descriptor: the name to `dlopen` and the SHA-256 of what it maps.
+fn open_mapped(sha256: &str, copy: &Path) -> std::io::Result<(PathBuf, String)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let mut mapped = MAPPED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let file = match mapped.entry(sha256.to_owned()) {
+        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::hash_map::Entry::Vacant(entry) => entry.insert(fs::File::open(copy)?),
+    };
+    let length = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+    let mut bytes = vec![0; length];
+    file.read_exact_at(&mut bytes, 0)?;
+    let found = sha256_hex(&bytes);
+    let name = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    if found != sha256 {
+        // Opened afresh next time.
+        mapped.remove(sha256);
+    }
+    Ok((name, found))
+}
+
+/// Refuses a directory that users other than the gateway's can write (or that another user
+/// owns): whoever can write it can put other code where the gateway loads from.
+pub fn refuse_shared_directory(label: &str, dir: &Path) -> Result<(), LoadError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_location =
+        |reason: String| LoadError::UnsafeLocation { plugin: label.to_owned(), path: dir.to_owned(), reason };
+    let Ok(meta) = fs::metadata(dir) else { return Ok(()) };
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_location(format!(
+            "the directory is writable by group or others (mode {mode:04o}); run chmod go-w on it"
+        )));
+    }
+    // Owned by root or by the gateway's user: /proc/self belongs to the process's user.
+    let me = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(unsafe_location(format!("the directory belongs to another user (uid {})", meta.uid())));
+    }
+    Ok(())
+}
+
 fn copy_content_addressed(label: &str, path: &Path, cache_dir: &Path) -> Result<(PathBuf, String), LoadError> {
     let io = |action: &'static str, at: &Path| {
         let (plugin, path) = (label.to_owned(), at.to_owned());
@@ -284,7 +359,15 @@ fn copy_content_addressed(label: &str, path: &Path, cache_dir: &Path) -> Result<
         Err(e) => return Err(io("reading the library", path)(e)),
     };
     let sha256 = sha256_hex(&bytes);
-    fs::create_dir_all(cache_dir).map_err(io("creating the plugin cache directory", cache_dir))?;
+    if !cache_dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(cache_dir)
+            .map_err(io("creating the plugin cache directory", cache_dir))?;
+    }
+    refuse_shared_directory(label, cache_dir)?;
     let target = cache_dir.join(format!("{sha256}.so"));
     if fs::read(&target).is_ok_and(|existing| sha256_hex(&existing) == sha256) {
         return Ok((target, sha256));
@@ -292,7 +375,11 @@ fn copy_content_addressed(label: &str, path: &Path, cache_dir: &Path) -> Result<
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let temp =
         cache_dir.join(format!(".{sha256}.{}.{}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-    let written = fs::File::create(&temp).and_then(|mut f| {
+    let written = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new().write(true).create_new(true).mode(0o500).open(&temp)
+    }
+    .and_then(|mut f| {
         f.write_all(&bytes)?;
         f.sync_all()
     });

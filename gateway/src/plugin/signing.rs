@@ -88,6 +88,14 @@ pub enum SignatureError {
         /// From the declaration.
         found: String,
     },
+    /// The manifest is signed for another plugin than the one configured at this path.
+    #[error("the manifest is signed for plugin `{signed_for}`, not `{configured}` as configured")]
+    WrongPlugin {
+        /// The name the configuration expects (`declared_name`, or the section's name).
+        configured: String,
+        /// The name in the manifest.
+        signed_for: String,
+    },
 }
 
 /// The target this gateway runs on, as manifests name it.

@@ -1,5 +1,7 @@
 //! The admin listener: health, readiness, the loaded plugins and their reload, the routing
-//! table. Plain HTTP on a loopback address only (validated at load).
+//! table. Plain HTTP on a loopback address only (validated at load), or mutual TLS. At most
+//! [`MAX_CONNECTIONS`] connections, each closed when a request's head is slow; requests a web
+//! page could forge are refused (see [`browser_refusal`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,26 +27,41 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let plain = acceptor.is_none();
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of descriptors: give connections time to close.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                // Past the cap a new connection is closed at once: idle admin sockets can never
+                // take the descriptors the TLS listener needs.
+                let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else { continue };
                 let (live, acceptor) = (Arc::clone(&live), acceptor.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let service = hyper::service::service_fn(move |request| {
                         let gateway = live.gateway();
-                        async move { Ok::<_, std::convert::Infallible>(respond(&gateway, request).await) }
+                        async move { Ok::<_, std::convert::Infallible>(respond(&gateway, request, plain).await) }
                     });
-                    let http = hyper::server::conn::http1::Builder::new();
+                    // A request's head must arrive within the timeout, and so must the next one
+                    // on a kept-alive connection: a half-sent or idle connection is closed.
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
                     match acceptor {
                         None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            let serving = http.serve_connection(TokioIo::new(stream), service);
+                            let _ = tokio::time::timeout(CONNECTION_LIFETIME, serving).await;
                         }
                         Some(acceptor) => {
-                            let handshake = tokio::time::timeout(std::time::Duration::from_secs(5), acceptor.accept(stream));
+                            let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream));
                             if let Ok(Ok(tls)) = handshake.await {
-                                let _ = http.serve_connection(TokioIo::new(tls), service).await;
+                                let serving = http.serve_connection(TokioIo::new(tls), service);
+                                let _ = tokio::time::timeout(CONNECTION_LIFETIME, serving).await;
                             }
                         }
                     }
@@ -55,6 +72,44 @@ pub async fn run(
     }
 }
 
+/// Admin connections open at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a request's head (and, on a kept-alive connection, the next request) may take.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest an admin connection lives, however busy (a reload answers well within it).
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Why a request to the plain (loopback) listener is refused before it is looked at: a page in
+/// a browser on this machine must not reach it. Its `Host` must name the loopback (no DNS
+/// rebinding), an `Origin` if sent must be the loopback's, and a request that changes state
+/// must say `Content-Type: application/json`, which a page cannot send across origins without
+/// a preflight this listener never grants.
+/// Over mutual TLS (a remote operator's own name in `Host`) only the content-type rule applies.
+fn browser_refusal(request: &Request<Incoming>, plain: bool) -> Option<&'static str> {
+    let loopback = |authority: &str| {
+        let host = authority.rsplit_once(':').filter(|(h, p)| !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let host = host.map_or(authority, |(h, _)| h);
+        matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.starts_with("127.")
+    };
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+    if plain && !header("host").is_some_and(loopback) {
+        return Some("the Host header must name the loopback address (localhost, 127.0.0.1 or [::1])");
+    }
+    if let Some(origin) = header("origin").filter(|_| plain) {
+        let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+        if !authority.is_some_and(loopback) {
+            return Some("requests from a web page of another origin are refused");
+        }
+    }
+    let json = header("content-type")
+        .and_then(|t| t.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if request.method() != Method::GET && request.method() != Method::HEAD && !json {
+        return Some("a request that changes state must be sent with Content-Type: application/json");
+    }
+    None
+}
+
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
@@ -62,7 +117,10 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     response
 }
 
-async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>, plain: bool) -> Response<Full<Bytes>> {
+    if let Some(reason) = browser_refusal(&request, plain) {
+        return reply(StatusCode::FORBIDDEN, json!({ "code": "forbidden", "detail": reason }));
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => reply(StatusCode::OK, json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => readiness(gateway).await,
@@ -81,10 +139,8 @@ async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response
 /// Ready: the ledger reads and takes writes (after a failed commit, a probe must commit within
 /// two seconds), every plugin is loaded, and the gateway is not draining.
 async fn readiness(gateway: &Gateway) -> Response<Full<Bytes>> {
-    let writable = matches!(
-        tokio::time::timeout(std::time::Duration::from_secs(2), gateway.ledger.probe()).await,
-        Ok(Ok(()))
-    );
+    let writable =
+        matches!(tokio::time::timeout(std::time::Duration::from_secs(2), gateway.ledger.probe()).await, Ok(Ok(())));
     let ledger = writable && gateway.ledger.unresolved().is_ok();
     let plugins = gateway.plugins().handles.len() == gateway.config.plugins.len();
     let draining = gateway.is_draining();
