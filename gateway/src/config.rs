@@ -236,6 +236,10 @@ pub struct PluginConfig {
     /// How long an open breaker refuses calls before letting one probe through, milliseconds.
     #[serde(default = "defaults::breaker_open_ms")]
     pub breaker_open_ms: u64,
+    /// Process tier: the child's memory limit (its data segment), MiB; 0: none. A plugin
+    /// that leaks dies inside its own process and is restarted, the gateway unaffected.
+    #[serde(default = "defaults::memory_limit_mb")]
+    pub memory_limit_mb: u64,
     /// The plugin name a signed manifest must carry (and the library declare) when signers
     /// are configured; default: this section's name. A manifest signed for another plugin
     /// never loads in this one's place.
@@ -342,6 +346,9 @@ mod defaults {
     }
     pub(super) fn max_in_flight() -> usize {
         4_096
+    }
+    pub(super) fn memory_limit_mb() -> u64 {
+        1_024
     }
     pub(super) fn max_concurrency() -> usize {
         256

@@ -66,6 +66,11 @@ pub fn shed() {
     metrics::counter!("cardgate_shed_total").increment(1);
 }
 
+/// Calls of a plugin past their timeout that still hold a thread of its pool.
+pub fn plugin_stuck(plugin: &str, calls: usize) {
+    metrics::gauge!("cardgate_plugin_stuck_calls", "plugin" => plugin.to_owned()).set(calls as f64);
+}
+
 /// One plugin call.
 pub fn plugin_call(plugin: &str, operation: &'static str, outcome: &'static str, elapsed: Duration) {
     let plugin = plugin.to_owned();

@@ -183,6 +183,11 @@ impl PluginHandle {
         Self { label: Arc::from(label), ..self }
     }
 
+    /// Calls past their timeout still holding a thread of this plugin's pool.
+    pub fn stuck_calls(&self) -> usize {
+        self.pool.stuck()
+    }
+
     /// Calls and failures so far.
     pub fn counters(&self) -> &Counters {
         &self.counters

@@ -48,8 +48,6 @@ pub struct Gateway {
     /// The current generation of payer plugins; a reload swaps it whole. Requests take a
     /// snapshot, so calls in flight finish on the generation they started with.
     plugins: RwLock<Arc<PluginSet>>,
-    /// The call pool every generation shares.
-    pool: PluginPool,
     /// Serialises reloads.
     reloading: Mutex<()>,
     /// The ledger.
@@ -74,26 +72,24 @@ impl Gateway {
     pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
         crate::metrics::install();
         let mut problems = Vec::new();
-        let pool = start_pool(&config, &mut problems);
         let ledger = SqliteLedger::open(&config.ledger.path)
             .map_err(|e| problems.push(format!("ledger.path: {}: {e}", config.ledger.path.display())))
             .ok();
-        let shared = match (ledger, pool) {
-            (Some(ledger), Some(pool)) => Some(Shared {
+        let shared = match ledger {
+            Some(ledger) => Some(Shared {
                 ledger: Arc::new(ledger),
-                pool,
                 replay_cache: Arc::new(MemoryReplayStore::new()),
                 card_locks: Arc::default(),
                 clock,
                 generation: 0,
             }),
-            _ => None,
+            None => None,
         };
         Self::assemble(config, shared, problems)
     }
 
     /// A gateway for a new configuration that keeps this one's ledger, replay cache, plugin
-    /// pool and clock: trust and revocation lists, routes, limits and plugins (a new
+    /// and clock: trust and revocation lists, routes, limits and plugins (a new
     /// generation) come from `config`. The ledger's path and secret cannot change this way.
     pub fn rebuild(&self, config: Config) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
@@ -102,7 +98,6 @@ impl Gateway {
         }
         let shared = Shared {
             ledger: Arc::clone(&self.ledger),
-            pool: self.pool.clone(),
             replay_cache: Arc::clone(&self.replay_cache),
             card_locks: Arc::clone(&self.card_locks),
             clock: Arc::clone(&self.clock),
@@ -123,7 +118,7 @@ impl Gateway {
             }),
             None => RevocationList::default(),
         };
-        let plugins = shared.as_ref().map(|s| load_plugins(&config, &s.pool, &mut problems)).unwrap_or_default();
+        let plugins = if shared.is_some() { load_plugins(&config, &mut problems) } else { HashMap::new() };
         let (Some(shared), true) = (shared, problems.is_empty()) else { return Err(ConfigError { problems }) };
         let options = VerifyOptions {
             profile: Profile::ECard,
@@ -135,7 +130,6 @@ impl Gateway {
             verifier: Verifier::new(Arc::new(trust), Arc::new(revocations), options),
             router: Router::new(config.routes.clone()),
             plugins: RwLock::new(Arc::new(PluginSet { generation: shared.generation + 1, handles: plugins })),
-            pool: shared.pool,
             reloading: Mutex::new(()),
             ledger: shared.ledger,
             card_key: CardKey::new(&config.ledger_secret()),
@@ -174,7 +168,7 @@ impl Gateway {
     pub fn reload_plugins(&self) -> Result<Arc<PluginSet>, Vec<String>> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let mut problems = Vec::new();
-        let handles = load_plugins(&self.config, &self.pool, &mut problems);
+        let handles = load_plugins(&self.config, &mut problems);
         for (name, handle) in &handles {
             match handle.call_inline::<_, Health>(Operation::Health, &()) {
                 Ok(health) if health.status != HealthStatus::Down => {}
@@ -197,7 +191,6 @@ impl Gateway {
 /// What a rebuilt gateway keeps from the one before.
 struct Shared {
     ledger: Arc<dyn Ledger>,
-    pool: PluginPool,
     replay_cache: Arc<MemoryReplayStore>,
     card_locks: Arc<crate::cardlock::CardLocks>,
     clock: Arc<dyn Clock>,
@@ -303,21 +296,24 @@ fn start_process(
         sha256: sha256.clone(),
         cache_dir: options.cache_dir.clone(),
         config: plugin.config.clone(),
+        memory_limit_mb: Some(plugin.memory_limit_mb).filter(|mb| *mb > 0),
     };
     Ok((ProcessPlugin::start(command)?, sha256))
 }
 
-fn start_pool(config: &Config, problems: &mut Vec<String>) -> Option<PluginPool> {
+/// Each plugin's own call pool (a new one per generation): a plugin that hangs can take only
+/// its own threads, and a reload brings fresh ones.
+fn plugin_pool(config: &Config, name: &str) -> Result<PluginPool, String> {
     let runtime = &config.plugin_runtime;
     let mut options = PoolOptions::default();
     if runtime.pool_threads > 0 {
         options.threads = runtime.pool_threads;
     }
     options.queue = runtime.pool_queue;
-    PluginPool::new(options).map_err(|e| problems.push(format!("plugin_runtime: cannot start the call pool: {e}"))).ok()
+    PluginPool::named(options, name).map_err(|e| format!("cannot start its call pool: {e}"))
 }
 
-fn load_plugins(config: &Config, pool: &PluginPool, problems: &mut Vec<String>) -> HashMap<String, PluginHandle> {
+fn load_plugins(config: &Config, problems: &mut Vec<String>) -> HashMap<String, PluginHandle> {
     let runtime = &config.plugin_runtime;
     let mut options = LoadOptions::new(runtime.cache_dir.clone());
     if let Some(path) = &runtime.signers {
@@ -332,6 +328,13 @@ fn load_plugins(config: &Config, pool: &PluginPool, problems: &mut Vec<String>) 
     let mut plugins = HashMap::new();
     for (name, plugin) in &config.plugins {
         let timeout = Duration::from_millis(plugin.timeout_ms);
+        let pool = match plugin_pool(config, name) {
+            Ok(pool) => pool,
+            Err(e) => {
+                problems.push(format!("plugins.{name}: {e}"));
+                continue;
+            }
+        };
         let handle = match plugin.isolation {
             IsolationConfig::InProcess => load(
                 name,

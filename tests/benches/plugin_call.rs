@@ -68,6 +68,7 @@ fn plugin_call(c: &mut Criterion) {
         sha256: cardgate::plugin::loader::sha256_hex(&std::fs::read(&library).expect("library")),
         cache_dir: cache.path().to_owned(),
         config: example_plugin_config("basic-medical"),
+        memory_limit_mb: None,
     };
     let process = cardgate::plugin::process::ProcessPlugin::start(host.clone()).expect("plugin host");
     let process_handle = PluginHandle::process_tier(

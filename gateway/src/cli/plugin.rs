@@ -87,11 +87,37 @@ pub struct HostArgs {
     /// Unix socket to serve on.
     #[arg(long)]
     socket: PathBuf,
+    /// Limit this process's data segment (`RLIMIT_DATA`) to this many MiB before loading.
+    #[arg(long)]
+    memory_limit_mb: Option<u64>,
 }
 
 /// Runs a plugin for a gateway: reads its configuration (one JSON line) from standard input,
 /// loads and initialises it, prints a ready line, and serves calls on the socket.
 pub fn host(args: HostArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+    // The limit is set, then this program runs again under it from its start: its allocator
+    // sizes itself to the limit, which a limit lowered under a running process would not let it.
+    const LIMITED: &str = "CARDGATE_PLUGIN_HOST_LIMITED";
+    if let Some(mb) = args.memory_limit_mb
+        && std::env::var_os(LIMITED).is_none()
+    {
+        use std::os::unix::process::CommandExt;
+        let bytes = mb.saturating_mul(1 << 20);
+        let limit = rustix::process::Rlimit { current: Some(bytes), maximum: Some(bytes) };
+        let error = match rustix::process::setrlimit(rustix::process::Resource::Data, limit) {
+            Ok(()) => match std::env::current_exe() {
+                Ok(exe) => std::process::Command::new(exe).args(std::env::args_os().skip(1)).env(LIMITED, "1").exec(),
+                Err(e) => e,
+            },
+            Err(e) => e.into(),
+        };
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "ready": false, "error": format!("cannot limit memory to {mb} MiB: {error}") })
+        );
+        return Ok(1);
+    }
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).map_err(Failure::new)?;
     let fail = |out: &mut dyn Write, error: String| {

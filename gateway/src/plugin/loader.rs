@@ -262,6 +262,9 @@ impl Instance {
 
 /// Turns an ABI status and output into the call's result.
 pub(crate) fn interpret(status: i32, output: Vec<u8>, operation: Operation) -> Result<Vec<u8>, CallError> {
+    if output.len() > MAX_ANSWER_BYTES {
+        return Err(CallError::BadAnswer { reason: format!("the answer is larger than {MAX_ANSWER_BYTES} bytes") });
+    }
     match status {
         abi::STATUS_OK => Ok(output),
         abi::STATUS_ERROR => Err(CallError::Rejected(decode_plugin_error(&output))),
@@ -528,14 +531,23 @@ fn sink(output: &mut Vec<u8>) -> *mut c_void {
     std::ptr::from_mut(output).cast()
 }
 
-/// The host's write callback: appends the plugin's bytes to the `Vec<u8>` behind `sink`.
+/// The largest answer a plugin may give (1 MiB, both tiers): a split with its breakdown is a
+/// few kilobytes. A larger one is refused as `plugin_protocol_error`, and what the plugin
+/// writes past it is never copied, so a runaway answer cannot grow the gateway or the ledger.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// The host's write callback: appends the plugin's bytes to the `Vec<u8>` behind `sink`, up
+/// to one byte past [`MAX_ANSWER_BYTES`] (enough to tell that the answer is too large).
 unsafe extern "C" fn write_to_vec(sink: *mut c_void, data: *const u8, len: usize) {
     if sink.is_null() || data.is_null() {
         return;
     }
-    // SAFETY: `sink` is the `Vec<u8>` this module passed for the call; `data` is valid for
-    // `len` bytes for the duration of the callback.
-    unsafe { (*sink.cast::<Vec<u8>>()).extend_from_slice(std::slice::from_raw_parts(data, len)) };
+    // SAFETY: `sink` is the `Vec<u8>` this module passed for the call.
+    let output = unsafe { &mut *sink.cast::<Vec<u8>>() };
+    let room = (MAX_ANSWER_BYTES + 1).saturating_sub(output.len()).min(len);
+    // SAFETY: `data` is valid for `len` bytes (and so for `room`) for the duration of the
+    // callback.
+    output.extend_from_slice(unsafe { std::slice::from_raw_parts(data, room) });
 }
 
 /// The host's log callback: forwards a plugin's record to `tracing`.

@@ -38,6 +38,9 @@ pub struct HostCommand {
     pub cache_dir: PathBuf,
     /// The plugin's configuration (JSON), sent on the child's standard input.
     pub config: serde_json::Value,
+    /// The child's data-segment limit (`RLIMIT_DATA`), MiB; `None`: unlimited. A plugin that
+    /// leaks runs out inside its own process, which dies and is restarted.
+    pub memory_limit_mb: Option<u64>,
 }
 
 struct Running {
@@ -88,6 +91,7 @@ fn spawn(command: &HostCommand) -> Result<(Running, PluginInfo), String> {
         .arg(&command.cache_dir)
         .arg("--socket")
         .arg(&socket)
+        .args(command.memory_limit_mb.map(|mb| format!("--memory-limit-mb={mb}")))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -157,6 +161,11 @@ impl ProcessPlugin {
                 self.checkin(stream);
                 super::loader::interpret(status, output, operation)
             }
+            // The rest of the answer is left unread on this connection: it is dropped, not
+            // reused; the child keeps serving on its others.
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => Err(CallError::BadAnswer {
+                reason: format!("the answer is larger than {} bytes", super::loader::MAX_ANSWER_BYTES),
+            }),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 tracing::warn!(plugin = %self.command.name, "plugin process did not answer in time; killing it");
                 self.mark_dead();
@@ -269,6 +278,9 @@ fn exchange(
             let length = u32::from_le_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]) as usize;
             if !(4..=MAX_FRAME).contains(&length) {
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad frame length"));
+            }
+            if length > super::loader::MAX_ANSWER_BYTES + 4 {
+                return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "answer too large"));
             }
             total = 4 + length;
             if buffer.len() < total {

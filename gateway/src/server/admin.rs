@@ -171,6 +171,7 @@ pub fn plugins(gateway: &Gateway) -> Value {
                 "breaker": breaker,
                 "calls": handle.counters().calls.load(Ordering::Relaxed),
                 "failures": handle.counters().failures.load(Ordering::Relaxed),
+                "stuck_calls": handle.stuck_calls(),
                 "sha256": handle.sha256(),
             })
         })
