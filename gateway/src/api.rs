@@ -80,13 +80,8 @@ pub async fn handle(gateway: &Gateway, identity: Option<&Identity>, request: Api
         );
         return ApiResponse::problem(&error, request_id);
     };
-    let admitted = gateway.limiter.check_request(&identity.institution).map_err(ApiError::from);
-    match async {
-        admitted?;
-        dispatch(gateway, identity, &request).await
-    }
-    .await
-    {
+    // The institution's rate limit was checked on admission (server::respond), before the body.
+    match dispatch(gateway, identity, &request).await {
         Ok(response) => response,
         Err(error) => {
             match &error {

@@ -86,6 +86,13 @@ impl Client {
         Ok(Connection { sender })
     }
 
+    /// A bare TLS connection as this institution, for requests written by hand (tests that
+    /// send a head and hold the body back, as a slow or hostile client would).
+    pub async fn open_tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let tcp = TcpStream::connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
+        self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))
+    }
+
     /// One request on a new connection.
     pub async fn send(
         &self,

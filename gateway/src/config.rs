@@ -151,11 +151,30 @@ pub struct LimitsConfig {
     /// Requests in flight past which the gateway answers 503 at once.
     #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: usize,
+    /// Requests of one institution in flight at once, counted from the moment its request's
+    /// head arrives (before its body); past it, its requests are shed with 503 while others'
+    /// pass. Default: a quarter of `max_in_flight`.
+    #[serde(default)]
+    pub institution_max_in_flight: Option<usize>,
+}
+
+impl LimitsConfig {
+    /// One institution's share of the in-flight slots.
+    pub fn institution_in_flight(&self) -> usize {
+        self.institution_max_in_flight.unwrap_or(self.max_in_flight / 4).max(1)
+    }
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { global: None, institution: None, terminal: None, card: None, max_in_flight: defaults::max_in_flight() }
+        Self {
+            global: None,
+            institution: None,
+            terminal: None,
+            card: None,
+            max_in_flight: defaults::max_in_flight(),
+            institution_max_in_flight: None,
+        }
     }
 }
 
@@ -519,6 +538,7 @@ impl Config {
             }
         }
         check(l.max_in_flight > 0, "limits.max_in_flight: must be positive".into());
+        check(l.institution_max_in_flight != Some(0), "limits.institution_max_in_flight: must be positive".into());
         if let Some(admin) = &self.admin {
             let files =
                 [&admin.certificate, &admin.private_key, &admin.client_ca].iter().filter(|f| f.is_some()).count();

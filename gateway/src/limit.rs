@@ -57,16 +57,20 @@ pub struct Limiter {
     card: Option<DefaultKeyedRateLimiter<Vec<u8>>>,
     in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
+    /// Requests in flight per institution (`""`: clients naming no known institution).
+    institutions: std::sync::RwLock<std::collections::HashMap<String, Arc<AtomicUsize>>>,
+    max_institution_in_flight: usize,
     checks: AtomicU64,
 }
 
-/// Counts one request in flight until dropped.
+/// Counts one request in flight (in all, and for its institution) until dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<AtomicUsize>, Arc<AtomicUsize>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -93,15 +97,29 @@ impl Limiter {
             card: config.card.as_ref().and_then(quota).map(RateLimiter::keyed),
             in_flight: Arc::new(AtomicUsize::new(0)),
             max_in_flight: config.max_in_flight,
+            institutions: std::sync::RwLock::default(),
+            max_institution_in_flight: config.institution_in_flight(),
             checks: AtomicU64::new(0),
         }
     }
 
-    /// Admits one more request in flight, or `None` past the limit (shed with 503).
-    pub fn enter(&self) -> Option<InFlight> {
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlight(Arc::clone(&self.in_flight));
-        (before < self.max_in_flight).then_some(guard)
+    /// Admits one more request of `institution` (as its certificate names it; `""` for one
+    /// naming no known institution), or `None` past the gateway's limit or past the
+    /// institution's share of it (shed with 503): one client cannot take every slot.
+    pub fn enter(&self, institution: &str) -> Option<InFlight> {
+        let mine = self.institution_counter(institution);
+        let before_all = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let before_mine = mine.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(Arc::clone(&self.in_flight), mine);
+        (before_all < self.max_in_flight && before_mine < self.max_institution_in_flight).then_some(guard)
+    }
+
+    fn institution_counter(&self, institution: &str) -> Arc<AtomicUsize> {
+        if let Some(counter) = self.institutions.read().unwrap_or_else(|p| p.into_inner()).get(institution) {
+            return Arc::clone(counter);
+        }
+        let mut all = self.institutions.write().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(all.entry(institution.to_owned()).or_default())
     }
 
     /// Requests in flight now.
@@ -197,10 +215,22 @@ mod tests {
     #[test]
     fn in_flight_limit_sheds_and_recovers() {
         let limiter = Limiter::new(&LimitsConfig { max_in_flight: 2, ..LimitsConfig::default() });
-        let a = limiter.enter().expect("first");
-        let _b = limiter.enter().expect("second");
-        assert!(limiter.enter().is_none(), "third is shed");
+        let a = limiter.enter("H1").expect("first");
+        let _b = limiter.enter("H2").expect("second");
+        assert!(limiter.enter("H3").is_none(), "third is shed");
         drop(a);
-        assert!(limiter.enter().is_some());
+        assert!(limiter.enter("H3").is_some());
+    }
+
+    #[test]
+    fn one_institution_takes_only_its_share_of_the_slots() {
+        let config = LimitsConfig { max_in_flight: 8, institution_max_in_flight: Some(3), ..LimitsConfig::default() };
+        let limiter = Limiter::new(&config);
+        let held: Vec<_> = (0..3).map(|_| limiter.enter("P1").expect("within its share")).collect();
+        assert!(limiter.enter("P1").is_none(), "past its share");
+        assert!(limiter.enter("H1").is_some(), "others still get in");
+        drop(held);
+        assert!(limiter.enter("P1").is_some());
+        assert_eq!(LimitsConfig { max_in_flight: 4096, ..LimitsConfig::default() }.institution_in_flight(), 1024);
     }
 }

@@ -156,11 +156,30 @@ async fn respond(
     let started = std::time::Instant::now();
     let request_id = request_id(&request);
     let endpoint = api::endpoint(request.method(), request.uri().path());
-    let Some(_in_flight) = gateway.limiter.enter() else {
+    // Admission as early as the certificate allows, before the body is read: the institution
+    // must be known, within its rate limit, and within its share of the in-flight slots.
+    let institution = identity.map(|i| i.institution.as_str()).filter(|i| gateway.institution(i).is_some());
+    let Some(_in_flight) = gateway.limiter.enter(institution.unwrap_or_default()) else {
         crate::metrics::shed();
         crate::metrics::request(endpoint, 503, "overloaded", started.elapsed());
         return to_response(ApiResponse::problem(&ApiError::Overloaded, &request_id), &request_id);
     };
+    let early = match institution {
+        None => Some(ApiError::client(
+            StatusCode::FORBIDDEN,
+            "forbidden_institution",
+            "the client certificate names no known institution",
+        )),
+        Some(institution) => gateway.limiter.check_request(institution).err().map(|limited| {
+            crate::metrics::rate_limited(limited.scope.as_str());
+            ApiError::from(limited)
+        }),
+    };
+    if let Some(error) = early {
+        let answer = ApiResponse::problem(&error, &request_id);
+        crate::metrics::request(endpoint, answer.status.as_u16(), answer.code.unwrap_or("-"), started.elapsed());
+        return to_response(answer, &request_id);
+    }
     let (parts, body) = request.into_parts();
     let answer = match read_body(body, limits).await {
         Ok(body) => {

@@ -223,3 +223,37 @@ fn export_csv(dir: &Path, date: &str) -> String {
     assert_eq!(cardgate::cli::run(cli, &mut out, &mut err), 0, "{}", String::from_utf8_lossy(&err));
     String::from_utf8(out).expect("UTF-8")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_institution_holding_requests_open_cannot_starve_the_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = limited("\n[limits]\nmax_in_flight = 8\ninstitution_max_in_flight = 4\n").await;
+    // The pharmacy sends ten request heads and holds every body back.
+    let head = "POST /v1/settlements HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nIdempotency-Key: held\r\nContent-Length: 1000\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut stream = gw.pharmacy.open_tls().await.expect("TLS");
+        stream.write_all(head.as_bytes()).await.expect("head");
+        stream.flush().await.expect("flush");
+        held.push(stream);
+    }
+    // Past its share, the pharmacy's requests are shed at once; the rest wait for their bodies.
+    let (mut shed, mut waiting) = (0, 0);
+    for stream in &mut held {
+        let mut answer = vec![0u8; 4096];
+        match tokio::time::timeout(std::time::Duration::from_millis(1500), stream.read(&mut answer)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let text = String::from_utf8_lossy(&answer[..n]);
+                assert!(text.starts_with("HTTP/1.1 503") && text.contains("overloaded"), "{text}");
+                shed += 1;
+            }
+            Ok(other) => panic!("closed without an answer: {other:?}"),
+            Err(_) => waiting += 1,
+        }
+    }
+    assert_eq!((waiting, shed), (4, 6), "the pharmacy holds exactly its share");
+    // The hospital is served meanwhile.
+    let token = gw.token(&Card::beijing(), 120);
+    let reply = post(&gw.hospital, "/v1/settlements", Some(&key("h")), &bill_body(&token, "HIS-1")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+}
