@@ -37,10 +37,11 @@ fn stages(c: &mut Criterion) {
         terminal: rate(1_000_000_000),
         card: rate(1_000_000_000),
         max_in_flight: 1_000_000,
+        institution_max_in_flight: None,
     });
     group.bench_function("limiter_all_scopes", |b| {
         b.iter(|| {
-            let _guard = limiter.enter();
+            let _guard = limiter.enter(black_box("H110105001"));
             limiter.check_request(black_box("H110105001")).expect("allowed");
             limiter.check_terminal("H110105001", black_box("POS-01")).expect("allowed");
             limiter.check_card(black_box(&[7u8; 32])).expect("allowed");

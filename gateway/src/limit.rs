@@ -195,6 +195,7 @@ mod tests {
             terminal: rate(1, 2),
             card: Some(RateConfig { per_second: None, per_minute: Some(1), burst: 1 }),
             max_in_flight: 10,
+            institution_max_in_flight: None,
         });
         for _ in 0..3 {
             assert_eq!(limiter.check_request("H1"), Ok(()));

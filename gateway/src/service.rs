@@ -75,16 +75,13 @@ impl Gateway {
         let ledger = SqliteLedger::open(&config.ledger.path)
             .map_err(|e| problems.push(format!("ledger.path: {}: {e}", config.ledger.path.display())))
             .ok();
-        let shared = match ledger {
-            Some(ledger) => Some(Shared {
-                ledger: Arc::new(ledger),
-                replay_cache: Arc::new(MemoryReplayStore::new()),
-                card_locks: Arc::default(),
-                clock,
-                generation: 0,
-            }),
-            None => None,
-        };
+        let shared = ledger.map(|ledger| Shared {
+            ledger: Arc::new(ledger),
+            replay_cache: Arc::new(MemoryReplayStore::new()),
+            card_locks: Arc::default(),
+            clock,
+            generation: 0,
+        });
         Self::assemble(config, shared, problems)
     }
 
