@@ -161,7 +161,7 @@ struct WalState {
 /// over ([`restart_point`]).
 fn checkpoint_loop(path: PathBuf, wal: Arc<WalState>) {
     let Ok(conn) = open(&path) else { return };
-    let (mut copied_before, mut idle) = (0, false);
+    let (mut copied_before, mut idle, mut failing) = (0, false, false);
     while !wal.stop.load(Ordering::Relaxed) {
         if wal.hurry.load(Ordering::Relaxed) && !idle {
             // Hurried: the next pass as soon as the writer may have added a commit or two.
@@ -172,6 +172,7 @@ fn checkpoint_loop(path: PathBuf, wal: Arc<WalState>) {
         let hurry = wal.hurry.load(Ordering::Relaxed);
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
             Ok((log, copied)) => {
+                failing = false;
                 let step = copied - copied_before;
                 copied_before = copied;
                 // Nothing new since the last pass: the writer is idle, no need to spin.
@@ -179,7 +180,12 @@ fn checkpoint_loop(path: PathBuf, wal: Arc<WalState>) {
                 wal.caught_up
                     .store(hurry && copied == log && (0..=CAUGHT_UP_FRAMES).contains(&step), Ordering::Release);
             }
-            Err(e) => tracing::warn!(error = %e, "ledger: checkpoint failed"),
+            // Once per failing spell (a full disk fails every pass).
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "ledger: checkpoint failed");
+            }
+            Err(_) => {}
         }
     }
 }
