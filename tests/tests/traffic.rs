@@ -237,13 +237,24 @@ async fn one_institution_holding_requests_open_cannot_starve_the_others() {
         stream.flush().await.expect("flush");
         held.push(stream);
     }
-    // Past its share, the pharmacy's requests are shed at once; the rest wait for their bodies.
-    let (mut shed, mut waiting) = (0, 0);
-    for stream in &mut held {
-        let mut answer = vec![0u8; 4096];
-        match tokio::time::timeout(std::time::Duration::from_millis(1500), stream.read(&mut answer)).await {
-            Ok(Ok(n)) if n > 0 => {
-                let text = String::from_utf8_lossy(&answer[..n]);
+    // Past its share, the pharmacy's requests are shed at once; the rest wait for their bodies
+    // (for the body timeout, 10 s: all are read at once, for 4 s).
+    let reads: Vec<_> = held
+        .into_iter()
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                let mut answer = vec![0u8; 4096];
+                let read = tokio::time::timeout(std::time::Duration::from_secs(4), stream.read(&mut answer)).await;
+                (read.map(|r| r.map(|n| String::from_utf8_lossy(&answer[..n]).into_owned())), stream)
+            })
+        })
+        .collect();
+    let (mut shed, mut waiting, mut streams) = (0, 0, Vec::new());
+    for read in reads {
+        let (read, stream) = read.await.expect("task");
+        streams.push(stream);
+        match read {
+            Ok(Ok(text)) if !text.is_empty() => {
                 assert!(text.starts_with("HTTP/1.1 503") && text.contains("overloaded"), "{text}");
                 shed += 1;
             }
@@ -256,4 +267,5 @@ async fn one_institution_holding_requests_open_cannot_starve_the_others() {
     let token = gw.token(&Card::beijing(), 120);
     let reply = post(&gw.hospital, "/v1/settlements", Some(&key("h")), &bill_body(&token, "HIS-1")).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    drop(streams);
 }
