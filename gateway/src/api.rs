@@ -31,13 +31,35 @@ pub struct ApiRequest<'a> {
     /// Query string, if any.
     pub query: Option<&'a str>,
     /// `Idempotency-Key` header.
-    pub idempotency_key: Option<&'a str>,
+    pub idempotency_key: IdempotencyKey<'a>,
     /// `Content-Type` is JSON (or absent with an empty body).
     pub json: bool,
     /// Body.
     pub body: &'a [u8],
     /// The request id (echoed in every answer).
     pub request_id: &'a str,
+}
+
+/// The `Idempotency-Key` header as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdempotencyKey<'a> {
+    /// Not sent.
+    Missing,
+    /// Sent, but not text (bytes outside visible ASCII).
+    NotText,
+    /// Sent.
+    Given(&'a str),
+}
+
+impl<'a> IdempotencyKey<'a> {
+    /// From the header's value.
+    pub fn from_header(value: Option<&'a http::HeaderValue>) -> Self {
+        match value.map(|v| v.to_str()) {
+            None => Self::Missing,
+            Some(Ok(key)) => Self::Given(key),
+            Some(Err(_)) => Self::NotText,
+        }
+    }
 }
 
 /// An answer.
@@ -53,19 +75,34 @@ pub struct ApiResponse {
     pub retry_after: Option<u64>,
     /// The problem code, for metrics (`None` on success or a stored answer).
     pub code: Option<&'static str>,
+    /// `Allow`, on a 405: the methods the resource takes.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiResponse {
     /// A JSON answer.
     pub fn json(status: StatusCode, body: String) -> Self {
-        Self { status, problem: false, body, retry_after: None, code: None }
+        Self { status, problem: false, body, retry_after: None, code: None, allow: None }
     }
 
     /// A problem answer.
     pub fn problem(error: &ApiError, request_id: &str) -> Self {
         let (status, body) = error.body(request_id, None);
         let code = error.parts().1;
-        Self { status, problem: true, body, retry_after: error.retry_after(), code: Some(code) }
+        let allow = match error {
+            ApiError::MethodNotAllowed { allow, .. } => Some(*allow),
+            _ => None,
+        };
+        Self { status, problem: true, body, retry_after: error.retry_after(), code: Some(code), allow }
+    }
+}
+
+/// The methods each resource takes (for `405` and its `Allow` header); `None`: no such resource.
+fn allowed(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        ["v1", "inquiries" | "quotes" | "settlements"] | ["v1", "settlements", _, "reversal"] => Some("POST"),
+        ["v1", "settlements", _] | ["v1", "reconciliation"] => Some("GET, HEAD"),
+        _ => None,
     }
 }
 
@@ -106,6 +143,13 @@ pub async fn handle(gateway: &Gateway, identity: Option<&Identity>, request: Api
 async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) -> Result<ApiResponse, ApiError> {
     let segments: Vec<&str> = r.path.trim_end_matches('/').split('/').skip(1).collect();
     let method = r.method;
+    let Some(allow) = allowed(&segments) else {
+        return Err(ApiError::client(StatusCode::NOT_FOUND, "not_found", "no such resource"));
+    };
+    let takes = |m: &Method| allow.split(", ").any(|a| a == m.as_str());
+    if !takes(method) {
+        return Err(ApiError::MethodNotAllowed { method: method.to_string(), allow });
+    }
     let needs_json = matches!(*method, Method::POST);
     if needs_json && !r.json {
         return Err(ApiError::client(
@@ -118,29 +162,29 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
         (&Method::POST, ["v1", "inquiries"]) => flow::inquire(gateway, identity, parse(r.body)?).await,
         (&Method::POST, ["v1", "quotes"]) => flow::quote(gateway, identity, parse(r.body)?).await,
         (&Method::POST, ["v1", "settlements"]) => {
-            let key = r.idempotency_key.ok_or_else(|| {
-                ApiError::client(StatusCode::BAD_REQUEST, "idempotency_key_required", "send an Idempotency-Key header")
-            })?;
+            let key = match r.idempotency_key {
+                IdempotencyKey::Missing => {
+                    return Err(ApiError::client(
+                        StatusCode::BAD_REQUEST,
+                        "idempotency_key_required",
+                        "send an Idempotency-Key header",
+                    ));
+                }
+                IdempotencyKey::NotText => {
+                    return Err(ApiError::invalid(model::ID_RULE.replace("{field}", "Idempotency-Key")));
+                }
+                IdempotencyKey::Given(key) => key,
+            };
             model::check_id("Idempotency-Key", key)?;
             flow::settle(gateway, identity, key, parse(r.body)?, r.request_id).await
         }
-        (&Method::GET, ["v1", "settlements", id]) => flow::get(gateway, identity, id),
-        (&Method::GET, ["v1", "reconciliation"]) => flow::reconciliation(gateway, identity, r.query),
+        (&Method::GET | &Method::HEAD, ["v1", "settlements", id]) => flow::get(gateway, identity, id),
+        (&Method::GET | &Method::HEAD, ["v1", "reconciliation"]) => flow::reconciliation(gateway, identity, r.query),
         (&Method::POST, ["v1", "settlements", id, "reversal"]) => {
             let body = if r.body.iter().all(u8::is_ascii_whitespace) { Default::default() } else { parse(r.body)? };
             flow::reverse(gateway, identity, id, body).await
         }
-        (
-            _,
-            ["v1", "inquiries" | "quotes" | "settlements"]
-            | ["v1", "settlements", _]
-            | ["v1", "settlements", _, "reversal"],
-        ) => Err(ApiError::client(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed here"),
-        )),
-        _ => Err(ApiError::client(StatusCode::NOT_FOUND, "not_found", "no such resource")),
+        _ => Err(ApiError::MethodNotAllowed { method: method.to_string(), allow }),
     }
 }
 

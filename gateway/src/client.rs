@@ -38,6 +38,8 @@ pub struct Reply {
     pub request_id: String,
     /// `retry-after`, when present.
     pub retry_after: Option<String>,
+    /// `allow`, when present.
+    pub allow: Option<String>,
     /// Body.
     pub body: String,
 }
@@ -121,7 +123,7 @@ impl Connection {
         body: Option<&str>,
     ) -> Result<Reply, String> {
         let mut request = Request::builder().method(method).uri(path).header("host", "localhost");
-        if body.is_some() {
+        if body.is_some() && !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type")) {
             request = request.header("content-type", "application/json");
         }
         for (name, value) in headers {
@@ -135,8 +137,10 @@ impl Connection {
         let header =
             |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         let (content_type, request_id) = (header("content-type"), header("x-request-id"));
-        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let optional = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let (retry_after, allow) = (optional("retry-after"), optional("allow"));
         let bytes = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-        Ok(Reply { status, content_type, request_id, retry_after, body: String::from_utf8_lossy(&bytes).into_owned() })
+        let body = String::from_utf8_lossy(&bytes).into_owned();
+        Ok(Reply { status, content_type, request_id, retry_after, allow, body })
     }
 }

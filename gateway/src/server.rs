@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -112,23 +112,156 @@ async fn serve_connection(
     };
     crate::metrics::connections(1.0);
     let identity = tls::identity(tls.get_ref().1).map(|institution| Identity { institution });
+    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let activity = Arc::new(Activity::default());
+    let in_service = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |request| {
         let (gateway, identity) = (live.gateway(), identity.clone());
-        async move { Ok::<_, std::convert::Infallible>(respond(&gateway, identity.as_ref(), request, limits).await) }
+        let busy = Busy::start(&in_service);
+        async move {
+            let response = respond(&gateway, identity.as_ref(), request, limits).await;
+            drop(busy);
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header).keep_alive(true);
+    // HTTP/1.1: hyper's header timeout also runs while a kept-alive connection waits for its
+    // next request, so it is the idle timeout here; the head timeout (slow or half-sent heads)
+    // is the watch below.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.idle).keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(limits.idle / 2))
         .keep_alive_timeout(limits.header)
         .max_concurrent_streams(256);
-    let connection = builder.serve_connection(TokioIo::new(tls), service).into_owned();
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(%peer, error = %e, "connection closed with an error");
+    let io = Watched { inner: tls, activity: Arc::clone(&activity) };
+    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
+    tokio::select! {
+        served = watcher.watch(connection) => {
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection closed with an error");
+            }
+        }
+        () = slow_head(&activity, limits.header), if !http2 => {
+            tracing::debug!(%peer, "a request head arrived too slowly; connection closed");
+        }
     }
     crate::metrics::connections(-1.0);
+}
+
+/// What an HTTP/1.1 connection is doing, for the head timeout: requests being served, and
+/// since when bytes have been arriving while none was (a head in progress).
+#[derive(Debug)]
+struct Activity {
+    started: std::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds after `started` (plus one) when the current head began; 0: none.
+    head_since: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self { started: std::time::Instant::now(), in_flight: Default::default(), head_since: Default::default() }
+    }
+}
+
+/// A request being served (its head has arrived) until dropped.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: &Arc<Activity>) -> Self {
+        use std::sync::atomic::Ordering;
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.head_since.store(0, Ordering::Release);
+        Self(Arc::clone(activity))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Completes when a request head has been arriving for longer than `limit` (its first bytes
+/// came while the connection was idle, and no request started since): a slow or half-sent
+/// head. An idle connection (no bytes) is not timed here: hyper closes it after the idle
+/// timeout.
+async fn slow_head(activity: &Activity, limit: Duration) {
+    use std::sync::atomic::Ordering;
+    let tick = (limit / 5).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(tick).await;
+        let since = activity.head_since.load(Ordering::Acquire);
+        let now = activity.started.elapsed().as_millis() as u64 + 1;
+        if since != 0 && now.saturating_sub(since) > limit.as_millis() as u64 {
+            return;
+        }
+    }
+}
+
+/// The connection's stream, noting when bytes arrive on an idle connection.
+struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::sync::atomic::Ordering;
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let activity = &self.activity;
+        if buf.filled().len() > before
+            && activity.in_flight.load(Ordering::Acquire) == 0
+            && activity.head_since.load(Ordering::Acquire) == 0
+        {
+            let now = activity.started.elapsed().as_millis() as u64 + 1;
+            activity.head_since.store(now, Ordering::Release);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 fn request_id(request: &Request<Incoming>) -> String {
@@ -181,22 +314,27 @@ async fn respond(
         return to_response(answer, &request_id);
     }
     let (parts, body) = request.into_parts();
-    let answer = match read_body(body, limits).await {
+    let declared = declared_length(&parts.headers);
+    // A client asking `Expect: 100-continue` sends nothing more until told to: it is answered
+    // 413 without being asked for the body.
+    let waits =
+        parts.headers.get(http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let (answer, close) = match read_body(body, declared, waits, limits).await {
         Ok(body) => {
             let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-            let json = header("content-type").is_none_or(|t| t.starts_with("application/json"));
+            let content_type = header("content-type");
             let api_request = ApiRequest {
                 method: &parts.method,
                 path: parts.uri.path(),
                 query: parts.uri.query(),
-                idempotency_key: header("idempotency-key"),
-                json: json && (header("content-type").is_some() || body.is_empty()),
+                idempotency_key: api::IdempotencyKey::from_header(parts.headers.get("idempotency-key")),
+                json: content_type.map_or(body.is_empty(), is_json),
                 body: &body,
                 request_id: &request_id,
             };
-            api::handle(gateway, identity, api_request).await
+            (api::handle(gateway, identity, api_request).await, false)
         }
-        Err(error) => ApiResponse::problem(&error, &request_id),
+        Err((error, close)) => (ApiResponse::problem(&error, &request_id), close),
     };
     crate::metrics::request(endpoint, answer.status.as_u16(), answer.code.unwrap_or("-"), started.elapsed());
     tracing::debug!(
@@ -210,20 +348,99 @@ async fn respond(
         micros = started.elapsed().as_micros() as u64,
         "request"
     );
-    to_response(answer, &request_id)
+    let mut response = to_response(answer, &request_id);
+    // An HTTP/1.1 client still sending a body the gateway will not read: close after the
+    // answer, so its next request does not start in the middle of that body.
+    if close && parts.version <= http::Version::HTTP_11 {
+        response.headers_mut().insert("connection", HeaderValue::from_static("close"));
+    }
+    response
 }
 
-async fn read_body(body: Incoming, limits: Limits) -> Result<Bytes, ApiError> {
-    match tokio::time::timeout(limits.body, Limited::new(body, limits.max_body).collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::client(
+/// `application/json`, whatever its case and parameters (RFC 9110: media types are
+/// case-insensitive).
+fn is_json(content_type: &str) -> bool {
+    content_type.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The body's declared `Content-Length`, if any.
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
+}
+
+/// What the gateway reads of a body over the limit, to answer 413 to a client that sends it
+/// all before it reads (most do): past this, it answers at once and closes.
+const DRAIN_AT_MOST: usize = 1 << 20;
+
+/// Reads the body under the size limit and the body timeout. A refusal says whether the
+/// connection must close after it (a body left unread).
+///
+/// A body declared larger than the limit is refused before any of it is read: no
+/// `100 Continue` is sent, and a client that declared a gigabyte gets its 413 at once. One
+/// that turns out too large while it is read is read on (and dropped) up to
+/// [`DRAIN_AT_MOST`], so the client finishes sending and reads its 413 rather than a broken
+/// connection.
+async fn read_body(
+    body: Incoming,
+    declared: Option<u64>,
+    waits: bool,
+    limits: Limits,
+) -> Result<Bytes, (ApiError, bool)> {
+    let too_large = || {
+        ApiError::client(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("the body is larger than {} bytes", limits.max_body),
-        )),
-        Ok(Err(_)) => Err(ApiError::invalid("the body could not be read")),
-        Err(_) => Err(ApiError::client(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the body arrived too slowly")),
+        )
+    };
+    if let Some(length) = declared.filter(|l| *l > limits.max_body as u64) {
+        // Small enough to take in and drop: the connection stays usable.
+        if !waits && length <= (limits.max_body + DRAIN_AT_MOST) as u64 {
+            let drained = tokio::time::timeout(limits.body, drain(body, DRAIN_AT_MOST + limits.max_body)).await;
+            return Err((too_large(), !matches!(drained, Ok(true))));
+        }
+        return Err((too_large(), true));
     }
+    let mut body = body;
+    let mut collected = bytes::BytesMut::new();
+    let reading = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return Err((ApiError::invalid("the body could not be read"), true)) };
+            if let Ok(data) = frame.into_data() {
+                if collected.len() + data.len() > limits.max_body {
+                    let finished = drain(body, DRAIN_AT_MOST).await;
+                    return Err((too_large(), !finished));
+                }
+                collected.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(limits.body, reading).await {
+        Ok(Ok(())) => Ok(collected.freeze()),
+        Ok(Err(refused)) => Err(refused),
+        Err(_) => {
+            Err((ApiError::client(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the body arrived too slowly"), true))
+        }
+    }
+}
+
+/// Reads and drops the rest of a body, at most `limit` bytes; whether it ended within that.
+async fn drain(mut body: Incoming, limit: usize) -> bool {
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame.map(hyper::body::Frame::into_data) {
+            Ok(Ok(data)) => {
+                seen += data.len();
+                if seen > limit {
+                    return false;
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 fn to_response(answer: ApiResponse, request_id: &str) -> Response<Full<Bytes>> {
@@ -233,6 +450,9 @@ fn to_response(answer: ApiResponse, request_id: &str) -> Response<Full<Bytes>> {
     let headers = response.headers_mut();
     if let Some(seconds) = answer.retry_after {
         headers.insert("retry-after", HeaderValue::from(seconds));
+    }
+    if let Some(allow) = answer.allow {
+        headers.insert("allow", HeaderValue::from_static(allow));
     }
     headers.insert("content-type", HeaderValue::from_static(content_type));
     headers.insert("cache-control", HeaderValue::from_static("no-store"));

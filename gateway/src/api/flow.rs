@@ -579,6 +579,7 @@ fn stored_answer(gateway: &Gateway, record: Record) -> Result<ApiResponse, ApiEr
             body: opened(gateway, &record.body)?,
             retry_after: None,
             code: None,
+            allow: None,
         },
     })
 }
@@ -684,7 +685,7 @@ async fn complete(
     // One settlement or reversal of a card at a time, from reading its accumulators to the
     // durable outcome (crate::cardlock); the ledger's conditional commit covers other processes.
     let _card = gateway.card_locks.lock(&card_hash).await;
-    let mut attempt = 0;
+    let (mut attempt, mut retry_after) = (0, None);
     let (state, status, answer) = loop {
         attempt += 1;
         let plugins = gateway.plugins();
@@ -725,6 +726,7 @@ async fn complete(
                 (State::Settled, StatusCode::CREATED, receipt, deltas, Some(amounts), read)
             }
             Err(error) => {
+                retry_after = error.retry_after();
                 let timed_out = matches!(error, ApiError::Plugin { error: CallError::Timeout(_), .. });
                 let (status, problem) = error.body(request_id, Some(("settlement_id", id)));
                 (if timed_out { State::Unknown } else { State::Failed }, status, problem, Vec::new(), None, Vec::new())
@@ -779,7 +781,9 @@ async fn complete(
         let forget_after = prepared.subject.token_expires_at.unwrap_or(now) + gateway.config.tokens.clock_skew_secs;
         let _ = gateway.replay_cache.claim(cti, forget_after, now);
     }
-    Ok(ApiResponse { status, problem: state != State::Settled, body: answer, retry_after: None, code: None })
+    // `Retry-After` on the first answer of a refusal worth retrying (a payer unavailable): the
+    // refused settlement itself is final, its token free again for a retry with a new key.
+    Ok(ApiResponse { status, problem: state != State::Settled, body: answer, retry_after, code: None, allow: None })
 }
 
 /// How often a settlement is asked again when the card's figures changed under it.

@@ -43,12 +43,40 @@ pub struct BillBody {
     /// The bill's total: the sum of the lines.
     #[serde(default, alias = "medfee_sumamt", skip_serializing_if = "Option::is_none")]
     pub total_fen: Option<Fen>,
-    /// The bill.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The bill. A line with a field the API does not define is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "strict_lines")]
     pub lines: Vec<BillLine>,
     /// Whether the patient agrees to pay from the personal account (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_account: Option<bool>,
+}
+
+/// Bill lines as the API takes them: exactly the SDK's fields, no others (a misspelt or
+/// invented field, `vat_fen` say, is refused, not ignored). The SDK's own type stays open so
+/// that plugins accept lines a later gateway extends.
+fn strict_lines<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<BillLine>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Line {
+        code: String,
+        name: String,
+        category: cardgate_sdk::ItemCategory,
+        quantity: u32,
+        unit_price_fen: Fen,
+        amount_fen: Fen,
+    }
+    let lines = Vec::<Line>::deserialize(deserializer)?;
+    Ok(lines
+        .into_iter()
+        .map(|l| BillLine {
+            code: l.code,
+            name: l.name,
+            category: l.category,
+            quantity: l.quantity,
+            unit_price_fen: l.unit_price_fen,
+            amount_fen: l.amount_fen,
+        })
+        .collect())
 }
 
 /// `POST /v1/settlements/{id}/reversal`.
@@ -63,10 +91,18 @@ pub struct ReversalBody {
 /// Most lines on one bill.
 pub const MAX_LINES: usize = 1_000;
 
-/// Checks an identifier-like field: 1 to 64 printable ASCII characters.
+/// The rule for identifier-like fields, as refusals state it.
+pub const ID_RULE: &str = "{field}: 1 to 64 printable ASCII characters (spaces allowed, but not first or last)";
+
+/// Checks an identifier-like field (`terminal_id`, `Idempotency-Key`): 1 to 64 printable ASCII
+/// characters, the space included (tills name terminals "Window 3"), but not first or last
+/// (HTTP drops those from a header, and a value that differs only there would look equal).
 pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
-    let ok = (1..=64).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic());
-    if ok { Ok(()) } else { Err(ApiError::invalid(format!("{field}: 1 to 64 printable ASCII characters"))) }
+    let ok = (1..=64).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && !value.starts_with(' ')
+        && !value.ends_with(' ');
+    if ok { Ok(()) } else { Err(ApiError::invalid(ID_RULE.replace("{field}", field))) }
 }
 
 /// Checks a bill: lines present, amounts non-negative, and summing exactly to the total.

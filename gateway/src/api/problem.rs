@@ -43,6 +43,13 @@ pub enum ApiError {
     Limited(Limited),
     /// Too many requests in flight: shed.
     Overloaded,
+    /// The resource exists but does not take this method.
+    MethodNotAllowed {
+        /// The method sent.
+        method: String,
+        /// The methods it takes (the `Allow` header).
+        allow: &'static str,
+    },
 }
 
 impl ApiError {
@@ -105,6 +112,11 @@ impl ApiError {
             Self::Overloaded => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the gateway is at capacity; retry shortly".into())
             }
+            Self::MethodNotAllowed { method, allow } => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here; allowed: {allow}"),
+            ),
         }
     }
 
@@ -112,7 +124,10 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Limited(l) => Some(retry_secs(l.retry_after)),
-            Self::Overloaded => Some(1),
+            // Worth retrying with the same key shortly.
+            Self::Overloaded | Self::Storage(LedgerError::Storage(_) | LedgerError::Stale) => Some(1),
+            Self::Plugin { error, .. } if error.code() == "plugin_unavailable" => Some(1),
+            Self::Client { code: "request_in_progress", .. } => Some(1),
             _ => None,
         }
     }
