@@ -178,26 +178,28 @@ pub struct Amounts {
     pub payers: Vec<(String, i64, i64)>,
 }
 
-/// An institution's business day.
+/// An institution's business day. Its totals never change once the day is over: a
+/// settlement counts on the day it was made, a reversal on the day it was made (a settlement
+/// of Monday reversed on Tuesday is in Monday's `settled` and Tuesday's `reversed`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Reconciliation {
     /// The day, `YYYY-MM-DD` (UTC+8).
     pub date: String,
-    /// Settled on that day (including those reversed since).
+    /// Settlements made on that day (gross: including those reversed since).
     pub settled: Totals,
-    /// Of those, reversed.
+    /// Reversals made on that day, of settlements of that day or of earlier ones.
     pub reversed: Totals,
-    /// Settled less reversed.
+    /// Settled less reversed: the day's net movement.
     pub net: Totals,
-    /// Per payer, over the settled ones.
+    /// Per payer: its share of the day's settlements and of the day's reversals.
     pub payers: Vec<PayerTotals>,
-    /// One page of the detail lines.
+    /// One page of the day's events: its settlements and its reversals, in time order.
     pub details: Vec<DetailLine>,
     /// Page number (from 1).
     pub page: u32,
     /// Page size.
     pub page_size: u32,
-    /// Detail lines over all pages.
+    /// Detail lines over all pages (settlements and reversals of the day).
     pub detail_count: u64,
 }
 
@@ -227,20 +229,28 @@ pub struct PayerTotals {
     pub fund_pay_fen: i64,
     /// What the account paid through it.
     pub account_pay_fen: i64,
+    /// Reversals made that day it took part in.
+    pub reversed_count: u64,
+    /// What those reversals gave back from its funds.
+    pub reversed_fund_pay_fen: i64,
+    /// What those reversals gave back to the account through it.
+    pub reversed_account_pay_fen: i64,
 }
 
-/// One settlement in a reconciliation.
+/// One event of a reconciliation's day: a settlement made, or a reversal made.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DetailLine {
+    /// `settled` (a settlement made that day) or `reversed` (a reversal made that day).
+    pub event: String,
     /// Settlement id.
     pub settlement_id: String,
-    /// `settled` or `reversed`.
+    /// The settlement's state now: `settled` or `reversed`.
     pub state: String,
     /// Terminal.
     pub terminal_id: String,
     /// Masked card.
     pub card: String,
-    /// When (RFC 3339).
+    /// When the event happened (RFC 3339).
     pub created_at: String,
     /// Bill total.
     pub total_fen: i64,

@@ -181,8 +181,8 @@ async fn a_version_2_ledger_is_migrated_with_every_state_and_sum_kept() {
     assert_eq!((day.reversed.count, day.net.total_fen, day.net.cash_pay_fen), (1, 10_000, 1_000));
     let payers: Vec<_> = day.payers.iter().map(|p| (p.payer.as_str(), p.count, p.fund_pay_fen)).collect();
     assert_eq!(payers, vec![("basic-medical", 2, 18_000), ("critical-illness", 1, 0)]);
-    let ids: Vec<_> = day.details.iter().map(|d| d.settlement_id.as_str()).collect();
-    assert_eq!(ids, vec!["S1", "S2"]);
+    let events: Vec<_> = day.details.iter().map(|d| (d.event.as_str(), d.settlement_id.as_str())).collect();
+    assert_eq!(events, vec![("settled", "S1"), ("settled", "S2"), ("reversed", "S2")]);
     let ytd = ledger.accumulators(&[0xc1], "basic-medical", 2025).expect("read");
     assert_eq!((ytd.fund_paid_fen, ytd.eligible_fen), (6000, 10_000));
     let (card, deltas) = ledger.settled_deltas("S1").expect("read").expect("S1");
@@ -192,7 +192,7 @@ async fn a_version_2_ledger_is_migrated_with_every_state_and_sum_kept() {
     ledger.finish(settled("S4", 300)).await.expect("finish");
     assert_eq!(state("H1", "S4"), Some((State::Settled, 201)));
     drop(ledger);
-    SqliteLedger::open(&path).expect("a migrated ledger reopens as version 3");
+    SqliteLedger::open(&path).expect("a migrated ledger reopens as the current version");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,4 +229,58 @@ async fn the_write_ahead_log_starts_over_under_back_to_back_commits() {
     let wal = std::fs::metadata(dir.path().join("ledger.db-wal")).expect("log").len();
     assert!(wal < 16 << 20, "the log grew to {} MiB", wal >> 20);
     assert_eq!(ledger.get("H1", "S31-99").expect("read").map(|r| r.state), Some(State::Settled));
+}
+
+#[tokio::test]
+async fn a_reversal_counts_on_the_day_it_is_made_and_a_closed_day_never_changes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
+    ledger.finish(settled("S1", 700)).await.expect("finish");
+    let monday = cardgate::ledger::business_day(1_700_000_000);
+    let before = ledger.reconciliation("H1", &monday, 1, 10).expect("read");
+    assert_eq!((before.settled.count, before.reversed.count, before.net.fund_pay_fen), (1, 0, 700));
+
+    // Reversed a day later.
+    let undo = vec![AccumulatorDelta {
+        payer: "basic-medical".into(),
+        delta: YearToDate { year: 2026, fund_paid_fen: -700, deductible_fen: -100, ..YearToDate::default() },
+    }];
+    let tuesday_at = 1_700_000_000 + 86_400;
+    ledger.reverse("S1".into(), "{}".into(), undo, vec![9; 32], tuesday_at).await.expect("reverse");
+    let after = ledger.reconciliation("H1", &monday, 1, 10).expect("read");
+    assert_eq!((after.settled, after.reversed, after.net), (before.settled, before.reversed, before.net));
+    let tuesday = ledger.reconciliation("H1", &cardgate::ledger::business_day(tuesday_at), 1, 10).expect("read");
+    assert_eq!((tuesday.settled.count, tuesday.reversed.count), (0, 1));
+    assert_eq!((tuesday.reversed.fund_pay_fen, tuesday.net.fund_pay_fen), (700, -700));
+    assert_eq!((tuesday.payers[0].reversed_count, tuesday.payers[0].reversed_fund_pay_fen), (1, 700));
+    let events: Vec<_> = tuesday.details.iter().map(|d| (d.event.as_str(), d.state.as_str())).collect();
+    assert_eq!(events, vec![("reversed", "reversed")]);
+}
+
+#[tokio::test]
+async fn a_version_3_ledger_gets_the_day_of_each_reversal() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger.db");
+    {
+        let ledger = SqliteLedger::open(&path).expect("open");
+        ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
+        ledger.finish(settled("S1", 700)).await.expect("finish");
+        ledger.reverse("S1".into(), "{}".into(), vec![], vec![9; 32], 1_700_000_000 + 86_400).await.expect("reverse");
+    }
+    {
+        // As version 3 left it: no reversal days.
+        let old = rusqlite::Connection::open(&path).expect("open");
+        old.execute_batch(
+            "DROP INDEX outcomes_by_reversed_day; ALTER TABLE outcomes DROP COLUMN reversed_day; PRAGMA user_version = 3;",
+        )
+        .expect("version 3");
+    }
+    let ledger = SqliteLedger::open(&path).expect("migrated");
+    let tuesday = ledger.reconciliation("H1", &cardgate::ledger::business_day(1_700_000_000 + 86_400), 1, 10);
+    assert_eq!(tuesday.expect("read").reversed.count, 1);
+    let version: i64 = rusqlite::Connection::open(&path)
+        .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+        .expect("version");
+    assert_eq!(version, 4);
 }

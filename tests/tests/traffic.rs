@@ -191,8 +191,13 @@ async fn reconciliation_totals_equal_the_sum_of_the_details() {
     assert_eq!((day["settled"]["count"].as_u64(), day["reversed"]["count"].as_u64()), (Some(3), Some(1)));
     for field in ["total_fen", "fund_pay_fen", "account_pay_fen", "cash_pay_fen"] {
         let from_receipts: i64 = receipts.iter().map(|r| r[field].as_i64().expect("amount")).sum();
-        let from_details: i64 =
-            day["details"].as_array().expect("details").iter().map(|d| d[field].as_i64().expect("amount")).sum();
+        let from_details: i64 = day["details"]
+            .as_array()
+            .expect("details")
+            .iter()
+            .filter(|d| d["event"] == "settled")
+            .map(|d| d[field].as_i64().expect("amount"))
+            .sum();
         assert_eq!(day["settled"][field].as_i64(), Some(from_receipts), "{field}");
         assert_eq!(from_details, from_receipts, "{field}");
         let net = day["settled"][field].as_i64().expect("n") - day["reversed"][field].as_i64().expect("n");
@@ -202,16 +207,21 @@ async fn reconciliation_totals_equal_the_sum_of_the_details() {
     assert_eq!(day["payers"][0]["payer"], "basic-medical");
     assert_eq!(day["payers"][0]["fund_pay_fen"].as_i64(), Some(basic));
     let page = reconciliation(&gw, &today(), "&page=2&page_size=2").await;
-    assert_eq!((page["details"].as_array().map(Vec::len), page["detail_count"].as_u64()), (Some(1), Some(3)));
+    // Three settlements and one reversal made today: four events.
+    assert_eq!((page["details"].as_array().map(Vec::len), page["detail_count"].as_u64()), (Some(2), Some(4)));
     assert_eq!(get(&gw.pharmacy, "/v1/reconciliation?date=2026-13-01").await.status, StatusCode::BAD_REQUEST);
     assert_eq!(reconciliation(&gw, "2020-01-01", "").await["settled"]["count"], 0);
 
     gw.stop().await;
     let csv = export_csv(gw.dir.path(), &today());
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines.len(), 4, "header and three settlements:\n{csv}");
-    assert!(lines[0].starts_with("institution_id,settlement_id,state"));
-    assert_eq!(lines.iter().filter(|l| l.contains(",reversed,")).count(), 1);
+    assert_eq!(lines.len(), 5, "header, three settlements and a reversal:\n{csv}");
+    assert!(lines[0].starts_with("institution_id,event,settlement_id,state"));
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(",reversed,")).count(),
+        2,
+        "the reversal, and its settlement's state"
+    );
 }
 
 fn export_csv(dir: &Path, date: &str) -> String {

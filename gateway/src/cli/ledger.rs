@@ -14,8 +14,9 @@ use crate::ledger::sqlite::SqliteLedger;
 /// Ledger commands.
 #[derive(Debug, Subcommand)]
 pub enum LedgerCommand {
-    /// Write a business day's settled and reversed settlements as CSV (to standard output, or
-    /// `--out`), one line per settlement, for every institution or one.
+    /// Write a business day's events as CSV (to standard output, or `--out`): one line per
+    /// settlement made that day and one per reversal made that day (`event`), for every
+    /// institution or one.
     Export {
         /// Configuration file (the ledger path and institutions come from it).
         #[arg(long)]
@@ -47,7 +48,7 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
         None => config.institutions.keys().cloned().collect(),
     };
     let mut csv = String::from(
-        "institution_id,settlement_id,state,terminal_id,card,created_at,total_fen,fund_pay_fen,account_pay_fen,cash_pay_fen\n",
+        "institution_id,event,settlement_id,state,terminal_id,card,created_at,total_fen,fund_pay_fen,account_pay_fen,cash_pay_fen\n",
     );
     let mut lines = 0u64;
     for id in &institutions {
@@ -55,8 +56,9 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
             let day = ledger.reconciliation(id, &date, page, 1000).map_err(Failure::new)?;
             for d in &day.details {
                 csv += &format!(
-                    "{},{},{},{},{},{},{},{},{},{}\n",
+                    "{},{},{},{},{},{},{},{},{},{},{}\n",
                     field(id),
+                    d.event,
                     field(&d.settlement_id),
                     d.state,
                     field(&d.terminal_id),

@@ -55,9 +55,11 @@ CREATE TABLE IF NOT EXISTS outcomes (
     fund_fen    INTEGER NOT NULL,
     account_fen INTEGER NOT NULL,
     cash_fen    INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL
+    updated_at  INTEGER NOT NULL,
+    reversed_day TEXT
 );
 CREATE INDEX IF NOT EXISTS outcomes_unknown ON outcomes (state) WHERE state = 'unknown';
+CREATE INDEX IF NOT EXISTS outcomes_by_reversed_day ON outcomes (reversed_day) WHERE reversed_day IS NOT NULL;
 CREATE TABLE IF NOT EXISTS accumulators (
     card_hash             BLOB NOT NULL,
     year                  INTEGER NOT NULL,
@@ -105,8 +107,19 @@ DROP TABLE settlement_payers;
 DROP TABLE accumulators_v2;
 ";
 
+/// Moves a version 3 ledger to version 4: the business day (UTC+8) each reversal was made
+/// on, so that reconciliation counts a reversal on the day it happens.
+const MIGRATE_3_TO_4: &str = "
+ALTER TABLE outcomes ADD COLUMN reversed_day TEXT;
+CREATE INDEX IF NOT EXISTS outcomes_by_reversed_day ON outcomes (reversed_day) WHERE reversed_day IS NOT NULL;
+";
+
+/// Fills `reversed_day` for reversals recorded before version 4 (from their time).
+const FILL_REVERSED_DAY: &str =
+    "UPDATE outcomes SET reversed_day = date(updated_at + 28800, 'unixepoch') WHERE state = 'reversed';";
+
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Most writes committed together.
 const MAX_BATCH: usize = 512;
@@ -276,14 +289,20 @@ impl SqliteLedger {
                 writer.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(storage)?;
             }
             (true, SCHEMA_VERSION) => {}
-            (true, 2) => {
-                let migration = MIGRATE_2_TO_3.replace("{SCHEMA}", SCHEMA);
+            (true, 2 | 3) => {
+                let migration =
+                    if version == 2 { MIGRATE_2_TO_3.replace("{SCHEMA}", SCHEMA) } else { MIGRATE_3_TO_4.to_owned() };
                 writer
-                    .execute_batch(&format!("BEGIN IMMEDIATE; {migration} PRAGMA user_version = 3; COMMIT;"))
+                    .execute_batch(&format!(
+                        "BEGIN IMMEDIATE; {migration} {FILL_REVERSED_DAY} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    ))
                     .map_err(|e| {
-                        LedgerError::Storage(format!("{}: migrating the ledger to version 3: {e}", path.display()))
+                        LedgerError::Storage(format!(
+                            "{}: migrating the ledger to version {SCHEMA_VERSION}: {e}",
+                            path.display()
+                        ))
                     })?;
-                tracing::info!(path = %path.display(), "ledger migrated from schema version 2 to 3");
+                tracing::info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "ledger migrated");
             }
             (true, _) => {
                 return Err(LedgerError::Storage(format!(
@@ -520,14 +539,23 @@ fn unresolved_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<super::Unresolved> 
 const UNRESOLVED_SELECT: &str = "SELECT s.id, s.institution, o.state, s.sealed_request, s.created_at
     FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq";
 
-/// The settled (and later reversed) settlements of an institution's day.
-const DAY_JOIN: &str = "FROM settlements s JOIN outcomes o ON o.seq = s.seq
-    WHERE s.institution = ?1 AND s.day = ?2 AND o.state IN ";
+/// Rows of a reconciliation: the tables joined, and which rows of them.
+type Rows = (&'static str, &'static str);
 
-fn totals(conn: &Connection, institution: &str, date: &str, states: &str) -> rusqlite::Result<super::Totals> {
+/// The settlements an institution made on a day (settled then, reversed since or not).
+const DAY_SETTLED: Rows = (
+    "FROM settlements s JOIN outcomes o ON o.seq = s.seq",
+    "WHERE s.institution = ?1 AND s.day = ?2 AND o.state IN ('settled', 'reversed')",
+);
+
+/// The reversals an institution made on a day, whatever day their settlements were.
+const DAY_REVERSED: Rows =
+    ("FROM outcomes o JOIN settlements s ON s.seq = o.seq", "WHERE o.reversed_day = ?2 AND s.institution = ?1");
+
+fn totals(conn: &Connection, institution: &str, date: &str, (from, filter): Rows) -> rusqlite::Result<super::Totals> {
     let sql = format!(
         "SELECT count(*), coalesce(sum(s.total_fen), 0), coalesce(sum(o.fund_fen), 0),
-             coalesce(sum(o.account_fen), 0), coalesce(sum(o.cash_fen), 0) {DAY_JOIN}{states}"
+             coalesce(sum(o.account_fen), 0), coalesce(sum(o.cash_fen), 0) {from} {filter}"
     );
     conn.prepare_cached(&sql)?.query_row(params![institution, date], |r| {
         Ok(super::Totals {
@@ -540,6 +568,24 @@ fn totals(conn: &Connection, institution: &str, date: &str, states: &str) -> rus
     })
 }
 
+/// Per payer: count, fund and account over the settlements (or reversals) of `join`.
+fn payer_sums(
+    conn: &Connection,
+    institution: &str,
+    date: &str,
+    (from, filter): Rows,
+) -> rusqlite::Result<std::collections::BTreeMap<String, (u64, i64, i64)>> {
+    let sql = format!(
+        "SELECT p.value ->> 0, count(*), sum(p.value ->> 1), sum(p.value ->> 2) {from}, json_each(o.payers) p
+         {filter} GROUP BY 1"
+    );
+    let mut statement = conn.prepare_cached(&sql)?;
+    let rows = statement.query_map(params![institution, date], |r| {
+        Ok((r.get::<_, String>(0)?, (r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?)))
+    })?;
+    rows.collect()
+}
+
 fn reconcile(
     conn: &Connection,
     institution: &str,
@@ -547,55 +593,69 @@ fn reconcile(
     page: u32,
     page_size: u32,
 ) -> rusqlite::Result<super::Reconciliation> {
-    let settled = totals(conn, institution, date, "('settled', 'reversed')")?;
-    let reversed = totals(conn, institution, date, "('reversed')")?;
+    let settled = totals(conn, institution, date, DAY_SETTLED)?;
+    let reversed = totals(conn, institution, date, DAY_REVERSED)?;
     let net = super::Totals {
-        count: settled.count - reversed.count,
+        count: settled.count.saturating_sub(reversed.count),
         total_fen: settled.total_fen - reversed.total_fen,
         fund_pay_fen: settled.fund_pay_fen - reversed.fund_pay_fen,
         account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
         cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
     };
-    let mut payers = conn.prepare_cached(
-        "SELECT p.value ->> 0, count(*), sum(p.value ->> 1), sum(p.value ->> 2)
-         FROM settlements s JOIN outcomes o ON o.seq = s.seq, json_each(o.payers) p
-         WHERE s.institution = ?1 AND s.day = ?2 AND o.state IN ('settled', 'reversed')
-         GROUP BY 1 ORDER BY 1",
-    )?;
-    let payers = payers
-        .query_map(params![institution, date], |r| {
-            Ok(super::PayerTotals {
-                payer: r.get(0)?,
-                count: r.get::<_, i64>(1)? as u64,
-                fund_pay_fen: r.get(2)?,
-                account_pay_fen: r.get(3)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let gross = payer_sums(conn, institution, date, DAY_SETTLED)?;
+    let mut back = payer_sums(conn, institution, date, DAY_REVERSED)?;
+    let mut names: Vec<String> = gross.keys().chain(back.keys()).cloned().collect();
+    names.sort();
+    names.dedup();
+    let payers = names
+        .into_iter()
+        .map(|payer| {
+            let (count, fund_pay_fen, account_pay_fen) = gross.get(&payer).copied().unwrap_or_default();
+            let (reversed_count, reversed_fund_pay_fen, reversed_account_pay_fen) =
+                back.remove(&payer).unwrap_or_default();
+            super::PayerTotals {
+                payer,
+                count,
+                fund_pay_fen,
+                account_pay_fen,
+                reversed_count,
+                reversed_fund_pay_fen,
+                reversed_account_pay_fen,
+            }
+        })
+        .collect();
+    // The day's events in the order they happened: its settlements, then its reversals.
     let mut details = conn.prepare_cached(&format!(
-        "SELECT s.id, o.state, s.terminal, s.card_masked, s.created_at, s.total_fen, o.fund_fen, o.account_fen,
-             o.cash_fen {DAY_JOIN}('settled', 'reversed') ORDER BY s.seq LIMIT ?3 OFFSET ?4"
+        "SELECT * FROM (
+             SELECT 'settled' AS event, s.seq AS seq, s.created_at AS at, s.id, o.state, s.terminal, s.card_masked,
+                 s.total_fen, o.fund_fen, o.account_fen, o.cash_fen {} {}
+             UNION ALL
+             SELECT 'reversed', s.seq, o.updated_at, s.id, o.state, s.terminal, s.card_masked, s.total_fen,
+                 o.fund_fen, o.account_fen, o.cash_fen {} {})
+         ORDER BY at, seq, event DESC LIMIT ?3 OFFSET ?4",
+        DAY_SETTLED.0, DAY_SETTLED.1, DAY_REVERSED.0, DAY_REVERSED.1
     ))?;
     let offset = i64::from(page.saturating_sub(1)) * i64::from(page_size);
     let details = details
         .query_map(params![institution, date, page_size, offset], |r| {
-            let created: i64 = r.get(4)?;
+            let at: i64 = r.get(2)?;
             Ok(super::DetailLine {
-                settlement_id: r.get(0)?,
-                state: r.get(1)?,
-                terminal_id: r.get(2)?,
-                card: r.get(3)?,
-                created_at: super::rfc3339(created),
-                total_fen: r.get(5)?,
-                fund_pay_fen: r.get(6)?,
-                account_pay_fen: r.get(7)?,
-                cash_pay_fen: r.get(8)?,
+                event: r.get(0)?,
+                settlement_id: r.get(3)?,
+                state: r.get(4)?,
+                terminal_id: r.get(5)?,
+                card: r.get(6)?,
+                created_at: super::rfc3339(at),
+                total_fen: r.get(7)?,
+                fund_pay_fen: r.get(8)?,
+                account_pay_fen: r.get(9)?,
+                cash_pay_fen: r.get(10)?,
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(super::Reconciliation {
         date: date.to_owned(),
-        detail_count: settled.count,
+        detail_count: settled.count + reversed.count,
         settled,
         reversed,
         net,
@@ -813,10 +873,10 @@ impl Ledger for SqliteLedger {
         self.write(move |c| {
             let changed = c
                 .prepare_cached(
-                    "UPDATE outcomes SET state = 'reversed', reversal = ?2, updated_at = ?3
+                    "UPDATE outcomes SET state = 'reversed', reversal = ?2, updated_at = ?3, reversed_day = ?4
                      WHERE seq = (SELECT seq FROM settlements WHERE id = ?1) AND state = 'settled'",
                 )?
-                .execute(params![id, body, at])
+                .execute(params![id, body, at, super::business_day(at)])
                 .map_err(storage)?;
             if changed != 1 {
                 return Err(LedgerError::NotFound);
