@@ -100,7 +100,8 @@ impl ApiResponse {
 /// The methods each resource takes (for `405` and its `Allow` header); `None`: no such resource.
 fn allowed(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        ["v1", "inquiries" | "quotes" | "settlements"] | ["v1", "settlements", _, "reversal"] => Some("POST"),
+        ["v1", "inquiries" | "quotes"] | ["v1", "settlements", _, "reversal"] => Some("POST"),
+        ["v1", "settlements"] => Some("GET, HEAD, POST"),
         ["v1", "settlements", _] | ["v1", "reconciliation"] => Some("GET, HEAD"),
         _ => None,
     }
@@ -178,6 +179,7 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
             model::check_id("Idempotency-Key", key)?;
             flow::settle(gateway, identity, key, parse(r.body)?, r.request_id).await
         }
+        (&Method::GET | &Method::HEAD, ["v1", "settlements"]) => flow::list(gateway, identity, r.query),
         (&Method::GET | &Method::HEAD, ["v1", "settlements", id]) => flow::get(gateway, identity, id),
         (&Method::GET | &Method::HEAD, ["v1", "reconciliation"]) => flow::reconciliation(gateway, identity, r.query),
         (&Method::POST, ["v1", "settlements", id, "reversal"]) => {
@@ -199,6 +201,7 @@ pub fn endpoint(method: &Method, path: &str) -> &'static str {
         (&Method::POST, ["v1", "inquiries"]) => "inquiries",
         (&Method::POST, ["v1", "quotes"]) => "quotes",
         (&Method::POST, ["v1", "settlements"]) => "settlements",
+        (&Method::GET, ["v1", "settlements"]) => "settlements_list",
         (&Method::GET, ["v1", "settlements", _]) => "settlement",
         (&Method::POST, ["v1", "settlements", _, "reversal"]) => "reversal",
         (&Method::GET, ["v1", "reconciliation"]) => "reconciliation",

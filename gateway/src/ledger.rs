@@ -262,6 +262,53 @@ pub struct DetailLine {
     pub cash_pay_fen: i64,
 }
 
+/// Which settlements of an institution to list ([`Ledger::list`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// The institution.
+    pub institution: String,
+    /// Business days, first and last (inclusive, `YYYY-MM-DD`).
+    pub days: (String, String),
+    /// Made at or after this moment (seconds since the epoch), if given.
+    pub from: Option<i64>,
+    /// Made before this moment, if given.
+    pub to: Option<i64>,
+    /// Only this terminal.
+    pub terminal: Option<String>,
+    /// Only this state.
+    pub state: Option<State>,
+    /// Only those after this position (the cursor of the previous page; 0 from the start).
+    pub after: i64,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// A settlement in a listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Listed {
+    /// Its position, for the next page's cursor.
+    #[serde(skip)]
+    pub position: i64,
+    /// Settlement id.
+    pub settlement_id: String,
+    /// State now.
+    pub state: String,
+    /// Terminal.
+    pub terminal_id: String,
+    /// Masked card.
+    pub card: String,
+    /// When its intent was recorded (RFC 3339).
+    pub created_at: String,
+    /// Bill total.
+    pub total_fen: i64,
+    /// Funds (none while pending or unknown).
+    pub fund_pay_fen: Option<i64>,
+    /// Account.
+    pub account_pay_fen: Option<i64>,
+    /// Cash.
+    pub cash_pay_fen: Option<i64>,
+}
+
 /// How one payer's accumulators change (stored as JSON with the outcome, to undo on reversal).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AccumulatorDelta {
@@ -359,6 +406,8 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     ) -> Result<Reconciliation, LedgerError>;
     /// The card hash and accumulator changes recorded for a settlement (to undo them).
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
+    /// An institution's settlements matching `query`, in the order they were recorded.
+    fn list(&self, query: &ListQuery) -> Result<Vec<Listed>, LedgerError>;
     /// Whether the ledger takes writes now: at once when the last commit succeeded; after a
     /// failed one (a full disk), by committing a probe (so readiness comes back by itself when
     /// space does).

@@ -139,7 +139,7 @@ async fn method_not_allowed_says_which_are() {
     for (method, path, allow) in [
         (Method::POST, "/v1/reconciliation", "GET, HEAD"),
         (Method::DELETE, "/v1/settlements/S1", "GET, HEAD"),
-        (Method::GET, "/v1/settlements", "POST"),
+        (Method::DELETE, "/v1/settlements", "GET, HEAD, POST"),
         (Method::PUT, "/v1/quotes", "POST"),
     ] {
         let reply = gw.pharmacy.send(method.clone(), path, &[], None).await.expect("answer");
@@ -223,4 +223,66 @@ async fn documented_choices_hold_request_ids_and_line_amounts() {
     let body = json!({ "token": gw.token(&Card::beijing(), 120), "terminal_id": "POS-01", "total_fen": 4000, "lines": [discounted] });
     let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &body).await;
     assert_eq!((reply.status, reply.json()["total_fen"].as_i64()), (StatusCode::CREATED, Some(4000)), "{}", reply.body);
+}
+
+fn today() -> String {
+    let now = time::OffsetDateTime::now_utc() + time::Duration::hours(8);
+    format!("{:04}-{:02}-{:02}", now.year(), u8::from(now.month()), now.day())
+}
+
+#[tokio::test]
+async fn an_his_lists_its_settlements_page_by_page_with_a_cursor() {
+    let gw = TestGateway::start(Options::default()).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let token = gw.token(&Card::beijing(), 120);
+        let terminal = if i % 2 == 0 { "Window 1" } else { "Window 2" };
+        let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &bill(&token, terminal, line())).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        ids.push(reply.json()["settlement_id"].as_str().expect("id").to_owned());
+    }
+    let reversed = post(&gw.pharmacy, &format!("/v1/settlements/{}/reversal", ids[1]), None, &json!({})).await;
+    assert_eq!(reversed.status, StatusCode::OK);
+    let list = |query: String| {
+        let client = gw.pharmacy.clone();
+        async move {
+            let reply = client.send(Method::GET, &format!("/v1/settlements?{query}"), &[], None).await.expect("answer");
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+            reply.json()
+        }
+    };
+    // Two at a time, following the cursor: every settlement once, in order.
+    let (mut seen, mut cursor) = (Vec::new(), None::<String>);
+    loop {
+        let page =
+            list(format!("date={}&limit=2{}", today(), cursor.map(|c| format!("&cursor={c}")).unwrap_or_default()))
+                .await;
+        for s in page["settlements"].as_array().expect("settlements") {
+            seen.push(s["settlement_id"].as_str().expect("id").to_owned());
+            assert!(s["card"].as_str().is_some_and(|c| c.contains('*')), "masked: {s}");
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    let window = list(format!("date={}&terminal_id=Window%202", today())).await;
+    assert_eq!(window["settlements"].as_array().map(Vec::len), Some(2));
+    let back = list(format!("date={}&state=reversed", today())).await;
+    assert_eq!(back["settlements"][0]["settlement_id"].as_str(), Some(ids[1].as_str()));
+    assert_eq!(back["settlements"][0]["fund_pay_fen"].as_i64().is_some(), true);
+    let now = time::OffsetDateTime::now_utc();
+    let format = &time::format_description::well_known::Rfc3339;
+    let from = (now - time::Duration::hours(1)).format(format).expect("time").replace('+', "%2B");
+    let to = (now + time::Duration::hours(1)).format(format).expect("time").replace('+', "%2B");
+    assert_eq!(list(format!("from={from}&to={to}")).await["settlements"].as_array().map(Vec::len), Some(5));
+    // Another institution sees none of them; a made-up cursor is refused.
+    let other =
+        gw.hospital.send(Method::GET, &format!("/v1/settlements?date={}", today()), &[], None).await.expect("answer");
+    assert_eq!(other.json()["settlements"].as_array().map(Vec::len), Some(0));
+    let bad = gw.pharmacy.send(Method::GET, &format!("/v1/settlements?date={}&cursor=zz", today()), &[], None).await;
+    assert_eq!(bad.expect("answer").status, StatusCode::BAD_REQUEST);
+    let neither = gw.pharmacy.send(Method::GET, "/v1/settlements", &[], None).await.expect("answer");
+    assert_eq!(neither.status, StatusCode::BAD_REQUEST);
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use cardgate_tests::harness::{Card, Options, TestGateway};
 use cardgate_tests::workspace_root;
 use http::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn document() -> Value {
     let text = std::fs::read_to_string(workspace_root().join("docs/openapi.json")).expect("docs/openapi.json");
@@ -104,6 +104,7 @@ async fn every_documented_operation_behaves_as_documented() {
         ("/v1/settlements", "post"),
         ("/v1/settlements/{id}", "get"),
         ("/v1/settlements/{id}/reversal", "post"),
+        ("/v1/settlements", "get"),
         ("/v1/reconciliation", "get"),
     ];
     let documented: BTreeSet<(String, String)> = doc["paths"]
@@ -124,7 +125,7 @@ async fn every_documented_operation_behaves_as_documented() {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|p| p["in"] == "query" && p["required"] == true)
+            .filter(|p| p["in"] == "query" && (p["required"] == true || p.get("example").is_some()))
             .map(|p| {
                 format!(
                     "{}={}",
@@ -137,8 +138,11 @@ async fn every_documented_operation_behaves_as_documented() {
         let uri = if query.is_empty() { path.clone() } else { format!("{path}?{query}") };
         let http_method = if method == "post" { Method::POST } else { Method::GET };
         let key = format!("openapi-{template}");
-        let headers: Vec<(&str, &str)> =
-            if template == "/v1/settlements" { vec![("idempotency-key", key.as_str())] } else { vec![] };
+        let headers: Vec<(&str, &str)> = if template == "/v1/settlements" && method == "post" {
+            vec![("idempotency-key", key.as_str())]
+        } else {
+            vec![]
+        };
         let request_body = (method == "post").then_some(body.as_str());
         let reply = gw.pharmacy.send(http_method.clone(), &uri, &headers, request_body).await.expect("answer");
         assert!(reply.status.is_success(), "{method} {template}: {} {}", reply.status, reply.body);
@@ -150,7 +154,7 @@ async fn every_documented_operation_behaves_as_documented() {
             &reply.body,
             &format!("{method} {template}"),
         );
-        if template == "/v1/settlements" {
+        if template == "/v1/settlements" && method == "post" {
             settlement_id = reply.json()["settlement_id"].as_str().expect("id").to_owned();
         }
         // Refusals are documented too: a bad body, or an unknown id.
@@ -184,6 +188,90 @@ fn every_served_endpoint_is_documented() {
         })
         .collect();
     let served: BTreeSet<&str> =
-        ["inquiries", "quotes", "settlements", "settlement", "reversal", "reconciliation"].into();
+        ["inquiries", "quotes", "settlements", "settlements_list", "settlement", "reversal", "reconciliation"].into();
     assert_eq!(labels, served);
+}
+
+/// The request schema an example follows: a `oneOf` branch whose required fields it has.
+fn request_schema<'a>(doc: &'a Value, schema: &'a Value, example: &Value) -> &'a Value {
+    let schema = resolve(doc, schema);
+    let Some(branches) = schema["oneOf"].as_array() else { return schema };
+    branches
+        .iter()
+        .map(|b| resolve(doc, b))
+        .find(|b| {
+            b["required"].as_array().into_iter().flatten().filter_map(Value::as_str).all(|r| example.get(r).is_some())
+        })
+        .expect("a branch the example follows")
+}
+
+fn required(schema: &Value) -> Vec<String> {
+    schema["required"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect()
+}
+
+/// Request bodies as documented are what the handlers take: a field (or a line field) the
+/// document does not list is refused, and so is a body without any field it requires.
+#[tokio::test]
+async fn request_schemas_say_exactly_what_the_handlers_take() {
+    let doc = document();
+    let gw = TestGateway::start(Options::default()).await;
+    let card = Card::beijing();
+    let mut checked = 0;
+    for (template, method) in [("/v1/inquiries", "post"), ("/v1/quotes", "post"), ("/v1/settlements", "post")] {
+        let content = &doc["paths"][template][method]["requestBody"]["content"]["application/json"];
+        let example = content["example"].clone();
+        let schema = request_schema(&doc, &content["schema"], &example);
+        assert_eq!(schema["additionalProperties"], false, "{template}: the document must say it is closed");
+        let send = |body: Value| {
+            let (client, token) = (gw.pharmacy.clone(), gw.token(&card, 120));
+            let key = format!("drift-{}", cardgate_tests::harness::now_nanos());
+            async move {
+                let body = body.to_string().replace("{{token}}", &token);
+                client
+                    .send(Method::POST, template, &[("idempotency-key", key.as_str())], Some(&body))
+                    .await
+                    .expect("answer")
+            }
+        };
+        assert!(send(example.clone()).await.status.is_success(), "{template}: the example itself is taken");
+        let mut extra = example.clone();
+        extra["undocumented_field"] = json!(1);
+        let refused = send(extra).await;
+        assert_eq!(
+            (refused.status, refused.json()["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{template}"
+        );
+        for field in required(schema) {
+            let mut without = example.clone();
+            without.as_object_mut().expect("object").remove(&field);
+            let reply = send(without).await;
+            assert!(
+                reply.status.is_client_error(),
+                "{template} without required `{field}`: {} {}",
+                reply.status,
+                reply.body
+            );
+            checked += 1;
+        }
+        if example.get("lines").is_some() {
+            let line_schema = resolve(&doc, &schema["properties"]["lines"]["items"]);
+            assert_eq!(line_schema["additionalProperties"], false, "{template}: lines are closed");
+            let mut extra_line = example.clone();
+            extra_line["lines"][0]["vat_fen"] = json!(0);
+            assert_eq!(
+                send(extra_line).await.status,
+                StatusCode::BAD_REQUEST,
+                "{template}: an undocumented line field"
+            );
+            for field in required(line_schema) {
+                let mut without = example.clone();
+                without["lines"][0].as_object_mut().expect("line").remove(&field);
+                let reply = send(without).await;
+                assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{template} line without `{field}`: {}", reply.body);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked} required fields checked");
 }

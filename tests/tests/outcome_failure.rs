@@ -79,6 +79,9 @@ impl Ledger for FailingOutcome {
     fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<Unresolved>, LedgerError> {
         self.inner.sealed_request(institution, id)
     }
+    fn list(&self, query: &cardgate::ledger::ListQuery) -> Result<Vec<cardgate::ledger::Listed>, LedgerError> {
+        self.inner.list(query)
+    }
     fn reconciliation(
         &self,
         institution: &str,

@@ -1010,3 +1010,96 @@ pub fn reconciliation(gateway: &Gateway, identity: &Identity, query: Option<&str
     answer["institution_id"] = json!(identity.institution);
     Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
 }
+
+/// `GET /v1/settlements?date=YYYY-MM-DD | from=..&to=..[&terminal_id=..][&state=..][&limit=N][&cursor=..]`:
+/// the calling institution's settlements of a business day (UTC+8) or a time range (RFC 3339,
+/// `to` excluded, at most 31 days), in the order they were recorded, a page at a time. The
+/// answer's `next_cursor`, sent back as `cursor`, gives the next page; `null` after the last.
+pub fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Result<ApiResponse, ApiError> {
+    let mut q =
+        crate::ledger::ListQuery { institution: identity.institution.clone(), limit: 100, ..Default::default() };
+    let (mut date, mut from, mut to) = (None, None, None);
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(raw).ok_or_else(|| ApiError::invalid(format!("{key}: bad percent-encoding")))?;
+        match key {
+            "date" => date = Some(value),
+            "from" => from = Some(moment("from", &value)?),
+            "to" => to = Some(moment("to", &value)?),
+            "terminal_id" => q.terminal = Some(value),
+            "state" => {
+                q.state =
+                    Some(State::parse(&value).ok_or_else(|| {
+                        ApiError::invalid("state: one of pending, settled, failed, unknown, reversed")
+                    })?)
+            }
+            "limit" => {
+                q.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::invalid("limit: 1 to 1000"))?
+            }
+            "cursor" => {
+                q.after = value
+                    .strip_prefix('c')
+                    .and_then(|n| i64::from_str_radix(n, 16).ok())
+                    .ok_or_else(|| ApiError::invalid("cursor: not one this gateway gave"))?
+            }
+            other => return Err(ApiError::invalid(format!("unknown query parameter `{other}`"))),
+        }
+    }
+    q.days = match (date, from, to) {
+        (Some(date), None, None) => {
+            let format = time::macros::format_description!("[year]-[month]-[day]");
+            if date.len() != 10 || time::Date::parse(&date, &format).is_err() {
+                return Err(ApiError::invalid("date: YYYY-MM-DD"));
+            }
+            (date.clone(), date)
+        }
+        (None, Some(from), Some(to)) if from < to && to - from <= 31 * 86_400 => {
+            q.from = Some(from);
+            q.to = Some(to);
+            (crate::ledger::business_day(from), crate::ledger::business_day(to))
+        }
+        (None, Some(_), Some(_)) => return Err(ApiError::invalid("from, to: from before to, at most 31 days apart")),
+        _ => return Err(ApiError::invalid("give `date`, or `from` and `to`")),
+    };
+    let listed = gateway.ledger.list(&q)?;
+    let next_cursor =
+        (listed.len() == q.limit as usize).then(|| listed.last().map(|l| format!("c{:x}", l.position))).flatten();
+    let answer = json!({ "settlements": listed, "next_cursor": next_cursor });
+    Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
+}
+
+/// An RFC 3339 moment from a query parameter.
+fn moment(key: &str, value: &str) -> Result<i64, ApiError> {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .map(time::OffsetDateTime::unix_timestamp)
+        .map_err(|_| ApiError::invalid(format!("{key}: an RFC 3339 time, e.g. 2026-12-01T08:00:00+08:00")))
+}
+
+/// Decodes `%XX` escapes (and `+` as a space) of a query value; `None` if malformed.
+fn percent_decode(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}

@@ -954,6 +954,44 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    fn list(&self, q: &super::ListQuery) -> Result<Vec<super::Listed>, LedgerError> {
+        self.read(|c| {
+            let mut statement = c.prepare_cached(
+                "SELECT s.seq, s.id, coalesce(o.state, 'pending'), s.terminal, s.card_masked, s.created_at,
+                     s.total_fen, o.fund_fen, o.account_fen, o.cash_fen
+                 FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq
+                 WHERE s.institution = ?1 AND s.day BETWEEN ?2 AND ?3 AND s.seq > ?4
+                     AND (?5 IS NULL OR s.created_at >= ?5) AND (?6 IS NULL OR s.created_at < ?6)
+                     AND (?7 IS NULL OR s.terminal = ?7) AND (?8 IS NULL OR coalesce(o.state, 'pending') = ?8)
+                 ORDER BY s.seq LIMIT ?9",
+            )?;
+            let state = q.state.map(State::as_str);
+            let rows = statement.query_map(
+                params![q.institution, q.days.0, q.days.1, q.after, q.from, q.to, q.terminal, state, q.limit],
+                |r| {
+                    let settled = |state: &str| matches!(state, "settled" | "reversed" | "failed");
+                    let state: String = r.get(2)?;
+                    let amount = |i: usize| -> rusqlite::Result<Option<i64>> {
+                        Ok(if settled(&state) { r.get(i)? } else { None })
+                    };
+                    Ok(super::Listed {
+                        position: r.get(0)?,
+                        settlement_id: r.get(1)?,
+                        terminal_id: r.get(3)?,
+                        card: r.get(4)?,
+                        created_at: super::rfc3339(r.get(5)?),
+                        total_fen: r.get(6)?,
+                        fund_pay_fen: amount(7)?,
+                        account_pay_fen: amount(8)?,
+                        cash_pay_fen: amount(9)?,
+                        state,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+    }
+
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {
         let row: Option<(Vec<u8>, String)> = self.read(|c| {
             c.prepare_cached(
