@@ -245,20 +245,31 @@ fn build_plugins(out: &mut dyn Write) -> Result<DevPlugins, Failure> {
 fn instructions(out: &mut dyn Write, dir: &Path, listen: &str) -> std::io::Result<()> {
     let d = dir.display();
     let port = listen.rsplit(':').next().unwrap_or("8443");
+    // Under `cargo run` (which sets CARGO_MANIFEST_DIR for what it runs), the commands to
+    // type are cargo's; from a built binary, that binary's own path.
+    let (cardgate, client) = if std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+        (
+            "cargo run -q -p cardgate --".to_owned(),
+            format!("the example client: cargo run -p cardgate-example-client -- --dir {d}"),
+        )
+    } else {
+        let exe = std::env::current_exe().map_or_else(|_| "cardgate".to_owned(), |p| p.display().to_string());
+        (exe, format!("the example client (examples/client) with --dir {d}"))
+    };
     writeln!(
         out,
         r#"cardgate dev: serving https://localhost:{port} with the files in {d}/
 
 A first settlement, as a pharmacy till (one scan, one bill):
 
-  TOKEN=$(cargo run -q -p cardgate -- token mint --key {d}/issuer.key --kid {kid} \
+  TOKEN=$({cardgate} token mint --key {d}/issuer.key --kid {kid} \
       --card 110105199001011234 --name 张三 --region 110105 --insutype 310)
   curl --cacert {d}/ca.pem --cert {d}/pharmacy.pem --key {d}/pharmacy.key \
-      -H 'content-type: application/json' -H "idempotency-key: demo-$(date +%s)" \
+      -H 'content-type: application/json' -H "idempotency-key: demo-$(date +%s)-$RANDOM$RANDOM" \
       https://localhost:{port}/v1/settlements \
       -d '{{"token":"'"$TOKEN"'","terminal_id":"POS-01","total_fen":5000,"lines":[{{"code":"XA01","name":"Amoxicillin","category":"class_a","quantity":2,"unit_price_fen":2500,"amount_fen":5000}}]}}'
 
-Or the example client: cargo run -p cardgate-example-client -- --dir {d}
+Or {client}
 Stop with Ctrl-C; the ledger and keys stay in {d}/."#,
         kid = dev::ISSUER_KID
     )?;
