@@ -246,7 +246,9 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
         .arg("--plugins")
         .arg(plugins.path())
         .env_remove("CARDGATE_LOG")
-        .stdout(Stdio::null())
+        // As a built binary is run, not by cargo.
+        .env_remove("CARGO_MANIFEST_DIR")
+        .stdout(std::fs::File::create(root.path().join("dev.out")).expect("stdout file"))
         .stderr(Stdio::null())
         .spawn()
         .expect("start cardgate dev");
@@ -258,6 +260,11 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
 
+    // What it prints to try it: this binary's own commands, and a key that differs each run.
+    let printed = std::fs::read_to_string(root.path().join("dev.out")).expect("dev output");
+    let binary = cardgate_binary().display().to_string();
+    assert!(printed.contains(&format!("TOKEN=$({binary} token mint")), "{printed}");
+    assert!(!printed.contains("cargo run") && printed.contains("$RANDOM"), "{printed}");
     assert_eq!(mode(&dir), 0o700);
     for file in
         ["cardgate.toml", "ledger.secret", "server.key", "issuer.key", "pharmacy.key", "ledger.db", "ledger.db-wal"]
