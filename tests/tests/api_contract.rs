@@ -271,7 +271,7 @@ async fn an_his_lists_its_settlements_page_by_page_with_a_cursor() {
     assert_eq!(window["settlements"].as_array().map(Vec::len), Some(2));
     let back = list(format!("date={}&state=reversed", today())).await;
     assert_eq!(back["settlements"][0]["settlement_id"].as_str(), Some(ids[1].as_str()));
-    assert_eq!(back["settlements"][0]["fund_pay_fen"].as_i64().is_some(), true);
+    assert!(back["settlements"][0]["fund_pay_fen"].as_i64().is_some(), "{back}");
     let now = time::OffsetDateTime::now_utc();
     let format = &time::format_description::well_known::Rfc3339;
     let from = (now - time::Duration::hours(1)).format(format).expect("time").replace('+', "%2B");
