@@ -316,7 +316,10 @@ async fn bad_requests_get_clear_errors() {
         (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
     );
     assert_eq!(get(&gw.pharmacy, "/v2/nothing").await.status, StatusCode::NOT_FOUND);
-    assert_eq!(get(&gw.pharmacy, "/v1/settlements").await.status, StatusCode::METHOD_NOT_ALLOWED);
+    // Listing needs a day or a range.
+    assert_eq!(get(&gw.pharmacy, "/v1/settlements").await.status, StatusCode::BAD_REQUEST);
+    let delete = gw.pharmacy.send(http::Method::DELETE, "/v1/settlements", &[], None).await.expect("answer");
+    assert_eq!(delete.status, StatusCode::METHOD_NOT_ALLOWED);
     let plain = gw.pharmacy.send(http::Method::POST, "/v1/quotes", &[("content-type", "text/plain")], None).await;
     assert_eq!(plain.expect("answer").status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     // Nothing here settled: the token still works.
