@@ -284,3 +284,26 @@ async fn a_version_3_ledger_gets_the_day_of_each_reversal() {
         .expect("version");
     assert_eq!(version, 4);
 }
+
+#[tokio::test]
+async fn an_outcome_computed_on_figures_that_moved_since_is_not_recorded() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
+    ledger.begin(intent("S2", "k2", b"tok-2")).await.expect("begin");
+    // Both were computed on the card's empty figures (as two nodes, or a node and a restart,
+    // could): the first commits, the second finds the figures moved.
+    let zero = vec![AccumulatorDelta {
+        payer: "basic-medical".into(),
+        delta: YearToDate { year: 2026, ..YearToDate::default() },
+    }];
+    ledger.finish(Outcome { read: zero.clone(), ..settled("S1", 700) }).await.expect("first");
+    assert_eq!(ledger.finish(Outcome { read: zero, ..settled("S2", 700) }).await, Err(LedgerError::Stale));
+    assert_eq!(ledger.get("H1", "S2").expect("read").map(|r| r.state), Some(State::Pending), "nothing recorded");
+    let ytd = ledger.accumulators(&[9; 32], "basic-medical", 2026).expect("read");
+    assert_eq!(ytd.fund_paid_fen, 700, "counted once");
+    // Asked again on the figures as they are now, it commits.
+    let now = vec![AccumulatorDelta { payer: "basic-medical".into(), delta: ytd }];
+    ledger.finish(Outcome { read: now, ..settled("S2", 700) }).await.expect("second, on fresh figures");
+    assert_eq!(ledger.accumulators(&[9; 32], "basic-medical", 2026).expect("read").fund_paid_fen, 1400);
+}

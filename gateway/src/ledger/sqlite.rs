@@ -494,28 +494,52 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
 const RECORD_SELECT: &str = "SELECT s.id, s.institution, s.request_hash, o.state, o.status, o.body, o.reversal,
     s.created_at FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq";
 
-fn add_accumulators(conn: &Connection, card_hash: &[u8], deltas: &[AccumulatorDelta]) -> rusqlite::Result<()> {
+/// Adds each payer's change to the card's accumulators. With `read` (the figures the payers
+/// were given), a payer's row changes only if it still holds them — the compare of the
+/// compare-and-set folded into the same upsert, so it costs the writer nothing more — and a
+/// row that moved meanwhile makes the whole outcome [`LedgerError::Stale`].
+fn add_accumulators(
+    conn: &Connection,
+    card_hash: &[u8],
+    deltas: &[AccumulatorDelta],
+    read: &[AccumulatorDelta],
+) -> Result<(), LedgerError> {
     for AccumulatorDelta { payer, delta: d } in deltas {
-        conn.prepare_cached(
-            "INSERT INTO accumulators (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
-                 account_paid_fen, eligible_self_pay_fen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT (card_hash, year, payer) DO UPDATE SET
-                 deductible_fen = deductible_fen + excluded.deductible_fen,
-                 fund_paid_fen = fund_paid_fen + excluded.fund_paid_fen,
-                 eligible_fen = eligible_fen + excluded.eligible_fen,
-                 account_paid_fen = account_paid_fen + excluded.account_paid_fen,
-                 eligible_self_pay_fen = eligible_self_pay_fen + excluded.eligible_self_pay_fen",
-        )?
-        .execute(params![
-            card_hash,
-            d.year,
-            payer,
-            d.deductible_fen,
-            d.fund_paid_fen,
-            d.eligible_fen,
-            d.account_paid_fen,
-            d.eligible_self_pay_fen
-        ])?;
+        let given = read.iter().find(|r| r.payer == *payer && r.delta.year == d.year).map(|r| r.delta);
+        let changed = conn
+            .prepare_cached(
+                "INSERT INTO accumulators (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
+                     account_paid_fen, eligible_self_pay_fen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (card_hash, year, payer) DO UPDATE SET
+                     deductible_fen = deductible_fen + excluded.deductible_fen,
+                     fund_paid_fen = fund_paid_fen + excluded.fund_paid_fen,
+                     eligible_fen = eligible_fen + excluded.eligible_fen,
+                     account_paid_fen = account_paid_fen + excluded.account_paid_fen,
+                     eligible_self_pay_fen = eligible_self_pay_fen + excluded.eligible_self_pay_fen
+                 WHERE ?9 = 0 OR (deductible_fen = ?10 AND fund_paid_fen = ?11 AND eligible_fen = ?12
+                     AND account_paid_fen = ?13 AND eligible_self_pay_fen = ?14)",
+            )?
+            .execute(params![
+                card_hash,
+                d.year,
+                payer,
+                d.deductible_fen,
+                d.fund_paid_fen,
+                d.eligible_fen,
+                d.account_paid_fen,
+                d.eligible_self_pay_fen,
+                given.is_some(),
+                given.map_or(0, |g| g.deductible_fen),
+                given.map_or(0, |g| g.fund_paid_fen),
+                given.map_or(0, |g| g.eligible_fen),
+                given.map_or(0, |g| g.account_paid_fen),
+                given.map_or(0, |g| g.eligible_self_pay_fen),
+            ])?;
+        // No row inserted or updated: it exists and holds other figures than were read. (A
+        // missing row was read as zeros; one inserted since is caught here too.)
+        if changed == 0 {
+            return Err(LedgerError::Stale);
+        }
     }
     Ok(())
 }
@@ -774,36 +798,8 @@ fn finish_outcome(conn: &Connection, o: &Outcome, deltas: &str, payers: &str) ->
             conn.prepare_cached("DELETE FROM used_quotes WHERE quote_id = ?1")?.execute(params![quote_id])?;
         }
     }
-    if o.state == State::Settled {
-        check_unchanged(conn, &o.card_hash, &o.read)?;
-    }
-    add_accumulators(conn, &o.card_hash, &o.deltas).map_err(storage)
-}
-
-/// The compare of compare-and-set: the accumulators still hold what the payers were given.
-fn check_unchanged(conn: &Connection, card_hash: &[u8], read: &[AccumulatorDelta]) -> Result<(), LedgerError> {
-    for AccumulatorDelta { payer, delta: given } in read {
-        let now: Option<YearToDate> = conn
-            .prepare_cached(
-                "SELECT deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
-                 FROM accumulators WHERE card_hash = ?1 AND year = ?2 AND payer = ?3",
-            )?
-            .query_row(params![card_hash, given.year, payer], |r| {
-                Ok(YearToDate {
-                    year: given.year,
-                    deductible_fen: r.get(0)?,
-                    fund_paid_fen: r.get(1)?,
-                    eligible_fen: r.get(2)?,
-                    account_paid_fen: r.get(3)?,
-                    eligible_self_pay_fen: r.get(4)?,
-                })
-            })
-            .optional()?;
-        if now.unwrap_or(YearToDate { year: given.year, ..YearToDate::default() }) != *given {
-            return Err(LedgerError::Stale);
-        }
-    }
-    Ok(())
+    let read = if o.state == State::Settled { &o.read[..] } else { &[] };
+    add_accumulators(conn, &o.card_hash, &o.deltas, read)
 }
 
 impl Ledger for SqliteLedger {
@@ -881,7 +877,7 @@ impl Ledger for SqliteLedger {
             if changed != 1 {
                 return Err(LedgerError::NotFound);
             }
-            add_accumulators(c, &card_hash, &deltas).map_err(storage)
+            add_accumulators(c, &card_hash, &deltas, &[])
         })
     }
 
