@@ -376,6 +376,16 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     }
     /// Records an intent (durably), refusing a used token, quote or idempotency key.
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()>;
+    /// Records an intent and its outcome in one durable commit — for a settlement whose payers
+    /// are all effect-free, asked before anything was written: refused like [`Ledger::begin`]
+    /// (a used token, quote or idempotency key) or like [`Ledger::finish`] (figures moved),
+    /// and then nothing is recorded. Default: the two commits, for ledgers that cannot do one.
+    fn record(&self, intent: Intent, outcome: Outcome) -> LedgerFuture<'_, ()> {
+        Box::pin(async move {
+            self.begin(intent).await?;
+            self.finish(outcome).await
+        })
+    }
     /// Records an outcome (durably) with its accumulator changes, if the accumulators it read
     /// ([`Outcome::read`]) are unchanged; else nothing, and [`LedgerError::Stale`].
     fn finish(&self, outcome: Outcome) -> LedgerFuture<'_, ()>;

@@ -307,3 +307,20 @@ async fn an_outcome_computed_on_figures_that_moved_since_is_not_recorded() {
     ledger.finish(Outcome { read: now, ..settled("S2", 700) }).await.expect("second, on fresh figures");
     assert_eq!(ledger.accumulators(&[9; 32], "basic-medical", 2026).expect("read").fund_paid_fen, 1400);
 }
+
+#[tokio::test]
+async fn a_settlement_recorded_in_one_commit_is_refused_whole() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    ledger.record(intent("S1", "k1", b"tok-1"), settled("S1", 700)).await.expect("one commit");
+    assert_eq!(ledger.get("H1", "S1").expect("read").map(|r| (r.state, r.status)), Some((State::Settled, 201)));
+    // The same token, or the same key: refused, and nothing of it stays.
+    let token_again = ledger.record(intent("S2", "k2", b"tok-1"), settled("S2", 700)).await;
+    assert_eq!(token_again, Err(LedgerError::TokenUsed));
+    let key_again = ledger.record(intent("S3", "k1", b"tok-3"), settled("S3", 700)).await;
+    assert_eq!(key_again, Err(LedgerError::IdempotencyTaken));
+    assert!(ledger.get("H1", "S2").expect("read").is_none() && ledger.get("H1", "S3").expect("read").is_none());
+    let ytd = ledger.accumulators(&[9; 32], "basic-medical", 2026).expect("read");
+    assert_eq!(ytd.fund_paid_fen, 700, "counted once");
+    assert!(ledger.unresolved().expect("read").is_empty(), "nothing left pending");
+}

@@ -1,5 +1,6 @@
 /*
- * cardgate plugin ABI, version 1.1 (1.1 added `description` to the declaration).
+ * cardgate plugin ABI, version 1.2 (1.1 added `description` to the declaration; 1.2 the
+ * CARDGATE_FLAG_EFFECT_FREE flag).
  *
  * A cardgate plugin is a shared library exporting one function, CARDGATE_ENTRY_SYMBOL, that
  * returns a pointer to a static cardgate_declaration. The gateway checks the magic bytes, the
@@ -38,11 +39,15 @@ extern "C" {
 
 #define CARDGATE_MAGIC "CARDGATE" /* 8 bytes, no NUL in the declaration */
 #define CARDGATE_ABI_MAJOR 1
-#define CARDGATE_ABI_MINOR 1
+#define CARDGATE_ABI_MINOR 2
 #define CARDGATE_ENTRY_SYMBOL "cardgate_plugin_declaration"
 
 /* cardgate_declaration.flags */
 #define CARDGATE_FLAG_UNWIND 1u
+/* 1.2: quote, settle and reverse change nothing anywhere (answers from inputs alone): the
+ * gateway may repeat or forget a call, and records a settlement whose payers all set it in
+ * one durable commit. Never set it in a plugin that talks to an outside system. */
+#define CARDGATE_FLAG_EFFECT_FREE 2u
 
 /* Operations: the `operation` argument of call. */
 #define CARDGATE_OP_INQUIRE 1u /* InquiryRequest    -> Inquiry  */

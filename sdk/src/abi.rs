@@ -27,7 +27,7 @@ pub const MAGIC: [u8; 8] = *b"CARDGATE";
 /// The ABI major version: a host loads only plugins with the same major version.
 pub const ABI_MAJOR: u16 = 1;
 /// The ABI minor version: a host loads plugins whose minor version is at most its own.
-pub const ABI_MINOR: u16 = 1;
+pub const ABI_MINOR: u16 = 2;
 /// The name of the exported entry function.
 pub const ENTRY_SYMBOL: &str = "cardgate_plugin_declaration";
 /// The version of this SDK, recorded in every declaration.
@@ -36,6 +36,14 @@ pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// [`Declaration::flags`] bit: the library was built with `panic = "unwind"`, so its panics
 /// can be caught. A host refuses in-process libraries without it.
 pub const FLAG_UNWIND: u32 = 1;
+
+/// [`Declaration::flags`] bit (ABI 1.2): the plugin is **effect-free** — its quote, settle and
+/// reverse compute their answers from their inputs alone and change nothing anywhere, so a
+/// call may be repeated or forgotten without consequence. When every payer of a chain says
+/// so, the gateway records a settlement in one durable commit (intent and outcome together)
+/// instead of two. A plugin that talks to an outside system (a bureau's account service, say)
+/// must not set it. Plugins built before 1.2 count as effectful.
+pub const FLAG_EFFECT_FREE: u32 = 2;
 
 /// Call succeeded; the output is the JSON answer.
 pub const STATUS_OK: i32 = 0;
@@ -171,7 +179,7 @@ impl Declaration {
             abi_major: ABI_MAJOR,
             abi_minor: ABI_MINOR,
             size: size_of::<Declaration>() as u32,
-            flags: if unwind { FLAG_UNWIND } else { 0 },
+            flags: if unwind { FLAG_UNWIND } else { 0 } | if P::EFFECT_FREE { FLAG_EFFECT_FREE } else { 0 },
             reserved: 0,
             sdk_version: SDK_VERSION_NUL.as_ptr().cast(),
             name: name.as_ptr().cast(),

@@ -18,6 +18,12 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// The plugin's own configuration section, deserialised from the gateway's config.
     type Config: DeserializeOwned;
 
+    /// Whether the plugin is effect-free: its answers depend on its inputs alone and its calls
+    /// change nothing anywhere (no outside system, no state of its own), so the gateway may
+    /// repeat or forget a call. Declared as [`crate::abi::FLAG_EFFECT_FREE`]; lets the gateway
+    /// record a settlement with one durable commit. Default: false (effectful).
+    const EFFECT_FREE: bool = false;
+
     /// Builds the plugin from its configuration. Return [`PluginError::invalid_config`] on a
     /// bad configuration: the gateway then refuses to load this generation.
     fn new(config: Self::Config) -> Result<Self, PluginError>;

@@ -29,7 +29,7 @@ int main(void) {
     OFF(cardgate_host_api, size); OFF(cardgate_host_api, abi_major); OFF(cardgate_host_api, abi_minor);
     OFF(cardgate_host_api, max_log_level); OFF(cardgate_host_api, reserved);
     OFF(cardgate_host_api, ctx); OFF(cardgate_host_api, log);
-    NUM(CARDGATE_ABI_MAJOR); NUM(CARDGATE_ABI_MINOR); NUM(CARDGATE_FLAG_UNWIND);
+    NUM(CARDGATE_ABI_MAJOR); NUM(CARDGATE_ABI_MINOR); NUM(CARDGATE_FLAG_UNWIND); NUM(CARDGATE_FLAG_EFFECT_FREE);
     NUM(CARDGATE_OP_INQUIRE); NUM(CARDGATE_OP_QUOTE); NUM(CARDGATE_OP_SETTLE);
     NUM(CARDGATE_OP_REVERSE); NUM(CARDGATE_OP_HEALTH);
     NUM(CARDGATE_STATUS_OK); NUM(CARDGATE_STATUS_ERROR); NUM(CARDGATE_STATUS_BAD_INPUT);
@@ -74,6 +74,7 @@ fn expected() -> BTreeMap<String, String> {
         ("CARDGATE_ABI_MAJOR", abi::ABI_MAJOR.into()),
         ("CARDGATE_ABI_MINOR", abi::ABI_MINOR.into()),
         ("CARDGATE_FLAG_UNWIND", abi::FLAG_UNWIND.into()),
+        ("CARDGATE_FLAG_EFFECT_FREE", abi::FLAG_EFFECT_FREE.into()),
         ("CARDGATE_OP_INQUIRE", (Operation::Inquire as u32).into()),
         ("CARDGATE_OP_QUOTE", (Operation::Quote as u32).into()),
         ("CARDGATE_OP_SETTLE", (Operation::Settle as u32).into()),

@@ -653,28 +653,30 @@ pub async fn settle(
             .card_key
             .seal(&serde_json::to_vec(&prepared).map_err(|e| LedgerError::Storage(e.to_string()))?),
     };
-    match gateway.ledger.begin(intent).await {
-        Ok(()) => {}
-        Err(LedgerError::IdempotencyTaken) => {
+    // The intent is recorded by `complete`: before the payers are asked, or with the outcome
+    // in one commit when they are all effect-free. Either way a taken key means a retry (or a
+    // concurrent twin) of a settlement already recorded: it gets that one's answer.
+    let settlement = Settlement { id: &id, institution: institution.0, created_at: now, request_id };
+    match complete(gateway, settlement, &prepared, card_hash, Some(intent)).await {
+        Err(ApiError::Storage(LedgerError::IdempotencyTaken)) => {
             let record = gateway.ledger.by_idempotency_key(institution.0, key)?.ok_or(LedgerError::NotFound)?;
-            return replay(gateway, record, &hash).await;
+            replay(gateway, record, &hash).await
         }
-        Err(e) => return Err(e.into()),
+        answered => answered,
     }
-    complete(gateway, &id, institution.0, &prepared, card_hash, now, request_id).await
 }
 
-/// Runs the payer chain for a recorded intent and records its outcome; answers what was
-/// recorded. Used for new settlements, retries of `unknown` ones and the start-up recovery.
+/// Runs the payer chain and records its outcome; answers what was recorded. Used for new
+/// settlements (`unrecorded`: their intent, not yet written), retries of `unknown` ones and
+/// the start-up recovery.
 async fn complete(
     gateway: &Gateway,
-    id: &str,
-    institution_id: &str,
+    settlement: Settlement<'_>,
     prepared: &Prepared,
     card_hash: Vec<u8>,
-    created_at: i64,
-    request_id: &str,
+    mut unrecorded: Option<Intent>,
 ) -> Result<ApiResponse, ApiError> {
+    let Settlement { id, institution: institution_id, created_at, request_id } = settlement;
     let institution = gateway
         .config
         .institutions
@@ -689,7 +691,17 @@ async fn complete(
     let (state, status, answer) = loop {
         attempt += 1;
         let plugins = gateway.plugins();
-        let outcome = match payer_chain(gateway, &plugins, &prepared.subject, &prepared.insurance_type, institution) {
+        let chain = payer_chain(gateway, &plugins, &prepared.subject, &prepared.insurance_type, institution);
+        // A new settlement's intent is written before any payer is asked, unless every payer
+        // of the chain it actually runs is effect-free: then intent and outcome are one commit
+        // (a crash before it loses nothing — nothing was answered, nothing happened anywhere).
+        if let Ok(chain) = &chain
+            && !chain.iter().all(|(_, plugin)| plugin.info().effect_free)
+            && let Some(intent) = unrecorded.take()
+        {
+            gateway.ledger.begin(intent).await?;
+        }
+        let outcome = match chain {
             Ok(chain) => {
                 let bill = Bill {
                     id,
@@ -745,7 +757,11 @@ async fn complete(
             at: now,
             amounts,
         };
-        match gateway.ledger.finish(outcome).await {
+        let written = match &unrecorded {
+            Some(intent) => gateway.ledger.record(intent.clone(), outcome).await,
+            None => gateway.ledger.finish(outcome).await,
+        };
+        match written {
             Ok(()) => break (state, status, answer),
             // Another process settled the same card in between: ask the payers again with the
             // figures as they are now (the same settlement id: payers treat it as one bill).
@@ -786,6 +802,16 @@ async fn complete(
     Ok(ApiResponse { status, problem: state != State::Settled, body: answer, retry_after, code: None, allow: None })
 }
 
+/// Which settlement [`complete`] completes.
+#[derive(Debug, Clone, Copy)]
+struct Settlement<'a> {
+    id: &'a str,
+    institution: &'a str,
+    /// When its intent was made (its accumulator year).
+    created_at: i64,
+    request_id: &'a str,
+}
+
 /// How often a settlement is asked again when the card's figures changed under it.
 const STALE_ATTEMPTS: u32 = 3;
 
@@ -800,8 +826,13 @@ pub async fn resolve(gateway: &Gateway, unresolved: &Unresolved) -> Result<ApiRe
         .ok_or_else(|| ApiError::Storage(LedgerError::Storage("a sealed request does not open".into())))?;
     let request_id = format!("resolve-{}", unresolved.id);
     let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
-    complete(gateway, &unresolved.id, &unresolved.institution, &prepared, card_hash, unresolved.created_at, &request_id)
-        .await
+    let settlement = Settlement {
+        id: &unresolved.id,
+        institution: &unresolved.institution,
+        created_at: unresolved.created_at,
+        request_id: &request_id,
+    };
+    complete(gateway, settlement, &prepared, card_hash, None).await
 }
 
 /// Resolves every settlement left `pending` or `unknown`; run at start, before serving.

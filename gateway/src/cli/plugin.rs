@@ -150,6 +150,7 @@ pub fn host(args: HostArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     let ready = serde_json::json!({
         "ready": true, "name": info.name, "version": info.version, "sdk_version": info.sdk_version,
         "abi": info.abi.to_string(), "unwind": info.unwind, "description": info.description,
+        "effect_free": info.effect_free,
     });
     writeln!(out, "{ready}").and_then(|()| out.flush()).map_err(Failure::new)?;
     crate::plugin::process::serve_host(instance, listener).map_err(Failure::new)?;
@@ -275,6 +276,7 @@ fn inspect(file: &Path, json: bool, cache_dir: PathBuf, out: &mut dyn Write) -> 
             "abi": info.abi.to_string(),
             "gateway_abi": AbiVersion::HOST.to_string(),
             "unwind": info.unwind,
+            "effect_free": info.effect_free,
             "description": info.description,
             "sha256": library.sha256(),
             "file": file.display().to_string(),
@@ -282,7 +284,7 @@ fn inspect(file: &Path, json: bool, cache_dir: PathBuf, out: &mut dyn Write) -> 
         format!("{value:#}\n")
     } else {
         format!(
-            "plugin:      {} {}\nabout:       {}\nsdk:         {}\nabi:         {} (gateway {})\nunwinding:   {}\nsha256:      {}\nfile:        {}\n",
+            "plugin:      {} {}\nabout:       {}\nsdk:         {}\nabi:         {} (gateway {})\nunwinding:   {}\neffect-free: {}\nsha256:      {}\nfile:        {}\n",
             info.name,
             info.version,
             info.description,
@@ -290,6 +292,7 @@ fn inspect(file: &Path, json: bool, cache_dir: PathBuf, out: &mut dyn Write) -> 
             info.abi,
             AbiVersion::HOST,
             if info.unwind { "yes" } else { "no" },
+            if info.effect_free { "yes (settlements in one commit)" } else { "no" },
             library.sha256(),
             file.display()
         )

@@ -849,6 +849,17 @@ impl Ledger for SqliteLedger {
         self.write(move |c| begin_intent(c, &intent))
     }
 
+    fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
+        let deltas = serde_json::to_string(&o.deltas).unwrap_or_else(|_| "[]".into());
+        let payers = serde_json::to_string(o.amounts.as_ref().map_or(&[][..], |a| &a.payers[..]))
+            .unwrap_or_else(|_| "[]".into());
+        // One job, one savepoint: a refusal of either part undoes both.
+        self.write(move |c| {
+            begin_intent(c, &intent)?;
+            finish_outcome(c, &o, &deltas, &payers)
+        })
+    }
+
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
         // Encoded here, on the caller's thread: the writer's thread is the one to spare.
         // `[{"payer", "delta"}]` and `[[payer, fund, account]]` (reconciliation reads the latter).

@@ -65,6 +65,8 @@ pub struct PluginInfo {
     pub unwind: bool,
     /// Its description (ABI 1.1; empty for older plugins).
     pub description: String,
+    /// Effect-free (ABI 1.2 flag): a settlement whose payers all are is recorded in one commit.
+    pub effect_free: bool,
 }
 
 /// A loaded plugin library: checked, never unloaded.
@@ -477,6 +479,8 @@ fn check_declaration(
         sdk_version: text("sdk_version", declaration.sdk_version)?,
         abi: found,
         unwind: declaration.flags & abi::FLAG_UNWIND != 0,
+        // The flag means something only from plugins that know it (1.2 on).
+        effect_free: found.minor >= 2 && declaration.flags & abi::FLAG_EFFECT_FREE != 0,
         description,
     };
     let (Some(init), Some(call), Some(destroy)) = (declaration.init, declaration.call, declaration.destroy) else {

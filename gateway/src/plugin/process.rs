@@ -121,6 +121,7 @@ fn spawn(command: &HostCommand) -> Result<(Running, PluginInfo), String> {
         sdk_version: text("sdk_version"),
         abi: AbiVersion { major, minor },
         unwind: ready["unwind"] == true,
+        effect_free: ready["effect_free"] == true,
         description: text("description"),
     };
     Ok((Running { child, _lifeline: lifeline, socket, idle: Vec::new() }, info))

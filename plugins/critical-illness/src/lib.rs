@@ -111,6 +111,9 @@ impl CriticalIllness {
 
 impl Plugin for CriticalIllness {
     type Config = Config;
+    // Answers from the request and the configuration alone: nothing to undo if a call is
+    // repeated or forgotten.
+    const EFFECT_FREE: bool = true;
 
     fn new(config: Config) -> Result<Self, PluginError> {
         config.validate()?;

@@ -37,6 +37,9 @@ pub struct Policy {
 
 impl Plugin for Policy {
     type Config = Config;
+    // Answers from the request and the configuration alone: nothing to undo if a call is
+    // repeated or forgotten.
+    const EFFECT_FREE: bool = true;
 
     fn new(config: Config) -> Result<Self, PluginError> {
         let mut problems = Vec::new();
