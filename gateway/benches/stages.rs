@@ -89,37 +89,42 @@ fn stages(c: &mut Criterion) {
         })
     });
 
-    // A settlement's two durable commits (intent, outcome), 64 settlements at once, as the
-    // group commit sees them under load; the figure is per batch of 64.
+    // A settlement's durable commits — two (intent, outcome), or one (an effect-free chain) —
+    // 64 settlements at once, as the group commit sees them under load; per batch of 64.
     let dir = tempfile::tempdir().expect("temp dir");
     let ledger = Arc::new(SqliteLedger::open(&dir.path().join("bench.db")).expect("ledger"));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let serial = std::sync::atomic::AtomicU64::new(0);
     group.sample_size(20);
-    group.bench_function("ledger_64_settlements_two_commits_each", |b| {
-        b.iter_batched(
-            || (0..64).map(|_| serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).collect::<Vec<_>>(),
-            |ids| {
-                runtime.block_on(async {
-                    let tasks: Vec<_> = ids
-                        .into_iter()
-                        .map(|n| {
-                            let ledger = Arc::clone(&ledger);
-                            tokio::spawn(async move { settle(&ledger, n).await })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.expect("task");
-                    }
-                })
-            },
-            BatchSize::SmallInput,
-        )
-    });
+    for (name, one_commit) in
+        [("ledger_64_settlements_two_commits_each", false), ("ledger_64_settlements_one_commit_each", true)]
+    {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || (0..64).map(|_| serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).collect::<Vec<_>>(),
+                |ids| {
+                    runtime.block_on(async {
+                        let tasks: Vec<_> = ids
+                            .into_iter()
+                            .map(|n| {
+                                let ledger = Arc::clone(&ledger);
+                                tokio::spawn(async move { settle(&ledger, n, one_commit).await })
+                            })
+                            .collect();
+                        for task in tasks {
+                            task.await.expect("task");
+                        }
+                    })
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 
-async fn settle(ledger: &SqliteLedger, n: u64) {
+/// One settlement: intent then outcome (two commits), or both in one (an effect-free chain).
+async fn settle(ledger: &SqliteLedger, n: u64, one_commit: bool) {
     let id = format!("S{n}");
     let card_hash = n.to_le_bytes().repeat(4);
     let intent = Intent {
@@ -136,7 +141,6 @@ async fn settle(ledger: &SqliteLedger, n: u64) {
         created_at: 1_780_000_000,
         sealed_request: vec![1; 1200],
     };
-    ledger.begin(intent).await.expect("begin");
     let delta = YearToDate { year: 2026, deductible_fen: 80_000, fund_paid_fen: 52_000, ..YearToDate::default() };
     let outcome = Outcome {
         id,
@@ -157,7 +161,12 @@ async fn settle(ledger: &SqliteLedger, n: u64) {
             payers: vec![("basic-medical".into(), 52_000, 98_000), ("critical-illness".into(), 0, 0)],
         }),
     };
-    ledger.finish(outcome).await.expect("finish");
+    if one_commit {
+        ledger.record(intent, outcome).await.expect("record");
+    } else {
+        ledger.begin(intent).await.expect("begin");
+        ledger.finish(outcome).await.expect("finish");
+    }
 }
 
 criterion_group!(benches, stages);
