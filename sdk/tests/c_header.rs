@@ -70,7 +70,7 @@ fn expected() -> BTreeMap<String, String> {
         description
     );
     off!("cardgate_host_api", HostApi, size, abi_major, abi_minor, max_log_level, reserved, ctx, log);
-    let constants: [(&str, i64); 18] = [
+    let constants: [(&str, i64); 19] = [
         ("CARDGATE_ABI_MAJOR", abi::ABI_MAJOR.into()),
         ("CARDGATE_ABI_MINOR", abi::ABI_MINOR.into()),
         ("CARDGATE_FLAG_UNWIND", abi::FLAG_UNWIND.into()),
