@@ -15,6 +15,10 @@
 //! p99 at half load, the in-process plugin call, and the daemon's memory with 1,000
 //! connections (this needs `target/release/cardgate`: `cargo build --release -p cardgate`).
 //!
+//! Every run of the full gateway also prints its **serialized work**: the CPU the ledger's
+//! single writer thread spent per settlement, the figure that predicts the ceiling on any
+//! number of cores. `LOADGEN_CORES=N loadgen ...` runs pinned to cores 0..N (`taskset`).
+//!
 //! `loadgen rss [CONNECTIONS] [SECONDS]` measures the resident memory of the real daemon
 //! (`target/release/cardgate serve`, a process of its own) idle, with CONNECTIONS mutual-TLS
 //! keep-alive connections open (each has settled one bill), and at its peak while all of them
@@ -124,6 +128,53 @@ fn cpu_time() -> Duration {
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
     let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum());
     Duration::from_millis(ticks * 10)
+}
+
+/// CPU time the ledger's writer thread (`cardgate-ledger`, in this process) has used so far,
+/// from the scheduler's own accounting (nanoseconds).
+fn writer_cpu_ns() -> Option<u64> {
+    std::fs::read_dir("/proc/self/task").ok()?.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim() != "cardgate-ledger" {
+            return None;
+        }
+        std::fs::read_to_string(task.path().join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The serialized part of a settlement: the writer thread's CPU per settlement during `run`,
+/// from its CPU time before the run. It predicts the gateway's ceiling on any number of cores.
+fn serialized_work(before: Option<u64>, run: &Run) {
+    if let (Some(before), Some(after)) = (before, writer_cpu_ns())
+        && run.completed > 0
+    {
+        let per = (after - before) as f64 / 1000.0 / run.completed as f64;
+        println!(
+            "
+serialized work: the ledger writer spent {per:.1} µs of CPU per settlement ({} settlements); \
+             alone it would carry {:.0} settlements/s",
+            run.completed,
+            1e6 / per
+        );
+    }
+}
+
+/// `LOADGEN_CORES=N`: runs again pinned to cores 0..N (client, servers and the daemon of the
+/// memory run alike), so a many-core machine can redo the scaling table core count by core count.
+fn pin_to_cores() {
+    use std::os::unix::process::CommandExt;
+    let Some(cores) = std::env::var("LOADGEN_CORES").ok().and_then(|n| n.parse::<usize>().ok()) else { return };
+    if std::env::var_os("LOADGEN_PINNED").is_some() || cores == 0 {
+        return;
+    }
+    let exe = std::env::current_exe().expect("own path");
+    let error = std::process::Command::new("taskset")
+        .args(["-c", &format!("0-{}", cores - 1)])
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LOADGEN_PINNED", cores.to_string())
+        .exec();
+    panic!("cannot run pinned with taskset: {error}");
 }
 
 impl Run {
@@ -365,9 +416,16 @@ fn plugin_dispatch_us(lines: usize) -> f64 {
     rounds[rounds.len() / 2]
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    pin_to_cores();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime").block_on(run());
+}
+
+async fn run() {
     let args: Vec<String> = std::env::args().collect();
+    if let Ok(cores) = std::env::var("LOADGEN_PINNED") {
+        println!("pinned to {cores} cores (taskset -c 0-{})", cores.parse::<usize>().unwrap_or(1) - 1);
+    }
     if args.get(1).is_some_and(|a| a == "rss") {
         let connections = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
         let seconds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
@@ -395,16 +453,20 @@ async fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     if only_gateway {
         eprintln!("profiling window starts");
+        let writer = writer_cpu_ns();
         let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
         row("(b) full gateway", &b);
+        serialized_work(writer, &b);
         return;
     }
     let a = drive(&setup.client(floor, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(a) bare mTLS floor", &a);
     let a_sig = drive(&setup.client(floor_sig, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(a') floor + Ed25519", &a_sig);
+    let writer = writer_cpu_ns();
     let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(b) full gateway", &b);
+    serialized_work(writer, &b);
     println!(
         "\nratios: (b)/(a') = {:.2}, (b)/(a) = {:.2}",
         b.throughput() / a_sig.throughput(),
