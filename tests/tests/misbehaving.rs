@@ -125,3 +125,27 @@ async fn a_leaking_process_tier_plugin_dies_at_its_memory_limit_and_comes_back()
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_free_plugin_in_the_process_tier_runs_without_network() {
+    use std::os::unix::fs::MetadataExt;
+    let extra = format!(
+        "\n[plugins.basic-child]\nlibrary = \"{}\"\nisolation = \"process\"\n{}\n[[routes]]\nregions = [\"12\"]\npayers = [\"basic-child\"]\n",
+        build_cdylib("basic-medical").display(),
+        cardgate_tests::plugin_config_toml("basic-medical", "basic-child")
+    );
+    let runtime = format!("allow_unsigned = true\nhost_binary = \"{}\"", cardgate_binary().display());
+    let gw =
+        TestGateway::start(Options { extra_toml: extra, plugin_runtime: Some(runtime), ..Options::default() }).await;
+    let (_, plugins) = admin(gw.admin, Method::GET, "/admin/plugins").await;
+    let list = plugins["plugins"].as_array().cloned().unwrap_or_default();
+    let child = list.iter().find(|p| p["name"] == "basic-child").expect("basic-child listed");
+    let in_process = list.iter().find(|p| p["name"] == "basic-medical").expect("basic-medical listed");
+    assert_eq!((child["effect_free"].as_bool(), in_process["network"].as_str()), (Some(true), Some("shared")));
+    // Root (as CI runs) may give the child a network namespace of its own; elsewhere it says so.
+    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    let expected = if root { "denied" } else { child["network"].as_str().unwrap_or("allowed") };
+    assert_eq!(child["network"].as_str(), Some(expected), "{child}");
+    // And it settles, over its Unix socket, as before.
+    assert_eq!(settle(&gw, "12").await.0, StatusCode::CREATED);
+}

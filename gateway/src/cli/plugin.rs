@@ -137,6 +137,16 @@ pub fn host(args: HostArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         }
         Err(e) => return fail(out, e.to_string()),
     };
+    // An effect-free plugin has no business on the network: it runs without one where the
+    // system allows (before its init, so nothing of it ever had one).
+    let network_denied = library.info().effect_free
+        && match crate::plugin::loader::deny_network() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(plugin = %args.name, error = %e, "cannot take network access from an effect-free plugin");
+                false
+            }
+        };
     let instance = match library.instantiate(&config) {
         Ok(instance) => instance,
         Err(e) => return fail(out, e.to_string()),
@@ -150,7 +160,7 @@ pub fn host(args: HostArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     let ready = serde_json::json!({
         "ready": true, "name": info.name, "version": info.version, "sdk_version": info.sdk_version,
         "abi": info.abi.to_string(), "unwind": info.unwind, "description": info.description,
-        "effect_free": info.effect_free,
+        "effect_free": info.effect_free, "network_denied": network_denied,
     });
     writeln!(out, "{ready}").and_then(|()| out.flush()).map_err(Failure::new)?;
     crate::plugin::process::serve_host(instance, listener).map_err(Failure::new)?;

@@ -67,6 +67,9 @@ pub struct PluginInfo {
     pub description: String,
     /// Effect-free (ABI 1.2 flag): a settlement whose payers all are is recorded in one commit.
     pub effect_free: bool,
+    /// Process tier: its child runs without network access (an effect-free plugin, where the
+    /// system allows a network namespace of its own). False in process.
+    pub network_denied: bool,
 }
 
 /// A loaded plugin library: checked, never unloaded.
@@ -301,6 +304,16 @@ pub fn check_manifest_name(manifest: &super::signing::Manifest, configured: &str
     Err(SignatureError::WrongPlugin { configured: configured.to_owned(), signed_for: manifest.name.clone() })
 }
 
+/// Moves the calling thread (and the threads it starts from now on) into a network namespace
+/// of its own, with no interface but a loopback that is down: a plugin host does this for an
+/// effect-free plugin, so the declaration is checked, not only trusted. Needs `CAP_SYS_ADMIN`
+/// (the gateway's user namespace); elsewhere it fails and the caller says so.
+pub fn deny_network() -> std::io::Result<()> {
+    // SAFETY: a new network namespace changes no file descriptor, memory or thread state; the
+    // hazard `unshare_unsafe` guards against is `CLONE_FILES`, not used here.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }.map_err(std::io::Error::from)
+}
+
 /// The content-addressed copies opened for loading, by SHA-256, kept open for the life of the
 /// process: the dynamic loader knows a library by the name it was opened under, so a
 /// `/proc/self/fd/N` name must never stand for another file (a closed and reused descriptor
@@ -481,6 +494,7 @@ fn check_declaration(
         unwind: declaration.flags & abi::FLAG_UNWIND != 0,
         // The flag means something only from plugins that know it (1.2 on).
         effect_free: found.minor >= 2 && declaration.flags & abi::FLAG_EFFECT_FREE != 0,
+        network_denied: false,
         description,
     };
     let (Some(init), Some(call), Some(destroy)) = (declaration.init, declaration.call, declaration.destroy) else {

@@ -122,6 +122,7 @@ fn spawn(command: &HostCommand) -> Result<(Running, PluginInfo), String> {
         abi: AbiVersion { major, minor },
         unwind: ready["unwind"] == true,
         effect_free: ready["effect_free"] == true,
+        network_denied: ready["network_denied"] == true,
         description: text("description"),
     };
     Ok((Running { child, _lifeline: lifeline, socket, idle: Vec::new() }, info))

@@ -172,6 +172,14 @@ pub fn plugins(gateway: &Gateway) -> Value {
                 "calls": handle.counters().calls.load(Ordering::Relaxed),
                 "failures": handle.counters().failures.load(Ordering::Relaxed),
                 "stuck_calls": handle.stuck_calls(),
+                "effect_free": info.effect_free,
+                // In process a plugin shares the gateway's network; a process-tier child of an
+                // effect-free plugin runs without one where the system allows.
+                "network": match (handle.tier(), info.network_denied) {
+                    ("process", true) => "denied",
+                    ("process", false) => "allowed",
+                    _ => "shared",
+                },
                 "sha256": handle.sha256(),
             })
         })
