@@ -324,3 +324,40 @@ async fn a_settlement_recorded_in_one_commit_is_refused_whole() {
     assert_eq!(ytd.fund_paid_fen, 700, "counted once");
     assert!(ledger.unresolved().expect("read").is_empty(), "nothing left pending");
 }
+
+#[tokio::test]
+async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_everything_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger.db");
+    {
+        let old = rusqlite::Connection::open(&path).expect("create");
+        old.execute_batch(include_str!("fixtures/ledger-v3.sql")).expect("version 3 ledger");
+    }
+    let ledger = SqliteLedger::open(&path).expect("migrated");
+    let institution = "P110105002";
+    // Every settlement, its state and its stored answer (plain JSON then) and key.
+    let keys = ["v3-1", "v3-2", "v3-3"];
+    let records: Vec<_> =
+        keys.iter().map(|k| ledger.by_idempotency_key(institution, k).expect("read").expect("kept")).collect();
+    let states: Vec<_> = records.iter().map(|r| r.state).collect();
+    assert_eq!(states, [State::Settled, State::Reversed, State::Settled]);
+    for record in &records {
+        let receipt: serde_json::Value = serde_json::from_str(&record.body).expect("the stored receipt, as JSON");
+        assert_eq!(receipt["settlement_id"].as_str(), Some(record.id.as_str()));
+        assert_eq!(receipt["total_fen"], 5000);
+    }
+    assert!(records[1].reversal.as_deref().is_some_and(|r| r.contains("refund")));
+    // The reversal was made on the day of its settlement: that day holds both.
+    let day = ledger.reconciliation(institution, "2026-12-01", 1, 10).expect("read");
+    assert_eq!((day.settled.count, day.settled.account_pay_fen), (3, 15_000));
+    assert_eq!((day.reversed.count, day.reversed.account_pay_fen, day.net.account_pay_fen), (1, 5_000, 10_000));
+    // In time order (to the second; within one, by settlement): all four fell in one second.
+    let events: Vec<_> = day.details.iter().map(|d| d.event.as_str()).collect();
+    assert_eq!(events, ["settled", "settled", "reversed", "settled"]);
+    // Settled answers can still be reversed, and the accumulators are where they were.
+    let (card, deltas) = ledger.settled_deltas(&records[0].id).expect("read").expect("deltas");
+    assert_eq!(deltas.iter().find(|d| d.payer == "basic-medical").map(|d| d.delta.account_paid_fen), Some(5000));
+    let year = ledger.accumulators(&card, "basic-medical", 2026).expect("read");
+    assert_eq!(year.account_paid_fen, 5000);
+    assert!(ledger.unresolved().expect("read").is_empty());
+}
