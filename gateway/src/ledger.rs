@@ -28,6 +28,12 @@ pub fn business_day(at: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Whether `text` names a day as [`business_day`] writes one: `YYYY-MM-DD`, a real date.
+pub fn is_business_day(text: &str) -> bool {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    text.len() == 10 && time::Date::parse(text, &format).is_ok()
+}
+
 /// A moment as RFC 3339 (UTC), for receipts and reports.
 pub fn rfc3339(at: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(at)

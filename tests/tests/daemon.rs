@@ -119,18 +119,22 @@ async fn settle(setup: &Setup, client: &Client, key: &str, token: &str) -> Reply
         .unwrap_or_else(|e| panic!("settlement {key} in {}: {e}", setup.dir.path().display()))
 }
 
-fn setup_with_admin() -> (Setup, SocketAddr, SocketAddr) {
+/// A daemon with an admin listener, started and answering: its setup, the daemon, a client as
+/// the pharmacy, and the admin address. `level`: `CARDGATE_LOG` (None: unset, the default);
+/// `drain`: whether anyone reads its stderr.
+async fn running(level: Option<&str>, drain: bool) -> (Setup, Daemon, Client, SocketAddr) {
     let (addr, admin_addr) = (free_port(), free_port());
     let options = Options { extra_toml: format!("\n[admin]\nlisten = \"{admin_addr}\"\n"), ..Options::default() };
-    (Setup::create(&options, &addr.to_string()), addr, admin_addr)
+    let setup = Setup::create(&options, &addr.to_string());
+    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), level, drain);
+    let client = setup.client(addr, 1);
+    wait_ready(&client, &daemon).await;
+    (setup, daemon, client, admin_addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_default_log_level_it_reloads_settles_and_stops_on_sigterm() {
-    let (setup, addr, admin_addr) = setup_with_admin();
-    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), None, true);
-    let client = setup.client(addr, 1);
-    wait_ready(&client, &daemon).await;
+    let (setup, daemon, client, admin_addr) = running(None, true).await;
     let card = Card::beijing();
     assert_eq!(settle(&setup, &client, "log-1", &setup.token(&card, 120)).await.status, StatusCode::CREATED);
 
@@ -155,10 +159,7 @@ async fn at_the_default_log_level_it_reloads_settles_and_stops_on_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_logs_into_a_pipe_nobody_reads_never_stall_it() {
-    let (setup, addr, _) = setup_with_admin();
-    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), Some("debug"), false);
-    let client = setup.client(addr, 1);
-    wait_ready(&client, &daemon).await;
+    let (setup, daemon, client, _) = running(Some("debug"), false).await;
     let card = Card::beijing();
     // Far more than the 64 KiB a pipe holds, at debug level (a request line each, and more).
     for i in 0..120 {
@@ -182,10 +183,7 @@ fn file_size_limit(daemon: &Daemon, limit: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_settlements_with_503_and_readiness_comes_back_with_the_space() {
-    let (setup, addr, admin_addr) = setup_with_admin();
-    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), None, true);
-    let client = setup.client(addr, 1);
-    wait_ready(&client, &daemon).await;
+    let (setup, daemon, client, admin_addr) = running(None, true).await;
     let card = Card::beijing();
     let before = settle(&setup, &client, "disk-1", &setup.token(&card, 120)).await;
     assert_eq!(before.status, StatusCode::CREATED, "{}", before.body);
@@ -303,9 +301,7 @@ async fn raw_admin(addr: SocketAddr, request: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_refuses_what_a_web_page_could_send_and_closes_stalled_connections() {
-    let (setup, addr, admin_addr) = setup_with_admin();
-    let daemon = Daemon::start(&setup.dir.path().join("cardgate.toml"), None, true);
-    wait_ready(&setup.client(addr, 1), &daemon).await;
+    let (_setup, daemon, _client, admin_addr) = running(None, true).await;
 
     // A form post from a page (text/plain, no preflight), a rebound DNS name, a foreign origin.
     let form = "POST /admin/plugins/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";

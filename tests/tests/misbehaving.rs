@@ -142,10 +142,15 @@ async fn an_effect_free_plugin_in_the_process_tier_runs_without_network() {
     let child = list.iter().find(|p| p["name"] == "basic-child").expect("basic-child listed");
     let in_process = list.iter().find(|p| p["name"] == "basic-medical").expect("basic-medical listed");
     assert_eq!((child["effect_free"].as_bool(), in_process["network"].as_str()), (Some(true), Some("shared")));
-    // Root (as CI runs) may give the child a network namespace of its own; elsewhere it says so.
+    // Root (as CI runs) gives the child a network namespace of its own; elsewhere the system
+    // may refuse, and the gateway says which it is (never "shared": a child is a process).
     let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
-    let expected = if root { "denied" } else { child["network"].as_str().unwrap_or("allowed") };
-    assert_eq!(child["network"].as_str(), Some(expected), "{child}");
+    let network = child["network"].as_str().unwrap_or_default();
+    if root {
+        assert_eq!(network, "denied", "{child}");
+    } else {
+        assert!(matches!(network, "denied" | "allowed"), "{child}");
+    }
     // And it settles, over its Unix socket, as before.
     assert_eq!(settle(&gw, "12").await.0, StatusCode::CREATED);
 }

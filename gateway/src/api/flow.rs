@@ -916,30 +916,29 @@ pub async fn reverse(
     id: &str,
     body: ReversalBody,
 ) -> Result<ApiResponse, ApiError> {
-    let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
-    // The card's lock, as a settlement takes it: its accumulators move back while no payer of
-    // the card is being asked. The state is read again under it.
-    let _card = match record.state {
-        State::Settled => {
-            let (card_hash, _) = gateway.ledger.settled_deltas(id)?.ok_or(LedgerError::NotFound)?;
-            Some(gateway.card_locks.lock(&card_hash).await)
-        }
-        _ => None,
+    // Only a settled settlement is reversed; a reversed one answers its stored reversal.
+    let unless_settled = |record: Record| match record.state {
+        State::Settled => Ok(record),
+        State::Reversed => Err(Ok(ApiResponse::json(StatusCode::OK, record.reversal.unwrap_or_default()))),
+        other => Err(Err(ApiError::client(
+            StatusCode::CONFLICT,
+            "not_reversible",
+            format!("a {} settlement cannot be reversed", other.as_str()),
+        ))),
     };
-    let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
-    match record.state {
-        State::Reversed => {
-            return Ok(ApiResponse::json(StatusCode::OK, record.reversal.unwrap_or_default()));
-        }
-        State::Settled => {}
-        other => {
-            return Err(ApiError::client(
-                StatusCode::CONFLICT,
-                "not_reversible",
-                format!("a {} settlement cannot be reversed", other.as_str()),
-            ));
-        }
+    let read = || gateway.ledger.get(&identity.institution, id)?.ok_or(ApiError::Storage(LedgerError::NotFound));
+    if let Err(answer) = unless_settled(read()?) {
+        return answer;
     }
+    // The card's lock, as a settlement takes it: its accumulators move back while no payer of
+    // the card is being asked. The state is read again under it. A settled record's card and
+    // accumulator changes never change: read once.
+    let (card_hash, deltas) = gateway.ledger.settled_deltas(id)?.ok_or(LedgerError::NotFound)?;
+    let _card = gateway.card_locks.lock(&card_hash).await;
+    let record = match unless_settled(read()?) {
+        Ok(record) => record,
+        Err(answer) => return answer,
+    };
     let receipt: Value =
         serde_json::from_str(&opened(gateway, &record.body)?).map_err(|e| LedgerError::Storage(e.to_string()))?;
     let institution_config = gateway.institution(&identity.institution).ok_or(LedgerError::NotFound)?;
@@ -976,7 +975,6 @@ pub async fn reverse(
         }
     }
     let now = gateway.clock.now();
-    let (card_hash, deltas) = gateway.ledger.settled_deltas(id)?.ok_or(LedgerError::NotFound)?;
     let undo = deltas.into_iter().map(|d| AccumulatorDelta { payer: d.payer, delta: negate(d.delta) }).collect();
     let answer = json!({
         "settlement_id": id,
@@ -1018,21 +1016,17 @@ fn negate(d: YearToDate) -> YearToDate {
 pub fn reconciliation(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Result<ApiResponse, ApiError> {
     let mut date = None;
     let (mut page, mut page_size) = (1u32, 100u32);
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for pair in query_pairs(query) {
+        let (key, value) = pair?;
         let number = |v: &str| v.parse::<u32>().map_err(|_| ApiError::invalid(format!("{key}: not a number")));
         match key {
-            "date" => date = Some(value.to_owned()),
-            "page" => page = number(value)?,
-            "page_size" => page_size = number(value)?,
+            "date" => date = Some(business_date(value)?),
+            "page" => page = number(&value)?,
+            "page_size" => page_size = number(&value)?,
             other => return Err(ApiError::invalid(format!("unknown query parameter `{other}`"))),
         }
     }
     let date = date.ok_or_else(|| ApiError::invalid("date: required, YYYY-MM-DD"))?;
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    if date.len() != 10 || time::Date::parse(&date, &format).is_err() {
-        return Err(ApiError::invalid("date: YYYY-MM-DD"));
-    }
     if page == 0 || !(1..=1000).contains(&page_size) {
         return Err(ApiError::invalid("page: from 1; page_size: 1 to 1000"));
     }
@@ -1050,11 +1044,10 @@ pub fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Resu
     let mut q =
         crate::ledger::ListQuery { institution: identity.institution.clone(), limit: 100, ..Default::default() };
     let (mut date, mut from, mut to) = (None, None, None);
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode(raw).ok_or_else(|| ApiError::invalid(format!("{key}: bad percent-encoding")))?;
+    for pair in query_pairs(query) {
+        let (key, value) = pair?;
         match key {
-            "date" => date = Some(value),
+            "date" => date = Some(business_date(value)?),
             "from" => from = Some(moment("from", &value)?),
             "to" => to = Some(moment("to", &value)?),
             "terminal_id" => q.terminal = Some(value),
@@ -1081,13 +1074,7 @@ pub fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Resu
         }
     }
     q.days = match (date, from, to) {
-        (Some(date), None, None) => {
-            let format = time::macros::format_description!("[year]-[month]-[day]");
-            if date.len() != 10 || time::Date::parse(&date, &format).is_err() {
-                return Err(ApiError::invalid("date: YYYY-MM-DD"));
-            }
-            (date.clone(), date)
-        }
+        (Some(date), None, None) => (date.clone(), date),
         (None, Some(from), Some(to)) if from < to && to - from <= 31 * 86_400 => {
             q.from = Some(from);
             q.to = Some(to);
@@ -1101,6 +1088,20 @@ pub fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Resu
         (listed.len() == q.limit as usize).then(|| listed.last().map(|l| format!("c{:x}", l.position))).flatten();
     let answer = json!({ "settlements": listed, "next_cursor": next_cursor });
     Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
+}
+
+/// A query string's `key=value` pairs, values percent-decoded.
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&str, String), ApiError>> {
+    query.unwrap_or_default().split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(raw).ok_or_else(|| ApiError::invalid(format!("{key}: bad percent-encoding")))?;
+        Ok((key, value))
+    })
+}
+
+/// A `date` parameter: a business day, `YYYY-MM-DD`.
+fn business_date(value: String) -> Result<String, ApiError> {
+    if crate::ledger::is_business_day(&value) { Ok(value) } else { Err(ApiError::invalid("date: YYYY-MM-DD")) }
 }
 
 /// An RFC 3339 moment from a query parameter.

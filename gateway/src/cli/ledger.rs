@@ -38,8 +38,7 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
     let LedgerCommand::Export { config, date, institution, out: file } = command;
     let config = Config::load(&config, &std::env::vars().collect::<HashMap<_, _>>())
         .map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    if date.len() != 10 || time::Date::parse(&date, &format).is_err() {
+    if !crate::ledger::is_business_day(&date) {
         return Err(Failure::config("--date: YYYY-MM-DD"));
     }
     let ledger = SqliteLedger::open(&config.ledger.path).map_err(Failure::new)?;
