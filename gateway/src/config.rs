@@ -118,8 +118,14 @@ pub struct TokenConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerConfig {
-    /// SQLite database file.
+    /// Where the ledger lives: a directory (the log-structured engine) or an SQLite file.
     pub path: PathBuf,
+    /// The storage engine: `lsm` (the default for a new ledger: a log-structured engine whose
+    /// serialized work per settlement is a journal append), `sqlite` (the engine before
+    /// issue #15), or `auto` (the default): `sqlite` when `path` is an existing SQLite file,
+    /// `lsm` otherwise.
+    #[serde(default)]
+    pub engine: LedgerEngine,
     /// Secret (64 hex characters) keying the hash under which card ids are stored and the
     /// encryption of stored requests, quotes and receipts. Keep it secret and stable: changing
     /// it orphans history. Better given as `secret_file` or the `CARDGATE__LEDGER__SECRET`
@@ -129,6 +135,19 @@ pub struct LedgerConfig {
     /// A file (mode 0600) holding the secret, instead of `secret`.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+}
+
+/// The ledger's storage engine ([`LedgerConfig::engine`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerEngine {
+    /// `sqlite` for an existing SQLite file at the path, `lsm` otherwise.
+    #[default]
+    Auto,
+    /// The log-structured engine (a directory).
+    Lsm,
+    /// SQLite (a file).
+    Sqlite,
 }
 
 /// Rate limits (token buckets) by scope, and the in-flight limit. An absent scope is

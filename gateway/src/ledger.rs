@@ -7,9 +7,12 @@
 //!
 //! States: `pending -> settled | failed | unknown`, `settled -> reversed`.
 //!
-//! - [`sqlite`]: the embedded default (SQLite, WAL, fsync on commit, one writer thread with
-//!   group commit).
+//! - [`lsm`]: the embedded default (a log-structured engine: one journal, fsync per group of
+//!   writes, reads and checks on the callers' threads; see docs/decisions/0001).
+//! - [`sqlite`]: the engine before it (SQLite, WAL, fsync on commit, one writer thread with
+//!   group commit), still opened for ledgers it wrote.
 
+pub mod lsm;
 pub mod sqlite;
 
 use std::future::Future;
@@ -17,6 +20,20 @@ use std::pin::Pin;
 
 use cardgate_sdk::YearToDate;
 use ring::hmac;
+
+/// Opens the configured ledger with the engine [`crate::config::LedgerEngine`] picks.
+pub fn open(config: &crate::config::LedgerConfig) -> Result<std::sync::Arc<dyn Ledger>, LedgerError> {
+    use crate::config::LedgerEngine;
+    let engine = match config.engine {
+        LedgerEngine::Auto if config.path.is_file() => LedgerEngine::Sqlite,
+        LedgerEngine::Auto => LedgerEngine::Lsm,
+        chosen => chosen,
+    };
+    Ok(match engine {
+        LedgerEngine::Sqlite => std::sync::Arc::new(sqlite::SqliteLedger::open(&config.path)?),
+        _ => std::sync::Arc::new(lsm::LsmLedger::open(&config.path)?),
+    })
+}
 
 /// Business days (reconciliation, accumulator years) follow China Standard Time, UTC+8.
 pub const UTC_OFFSET_SECS: i64 = 8 * 3600;

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError, DispatchConfig, InstitutionConfig, IsolationConfig};
-use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{CardKey, Ledger};
 use crate::limit::Limiter;
 use cardgate_sdk::{Health, HealthStatus, Operation};
@@ -72,11 +71,11 @@ impl Gateway {
     pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
         crate::metrics::install();
         let mut problems = Vec::new();
-        let ledger = SqliteLedger::open(&config.ledger.path)
+        let ledger = crate::ledger::open(&config.ledger)
             .map_err(|e| problems.push(format!("ledger.path: {}: {e}", config.ledger.path.display())))
             .ok();
         let shared = ledger.map(|ledger| Shared {
-            ledger: Arc::new(ledger),
+            ledger,
             replay_cache: Arc::new(MemoryReplayStore::new()),
             card_locks: Arc::default(),
             clock,

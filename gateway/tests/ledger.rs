@@ -1,11 +1,57 @@
-//! The SQLite ledger: durability across reopen, unique tokens and keys, group commit in which
+//! The embedded ledgers (both engines run the same suite; the SQLite one also its
+//! migrations and log): durability across reopen, unique tokens and keys, group commit in which
 //! one refused write does not undo the others, accumulators.
 
 use std::sync::Arc;
 
+use cardgate::ledger::lsm::LsmLedger;
 use cardgate::ledger::sqlite::SqliteLedger;
 use cardgate::ledger::{AccumulatorDelta, Amounts, Intent, Ledger, LedgerError, Outcome, State};
 use cardgate_sdk::YearToDate;
+
+/// The engines behind the `Ledger` trait: one suite for both.
+#[derive(Debug, Clone, Copy)]
+enum Engine {
+    Sqlite,
+    Lsm,
+}
+
+impl Engine {
+    fn open(self, dir: &std::path::Path) -> Arc<dyn Ledger> {
+        match self {
+            Self::Sqlite => Arc::new(SqliteLedger::open(&dir.join("ledger.db")).expect("open")),
+            Self::Lsm => Arc::new(LsmLedger::open(&dir.join("ledger")).expect("open")),
+        }
+    }
+}
+
+macro_rules! on_every_engine {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Engine::Sqlite).await;
+            })*
+        }
+        mod lsm {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Engine::Lsm).await;
+            })*
+        }
+    };
+}
+
+on_every_engine!(
+    settlement_survives_reopening_and_its_token_stays_used,
+    a_refused_write_in_a_batch_does_not_undo_the_others,
+    a_failed_settlement_releases_its_token,
+    reversal_undoes_the_accumulators_once,
+    unresolved_settlements_are_listed_and_an_unknown_one_can_complete_once,
+    a_reversal_counts_on_the_day_it_is_made_and_a_closed_day_never_changes,
+    an_outcome_computed_on_figures_that_moved_since_is_not_recorded,
+    a_settlement_recorded_in_one_commit_is_refused_whole,
+);
 
 fn intent(id: &str, key: &str, token: &[u8]) -> Intent {
     Intent {
@@ -46,16 +92,14 @@ fn settled(id: &str, fund: i64) -> Outcome {
     }
 }
 
-#[tokio::test]
-async fn settlement_survives_reopening_and_its_token_stays_used() {
+async fn settlement_survives_reopening_and_its_token_stays_used(engine: Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("ledger.db");
     {
-        let ledger = SqliteLedger::open(&path).expect("open");
+        let ledger = engine.open(dir.path());
         ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
         ledger.finish(settled("S1", 700)).await.expect("finish");
     }
-    let ledger = SqliteLedger::open(&path).expect("reopen");
+    let ledger = engine.open(dir.path());
     let record = ledger.get("H1", "S1").expect("read").expect("present");
     assert_eq!((record.state, record.status), (State::Settled, 201));
     assert_eq!(ledger.by_idempotency_key("H1", "k1").expect("read").map(|r| r.id), Some("S1".into()));
@@ -67,10 +111,9 @@ async fn settlement_survives_reopening_and_its_token_stays_used() {
     assert!(ledger.get("H2", "S1").expect("read").is_none(), "other institutions do not see it");
 }
 
-#[tokio::test]
-async fn a_refused_write_in_a_batch_does_not_undo_the_others() {
+async fn a_refused_write_in_a_batch_does_not_undo_the_others(engine: Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db")).expect("open"));
+    let ledger = engine.open(dir.path());
     // 200 concurrent intents, two of which share a token: they land in the same batches.
     let mut tasks = Vec::new();
     for i in 0..200 {
@@ -91,10 +134,9 @@ async fn a_refused_write_in_a_batch_does_not_undo_the_others() {
     assert_eq!(present, 199);
 }
 
-#[tokio::test]
-async fn a_failed_settlement_releases_its_token() {
+async fn a_failed_settlement_releases_its_token(engine: Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    let ledger = engine.open(dir.path());
     ledger.begin(intent("S1", "k1", b"tok")).await.expect("begin");
     let failed = Outcome { state: State::Failed, status: 422, deltas: vec![], amounts: None, ..settled("S1", 0) };
     ledger.finish(failed).await.expect("finish");
@@ -103,10 +145,9 @@ async fn a_failed_settlement_releases_its_token() {
     assert_eq!(ledger.finish(settled("S1", 1)).await, Err(LedgerError::NotFound), "an outcome is written once");
 }
 
-#[tokio::test]
-async fn reversal_undoes_the_accumulators_once() {
+async fn reversal_undoes_the_accumulators_once(engine: Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    let ledger = engine.open(dir.path());
     ledger.begin(intent("S1", "k1", b"tok")).await.expect("begin");
     ledger.finish(settled("S1", 700)).await.expect("finish");
     let (card_hash, deltas) = ledger.settled_deltas("S1").expect("read").expect("present");
@@ -128,10 +169,9 @@ async fn reversal_undoes_the_accumulators_once() {
     assert_eq!(ledger.get("H1", "S1").expect("read").map(|r| r.state), Some(State::Reversed));
 }
 
-#[tokio::test]
-async fn unresolved_settlements_are_listed_and_an_unknown_one_can_complete_once() {
+async fn unresolved_settlements_are_listed_and_an_unknown_one_can_complete_once(engine: Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    let ledger = engine.open(dir.path());
     ledger.begin(intent("S1", "k1", b"t1")).await.expect("begin");
     ledger.begin(intent("S2", "k2", b"t2")).await.expect("begin");
     let unknown = Outcome { state: State::Unknown, status: 504, deltas: vec![], amounts: None, ..settled("S2", 0) };
@@ -231,10 +271,9 @@ async fn the_write_ahead_log_starts_over_under_back_to_back_commits() {
     assert_eq!(ledger.get("H1", "S31-99").expect("read").map(|r| r.state), Some(State::Settled));
 }
 
-#[tokio::test]
-async fn a_reversal_counts_on_the_day_it_is_made_and_a_closed_day_never_changes() {
+async fn a_reversal_counts_on_the_day_it_is_made_and_a_closed_day_never_changes(engine: Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    let ledger = engine.open(dir.path());
     ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
     ledger.finish(settled("S1", 700)).await.expect("finish");
     let monday = cardgate::ledger::business_day(1_700_000_000);
@@ -285,10 +324,9 @@ async fn a_version_3_ledger_gets_the_day_of_each_reversal() {
     assert_eq!(version, 4);
 }
 
-#[tokio::test]
-async fn an_outcome_computed_on_figures_that_moved_since_is_not_recorded() {
+async fn an_outcome_computed_on_figures_that_moved_since_is_not_recorded(engine: Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    let ledger = engine.open(dir.path());
     ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
     ledger.begin(intent("S2", "k2", b"tok-2")).await.expect("begin");
     // Both were computed on the card's empty figures (as two nodes, or a node and a restart,
@@ -308,10 +346,9 @@ async fn an_outcome_computed_on_figures_that_moved_since_is_not_recorded() {
     assert_eq!(ledger.accumulators(&[9; 32], "basic-medical", 2026).expect("read").fund_paid_fen, 1400);
 }
 
-#[tokio::test]
-async fn a_settlement_recorded_in_one_commit_is_refused_whole() {
+async fn a_settlement_recorded_in_one_commit_is_refused_whole(engine: Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let ledger = SqliteLedger::open(&dir.path().join("ledger.db")).expect("open");
+    let ledger = engine.open(dir.path());
     ledger.record(intent("S1", "k1", b"tok-1"), settled("S1", 700)).await.expect("one commit");
     assert_eq!(ledger.get("H1", "S1").expect("read").map(|r| (r.state, r.status)), Some((State::Settled, 201)));
     // The same token, or the same key: refused, and nothing of it stays.

@@ -8,8 +8,6 @@ use clap::Subcommand;
 
 use super::Failure;
 use crate::config::Config;
-use crate::ledger::Ledger;
-use crate::ledger::sqlite::SqliteLedger;
 
 /// Ledger commands.
 #[derive(Debug, Subcommand)]
@@ -41,7 +39,7 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
     if !crate::ledger::is_business_day(&date) {
         return Err(Failure::config("--date: YYYY-MM-DD"));
     }
-    let ledger = SqliteLedger::open(&config.ledger.path).map_err(Failure::new)?;
+    let ledger = crate::ledger::open(&config.ledger).map_err(Failure::new)?;
     let institutions: Vec<String> = match institution {
         Some(id) => vec![id],
         None => config.institutions.keys().cloned().collect(),

@@ -1,0 +1,1180 @@
+//! The embedded ledger on a log-structured engine ([fjall]): the default since issue #15.
+//!
+//! Why (docs/decisions/0001-ledger-write-path.md): with SQLite every settlement dirtied about
+//! a dozen 4 KiB B-tree pages on its single writer thread, 50 µs of work that ran one at a
+//! time. Here a settlement is a few key-value entries appended to one journal and a memtable;
+//! what runs one at a time is only that append.
+//!
+//! # How a write runs
+//! - **On the caller's thread**, in parallel with other callers: every read a write depends on
+//!   (is the token used? the idempotency key? what do the card's accumulators hold? is the
+//!   settlement still pending?) and the encoding of every value. The write is then a list of
+//!   entries ([`Op`]) and the *stripes* it read under: each unique thing it checked (a token,
+//!   a key, a card, a settlement id) hashes to one of [`STRIPES`] version counters, read before
+//!   the reads.
+//! - **On the writer thread**, one write at a time: if none of its stripes' versions moved, its
+//!   reads still hold and its entries go into the group's batch as they are; if one moved (a
+//!   write on the same token, key, card or settlement committed meanwhile), the writer redoes
+//!   the reads itself before deciding. This is optimistic concurrency control; a conflict
+//!   costs a re-read, never a wrong answer.
+//! - **Group commit**: the writer appends every write that arrived while it was busy as one
+//!   batch, makes the journal durable (`fsync`) once, and only then answers each caller:
+//!   acknowledged means durable. A read that finds an entry not yet durable (committed to the
+//!   memtable, its fsync still running) waits for that fsync before answering, so no client
+//!   is ever shown what a crash could take back.
+//!
+//! One process owns a ledger: the engine locks its directory, and a second gateway on the same
+//! ledger refuses to start (the per-stripe checks are in this process's memory).
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use cardgate_sdk::YearToDate;
+use crossbeam_channel::{Receiver, Sender};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::{
+    AccumulatorDelta, Intent, Ledger, LedgerError, LedgerFuture, Listed, Outcome, Reconciliation, Record,
+    SettledDeltas, State, StoredQuote, Unresolved,
+};
+
+/// The on-disk format this code writes (key `format` of the `meta` keyspace).
+const FORMAT: u64 = 1;
+
+/// Version counters the writer checks reads against. More stripes, fewer false conflicts.
+const STRIPES: usize = 4096;
+
+/// Most writes committed together.
+const MAX_GROUP: usize = 512;
+
+/// The longest a read waits for the fsync of what it found (then: a storage error).
+const DURABLE_WAIT: Duration = Duration::from_secs(10);
+
+/// The keyspaces, by index into [`Store::spaces`].
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    /// seq (u64 BE) -> the settlement ([`Row`]).
+    Settlements = 0,
+    /// settlement id -> seq.
+    Ids,
+    /// institution \0 idempotency key -> seq.
+    Keys,
+    /// token id -> seq: a token settles once, forever (released by a refused settlement).
+    Tokens,
+    /// quote id -> seq of the settlement that consumed it.
+    UsedQuotes,
+    /// quote id -> the stored quote.
+    Quotes,
+    /// card hash ‖ year (i32 BE) ‖ payer -> five i64 (year-to-date figures).
+    Accumulators,
+    /// seq -> empty: settlements still pending or unknown.
+    Open,
+    /// institution \0 day \0 seq -> empty: the settlements made on a business day.
+    Days,
+    /// institution \0 day \0 seq -> empty: the reversals made on a business day.
+    ReversalDays,
+    /// Small facts about the ledger itself (its format).
+    Meta,
+}
+
+const SPACE_NAMES: [&str; 11] = [
+    "settlements",
+    "ids",
+    "idempotency_keys",
+    "tokens",
+    "used_quotes",
+    "quotes",
+    "accumulators",
+    "open",
+    "days",
+    "reversal_days",
+    "meta",
+];
+
+/// The engine and its keyspaces.
+struct Store {
+    db: Database,
+    spaces: Vec<Keyspace>,
+}
+
+impl Store {
+    fn space(&self, s: Space) -> &Keyspace {
+        &self.spaces[s as usize]
+    }
+
+    fn get(&self, s: Space, key: &[u8]) -> Result<Option<fjall::Slice>, LedgerError> {
+        self.space(s).get(key).map_err(storage)
+    }
+
+    fn seq_of(&self, s: Space, key: &[u8]) -> Result<Option<u64>, LedgerError> {
+        Ok(self.get(s, key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    fn row(&self, seq: u64) -> Result<Option<Row>, LedgerError> {
+        match self.get(Space::Settlements, &seq.to_be_bytes())? {
+            Some(bytes) => Row::decode(&bytes).map(Some).ok_or_else(|| storage("a settlement entry does not decode")),
+            None => Ok(None),
+        }
+    }
+
+    fn row_by_id(&self, id: &str) -> Result<Option<(u64, Row)>, LedgerError> {
+        let Some(seq) = self.seq_of(Space::Ids, id.as_bytes())? else { return Ok(None) };
+        Ok(self.row(seq)?.map(|row| (seq, row)))
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(e.to_string())
+}
+
+/// One entry of a write. Keys and values that hold the new settlement's seq name it with
+/// [`Part::Seq`]: the writer assigns seqs, in commit order, so a listing's cursor never
+/// skips a settlement that committed late.
+#[derive(Debug, Clone)]
+enum Op {
+    Put(Space, Vec<Part>, Vec<Part>),
+    Remove(Space, Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Bytes(Vec<u8>),
+    Seq,
+}
+
+fn assemble(parts: &[Part], seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| if let Part::Bytes(b) = p { b.len() } else { 8 }).sum());
+    for part in parts {
+        match part {
+            Part::Bytes(b) => out.extend_from_slice(b),
+            Part::Seq => out.extend_from_slice(&seq.to_be_bytes()),
+        }
+    }
+    out
+}
+
+fn bytes(b: impl Into<Vec<u8>>) -> Vec<Part> {
+    vec![Part::Bytes(b.into())]
+}
+
+/// What a write decided: its entries, whether it creates a settlement (needs a seq).
+#[derive(Debug, Default)]
+struct Plan {
+    ops: Vec<Op>,
+    new_settlement: bool,
+}
+
+type Prepare = Box<dyn Fn(&Store) -> Result<Plan, LedgerError> + Send>;
+
+/// A write on its way to the writer.
+struct Job {
+    /// Stripes read under, with the versions seen before reading.
+    stripes: Vec<(usize, u64)>,
+    /// What the caller decided on its reads.
+    planned: Result<Plan, LedgerError>,
+    /// The same decision, redone by the writer when a stripe moved.
+    prepare: Prepare,
+    reply: tokio::sync::oneshot::Sender<Result<(), LedgerError>>,
+}
+
+/// Durability, as the writer publishes it for readers.
+#[derive(Debug, Default)]
+struct Durable {
+    /// Groups applied to the memtable (visible to reads).
+    applied: AtomicU64,
+    /// Groups whose fsync returned.
+    synced: Mutex<u64>,
+    changed: Condvar,
+    /// The last group's commit or fsync failed (the engine refuses writes after that).
+    failing: AtomicBool,
+}
+
+impl Durable {
+    /// Waits until every group applied before `seen` is durable.
+    fn wait(&self, seen: u64) -> Result<(), LedgerError> {
+        let synced = self.synced.lock().map_err(storage)?;
+        let (synced, timeout) = self
+            .changed
+            .wait_timeout_while(synced, DURABLE_WAIT, |synced| *synced < seen && !self.failing.load(Ordering::Relaxed))
+            .map_err(storage)?;
+        if *synced < seen {
+            let why =
+                if timeout.timed_out() { "timed out waiting for the journal's fsync" } else { "the journal failed" };
+            return Err(LedgerError::Storage(why.into()));
+        }
+        Ok(())
+    }
+}
+
+/// The log-structured ledger.
+pub struct LsmLedger {
+    store: Arc<Store>,
+    versions: Arc<[AtomicU64]>,
+    durable: Arc<Durable>,
+    /// Taken on drop: closing the channel stops the writer, which commits what it holds.
+    jobs: Option<Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Drop for LsmLedger {
+    /// Stops the writer and waits for it, so the engine (and its directory lock) is released
+    /// when this returns: the ledger can be opened again at once.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for LsmLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LsmLedger").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Which stripe a unique thing falls in.
+fn stripe(kind: u8, key: &[u8]) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    kind.hash(&mut hasher);
+    key.hash(&mut hasher);
+    (hasher.finish() as usize) % STRIPES
+}
+
+impl LsmLedger {
+    /// Opens (or creates) the ledger in the directory `path` (created 0700) and starts its
+    /// writer thread. Fails if another process has it open.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        create_private_dir(path)?;
+        let db = Database::builder(path).open().map_err(|e| match e {
+            fjall::Error::Locked => LedgerError::Storage(format!(
+                "{}: the ledger is open in another process (one gateway per embedded ledger)",
+                path.display()
+            )),
+            e => LedgerError::Storage(format!("{}: {e}", path.display())),
+        })?;
+        let spaces = SPACE_NAMES
+            .iter()
+            .map(|name| db.keyspace(name, KeyspaceCreateOptions::default).map_err(storage))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = Arc::new(Store { db, spaces });
+        let meta = store.space(Space::Meta);
+        match meta.get("format").map_err(storage)? {
+            None => {
+                meta.insert("format", FORMAT.to_be_bytes()).map_err(storage)?;
+                store.db.persist(PersistMode::SyncAll).map_err(storage)?;
+            }
+            Some(v) if v.as_ref() == FORMAT.to_be_bytes() => {}
+            Some(_) => {
+                return Err(LedgerError::Storage(format!(
+                    "{}: ledger format unknown to this gateway (it writes format {FORMAT})",
+                    path.display()
+                )));
+            }
+        }
+        let next_seq = match store.space(Space::Settlements).last_key_value() {
+            Some(guard) => {
+                let key = guard.key().map_err(storage)?;
+                u64::from_be_bytes(key.as_ref().try_into().map_err(|_| storage("a settlement key is not a seq"))?) + 1
+            }
+            None => 1,
+        };
+        let versions: Arc<[AtomicU64]> = (0..STRIPES).map(|_| AtomicU64::new(0)).collect();
+        let durable = Arc::new(Durable::default());
+        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        let writer = Writer {
+            store: Arc::clone(&store),
+            versions: Arc::clone(&versions),
+            durable: Arc::clone(&durable),
+            next_seq,
+        };
+        let writer = std::thread::Builder::new()
+            .name("cardgate-ledger".into())
+            .spawn(move || writer.run(&queue))
+            .map_err(storage)?;
+        Ok(Self { store, versions, durable, jobs: Some(jobs), writer: Some(writer), path: path.to_owned() })
+    }
+
+    /// Runs `prepare` here (reads under the stripes of `keys`), then queues its plan for the
+    /// writer and waits for the durable commit.
+    fn write(
+        &self,
+        keys: &[(u8, &[u8])],
+        prepare: impl Fn(&Store) -> Result<Plan, LedgerError> + Send + 'static,
+    ) -> LedgerFuture<'_, ()> {
+        let mut stripes: Vec<usize> = keys.iter().map(|(kind, key)| stripe(*kind, key)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let stripes: Vec<(usize, u64)> =
+            stripes.into_iter().map(|s| (s, self.versions[s].load(Ordering::Acquire))).collect();
+        let planned = prepare(&self.store);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job { stripes, planned, prepare: Box::new(prepare), reply };
+        let sent = match &self.jobs {
+            Some(jobs) => jobs.send(job).map_err(|_| LedgerError::Storage("ledger writer stopped".into())),
+            None => Err(LedgerError::Storage("ledger closed".into())),
+        };
+        Box::pin(async move {
+            sent?;
+            answer.await.map_err(|_| LedgerError::Storage("ledger writer stopped".into()))?
+        })
+    }
+
+    /// Reads through `f`; if it found something, waits until what was visible is durable.
+    fn read<T>(&self, f: impl FnOnce(&Store) -> Result<Option<T>, LedgerError>) -> Result<Option<T>, LedgerError> {
+        let seen = self.durable.applied.load(Ordering::Acquire);
+        let found = f(&self.store)?;
+        if found.is_some() {
+            self.durable.wait(seen)?;
+        }
+        Ok(found)
+    }
+}
+
+/// Creates the ledger's directory readable by its owner alone.
+fn create_private_dir(path: &Path) -> Result<(), LedgerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(LedgerError::Storage(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    store: Arc<Store>,
+    versions: Arc<[AtomicU64]>,
+    durable: Arc<Durable>,
+    next_seq: u64,
+}
+
+impl Writer {
+    fn run(mut self, queue: &Receiver<Job>) {
+        let mut group_number = 0u64;
+        while let Ok(first) = queue.recv() {
+            let mut group = vec![first];
+            group.extend(queue.try_iter().take(MAX_GROUP - 1));
+            let (started, size) = (std::time::Instant::now(), group.len());
+            let mut batch = self.store.db.batch();
+            // Stripes written by this group and not yet applied (their versions not bumped).
+            let mut touched: HashSet<usize> = HashSet::new();
+            let mut replies = Vec::with_capacity(group.len());
+            let mut failed: Option<LedgerError> = None;
+            for job in group {
+                let moved = job.stripes.iter().any(|(s, v)| self.versions[*s].load(Ordering::Acquire) != *v);
+                let pending = job.stripes.iter().any(|(s, _)| touched.contains(s));
+                if pending {
+                    // An earlier write of this group touched the same thing: apply the group
+                    // so far, so the reads redone below see it.
+                    let full = std::mem::replace(&mut batch, self.store.db.batch());
+                    if let Err(e) = full.commit() {
+                        failed.get_or_insert(storage(e));
+                    }
+                    self.bump(&mut touched);
+                }
+                let plan = if moved || pending { (job.prepare)(&self.store) } else { job.planned };
+                let answer = match plan {
+                    Ok(plan) => {
+                        let seq = if plan.new_settlement {
+                            self.next_seq += 1;
+                            self.next_seq - 1
+                        } else {
+                            0
+                        };
+                        for op in &plan.ops {
+                            match op {
+                                Op::Put(space, key, value) => {
+                                    batch.insert(self.store.space(*space), assemble(key, seq), assemble(value, seq));
+                                }
+                                Op::Remove(space, key) => batch.remove(self.store.space(*space), key.clone()),
+                            }
+                        }
+                        touched.extend(job.stripes.iter().map(|(s, _)| *s));
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
+                replies.push((job.reply, answer));
+            }
+            if let Err(e) = batch.commit() {
+                failed.get_or_insert(storage(e));
+            }
+            self.bump(&mut touched);
+            group_number += 1;
+            self.durable.applied.store(group_number, Ordering::Release);
+            if failed.is_none()
+                && let Err(e) = self.store.db.persist(PersistMode::SyncAll)
+            {
+                failed = Some(storage(e));
+            }
+            crate::metrics::ledger_commit(size, started.elapsed());
+            match &failed {
+                Some(e) if !self.durable.failing.swap(true, Ordering::Relaxed) => {
+                    tracing::error!(error = %e, "ledger: the journal failed; writes fail until the gateway restarts");
+                }
+                _ => {}
+            }
+            if failed.is_none()
+                && let Ok(mut synced) = self.durable.synced.lock()
+            {
+                *synced = group_number;
+            }
+            self.durable.changed.notify_all();
+            for (reply, answer) in replies {
+                let answer = match &failed {
+                    Some(e) if answer.is_ok() => Err(e.clone()),
+                    _ => answer,
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn bump(&self, touched: &mut HashSet<usize>) {
+        for s in touched.drain() {
+            self.versions[s].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+// --- Rows -----------------------------------------------------------------------------------
+
+/// A settlement as stored: its intent and, once known, its outcome.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    id: String,
+    institution: String,
+    terminal: String,
+    idempotency_key: String,
+    request_hash: Vec<u8>,
+    token_id: Option<Vec<u8>>,
+    quote_id: Option<String>,
+    card_hash: Vec<u8>,
+    card_masked: String,
+    total_fen: i64,
+    day: String,
+    created_at: i64,
+    sealed_request: Vec<u8>,
+    state: Option<State>,
+    status: u16,
+    body: String,
+    reversal: Option<String>,
+    deltas: String,
+    payers: String,
+    fund_fen: i64,
+    account_fen: i64,
+    cash_fen: i64,
+    updated_at: i64,
+    reversed_day: Option<String>,
+}
+
+/// Length-prefixed fields, in [`Row`]'s order, after a version byte.
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        self.0.extend_from_slice(b);
+    }
+    fn opt(&mut self, b: Option<&[u8]>) {
+        match b {
+            Some(b) => {
+                self.0.push(1);
+                self.bytes(b);
+            }
+            None => self.0.push(0),
+        }
+    }
+    fn int(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+struct Dec<'a>(&'a [u8]);
+
+impl<'a> Dec<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = u32::from_be_bytes(self.take(4)?.try_into().ok()?) as usize;
+        self.take(n)
+    }
+    fn text(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?.to_vec()).ok()
+    }
+    fn opt(&mut self) -> Option<Option<&'a [u8]>> {
+        match self.take(1)? {
+            [0] => Some(None),
+            [1] => Some(Some(self.bytes()?)),
+            _ => None,
+        }
+    }
+    fn opt_text(&mut self) -> Option<Option<String>> {
+        match self.opt()? {
+            Some(b) => Some(Some(String::from_utf8(b.to_vec()).ok()?)),
+            None => Some(None),
+        }
+    }
+    fn int(&mut self) -> Option<i64> {
+        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+const ROW_VERSION: u8 = 1;
+
+impl Row {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Enc(Vec::with_capacity(
+            256 + self.sealed_request.len() + self.body.len() + self.deltas.len() + self.payers.len(),
+        ));
+        e.0.push(ROW_VERSION);
+        for text in [&self.id, &self.institution, &self.terminal, &self.idempotency_key] {
+            e.bytes(text.as_bytes());
+        }
+        e.bytes(&self.request_hash);
+        e.opt(self.token_id.as_deref());
+        e.opt(self.quote_id.as_deref().map(str::as_bytes));
+        e.bytes(&self.card_hash);
+        e.bytes(self.card_masked.as_bytes());
+        e.int(self.total_fen);
+        e.bytes(self.day.as_bytes());
+        e.int(self.created_at);
+        e.bytes(&self.sealed_request);
+        e.opt(self.state.map(|s| s.as_str().as_bytes()));
+        e.int(i64::from(self.status));
+        for text in [&self.body] {
+            e.bytes(text.as_bytes());
+        }
+        e.opt(self.reversal.as_deref().map(str::as_bytes));
+        e.bytes(self.deltas.as_bytes());
+        e.bytes(self.payers.as_bytes());
+        for v in [self.fund_fen, self.account_fen, self.cash_fen, self.updated_at] {
+            e.int(v);
+        }
+        e.opt(self.reversed_day.as_deref().map(str::as_bytes));
+        e.0
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let mut d = Dec(b);
+        if d.take(1)? != [ROW_VERSION] {
+            return None;
+        }
+        let row = Self {
+            id: d.text()?,
+            institution: d.text()?,
+            terminal: d.text()?,
+            idempotency_key: d.text()?,
+            request_hash: d.bytes()?.to_vec(),
+            token_id: d.opt()?.map(<[u8]>::to_vec),
+            quote_id: d.opt_text()?,
+            card_hash: d.bytes()?.to_vec(),
+            card_masked: d.text()?,
+            total_fen: d.int()?,
+            day: d.text()?,
+            created_at: d.int()?,
+            sealed_request: d.bytes()?.to_vec(),
+            state: match d.opt_text()? {
+                Some(s) => Some(State::parse(&s)?),
+                None => None,
+            },
+            status: u16::try_from(d.int()?).ok()?,
+            body: d.text()?,
+            reversal: d.opt_text()?,
+            deltas: d.text()?,
+            payers: d.text()?,
+            fund_fen: d.int()?,
+            account_fen: d.int()?,
+            cash_fen: d.int()?,
+            updated_at: d.int()?,
+            reversed_day: d.opt_text()?,
+        };
+        d.0.is_empty().then_some(row)
+    }
+
+    fn state(&self) -> State {
+        self.state.unwrap_or(State::Pending)
+    }
+
+    fn record(self) -> Record {
+        Record {
+            state: self.state(),
+            id: self.id,
+            institution: self.institution,
+            request_hash: self.request_hash,
+            status: self.status,
+            body: self.body,
+            reversal: self.reversal,
+            created_at: self.created_at,
+        }
+    }
+
+    fn unresolved(self) -> Unresolved {
+        Unresolved {
+            state: self.state(),
+            id: self.id,
+            institution: self.institution,
+            sealed_request: self.sealed_request,
+            created_at: self.created_at,
+        }
+    }
+
+    fn from_intent(i: &Intent) -> Self {
+        Self {
+            id: i.id.clone(),
+            institution: i.institution.clone(),
+            terminal: i.terminal.clone(),
+            idempotency_key: i.idempotency_key.clone(),
+            request_hash: i.request_hash.clone(),
+            token_id: i.token_id.clone(),
+            quote_id: i.quote_id.clone(),
+            card_hash: i.card_hash.clone(),
+            card_masked: i.card_masked.clone(),
+            total_fen: i.total_fen,
+            day: super::business_day(i.created_at),
+            created_at: i.created_at,
+            sealed_request: i.sealed_request.clone(),
+            ..Self::default()
+        }
+    }
+
+    /// Writes the outcome into the row.
+    fn with_outcome(mut self, o: &Outcome, deltas: &str, payers: &str) -> Self {
+        let amounts = o.amounts.as_ref();
+        self.state = Some(o.state);
+        self.status = o.status;
+        self.body.clone_from(&o.body);
+        self.deltas = deltas.to_owned();
+        self.payers = payers.to_owned();
+        self.fund_fen = amounts.map_or(0, |a| a.fund_fen);
+        self.account_fen = amounts.map_or(0, |a| a.account_fen);
+        self.cash_fen = amounts.map_or(0, |a| a.cash_fen);
+        self.updated_at = o.at;
+        self
+    }
+}
+
+// --- Keys -----------------------------------------------------------------------------------
+
+fn key_of(institution: &str, key: &str) -> Vec<u8> {
+    [institution.as_bytes(), b"\0", key.as_bytes()].concat()
+}
+
+fn day_prefix(institution: &str, day: &str) -> Vec<u8> {
+    [institution.as_bytes(), b"\0", day.as_bytes(), b"\0"].concat()
+}
+
+fn accumulator_key(card_hash: &[u8], year: i32, payer: &str) -> Vec<u8> {
+    [card_hash, &year.to_be_bytes(), payer.as_bytes()].concat()
+}
+
+fn figures(bytes: &[u8], year: i32) -> Option<YearToDate> {
+    let mut d = Dec(bytes);
+    Some(YearToDate {
+        year,
+        deductible_fen: d.int()?,
+        fund_paid_fen: d.int()?,
+        eligible_fen: d.int()?,
+        account_paid_fen: d.int()?,
+        eligible_self_pay_fen: d.int()?,
+    })
+}
+
+fn figures_bytes(y: &YearToDate) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(40));
+    for v in [y.deductible_fen, y.fund_paid_fen, y.eligible_fen, y.account_paid_fen, y.eligible_self_pay_fen] {
+        e.int(v);
+    }
+    e.0
+}
+
+fn same_figures(a: &YearToDate, b: &YearToDate) -> bool {
+    (a.deductible_fen, a.fund_paid_fen, a.eligible_fen, a.account_paid_fen, a.eligible_self_pay_fen)
+        == (b.deductible_fen, b.fund_paid_fen, b.eligible_fen, b.account_paid_fen, b.eligible_self_pay_fen)
+}
+
+/// Stripe kinds.
+const TOKEN: u8 = b't';
+const KEY: u8 = b'k';
+const QUOTE: u8 = b'q';
+const CARD: u8 = b'c';
+const SETTLEMENT: u8 = b's';
+
+// --- Plans ----------------------------------------------------------------------------------
+
+/// Checks an intent can be recorded (token, quote and key unused) and plans its entries;
+/// `row` is what to store (pending, or with its outcome), `holds` whether the token or quote
+/// stays used.
+fn plan_intent(store: &Store, i: &Intent, row: &Row, holds: bool, plan: &mut Plan) -> Result<(), LedgerError> {
+    if let Some(token) = &i.token_id
+        && store.get(Space::Tokens, token)?.is_some()
+    {
+        return Err(LedgerError::TokenUsed);
+    }
+    if let Some(quote) = &i.quote_id
+        && store.get(Space::UsedQuotes, quote.as_bytes())?.is_some()
+    {
+        return Err(LedgerError::QuoteUsed);
+    }
+    let key = key_of(&i.institution, &i.idempotency_key);
+    if store.get(Space::Keys, &key)?.is_some() {
+        return Err(LedgerError::IdempotencyTaken);
+    }
+    if store.get(Space::Ids, i.id.as_bytes())?.is_some() {
+        return Err(storage("settlement id already recorded"));
+    }
+    plan.new_settlement = true;
+    plan.ops.push(Op::Put(Space::Settlements, vec![Part::Seq], bytes(row.encode())));
+    plan.ops.push(Op::Put(Space::Ids, bytes(i.id.as_bytes()), vec![Part::Seq]));
+    plan.ops.push(Op::Put(Space::Keys, bytes(key), vec![Part::Seq]));
+    if holds {
+        if let Some(token) = &i.token_id {
+            plan.ops.push(Op::Put(Space::Tokens, bytes(token.as_slice()), vec![Part::Seq]));
+        }
+        if let Some(quote) = &i.quote_id {
+            plan.ops.push(Op::Put(Space::UsedQuotes, bytes(quote.as_bytes()), vec![Part::Seq]));
+        }
+    }
+    if matches!(row.state(), State::Pending | State::Unknown) {
+        plan.ops.push(Op::Put(Space::Open, vec![Part::Seq], Vec::new()));
+    }
+    let day = [Part::Bytes(day_prefix(&i.institution, &row.day)), Part::Seq];
+    plan.ops.push(Op::Put(Space::Days, day.to_vec(), Vec::new()));
+    Ok(())
+}
+
+/// Plans each payer's change to the card's accumulators; with `read` (the figures the payers
+/// were given), refuses ([`LedgerError::Stale`]) if a payer's figures moved since.
+fn plan_accumulators(
+    store: &Store,
+    card_hash: &[u8],
+    deltas: &[AccumulatorDelta],
+    read: &[AccumulatorDelta],
+    plan: &mut Plan,
+) -> Result<(), LedgerError> {
+    for AccumulatorDelta { payer, delta: d } in deltas {
+        let key = accumulator_key(card_hash, d.year, payer);
+        let now = match store.get(Space::Accumulators, &key)? {
+            Some(v) => figures(&v, d.year).ok_or_else(|| storage("accumulators do not decode"))?,
+            None => YearToDate { year: d.year, ..YearToDate::default() },
+        };
+        if let Some(given) = read.iter().find(|r| r.payer == *payer && r.delta.year == d.year)
+            && !same_figures(&given.delta, &now)
+        {
+            return Err(LedgerError::Stale);
+        }
+        let sum = YearToDate {
+            year: d.year,
+            deductible_fen: now.deductible_fen + d.deductible_fen,
+            fund_paid_fen: now.fund_paid_fen + d.fund_paid_fen,
+            eligible_fen: now.eligible_fen + d.eligible_fen,
+            account_paid_fen: now.account_paid_fen + d.account_paid_fen,
+            eligible_self_pay_fen: now.eligible_self_pay_fen + d.eligible_self_pay_fen,
+        };
+        plan.ops.push(Op::Put(Space::Accumulators, bytes(key), bytes(figures_bytes(&sum))));
+    }
+    Ok(())
+}
+
+/// Plans an outcome for a pending (or unknown) settlement.
+fn plan_outcome(store: &Store, o: &Outcome, deltas: &str, payers: &str, plan: &mut Plan) -> Result<(), LedgerError> {
+    let Some((seq, row)) = store.row_by_id(&o.id)? else { return Err(LedgerError::NotFound) };
+    if !matches!(row.state(), State::Pending | State::Unknown) {
+        return Err(LedgerError::NotFound);
+    }
+    let read = if o.state == State::Settled { &o.read[..] } else { &[] };
+    plan_accumulators(store, &o.card_hash, &o.deltas, read, plan)?;
+    // A refused settlement gives its token (or quote) back: the patient may try again.
+    if o.state != State::Settled && o.state != State::Unknown {
+        if let Some(token) = &row.token_id {
+            plan.ops.push(Op::Remove(Space::Tokens, token.clone()));
+        }
+        if let Some(quote) = &row.quote_id {
+            plan.ops.push(Op::Remove(Space::UsedQuotes, quote.as_bytes().to_vec()));
+        }
+    }
+    if o.state != State::Unknown {
+        plan.ops.push(Op::Remove(Space::Open, seq.to_be_bytes().to_vec()));
+    }
+    let row = row.with_outcome(o, deltas, payers);
+    plan.ops.push(Op::Put(Space::Settlements, bytes(seq.to_be_bytes()), bytes(row.encode())));
+    Ok(())
+}
+
+fn encoded_outcome(o: &Outcome) -> (String, String) {
+    // `[{"payer", "delta"}]` and `[[payer, fund, account]]` (reconciliation reads the latter).
+    let deltas = serde_json::to_string(&o.deltas).unwrap_or_else(|_| "[]".into());
+    let payers =
+        serde_json::to_string(o.amounts.as_ref().map_or(&[][..], |a| &a.payers[..])).unwrap_or_else(|_| "[]".into());
+    (deltas, payers)
+}
+
+fn intent_keys(i: &Intent) -> Vec<(u8, Vec<u8>)> {
+    let mut keys = vec![(KEY, key_of(&i.institution, &i.idempotency_key)), (SETTLEMENT, i.id.as_bytes().to_vec())];
+    if let Some(token) = &i.token_id {
+        keys.push((TOKEN, token.clone()));
+    }
+    if let Some(quote) = &i.quote_id {
+        keys.push((QUOTE, quote.as_bytes().to_vec()));
+    }
+    keys
+}
+
+fn borrowed(keys: &[(u8, Vec<u8>)]) -> Vec<(u8, &[u8])> {
+    keys.iter().map(|(k, v)| (*k, v.as_slice())).collect()
+}
+
+impl Ledger for LsmLedger {
+    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
+        self.read(|s| {
+            let Some(seq) = s.seq_of(Space::Keys, &key_of(institution, key))? else { return Ok(None) };
+            Ok(s.row(seq)?.map(Row::record))
+        })
+    }
+
+    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
+        self.read(|s| {
+            Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.institution == institution).map(Row::record))
+        })
+    }
+
+    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
+        payers
+            .iter()
+            .map(|payer| match self.store.get(Space::Accumulators, &accumulator_key(card_hash, year, payer))? {
+                Some(v) => figures(&v, year).ok_or_else(|| storage("accumulators do not decode")),
+                None => Ok(YearToDate { year, ..YearToDate::default() }),
+            })
+            .collect()
+    }
+
+    fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
+        let keys = intent_keys(&intent);
+        let row = Row::from_intent(&intent);
+        self.write(&borrowed(&keys), move |s| {
+            let mut plan = Plan::default();
+            plan_intent(s, &intent, &row, true, &mut plan)?;
+            Ok(plan)
+        })
+    }
+
+    fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
+        let mut keys = intent_keys(&intent);
+        keys.push((CARD, o.card_hash.clone()));
+        let (deltas, payers) = encoded_outcome(&o);
+        let row = Row::from_intent(&intent).with_outcome(&o, &deltas, &payers);
+        let holds = matches!(o.state, State::Settled | State::Unknown);
+        self.write(&borrowed(&keys), move |s| {
+            let mut plan = Plan::default();
+            plan_intent(s, &intent, &row, holds, &mut plan)?;
+            let read = if o.state == State::Settled { &o.read[..] } else { &[] };
+            plan_accumulators(s, &o.card_hash, &o.deltas, read, &mut plan)?;
+            Ok(plan)
+        })
+    }
+
+    fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
+        let keys = [(SETTLEMENT, o.id.as_bytes().to_vec()), (CARD, o.card_hash.clone())];
+        let (deltas, payers) = encoded_outcome(&o);
+        self.write(&borrowed(&keys), move |s| {
+            let mut plan = Plan::default();
+            plan_outcome(s, &o, &deltas, &payers, &mut plan)?;
+            Ok(plan)
+        })
+    }
+
+    fn reverse(
+        &self,
+        id: String,
+        body: String,
+        deltas: Vec<AccumulatorDelta>,
+        card_hash: Vec<u8>,
+        at: i64,
+    ) -> LedgerFuture<'_, ()> {
+        let keys = [(SETTLEMENT, id.as_bytes().to_vec()), (CARD, card_hash.clone())];
+        self.write(&borrowed(&keys), move |s| {
+            let Some((seq, mut row)) = s.row_by_id(&id)? else { return Err(LedgerError::NotFound) };
+            if row.state() != State::Settled {
+                return Err(LedgerError::NotFound);
+            }
+            let mut plan = Plan::default();
+            plan_accumulators(s, &card_hash, &deltas, &[], &mut plan)?;
+            let day = super::business_day(at);
+            let index = [day_prefix(&row.institution, &day), seq.to_be_bytes().to_vec()].concat();
+            plan.ops.push(Op::Put(Space::ReversalDays, bytes(index), Vec::new()));
+            row.state = Some(State::Reversed);
+            row.reversal = Some(body.clone());
+            row.updated_at = at;
+            row.reversed_day = Some(day);
+            plan.ops.push(Op::Put(Space::Settlements, bytes(seq.to_be_bytes()), bytes(row.encode())));
+            Ok(plan)
+        })
+    }
+
+    fn save_quote(&self, q: StoredQuote) -> LedgerFuture<'_, ()> {
+        let mut e = Enc(Vec::with_capacity(64 + q.sealed.len()));
+        e.bytes(q.institution.as_bytes());
+        e.int(q.expires_at);
+        e.bytes(&q.sealed);
+        let (id, value) = (q.id.into_bytes(), e.0);
+        self.write(&[], move |_| {
+            Ok(Plan {
+                ops: vec![Op::Put(Space::Quotes, bytes(id.clone()), bytes(value.clone()))],
+                new_settlement: false,
+            })
+        })
+    }
+
+    fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError> {
+        self.read(|s| {
+            let Some(value) = s.get(Space::Quotes, id.as_bytes())? else { return Ok(None) };
+            let mut d = Dec(&value);
+            let (owner, expires_at, sealed) = (|| Some((d.text()?, d.int()?, d.bytes()?.to_vec())))()
+                .ok_or_else(|| storage("a quote entry does not decode"))?;
+            if owner != institution {
+                return Ok(None);
+            }
+            let settled_by = match s.seq_of(Space::UsedQuotes, id.as_bytes())? {
+                Some(seq) => s.row(seq)?.map(|r| r.id),
+                None => None,
+            };
+            Ok(Some(StoredQuote { id: id.to_owned(), institution: owner, expires_at, sealed, settled_by }))
+        })
+    }
+
+    fn unresolved(&self) -> Result<Vec<Unresolved>, LedgerError> {
+        let found = self.read(|s| {
+            let mut rows = Vec::new();
+            for guard in s.space(Space::Open).iter() {
+                let key = guard.key().map_err(storage)?;
+                let seq = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| storage("an open key is not a seq"))?);
+                if let Some(row) = s.row(seq)?
+                    && matches!(row.state(), State::Pending | State::Unknown)
+                {
+                    rows.push((row.created_at, seq, row.unresolved()));
+                }
+            }
+            rows.sort_by_key(|(at, seq, _)| (*at, *seq));
+            Ok(Some(rows.into_iter().map(|(_, _, u)| u).collect()))
+        })?;
+        Ok(found.unwrap_or_default())
+    }
+
+    fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<Unresolved>, LedgerError> {
+        self.read(|s| {
+            Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.institution == institution).map(Row::unresolved))
+        })
+    }
+
+    fn reconciliation(
+        &self,
+        institution: &str,
+        date: &str,
+        page: u32,
+        page_size: u32,
+    ) -> Result<Reconciliation, LedgerError> {
+        let found = self.read(|s| reconcile(s, institution, date, page, page_size).map(Some))?;
+        found.ok_or(LedgerError::NotFound)
+    }
+
+    fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {
+        let row = self.read(|s| Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.state.is_some())))?;
+        let Some(row) = row else { return Ok(None) };
+        let deltas = serde_json::from_str(&row.deltas).map_err(storage)?;
+        Ok(Some((row.card_hash, deltas)))
+    }
+
+    fn list(&self, q: &super::ListQuery) -> Result<Vec<Listed>, LedgerError> {
+        let found = self.read(|s| {
+            let from = [q.institution.as_bytes(), b"\0", q.days.0.as_bytes(), b"\0"].concat();
+            let to = [q.institution.as_bytes(), b"\0", q.days.1.as_bytes(), b"\x01"].concat();
+            let mut seqs = Vec::new();
+            for guard in s.space(Space::Days).range(from..to) {
+                let key = guard.key().map_err(storage)?;
+                let tail =
+                    key.len().checked_sub(8).map(|at| &key[at..]).ok_or_else(|| storage("a day key is short"))?;
+                let seq = u64::from_be_bytes(tail.try_into().map_err(storage)?);
+                if i64::try_from(seq).is_ok_and(|seq| seq > q.after) {
+                    seqs.push(seq);
+                }
+            }
+            seqs.sort_unstable();
+            let mut listed = Vec::new();
+            for seq in seqs {
+                if listed.len() >= q.limit as usize {
+                    break;
+                }
+                let Some(row) = s.row(seq)? else { continue };
+                let state = row.state();
+                if q.from.is_some_and(|from| row.created_at < from)
+                    || q.to.is_some_and(|to| row.created_at >= to)
+                    || q.terminal.as_ref().is_some_and(|t| *t != row.terminal)
+                    || q.state.is_some_and(|s| s != state)
+                {
+                    continue;
+                }
+                let settled = matches!(state, State::Settled | State::Reversed | State::Failed);
+                let amount = |v: i64| settled.then_some(v);
+                listed.push(Listed {
+                    position: i64::try_from(seq).unwrap_or(i64::MAX),
+                    settlement_id: row.id,
+                    state: state.as_str().to_owned(),
+                    terminal_id: row.terminal,
+                    card: row.card_masked,
+                    created_at: super::rfc3339(row.created_at),
+                    total_fen: row.total_fen,
+                    fund_pay_fen: amount(row.fund_fen),
+                    account_pay_fen: amount(row.account_fen),
+                    cash_pay_fen: amount(row.cash_fen),
+                });
+            }
+            Ok(Some(listed))
+        })?;
+        Ok(found.unwrap_or_default())
+    }
+
+    fn probe(&self) -> LedgerFuture<'_, ()> {
+        if !self.durable.failing.load(Ordering::Relaxed) {
+            return Box::pin(async { Ok(()) });
+        }
+        self.write(&[], |_| {
+            Ok(Plan { ops: vec![Op::Put(Space::Meta, bytes(&b"probe"[..]), bytes(&b"1"[..]))], new_settlement: false })
+        })
+    }
+}
+
+/// The rows a day index lists.
+fn day_rows(s: &Store, space: Space, institution: &str, date: &str) -> Result<Vec<(u64, Row)>, LedgerError> {
+    let mut rows = Vec::new();
+    for guard in s.space(space).prefix(day_prefix(institution, date)) {
+        let key = guard.key().map_err(storage)?;
+        let tail = key.len().checked_sub(8).map(|at| &key[at..]).ok_or_else(|| storage("a day key is short"))?;
+        let seq = u64::from_be_bytes(tail.try_into().map_err(storage)?);
+        if let Some(row) = s.row(seq)? {
+            rows.push((seq, row));
+        }
+    }
+    Ok(rows)
+}
+
+fn totals<'a>(rows: impl Iterator<Item = &'a Row>) -> super::Totals {
+    let mut t = super::Totals::default();
+    for r in rows {
+        t.count += 1;
+        t.total_fen += r.total_fen;
+        t.fund_pay_fen += r.fund_fen;
+        t.account_pay_fen += r.account_fen;
+        t.cash_pay_fen += r.cash_fen;
+    }
+    t
+}
+
+/// Per payer: count, fund and account.
+fn payer_sums<'a>(rows: impl Iterator<Item = &'a Row>) -> BTreeMap<String, (u64, i64, i64)> {
+    let mut sums: BTreeMap<String, (u64, i64, i64)> = BTreeMap::new();
+    for r in rows {
+        let payers: Vec<(String, i64, i64)> = serde_json::from_str(&r.payers).unwrap_or_default();
+        for (payer, fund, account) in payers {
+            let sum = sums.entry(payer).or_default();
+            sum.0 += 1;
+            sum.1 += fund;
+            sum.2 += account;
+        }
+    }
+    sums
+}
+
+fn reconcile(
+    s: &Store,
+    institution: &str,
+    date: &str,
+    page: u32,
+    page_size: u32,
+) -> Result<Reconciliation, LedgerError> {
+    let settled_rows: Vec<(u64, Row)> = day_rows(s, Space::Days, institution, date)?
+        .into_iter()
+        .filter(|(_, r)| matches!(r.state(), State::Settled | State::Reversed))
+        .collect();
+    let reversed_rows: Vec<(u64, Row)> = day_rows(s, Space::ReversalDays, institution, date)?
+        .into_iter()
+        .filter(|(_, r)| r.state() == State::Reversed && r.reversed_day.as_deref() == Some(date))
+        .collect();
+    let settled = totals(settled_rows.iter().map(|(_, r)| r));
+    let reversed = totals(reversed_rows.iter().map(|(_, r)| r));
+    let net = super::Totals {
+        count: settled.count.saturating_sub(reversed.count),
+        total_fen: settled.total_fen - reversed.total_fen,
+        fund_pay_fen: settled.fund_pay_fen - reversed.fund_pay_fen,
+        account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
+        cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
+    };
+    let gross = payer_sums(settled_rows.iter().map(|(_, r)| r));
+    let mut back = payer_sums(reversed_rows.iter().map(|(_, r)| r));
+    let mut names: Vec<String> = gross.keys().chain(back.keys()).cloned().collect();
+    names.sort();
+    names.dedup();
+    let payers = names
+        .into_iter()
+        .map(|payer| {
+            let (count, fund_pay_fen, account_pay_fen) = gross.get(&payer).copied().unwrap_or_default();
+            let (reversed_count, reversed_fund_pay_fen, reversed_account_pay_fen) =
+                back.remove(&payer).unwrap_or_default();
+            super::PayerTotals {
+                payer,
+                count,
+                fund_pay_fen,
+                account_pay_fen,
+                reversed_count,
+                reversed_fund_pay_fen,
+                reversed_account_pay_fen,
+            }
+        })
+        .collect();
+    // The day's events in the order they happened: its settlements, then its reversals.
+    let line = |event: &str, at: i64, r: &Row| super::DetailLine {
+        event: event.to_owned(),
+        settlement_id: r.id.clone(),
+        state: r.state().as_str().to_owned(),
+        terminal_id: r.terminal.clone(),
+        card: r.card_masked.clone(),
+        created_at: super::rfc3339(at),
+        total_fen: r.total_fen,
+        fund_pay_fen: r.fund_fen,
+        account_pay_fen: r.account_fen,
+        cash_pay_fen: r.cash_fen,
+    };
+    // (time, seq, 0 for a settlement before 1 for a reversal at the same moment)
+    let mut events: Vec<(i64, u64, u8, &Row)> =
+        settled_rows.iter().map(|(seq, r)| (r.created_at, *seq, 0, r)).collect();
+    events.extend(reversed_rows.iter().map(|(seq, r)| (r.updated_at, *seq, 1, r)));
+    events.sort_by_key(|(at, seq, kind, _)| (*at, *seq, *kind));
+    let skip = (page.saturating_sub(1) as usize).saturating_mul(page_size as usize);
+    let details = events
+        .iter()
+        .skip(skip)
+        .take(page_size as usize)
+        .map(|(at, _, kind, r)| line(if *kind == 0 { "settled" } else { "reversed" }, *at, r))
+        .collect();
+    Ok(Reconciliation {
+        date: date.to_owned(),
+        detail_count: settled.count + reversed.count,
+        settled,
+        reversed,
+        net,
+        payers,
+        details,
+        page,
+        page_size,
+    })
+}
