@@ -471,10 +471,18 @@ impl Config {
         {
             private("ledger.secret (in the configuration file)", config_path);
         }
-        for suffix in ["", "-wal", "-shm"] {
-            let mut name = self.ledger.path.clone().into_os_string();
-            name.push(suffix);
-            private("ledger.path", Path::new(&name));
+        if self.ledger.path.is_dir() {
+            // The log-structured ledger: its directory and every file in it.
+            private("ledger.path", &self.ledger.path);
+            for entry in std::fs::read_dir(&self.ledger.path).into_iter().flatten().flatten() {
+                private("ledger.path", &entry.path());
+            }
+        } else {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut name = self.ledger.path.clone().into_os_string();
+                name.push(suffix);
+                private("ledger.path", Path::new(&name));
+            }
         }
         if let Some(dir) = self.ledger.path.parent()
             && let Some(m) = mode(dir).filter(|m| m & 0o022 != 0)

@@ -69,7 +69,7 @@ pub struct TestGateway {
     /// The admin listener (plain HTTP, loopback).
     pub admin: SocketAddr,
     /// The running gateway's state (swapped by a configuration reload).
-    pub live: Arc<Live>,
+    live: Option<Arc<Live>>,
     issuer: Arc<SigningKey>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -117,7 +117,7 @@ clock_skew_secs = {skew}
 max_lifetime_secs = 600
 
 [ledger]
-path = "ledger.db"
+path = "ledger"
 secret = "{secret}"
 
 [plugin_runtime]
@@ -228,7 +228,7 @@ impl TestGateway {
         let (addr, admin, live, stop, task) = serve(setup.dir.path()).await;
         Self {
             admin,
-            live,
+            live: Some(live),
             hospital: setup.client(addr, 0),
             pharmacy: setup.client(addr, 1),
             stranger: setup.client(addr, 2),
@@ -246,7 +246,7 @@ impl TestGateway {
         let (addr, admin, live, stop, task) = serve_on(self.dir.path(), Some(self.addr)).await;
         assert_eq!(addr, self.addr);
         self.admin = admin;
-        self.live = live;
+        self.live = Some(live);
         self.stop = Some(stop);
         self.task = Some(task);
     }
@@ -256,7 +256,7 @@ impl TestGateway {
         let path = self.dir.path().join("cardgate.toml");
         let text = std::fs::read_to_string(&path).expect("config");
         std::fs::write(&path, edit(text)).expect("write config");
-        let live = Arc::clone(&self.live);
+        let live = self.live();
         tokio::task::spawn_blocking(move || live.reload(&path, &HashMap::new())).await.expect("reload task")
     }
 
@@ -268,6 +268,13 @@ impl TestGateway {
         if let Some(task) = self.task.take() {
             task.await.expect("server task");
         }
+        // The gateway goes with it, and its ledger: another process (or a restart) may open it.
+        self.live = None;
+    }
+
+    /// The gateway and TLS configuration serving now (panics once stopped).
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(self.live.as_ref().expect("the gateway is running"))
     }
 
     /// Mints a token for a card, issued now, valid `ttl_secs`.

@@ -30,7 +30,7 @@ fn sums(receipts: &[Value]) -> (i64, i64) {
 
 /// The card's basic-medical accumulators as the ledger holds them.
 fn accumulators(gw: &TestGateway, card: &Card) -> cardgate_sdk::YearToDate {
-    let gateway = gw.live.gateway();
+    let gateway = gw.live().gateway();
     let year = time::OffsetDateTime::from_unix_timestamp(now() + 8 * 3600).expect("now").year();
     gateway.ledger.accumulators(&gateway.card_key.hash(&card.id), "basic-medical", year).expect("accumulators")
 }
@@ -111,7 +111,14 @@ async fn reversals_and_settlements_of_one_card_at_once_leave_the_figures_of_what
 /// only the ledger's conditional commit stands between them and a double spend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_sharing_a_ledger_never_spend_a_card_twice() {
+    // The SQLite engine lets two processes share its file: its conditional commit must hold.
+    // (The default engine refuses a second gateway outright: the test after this one.)
     let setup = Setup::create(&Options::default(), "127.0.0.1:0");
+    let config = setup.dir.path().join("cardgate.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replace("[ledger]\npath = \"ledger\"\n", "[ledger]\npath = \"ledger.db\"\nengine = \"sqlite\"\n");
+    assert!(text.contains("engine = \"sqlite\""), "{text}");
+    std::fs::write(&config, text).expect("config");
     let ((first, _stop_first), (second, _stop_second)) = (serve_setup(&setup).await, serve_setup(&setup).await);
     let clients = [setup.client(first, 1), setup.client(second, 1)];
     let card = Card::beijing();
@@ -141,4 +148,15 @@ async fn two_gateways_sharing_a_ledger_never_spend_a_card_twice() {
     }
     // Exactly what the same twenty bills take one after another.
     assert_eq!(sums(&receipts), (256_000, 144_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_embedded_ledger_refuses_to_start() {
+    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
+    let (_first, _stop) = serve_setup(&setup).await;
+    let config =
+        cardgate::config::Config::load(&setup.dir.path().join("cardgate.toml"), &Default::default()).expect("config");
+    let second = cardgate::service::Gateway::build(config, std::sync::Arc::new(cardgate::service::SystemClock));
+    let problems = second.expect_err("a second gateway on the same ledger").to_string();
+    assert!(problems.contains("open in another process"), "{problems}");
 }

@@ -263,7 +263,7 @@ async fn admin_over_mutual_tls_admits_only_operator_certificates() {
     let tls = cardgate::server::tls::mutual_tls("admin", &cert, &key, &ca).expect("admin TLS");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
-    tokio::spawn(cardgate::server::admin::run(listener, gw.live.clone(), Some(tls), std::future::pending()));
+    tokio::spawn(cardgate::server::admin::run(listener, gw.live(), Some(tls), std::future::pending()));
     let operator = pki.client("operator-1").expect("operator certificate");
     let client = cardgate::client::Client::new(addr, &pki.ca, &operator.cert, &operator.key).expect("client");
     let reply = client.send(Method::GET, "/admin/plugins", &[], None).await.expect("answer");

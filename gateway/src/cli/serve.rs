@@ -101,6 +101,9 @@ pub fn serve(args: ServeArgs) -> Result<u8, Failure> {
 }
 
 fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
+    // Whatever the daemon creates (the ledger's files, the plugin cache, logs it opens) is its
+    // owner's alone, whatever umask it was started with.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Failure::new)?;
     runtime.block_on(async move {
         survive_file_size_limit();

@@ -48,6 +48,9 @@ const FORMAT: u64 = 1;
 /// Version counters the writer checks reads against. More stripes, fewer false conflicts.
 const STRIPES: usize = 4096;
 
+/// What a ledger already open elsewhere is refused with.
+const LOCKED: &str = "the ledger is open in another process";
+
 /// Most writes committed together.
 const MAX_GROUP: usize = 512;
 
@@ -174,6 +177,8 @@ type Prepare = Box<dyn Fn(&Store) -> Result<Plan, LedgerError> + Send>;
 struct Job {
     /// Stripes read under, with the versions seen before reading.
     stripes: Vec<(usize, u64)>,
+    /// The engine's epoch ([`Slot::epoch`]) the plan was made in.
+    epoch: u64,
     /// What the caller decided on its reads.
     planned: Result<Plan, LedgerError>,
     /// The same decision, redone by the writer when a stripe moved.
@@ -212,7 +217,7 @@ impl Durable {
 
 /// The log-structured ledger.
 pub struct LsmLedger {
-    store: Arc<Store>,
+    slot: Arc<Slot>,
     versions: Arc<[AtomicU64]>,
     durable: Arc<Durable>,
     /// Taken on drop: closing the channel stops the writer, which commits what it holds.
@@ -246,23 +251,20 @@ fn stripe(kind: u8, key: &[u8]) -> usize {
     (hasher.finish() as usize) % STRIPES
 }
 
-impl LsmLedger {
-    /// Opens (or creates) the ledger in the directory `path` (created 0700) and starts its
-    /// writer thread. Fails if another process has it open.
-    pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        create_private_dir(path)?;
+impl Store {
+    /// Opens the engine at `path`; answers it and the next settlement's seq.
+    fn open(path: &Path) -> Result<(Self, u64), LedgerError> {
         let db = Database::builder(path).open().map_err(|e| match e {
-            fjall::Error::Locked => LedgerError::Storage(format!(
-                "{}: the ledger is open in another process (one gateway per embedded ledger)",
-                path.display()
-            )),
+            fjall::Error::Locked => {
+                LedgerError::Storage(format!("{}: {LOCKED} (one gateway per embedded ledger)", path.display()))
+            }
             e => LedgerError::Storage(format!("{}: {e}", path.display())),
         })?;
         let spaces = SPACE_NAMES
             .iter()
             .map(|name| db.keyspace(name, KeyspaceCreateOptions::default).map_err(storage))
             .collect::<Result<Vec<_>, _>>()?;
-        let store = Arc::new(Store { db, spaces });
+        let store = Self { db, spaces };
         let meta = store.space(Space::Meta);
         match meta.get("format").map_err(storage)? {
             None => {
@@ -284,11 +286,51 @@ impl LsmLedger {
             }
             None => 1,
         };
+        Ok((store, next_seq))
+    }
+}
+
+/// The engine as readers and the writer find it: none while the writer reopens it.
+#[derive(Default)]
+struct Slot {
+    store: std::sync::RwLock<Option<Arc<Store>>>,
+    /// Bumped at each reopening: plans made on an older engine are made again.
+    epoch: AtomicU64,
+}
+
+impl Slot {
+    fn current(&self) -> Result<Arc<Store>, LedgerError> {
+        let store = self.store.read().map_err(storage)?;
+        store.clone().ok_or_else(|| LedgerError::Storage("the ledger is being reopened".into()))
+    }
+}
+
+impl LsmLedger {
+    /// Opens (or creates) the ledger in the directory `path` (created 0700) and starts its
+    /// writer thread. Fails if another process has it open.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        create_private_dir(path)?;
+        // A gateway restarting while the previous process is still exiting finds the lock
+        // held for a moment: wait for it (a little), then say who holds it.
+        let mut attempts = 0;
+        let (store, next_seq) = loop {
+            match Store::open(path) {
+                Err(LedgerError::Storage(message)) if message.contains(LOCKED) && attempts < 20 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                opened => break opened?,
+            }
+        };
+        let store = Arc::new(store);
+        let slot = Arc::new(Slot { store: std::sync::RwLock::new(Some(Arc::clone(&store))), epoch: AtomicU64::new(0) });
         let versions: Arc<[AtomicU64]> = (0..STRIPES).map(|_| AtomicU64::new(0)).collect();
         let durable = Arc::new(Durable::default());
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
         let writer = Writer {
-            store: Arc::clone(&store),
+            store: Some(store),
+            slot: Arc::clone(&slot),
+            path: path.to_owned(),
             versions: Arc::clone(&versions),
             durable: Arc::clone(&durable),
             next_seq,
@@ -297,7 +339,7 @@ impl LsmLedger {
             .name("cardgate-ledger".into())
             .spawn(move || writer.run(&queue))
             .map_err(storage)?;
-        Ok(Self { store, versions, durable, jobs: Some(jobs), writer: Some(writer), path: path.to_owned() })
+        Ok(Self { slot, versions, durable, jobs: Some(jobs), writer: Some(writer), path: path.to_owned() })
     }
 
     /// Runs `prepare` here (reads under the stripes of `keys`), then queues its plan for the
@@ -312,9 +354,10 @@ impl LsmLedger {
         stripes.dedup();
         let stripes: Vec<(usize, u64)> =
             stripes.into_iter().map(|s| (s, self.versions[s].load(Ordering::Acquire))).collect();
-        let planned = prepare(&self.store);
+        let epoch = self.slot.epoch.load(Ordering::Acquire);
+        let planned = self.slot.current().and_then(|store| prepare(&store));
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Job { stripes, planned, prepare: Box::new(prepare), reply };
+        let job = Job { stripes, epoch, planned, prepare: Box::new(prepare), reply };
         let sent = match &self.jobs {
             Some(jobs) => jobs.send(job).map_err(|_| LedgerError::Storage("ledger writer stopped".into())),
             None => Err(LedgerError::Storage("ledger closed".into())),
@@ -328,7 +371,7 @@ impl LsmLedger {
     /// Reads through `f`; if it found something, waits until what was visible is durable.
     fn read<T>(&self, f: impl FnOnce(&Store) -> Result<Option<T>, LedgerError>) -> Result<Option<T>, LedgerError> {
         let seen = self.durable.applied.load(Ordering::Acquire);
-        let found = f(&self.store)?;
+        let found = f(&*self.slot.current()?)?;
         if found.is_some() {
             self.durable.wait(seen)?;
         }
@@ -347,7 +390,10 @@ fn create_private_dir(path: &Path) -> Result<(), LedgerError> {
 
 /// The writer thread's state.
 struct Writer {
-    store: Arc<Store>,
+    /// The engine (none after a failed reopening).
+    store: Option<Arc<Store>>,
+    slot: Arc<Slot>,
+    path: PathBuf,
     versions: Arc<[AtomicU64]>,
     durable: Arc<Durable>,
     next_seq: u64,
@@ -359,8 +405,18 @@ impl Writer {
         while let Ok(first) = queue.recv() {
             let mut group = vec![first];
             group.extend(queue.try_iter().take(MAX_GROUP - 1));
+            if self.durable.failing.load(Ordering::Relaxed) {
+                self.recover();
+            }
+            let Some(store) = self.store.clone() else {
+                for job in group {
+                    let _ = job.reply.send(Err(LedgerError::Storage("the ledger could not be reopened".into())));
+                }
+                continue;
+            };
+            let epoch = self.slot.epoch.load(Ordering::Acquire);
             let (started, size) = (std::time::Instant::now(), group.len());
-            let mut batch = self.store.db.batch();
+            let mut batch = store.db.batch();
             // Stripes written by this group and not yet applied (their versions not bumped).
             let mut touched: HashSet<usize> = HashSet::new();
             let mut replies = Vec::with_capacity(group.len());
@@ -371,13 +427,13 @@ impl Writer {
                 if pending {
                     // An earlier write of this group touched the same thing: apply the group
                     // so far, so the reads redone below see it.
-                    let full = std::mem::replace(&mut batch, self.store.db.batch());
+                    let full = std::mem::replace(&mut batch, store.db.batch());
                     if let Err(e) = full.commit() {
                         failed.get_or_insert(storage(e));
                     }
                     self.bump(&mut touched);
                 }
-                let plan = if moved || pending { (job.prepare)(&self.store) } else { job.planned };
+                let plan = if moved || pending || job.epoch != epoch { (job.prepare)(&store) } else { job.planned };
                 let answer = match plan {
                     Ok(plan) => {
                         let seq = if plan.new_settlement {
@@ -389,9 +445,9 @@ impl Writer {
                         for op in &plan.ops {
                             match op {
                                 Op::Put(space, key, value) => {
-                                    batch.insert(self.store.space(*space), assemble(key, seq), assemble(value, seq));
+                                    batch.insert(store.space(*space), assemble(key, seq), assemble(value, seq));
                                 }
-                                Op::Remove(space, key) => batch.remove(self.store.space(*space), key.clone()),
+                                Op::Remove(space, key) => batch.remove(store.space(*space), key.clone()),
                             }
                         }
                         touched.extend(job.stripes.iter().map(|(s, _)| *s));
@@ -406,16 +462,19 @@ impl Writer {
             }
             self.bump(&mut touched);
             group_number += 1;
-            self.durable.applied.store(group_number, Ordering::Release);
+            if failed.is_none() {
+                // Visible from now on: reads that find any of it wait for the fsync below.
+                self.durable.applied.store(group_number, Ordering::Release);
+            }
             if failed.is_none()
-                && let Err(e) = self.store.db.persist(PersistMode::SyncAll)
+                && let Err(e) = store.db.persist(PersistMode::SyncAll)
             {
                 failed = Some(storage(e));
             }
             crate::metrics::ledger_commit(size, started.elapsed());
             match &failed {
                 Some(e) if !self.durable.failing.swap(true, Ordering::Relaxed) => {
-                    tracing::error!(error = %e, "ledger: the journal failed; writes fail until the gateway restarts");
+                    tracing::error!(error = %e, "ledger: commit failed; writes fail until the journal can be written again");
                 }
                 _ => {}
             }
@@ -433,6 +492,43 @@ impl Writer {
                 let _ = reply.send(answer);
             }
         }
+    }
+
+    /// After a failed commit the engine refuses every write until it is opened again. Once a
+    /// file can be written and synced in the ledger's directory (the disk has space again),
+    /// the writer closes the engine and opens it: recovery replays the journal up to its last
+    /// whole batch. Reads fail for the moment it takes (the gateway answers 503).
+    fn recover(&mut self) {
+        let probe = self.path.join(".write-probe");
+        let writable = std::fs::File::create(&probe)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"probe").and_then(|()| f.sync_all()));
+        let _ = std::fs::remove_file(&probe);
+        if writable.is_err() {
+            return;
+        }
+        if let Ok(mut slot) = self.slot.store.write() {
+            *slot = None;
+        }
+        self.store = None;
+        for _ in 0..200 {
+            match Store::open(&self.path) {
+                Ok((store, next_seq)) => {
+                    let store = Arc::new(store);
+                    self.store = Some(Arc::clone(&store));
+                    if let Ok(mut slot) = self.slot.store.write() {
+                        *slot = Some(store);
+                    }
+                    self.next_seq = next_seq;
+                    self.slot.epoch.fetch_add(1, Ordering::AcqRel);
+                    self.durable.failing.store(false, Ordering::Relaxed);
+                    tracing::info!("ledger: reopened; commits succeed again");
+                    return;
+                }
+                // A reader still holds the old engine for a moment.
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        tracing::error!(path = %self.path.display(), "ledger: could not be reopened; writes and reads fail");
     }
 
     fn bump(&self, touched: &mut HashSet<usize>) {
@@ -553,9 +649,7 @@ impl Row {
         e.bytes(&self.sealed_request);
         e.opt(self.state.map(|s| s.as_str().as_bytes()));
         e.int(i64::from(self.status));
-        for text in [&self.body] {
-            e.bytes(text.as_bytes());
-        }
+        e.bytes(self.body.as_bytes());
         e.opt(self.reversal.as_deref().map(str::as_bytes));
         e.bytes(self.deltas.as_bytes());
         e.bytes(self.payers.as_bytes());
@@ -717,6 +811,12 @@ const SETTLEMENT: u8 = b's';
 /// `row` is what to store (pending, or with its outcome), `holds` whether the token or quote
 /// stays used.
 fn plan_intent(store: &Store, i: &Intent, row: &Row, holds: bool, plan: &mut Plan) -> Result<(), LedgerError> {
+    // The key first: a retry (whose token is used by its own first attempt) is told so, and
+    // gets its settlement's answer.
+    let key = key_of(&i.institution, &i.idempotency_key);
+    if store.get(Space::Keys, &key)?.is_some() {
+        return Err(LedgerError::IdempotencyTaken);
+    }
     if let Some(token) = &i.token_id
         && store.get(Space::Tokens, token)?.is_some()
     {
@@ -726,10 +826,6 @@ fn plan_intent(store: &Store, i: &Intent, row: &Row, holds: bool, plan: &mut Pla
         && store.get(Space::UsedQuotes, quote.as_bytes())?.is_some()
     {
         return Err(LedgerError::QuoteUsed);
-    }
-    let key = key_of(&i.institution, &i.idempotency_key);
-    if store.get(Space::Keys, &key)?.is_some() {
-        return Err(LedgerError::IdempotencyTaken);
     }
     if store.get(Space::Ids, i.id.as_bytes())?.is_some() {
         return Err(storage("settlement id already recorded"));
@@ -850,9 +946,10 @@ impl Ledger for LsmLedger {
     }
 
     fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
+        let store = self.slot.current()?;
         payers
             .iter()
-            .map(|payer| match self.store.get(Space::Accumulators, &accumulator_key(card_hash, year, payer))? {
+            .map(|payer| match store.get(Space::Accumulators, &accumulator_key(card_hash, year, payer))? {
                 Some(v) => figures(&v, year).ok_or_else(|| storage("accumulators do not decode")),
                 None => Ok(YearToDate { year, ..YearToDate::default() }),
             })
