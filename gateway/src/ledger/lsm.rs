@@ -48,6 +48,9 @@ const FORMAT: u64 = 1;
 /// Version counters the writer checks reads against. More stripes, fewer false conflicts.
 const STRIPES: usize = 4096;
 
+/// The `meta` key holding the next seq (written with every group that assigns seqs).
+const NEXT_SEQ: &str = "next_seq";
+
 /// What a ledger already open elsewhere is refused with.
 const LOCKED: &str = "the ledger is open in another process";
 
@@ -60,33 +63,32 @@ const DURABLE_WAIT: Duration = Duration::from_secs(10);
 /// The keyspaces, by index into [`Store::spaces`].
 #[derive(Debug, Clone, Copy)]
 enum Space {
-    /// seq (u64 BE) -> the settlement ([`Row`]).
+    /// settlement id -> its seq (u64 BE) and the settlement ([`Row`]).
     Settlements = 0,
-    /// settlement id -> seq.
-    Ids,
-    /// institution \0 idempotency key -> seq.
+    /// institution \0 idempotency key -> settlement id.
     Keys,
-    /// token id -> seq: a token settles once, forever (released by a refused settlement).
+    /// token id -> settlement id: a token settles once, forever (released by a refused
+    /// settlement).
     Tokens,
-    /// quote id -> seq of the settlement that consumed it.
+    /// quote id -> the id of the settlement that consumed it.
     UsedQuotes,
     /// quote id -> the stored quote.
     Quotes,
-    /// card hash ‖ year (i32 BE) ‖ payer -> five i64 (year-to-date figures).
+    /// card hash ‖ year (i32 BE) -> each payer's year-to-date figures (one entry for all the
+    /// payers of a card's year: one write per settlement, one read).
     Accumulators,
-    /// seq -> empty: settlements still pending or unknown.
+    /// seq -> settlement id: settlements still pending or unknown.
     Open,
-    /// institution \0 day \0 seq -> empty: the settlements made on a business day.
+    /// institution \0 day \0 seq -> settlement id: the settlements made on a business day.
     Days,
-    /// institution \0 day \0 seq -> empty: the reversals made on a business day.
+    /// institution \0 day \0 seq -> settlement id: the reversals made on a business day.
     ReversalDays,
-    /// Small facts about the ledger itself (its format).
+    /// Small facts about the ledger itself: its format, the next seq.
     Meta,
 }
 
-const SPACE_NAMES: [&str; 11] = [
+const SPACE_NAMES: [&str; 10] = [
     "settlements",
-    "ids",
     "idempotency_keys",
     "tokens",
     "used_quotes",
@@ -113,20 +115,33 @@ impl Store {
         self.space(s).get(key).map_err(storage)
     }
 
-    fn seq_of(&self, s: Space, key: &[u8]) -> Result<Option<u64>, LedgerError> {
-        Ok(self.get(s, key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
-    }
-
-    fn row(&self, seq: u64) -> Result<Option<Row>, LedgerError> {
-        match self.get(Space::Settlements, &seq.to_be_bytes())? {
-            Some(bytes) => Row::decode(&bytes).map(Some).ok_or_else(|| storage("a settlement entry does not decode")),
-            None => Ok(None),
-        }
+    /// The settlement an index entry names (its value is the settlement's id).
+    fn row_via(&self, s: Space, key: &[u8]) -> Result<Option<(u64, Row)>, LedgerError> {
+        let Some(id) = self.get(s, key)? else { return Ok(None) };
+        self.row_by_id_bytes(&id)
     }
 
     fn row_by_id(&self, id: &str) -> Result<Option<(u64, Row)>, LedgerError> {
-        let Some(seq) = self.seq_of(Space::Ids, id.as_bytes())? else { return Ok(None) };
-        Ok(self.row(seq)?.map(|row| (seq, row)))
+        self.row_by_id_bytes(id.as_bytes())
+    }
+
+    fn row_by_id_bytes(&self, id: &[u8]) -> Result<Option<(u64, Row)>, LedgerError> {
+        let Some(bytes) = self.get(Space::Settlements, id)? else { return Ok(None) };
+        let decoded =
+            bytes.split_first_chunk::<8>().and_then(|(seq, row)| Some((u64::from_be_bytes(*seq), Row::decode(row)?)));
+        decoded.map(Some).ok_or_else(|| storage("a settlement entry does not decode"))
+    }
+
+    /// The settlements an index lists (`prefix`, or a key range), with their seqs.
+    fn rows_of(&self, guards: fjall::Iter) -> Result<Vec<(u64, Row)>, LedgerError> {
+        let mut rows = Vec::new();
+        for guard in guards {
+            let (_, id) = guard.into_inner().map_err(storage)?;
+            if let Some(found) = self.row_by_id_bytes(&id)? {
+                rows.push(found);
+            }
+        }
+        Ok(rows)
     }
 }
 
@@ -149,15 +164,20 @@ enum Part {
     Seq,
 }
 
-fn assemble(parts: &[Part], seq: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| if let Part::Bytes(b) = p { b.len() } else { 8 }).sum());
+/// The bytes of `parts` with `seq` in place: the single part itself when it is all there is,
+/// else assembled in `buffer` (the writer's own, reused: nothing allocated per entry).
+fn assemble<'a>(parts: &'a [Part], seq: u64, buffer: &'a mut Vec<u8>) -> &'a [u8] {
+    if let [Part::Bytes(only)] = parts {
+        return only;
+    }
+    buffer.clear();
     for part in parts {
         match part {
-            Part::Bytes(b) => out.extend_from_slice(b),
-            Part::Seq => out.extend_from_slice(&seq.to_be_bytes()),
+            Part::Bytes(b) => buffer.extend_from_slice(b),
+            Part::Seq => buffer.extend_from_slice(&seq.to_be_bytes()),
         }
     }
-    out
+    buffer
 }
 
 fn bytes(b: impl Into<Vec<u8>>) -> Vec<Part> {
@@ -183,8 +203,13 @@ struct Job {
     planned: Result<Plan, LedgerError>,
     /// The same decision, redone by the writer when a stripe moved.
     prepare: Prepare,
-    reply: tokio::sync::oneshot::Sender<Result<(), LedgerError>>,
+    reply: tokio::sync::oneshot::Sender<(Result<(), LedgerError>, Leftovers)>,
 }
+
+/// What a write brought to the writer (its plan, its closure and what that holds), sent back
+/// with the answer for the caller's thread to free: memory freed on the thread that allocated
+/// it is cheap, freed on another it is not, and the writer's time is the one to spare.
+type Leftovers = Box<dyn std::any::Any + Send>;
 
 /// Durability, as the writer publishes it for readers.
 #[derive(Debug, Default)]
@@ -279,11 +304,8 @@ impl Store {
                 )));
             }
         }
-        let next_seq = match store.space(Space::Settlements).last_key_value() {
-            Some(guard) => {
-                let key = guard.key().map_err(storage)?;
-                u64::from_be_bytes(key.as_ref().try_into().map_err(|_| storage("a settlement key is not a seq"))?) + 1
-            }
+        let next_seq = match meta.get(NEXT_SEQ).map_err(storage)? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| storage("the next seq does not decode"))?),
             None => 1,
         };
         Ok((store, next_seq))
@@ -364,7 +386,9 @@ impl LsmLedger {
         };
         Box::pin(async move {
             sent?;
-            answer.await.map_err(|_| LedgerError::Storage("ledger writer stopped".into()))?
+            let (answer, leftovers) = answer.await.map_err(|_| LedgerError::Storage("ledger writer stopped".into()))?;
+            drop(leftovers);
+            answer
         })
     }
 
@@ -410,31 +434,43 @@ impl Writer {
             }
             let Some(store) = self.store.clone() else {
                 for job in group {
-                    let _ = job.reply.send(Err(LedgerError::Storage("the ledger could not be reopened".into())));
+                    let error = LedgerError::Storage("the ledger could not be reopened".into());
+                    let _ = job.reply.send((Err(error), Box::new(())));
                 }
                 continue;
             };
             let epoch = self.slot.epoch.load(Ordering::Acquire);
+            let mut batch_seq = self.next_seq;
             let (started, size) = (std::time::Instant::now(), group.len());
             let mut batch = store.db.batch();
             // Stripes written by this group and not yet applied (their versions not bumped).
             let mut touched: HashSet<usize> = HashSet::new();
             let mut replies = Vec::with_capacity(group.len());
             let mut failed: Option<LedgerError> = None;
+            let (mut keys, mut values) = (Vec::with_capacity(256), Vec::with_capacity(4096));
             for job in group {
-                let moved = job.stripes.iter().any(|(s, v)| self.versions[*s].load(Ordering::Acquire) != *v);
-                let pending = job.stripes.iter().any(|(s, _)| touched.contains(s));
+                let Job { stripes, epoch: planned_in, planned, prepare, reply } = job;
+                let moved = stripes.iter().any(|(s, v)| self.versions[*s].load(Ordering::Acquire) != *v);
+                let pending = stripes.iter().any(|(s, _)| touched.contains(s));
                 if pending {
                     // An earlier write of this group touched the same thing: apply the group
                     // so far, so the reads redone below see it.
-                    let full = std::mem::replace(&mut batch, store.db.batch());
+                    let mut full = std::mem::replace(&mut batch, store.db.batch());
+                    if self.next_seq != batch_seq {
+                        full.insert(store.space(Space::Meta), NEXT_SEQ, self.next_seq.to_be_bytes());
+                        batch_seq = self.next_seq;
+                    }
                     if let Err(e) = full.commit() {
                         failed.get_or_insert(storage(e));
                     }
                     self.bump(&mut touched);
                 }
-                let plan = if moved || pending || job.epoch != epoch { (job.prepare)(&store) } else { job.planned };
-                let answer = match plan {
+                let (plan, unused) = if moved || pending || planned_in != epoch {
+                    (prepare(&store), Some(planned))
+                } else {
+                    (planned, None)
+                };
+                let answer = match &plan {
                     Ok(plan) => {
                         let seq = if plan.new_settlement {
                             self.next_seq += 1;
@@ -444,18 +480,24 @@ impl Writer {
                         };
                         for op in &plan.ops {
                             match op {
-                                Op::Put(space, key, value) => {
-                                    batch.insert(store.space(*space), assemble(key, seq), assemble(value, seq));
-                                }
-                                Op::Remove(space, key) => batch.remove(store.space(*space), key.clone()),
+                                Op::Put(space, key, value) => batch.insert(
+                                    store.space(*space),
+                                    assemble(key, seq, &mut keys),
+                                    assemble(value, seq, &mut values),
+                                ),
+                                Op::Remove(space, key) => batch.remove(store.space(*space), key.as_slice()),
                             }
                         }
-                        touched.extend(job.stripes.iter().map(|(s, _)| *s));
+                        touched.extend(stripes.iter().map(|(s, _)| *s));
                         Ok(())
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.clone()),
                 };
-                replies.push((job.reply, answer));
+                replies.push((reply, answer, Box::new((stripes, plan, unused, prepare)) as Leftovers));
+            }
+            // The next seq, in the same atomic batch as the settlements that took theirs.
+            if self.next_seq != batch_seq {
+                batch.insert(store.space(Space::Meta), NEXT_SEQ, self.next_seq.to_be_bytes());
             }
             if let Err(e) = batch.commit() {
                 failed.get_or_insert(storage(e));
@@ -467,7 +509,7 @@ impl Writer {
                 self.durable.applied.store(group_number, Ordering::Release);
             }
             if failed.is_none()
-                && let Err(e) = store.db.persist(PersistMode::SyncAll)
+                && let Err(e) = store.db.persist(PersistMode::SyncData)
             {
                 failed = Some(storage(e));
             }
@@ -484,12 +526,12 @@ impl Writer {
                 *synced = group_number;
             }
             self.durable.changed.notify_all();
-            for (reply, answer) in replies {
+            for (reply, answer, leftovers) in replies {
                 let answer = match &failed {
                     Some(e) if answer.is_ok() => Err(e.clone()),
                     _ => answer,
                 };
-                let _ = reply.send(answer);
+                let _ = reply.send((answer, leftovers));
             }
         }
     }
@@ -769,26 +811,42 @@ fn day_prefix(institution: &str, day: &str) -> Vec<u8> {
     [institution.as_bytes(), b"\0", day.as_bytes(), b"\0"].concat()
 }
 
-fn accumulator_key(card_hash: &[u8], year: i32, payer: &str) -> Vec<u8> {
-    [card_hash, &year.to_be_bytes(), payer.as_bytes()].concat()
+fn accumulator_key(card_hash: &[u8], year: i32) -> Vec<u8> {
+    [card_hash, &year.to_be_bytes()].concat()
 }
 
-fn figures(bytes: &[u8], year: i32) -> Option<YearToDate> {
-    let mut d = Dec(bytes);
-    Some(YearToDate {
-        year,
-        deductible_fen: d.int()?,
-        fund_paid_fen: d.int()?,
-        eligible_fen: d.int()?,
-        account_paid_fen: d.int()?,
-        eligible_self_pay_fen: d.int()?,
-    })
+/// A card's year: each payer's figures, in the order first recorded.
+type Year = Vec<(String, YearToDate)>;
+
+fn read_year(store: &Store, card_hash: &[u8], year: i32) -> Result<Year, LedgerError> {
+    let Some(value) = store.get(Space::Accumulators, &accumulator_key(card_hash, year))? else { return Ok(Vec::new()) };
+    let mut d = Dec(&value);
+    let mut found = Vec::new();
+    while !d.0.is_empty() {
+        let entry = (|| {
+            let payer = d.text()?;
+            let figures = YearToDate {
+                year,
+                deductible_fen: d.int()?,
+                fund_paid_fen: d.int()?,
+                eligible_fen: d.int()?,
+                account_paid_fen: d.int()?,
+                eligible_self_pay_fen: d.int()?,
+            };
+            Some((payer, figures))
+        })();
+        found.push(entry.ok_or_else(|| storage("accumulators do not decode"))?);
+    }
+    Ok(found)
 }
 
-fn figures_bytes(y: &YearToDate) -> Vec<u8> {
-    let mut e = Enc(Vec::with_capacity(40));
-    for v in [y.deductible_fen, y.fund_paid_fen, y.eligible_fen, y.account_paid_fen, y.eligible_self_pay_fen] {
-        e.int(v);
+fn year_bytes(year: &Year) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(year.len() * 64));
+    for (payer, y) in year {
+        e.bytes(payer.as_bytes());
+        for v in [y.deductible_fen, y.fund_paid_fen, y.eligible_fen, y.account_paid_fen, y.eligible_self_pay_fen] {
+            e.int(v);
+        }
     }
     e.0
 }
@@ -827,26 +885,26 @@ fn plan_intent(store: &Store, i: &Intent, row: &Row, holds: bool, plan: &mut Pla
     {
         return Err(LedgerError::QuoteUsed);
     }
-    if store.get(Space::Ids, i.id.as_bytes())?.is_some() {
+    if store.get(Space::Settlements, i.id.as_bytes())?.is_some() {
         return Err(storage("settlement id already recorded"));
     }
+    let id = i.id.as_bytes();
     plan.new_settlement = true;
-    plan.ops.push(Op::Put(Space::Settlements, vec![Part::Seq], bytes(row.encode())));
-    plan.ops.push(Op::Put(Space::Ids, bytes(i.id.as_bytes()), vec![Part::Seq]));
-    plan.ops.push(Op::Put(Space::Keys, bytes(key), vec![Part::Seq]));
+    plan.ops.push(Op::Put(Space::Settlements, bytes(id), vec![Part::Seq, Part::Bytes(row.encode())]));
+    plan.ops.push(Op::Put(Space::Keys, bytes(key), bytes(id)));
     if holds {
         if let Some(token) = &i.token_id {
-            plan.ops.push(Op::Put(Space::Tokens, bytes(token.as_slice()), vec![Part::Seq]));
+            plan.ops.push(Op::Put(Space::Tokens, bytes(token.as_slice()), bytes(id)));
         }
         if let Some(quote) = &i.quote_id {
-            plan.ops.push(Op::Put(Space::UsedQuotes, bytes(quote.as_bytes()), vec![Part::Seq]));
+            plan.ops.push(Op::Put(Space::UsedQuotes, bytes(quote.as_bytes()), bytes(id)));
         }
     }
     if matches!(row.state(), State::Pending | State::Unknown) {
-        plan.ops.push(Op::Put(Space::Open, vec![Part::Seq], Vec::new()));
+        plan.ops.push(Op::Put(Space::Open, vec![Part::Seq], bytes(id)));
     }
-    let day = [Part::Bytes(day_prefix(&i.institution, &row.day)), Part::Seq];
-    plan.ops.push(Op::Put(Space::Days, day.to_vec(), Vec::new()));
+    let day = vec![Part::Bytes(day_prefix(&i.institution, &row.day)), Part::Seq];
+    plan.ops.push(Op::Put(Space::Days, day, bytes(id)));
     Ok(())
 }
 
@@ -859,26 +917,36 @@ fn plan_accumulators(
     read: &[AccumulatorDelta],
     plan: &mut Plan,
 ) -> Result<(), LedgerError> {
-    for AccumulatorDelta { payer, delta: d } in deltas {
-        let key = accumulator_key(card_hash, d.year, payer);
-        let now = match store.get(Space::Accumulators, &key)? {
-            Some(v) => figures(&v, d.year).ok_or_else(|| storage("accumulators do not decode"))?,
-            None => YearToDate { year: d.year, ..YearToDate::default() },
-        };
-        if let Some(given) = read.iter().find(|r| r.payer == *payer && r.delta.year == d.year)
-            && !same_figures(&given.delta, &now)
-        {
-            return Err(LedgerError::Stale);
+    let mut years: Vec<i32> = deltas.iter().map(|d| d.delta.year).collect();
+    years.sort_unstable();
+    years.dedup();
+    for year in years {
+        let mut figures = read_year(store, card_hash, year)?;
+        for AccumulatorDelta { payer, delta: d } in deltas.iter().filter(|d| d.delta.year == year) {
+            let slot = match figures.iter().position(|(p, _)| p == payer) {
+                Some(slot) => slot,
+                None => {
+                    figures.push((payer.clone(), YearToDate { year, ..YearToDate::default() }));
+                    figures.len() - 1
+                }
+            };
+            let now = &mut figures[slot].1;
+            if let Some(given) = read.iter().find(|r| r.payer == *payer && r.delta.year == year)
+                && !same_figures(&given.delta, now)
+            {
+                return Err(LedgerError::Stale);
+            }
+            now.deductible_fen += d.deductible_fen;
+            now.fund_paid_fen += d.fund_paid_fen;
+            now.eligible_fen += d.eligible_fen;
+            now.account_paid_fen += d.account_paid_fen;
+            now.eligible_self_pay_fen += d.eligible_self_pay_fen;
         }
-        let sum = YearToDate {
-            year: d.year,
-            deductible_fen: now.deductible_fen + d.deductible_fen,
-            fund_paid_fen: now.fund_paid_fen + d.fund_paid_fen,
-            eligible_fen: now.eligible_fen + d.eligible_fen,
-            account_paid_fen: now.account_paid_fen + d.account_paid_fen,
-            eligible_self_pay_fen: now.eligible_self_pay_fen + d.eligible_self_pay_fen,
-        };
-        plan.ops.push(Op::Put(Space::Accumulators, bytes(key), bytes(figures_bytes(&sum))));
+        plan.ops.push(Op::Put(
+            Space::Accumulators,
+            bytes(accumulator_key(card_hash, year)),
+            bytes(year_bytes(&figures)),
+        ));
     }
     Ok(())
 }
@@ -904,8 +972,13 @@ fn plan_outcome(store: &Store, o: &Outcome, deltas: &str, payers: &str, plan: &m
         plan.ops.push(Op::Remove(Space::Open, seq.to_be_bytes().to_vec()));
     }
     let row = row.with_outcome(o, deltas, payers);
-    plan.ops.push(Op::Put(Space::Settlements, bytes(seq.to_be_bytes()), bytes(row.encode())));
+    plan.ops.push(Op::Put(Space::Settlements, bytes(o.id.as_bytes()), stored(seq, &row)));
     Ok(())
+}
+
+/// A settlement's stored value: its seq, then the row.
+fn stored(seq: u64, row: &Row) -> Vec<Part> {
+    vec![Part::Bytes([&seq.to_be_bytes()[..], &row.encode()].concat())]
 }
 
 fn encoded_outcome(o: &Outcome) -> (String, String) {
@@ -933,10 +1006,7 @@ fn borrowed(keys: &[(u8, Vec<u8>)]) -> Vec<(u8, &[u8])> {
 
 impl Ledger for LsmLedger {
     fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
-        self.read(|s| {
-            let Some(seq) = s.seq_of(Space::Keys, &key_of(institution, key))? else { return Ok(None) };
-            Ok(s.row(seq)?.map(Row::record))
-        })
+        self.read(|s| Ok(s.row_via(Space::Keys, &key_of(institution, key))?.map(|(_, row)| row.record())))
     }
 
     fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
@@ -946,14 +1016,16 @@ impl Ledger for LsmLedger {
     }
 
     fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
-        let store = self.slot.current()?;
-        payers
+        let figures = read_year(&*self.slot.current()?, card_hash, year)?;
+        Ok(payers
             .iter()
-            .map(|payer| match store.get(Space::Accumulators, &accumulator_key(card_hash, year, payer))? {
-                Some(v) => figures(&v, year).ok_or_else(|| storage("accumulators do not decode")),
-                None => Ok(YearToDate { year, ..YearToDate::default() }),
+            .map(|payer| {
+                figures
+                    .iter()
+                    .find(|(p, _)| p == payer)
+                    .map_or(YearToDate { year, ..YearToDate::default() }, |(_, y)| *y)
             })
-            .collect()
+            .collect())
     }
 
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
@@ -1009,12 +1081,12 @@ impl Ledger for LsmLedger {
             plan_accumulators(s, &card_hash, &deltas, &[], &mut plan)?;
             let day = super::business_day(at);
             let index = [day_prefix(&row.institution, &day), seq.to_be_bytes().to_vec()].concat();
-            plan.ops.push(Op::Put(Space::ReversalDays, bytes(index), Vec::new()));
+            plan.ops.push(Op::Put(Space::ReversalDays, bytes(index), bytes(id.as_bytes())));
             row.state = Some(State::Reversed);
             row.reversal = Some(body.clone());
             row.updated_at = at;
             row.reversed_day = Some(day);
-            plan.ops.push(Op::Put(Space::Settlements, bytes(seq.to_be_bytes()), bytes(row.encode())));
+            plan.ops.push(Op::Put(Space::Settlements, bytes(id.as_bytes()), stored(seq, &row)));
             Ok(plan)
         })
     }
@@ -1042,10 +1114,8 @@ impl Ledger for LsmLedger {
             if owner != institution {
                 return Ok(None);
             }
-            let settled_by = match s.seq_of(Space::UsedQuotes, id.as_bytes())? {
-                Some(seq) => s.row(seq)?.map(|r| r.id),
-                None => None,
-            };
+            let settled_by =
+                s.get(Space::UsedQuotes, id.as_bytes())?.map(|by| String::from_utf8_lossy(&by).into_owned());
             Ok(Some(StoredQuote { id: id.to_owned(), institution: owner, expires_at, sealed, settled_by }))
         })
     }
@@ -1053,12 +1123,8 @@ impl Ledger for LsmLedger {
     fn unresolved(&self) -> Result<Vec<Unresolved>, LedgerError> {
         let found = self.read(|s| {
             let mut rows = Vec::new();
-            for guard in s.space(Space::Open).iter() {
-                let key = guard.key().map_err(storage)?;
-                let seq = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| storage("an open key is not a seq"))?);
-                if let Some(row) = s.row(seq)?
-                    && matches!(row.state(), State::Pending | State::Unknown)
-                {
+            for (seq, row) in s.rows_of(s.space(Space::Open).iter())? {
+                if matches!(row.state(), State::Pending | State::Unknown) {
                     rows.push((row.created_at, seq, row.unresolved()));
                 }
             }
@@ -1096,23 +1162,23 @@ impl Ledger for LsmLedger {
         let found = self.read(|s| {
             let from = [q.institution.as_bytes(), b"\0", q.days.0.as_bytes(), b"\0"].concat();
             let to = [q.institution.as_bytes(), b"\0", q.days.1.as_bytes(), b"\x01"].concat();
-            let mut seqs = Vec::new();
+            let mut ids = Vec::new();
             for guard in s.space(Space::Days).range(from..to) {
-                let key = guard.key().map_err(storage)?;
+                let (key, id) = guard.into_inner().map_err(storage)?;
                 let tail =
                     key.len().checked_sub(8).map(|at| &key[at..]).ok_or_else(|| storage("a day key is short"))?;
                 let seq = u64::from_be_bytes(tail.try_into().map_err(storage)?);
                 if i64::try_from(seq).is_ok_and(|seq| seq > q.after) {
-                    seqs.push(seq);
+                    ids.push((seq, id));
                 }
             }
-            seqs.sort_unstable();
+            ids.sort_unstable_by_key(|(seq, _)| *seq);
             let mut listed = Vec::new();
-            for seq in seqs {
+            for (seq, id) in ids {
                 if listed.len() >= q.limit as usize {
                     break;
                 }
-                let Some(row) = s.row(seq)? else { continue };
+                let Some((_, row)) = s.row_by_id_bytes(&id)? else { continue };
                 let state = row.state();
                 if q.from.is_some_and(|from| row.created_at < from)
                     || q.to.is_some_and(|to| row.created_at >= to)
@@ -1153,16 +1219,7 @@ impl Ledger for LsmLedger {
 
 /// The rows a day index lists.
 fn day_rows(s: &Store, space: Space, institution: &str, date: &str) -> Result<Vec<(u64, Row)>, LedgerError> {
-    let mut rows = Vec::new();
-    for guard in s.space(space).prefix(day_prefix(institution, date)) {
-        let key = guard.key().map_err(storage)?;
-        let tail = key.len().checked_sub(8).map(|at| &key[at..]).ok_or_else(|| storage("a day key is short"))?;
-        let seq = u64::from_be_bytes(tail.try_into().map_err(storage)?);
-        if let Some(row) = s.row(seq)? {
-            rows.push((seq, row));
-        }
-    }
-    Ok(rows)
+    s.rows_of(s.space(space).prefix(day_prefix(institution, date)))
 }
 
 fn totals<'a>(rows: impl Iterator<Item = &'a Row>) -> super::Totals {

@@ -19,6 +19,13 @@
 //! single writer thread spent per settlement, the figure that predicts the ceiling on any
 //! number of cores. `LOADGEN_CORES=N loadgen ...` runs pinned to cores 0..N (`taskset`).
 //!
+//! `loadgen ledger [SECONDS] [CONCURRENCY ...]` is the ledger's stage benchmark: each engine
+//! alone, CONCURRENCY settlements in flight at once (64 and 512 by default), each one commit
+//! as an effect-free chain makes it (intent, outcome, two payers' accumulators, read first
+//! as the flow reads them), with values of a real settlement's sizes. It prints settlements/s,
+//! the writer's CPU per settlement (the serialized work), the engine's background CPU and the
+//! whole process's CPU per settlement.
+//!
 //! `loadgen rss [CONNECTIONS] [SECONDS]` measures the resident memory of the real daemon
 //! (`target/release/cardgate serve`, a process of its own) idle, with CONNECTIONS mutual-TLS
 //! keep-alive connections open (each has settled one bill), and at its peak while all of them
@@ -130,31 +137,165 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// CPU time the ledger's writer thread (`cardgate-ledger`, in this process) has used so far,
-/// from the scheduler's own accounting (nanoseconds).
-fn writer_cpu_ns() -> Option<u64> {
-    std::fs::read_dir("/proc/self/task").ok()?.flatten().find_map(|task| {
-        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
-        if comm.trim() != "cardgate-ledger" {
-            return None;
-        }
-        std::fs::read_to_string(task.path().join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()
-    })
+/// `LOADGEN_ENGINE=sqlite` runs the gateway on the SQLite engine (the engine before issue
+/// #15), to compare both in one session; the default is the default engine.
+fn choose_engine(setup: &Setup) {
+    if std::env::var("LOADGEN_ENGINE").as_deref() != Ok("sqlite") {
+        return;
+    }
+    let path = setup.dir.path().join("cardgate.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let sqlite = text.replace("[ledger]\npath = \"ledger\"\n", "[ledger]\npath = \"ledger.db\"\nengine = \"sqlite\"\n");
+    assert_ne!(sqlite, text, "the harness's ledger section changed; update LOADGEN_ENGINE");
+    std::fs::write(&path, sqlite).expect("config");
+    println!("ledger engine: sqlite (LOADGEN_ENGINE)");
 }
 
-/// The serialized part of a settlement: the writer thread's CPU per settlement during `run`,
-/// from its CPU time before the run. It predicts the gateway's ceiling on any number of cores.
-fn serialized_work(before: Option<u64>, run: &Run) {
+/// The ledger's stage benchmark (`loadgen ledger`): both engines, each at every concurrency.
+async fn ledger_stage(seconds: u64, levels: &[usize]) {
+    use cardgate::config::{LedgerConfig, LedgerEngine};
+    println!("ledger stage: one commit per settlement, {seconds} s per row");
+    println!(
+        "| engine | in flight | settlements/s | writer µs/settlement (serialized) | background µs | process CPU µs/settlement |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let only = std::env::var("LOADGEN_ENGINE").ok();
+    for engine in [LedgerEngine::Lsm, LedgerEngine::Sqlite] {
+        if only.as_deref().is_some_and(|only| !format!("{engine:?}").eq_ignore_ascii_case(only)) {
+            continue;
+        }
+        for &level in levels {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join(if engine == LedgerEngine::Sqlite { "ledger.db" } else { "ledger" });
+            let config = LedgerConfig { path, engine, secret: String::new(), secret_file: None };
+            let ledger = cardgate::ledger::open(&config).expect("ledger");
+            // A new thread names itself once it runs: let the writer get there.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let done = Arc::new(AtomicUsize::new(0));
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let (writer, cpu) = (writer_cpu_ns(), cpu_time());
+            let tasks: Vec<_> = (0..level)
+                .map(|task| {
+                    let (ledger, done) = (Arc::clone(&ledger), Arc::clone(&done));
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        while Instant::now() < deadline {
+                            n += 1;
+                            let (intent, outcome) = stage_settlement(task as u64, n);
+                            let payers = ["basic-medical", "critical-illness"];
+                            let read = ledger.year_to_date(&intent.card_hash, 2026, &payers).expect("read");
+                            let read = payers
+                                .iter()
+                                .zip(read)
+                                .map(|(p, y)| cardgate::ledger::AccumulatorDelta { payer: (*p).into(), delta: y })
+                                .collect();
+                            ledger.record(intent, cardgate::ledger::Outcome { read, ..outcome }).await.expect("record");
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("task");
+            }
+            let n = done.load(Ordering::Relaxed).max(1);
+            let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / 1000.0 / n as f64;
+            let (w, b) = match (writer, writer_cpu_ns()) {
+                (Some(before), Some(after)) => (per(after.0, before.0), per(after.1, before.1)),
+                _ => (f64::NAN, f64::NAN),
+            };
+            let process = (cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64;
+            println!("| {engine:?} | {level} | {:.0} | {w:.1} | {b:.1} | {process:.0} |", n as f64 / seconds as f64);
+        }
+    }
+}
+
+/// One settlement of the stage benchmark: a new card, token and key each time, values of a
+/// real settlement's sizes (a sealed prepared request, a sealed receipt).
+fn stage_settlement(task: u64, n: u64) -> (cardgate::ledger::Intent, cardgate::ledger::Outcome) {
+    use cardgate::ledger::{AccumulatorDelta, Amounts, Intent, Outcome, State};
+    use cardgate_sdk::YearToDate;
+    let unique = ring::digest::digest(&ring::digest::SHA256, format!("{task}/{n}/{:?}", Instant::now()).as_bytes());
+    let unique = unique.as_ref();
+    let id = format!("S{}", hex(&unique[..12]));
+    let delta = |payer: &str, fund: i64| AccumulatorDelta {
+        payer: payer.into(),
+        delta: YearToDate { year: 2026, fund_paid_fen: fund, deductible_fen: 100, ..YearToDate::default() },
+    };
+    let intent = Intent {
+        id: id.clone(),
+        institution: "P110105002".into(),
+        terminal: "POS-01".into(),
+        idempotency_key: hex(&unique[12..28]),
+        request_hash: unique.to_vec(),
+        token_id: Some(unique[..16].to_vec()),
+        quote_id: None,
+        card_hash: unique.to_vec(),
+        card_masked: "1101**********1234".into(),
+        total_fen: 170_000,
+        created_at: 1_764_547_200,
+        sealed_request: vec![7; 800],
+    };
+    let outcome = Outcome {
+        id,
+        state: State::Settled,
+        status: 201,
+        body: format!("sealed:v1:{}", "A".repeat(1600)),
+        deltas: vec![delta("basic-medical", 90_000), delta("critical-illness", 10_000)],
+        card_hash: unique.to_vec(),
+        read: Vec::new(),
+        at: 1_764_547_201,
+        amounts: Some(Amounts {
+            fund_fen: 100_000,
+            account_fen: 20_000,
+            cash_fen: 50_000,
+            payers: vec![("basic-medical".into(), 90_000, 20_000), ("critical-illness".into(), 10_000, 0)],
+        }),
+    };
+    (intent, outcome)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// CPU time the threads named `name` (in this process) have used so far, from the
+/// scheduler's own accounting (nanoseconds); none if there is no such thread.
+fn threads_cpu_ns(name: &str) -> Option<u64> {
+    let times: Vec<u64> = std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .flatten()
+        .filter_map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            if comm.trim() != name {
+                return None;
+            }
+            std::fs::read_to_string(task.path().join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    (!times.is_empty()).then(|| times.iter().sum())
+}
+
+/// The ledger's CPU so far: its writer thread (`cardgate-ledger`: what runs one settlement at
+/// a time) and the storage engine's background threads (`fjall:worker`: memtable flushes and
+/// compactions, which run beside the writer, on as many threads as the engine starts).
+fn writer_cpu_ns() -> Option<(u64, u64)> {
+    Some((threads_cpu_ns("cardgate-ledger")?, threads_cpu_ns("fjall:worker").unwrap_or(0)))
+}
+
+fn serialized_work(before: Option<(u64, u64)>, run: &Run) {
     if let (Some(before), Some(after)) = (before, writer_cpu_ns())
         && run.completed > 0
     {
-        let per = (after - before) as f64 / 1000.0 / run.completed as f64;
+        let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / 1000.0 / run.completed as f64;
+        let (writer, background) = (per(after.0, before.0), per(after.1, before.1));
         println!(
             "
-serialized work: the ledger writer spent {per:.1} µs of CPU per settlement ({} settlements); \
-             alone it would carry {:.0} settlements/s",
+serialized work: the ledger writer spent {writer:.1} µs of CPU per settlement ({} settlements); \
+             alone it would carry {:.0} settlements/s; the engine's background threads (in parallel) \
+             {background:.1} µs per settlement",
             run.completed,
-            1e6 / per
+            1e6 / writer
         );
     }
 }
@@ -299,6 +440,7 @@ async fn rss(connections: usize, seconds: u64) -> f64 {
     let options =
         Options { extra_toml: LIMITS.into(), release_plugins: true, inline_plugins: true, ..Options::default() };
     let setup = Setup::create(&options, &addr.to_string());
+    choose_engine(&setup);
     let binary = std::env::current_exe().expect("own path").with_file_name("cardgate");
     assert!(binary.exists(), "{} is missing: cargo build --release -p cardgate", binary.display());
     let mut daemon = std::process::Command::new(&binary)
@@ -432,12 +574,22 @@ async fn run() {
         rss(connections, seconds).await;
         return;
     }
+    if args.get(1).is_some_and(|a| a == "ledger") {
+        let seconds = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+        let mut levels: Vec<usize> = args.iter().skip(3).filter_map(|s| s.parse().ok()).collect();
+        if levels.is_empty() {
+            levels = vec![64, 512];
+        }
+        ledger_stage(seconds, &levels).await;
+        return;
+    }
     let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let connections: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
     let duration = Duration::from_secs(seconds);
     let options =
         Options { extra_toml: LIMITS.into(), release_plugins: true, inline_plugins: true, ..Options::default() };
     let setup = Setup::create(&options, "127.0.0.1:0");
+    choose_engine(&setup);
     let (gateway, _stop) = serve_setup(&setup).await;
     let (floor, floor_sig) = (bare(&setup, false).await, bare(&setup, true).await);
 
