@@ -126,6 +126,11 @@ pub struct LedgerConfig {
     /// `lsm` otherwise.
     #[serde(default)]
     pub engine: LedgerEngine,
+    /// For the log-structured engine: how many shards (each its own journal and writer) a
+    /// new ledger spreads cards over. Fixed when the ledger is created (an existing ledger
+    /// keeps its count). Default 4; as many as the cores that settle is the most that helps.
+    #[serde(default = "defaults::ledger_shards")]
+    pub shards: usize,
     /// Secret (64 hex characters) keying the hash under which card ids are stored and the
     /// encryption of stored requests, quotes and receipts. Keep it secret and stable: changing
     /// it orphans history. Better given as `secret_file` or the `CARDGATE__LEDGER__SECRET`
@@ -346,6 +351,10 @@ pub struct RouteConfig {
 mod defaults {
     use std::path::PathBuf;
 
+    pub(super) fn ledger_shards() -> usize {
+        4
+    }
+
     pub(super) fn handshake_timeout_ms() -> u64 {
         5_000
     }
@@ -549,6 +558,7 @@ impl Config {
         check(t.clock_skew_secs >= 0, "tokens.clock_skew_secs: must not be negative".into());
         check(t.max_lifetime_secs > 0, "tokens.max_lifetime_secs: must be positive".into());
         check(t.quote_validity_secs > 0, "tokens.quote_validity_secs: must be positive".into());
+        check((1..=64).contains(&self.ledger.shards), "ledger.shards: 1 to 64".into());
         check(
             self.ledger.secret.len() == 64 && self.ledger.secret.bytes().all(|b| b.is_ascii_hexdigit()),
             "ledger.secret: must be 64 hex characters (from `secret`, `secret_file` or CARDGATE__LEDGER__SECRET)"

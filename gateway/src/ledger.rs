@@ -31,7 +31,7 @@ pub fn open(config: &crate::config::LedgerConfig) -> Result<std::sync::Arc<dyn L
     };
     Ok(match engine {
         LedgerEngine::Sqlite => std::sync::Arc::new(sqlite::SqliteLedger::open(&config.path)?),
-        _ => std::sync::Arc::new(lsm::LsmLedger::open(&config.path)?),
+        _ => std::sync::Arc::new(lsm::LsmLedger::open(&config.path, config.shards)?),
     })
 }
 
@@ -300,8 +300,9 @@ pub struct ListQuery {
     pub terminal: Option<String>,
     /// Only this state.
     pub state: Option<State>,
-    /// Only those after this position (the cursor of the previous page; 0 from the start).
-    pub after: i64,
+    /// Only those after this position (the previous page's last [`Listed::position`]; empty
+    /// from the start). [`Ledger::cursor_parts`] numbers long.
+    pub after: Vec<u64>,
     /// At most this many.
     pub limit: u32,
 }
@@ -309,9 +310,10 @@ pub struct ListQuery {
 /// A settlement in a listing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Listed {
-    /// Its position, for the next page's cursor.
+    /// Its position, for the next page's cursor: [`Ledger::cursor_parts`] numbers (an engine
+    /// with several writers keeps one position per writer).
     #[serde(skip)]
-    pub position: i64,
+    pub position: Vec<u64>,
     /// Settlement id.
     pub settlement_id: String,
     /// State now.
@@ -441,6 +443,10 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
     /// An institution's settlements matching `query`, in the order they were recorded.
     fn list(&self, query: &ListQuery) -> Result<Vec<Listed>, LedgerError>;
+    /// How many numbers a listing position holds ([`Listed::position`]).
+    fn cursor_parts(&self) -> usize {
+        1
+    }
     /// Whether the ledger takes writes now: at once when the last commit succeeded; after a
     /// failed one (a full disk), by committing a probe (so readiness comes back by itself when
     /// space does).

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cardgate::ledger::lsm::LsmLedger;
 use cardgate::ledger::sqlite::SqliteLedger;
-use cardgate::ledger::{AccumulatorDelta, Amounts, Intent, Ledger, LedgerError, Outcome, State};
+use cardgate::ledger::{AccumulatorDelta, Amounts, Intent, Ledger, LedgerError, ListQuery, Outcome, State};
 use cardgate_sdk::YearToDate;
 
 /// The engines behind the `Ledger` trait: one suite for both.
@@ -20,7 +20,8 @@ impl Engine {
     fn open(self, dir: &std::path::Path) -> Arc<dyn Ledger> {
         match self {
             Self::Sqlite => Arc::new(SqliteLedger::open(&dir.join("ledger.db")).expect("open")),
-            Self::Lsm => Arc::new(LsmLedger::open(&dir.join("ledger")).expect("open")),
+            // Three shards: what one shard cannot see alone is exercised.
+            Self::Lsm => Arc::new(LsmLedger::open(&dir.join("ledger"), 3).expect("open")),
         }
     }
 }
@@ -34,6 +35,24 @@ macro_rules! on_every_engine {
             })*
         }
         mod lsm {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Engine::Lsm).await;
+            })*
+        }
+    };
+}
+
+/// More tests run on both engines (a second module pair).
+macro_rules! on_every_engine_too {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_too {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Engine::Sqlite).await;
+            })*
+        }
+        mod lsm_too {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 super::$name(super::Engine::Lsm).await;
@@ -397,4 +416,95 @@ async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_eve
     let year = ledger.accumulators(&card, "basic-medical", 2026).expect("read");
     assert_eq!(year.account_paid_fen, 5000);
     assert!(ledger.unresolved().expect("read").is_empty());
+}
+
+/// A settlement of a card of its own (`n` picks the card, so the shard), recorded in one commit.
+fn of_card(n: u8, id: &str, key: &str, at: i64) -> (Intent, Outcome) {
+    let card = vec![n; 32];
+    let intent = Intent { card_hash: card.clone(), created_at: at, ..intent(id, key, format!("tok-{id}").as_bytes()) };
+    (intent, Outcome { card_hash: card, at, ..settled(id, 100) })
+}
+
+async fn an_idempotency_key_is_unique_whatever_the_card(engine: Engine) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = engine.open(dir.path());
+    // Twenty bills of twenty cards (spread over every shard), one key, all at once: one is
+    // recorded, every other is told the key is taken.
+    let tasks: Vec<_> = (0..20u8)
+        .map(|n| {
+            let ledger = Arc::clone(&ledger);
+            tokio::spawn(async move {
+                let (intent, outcome) = of_card(n, &format!("S{n}"), "one-key", 1_700_000_000);
+                ledger.record(intent, outcome).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 1, "{answers:?}");
+    assert!(answers.iter().all(|a| matches!(a, Ok(()) | Err(LedgerError::IdempotencyTaken))), "{answers:?}");
+    let found = ledger.by_idempotency_key("H1", "one-key").expect("read").expect("recorded");
+    assert_eq!(found.state, State::Settled);
+    // Settled afterwards, from any card: still taken.
+    let (intent, outcome) = of_card(200, "S-late", "one-key", 1_700_000_001);
+    assert_eq!(ledger.record(intent, outcome).await, Err(LedgerError::IdempotencyTaken));
+}
+
+async fn a_listing_pages_through_every_card_once_in_time_order(engine: Engine) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = engine.open(dir.path());
+    let day_start = 1_700_000_000 - (1_700_000_000 + cardgate::ledger::UTC_OFFSET_SECS) % 86_400;
+    for n in 0..30u8 {
+        let (intent, outcome) = of_card(n, &format!("S{n:02}"), &format!("k{n}"), day_start + 100 + i64::from(n));
+        ledger.record(intent, outcome).await.expect("record");
+    }
+    let day = cardgate::ledger::business_day(day_start + 100);
+    let mut query = ListQuery { institution: "H1".into(), days: (day.clone(), day), limit: 7, ..Default::default() };
+    let mut seen = Vec::new();
+    loop {
+        let page = ledger.list(&query).expect("list");
+        seen.extend(page.iter().map(|l| l.settlement_id.clone()));
+        assert_eq!(page.last().map_or(ledger.cursor_parts(), |l| l.position.len()), ledger.cursor_parts());
+        match page.last() {
+            Some(last) if page.len() == 7 => query.after = last.position.clone(),
+            _ => break,
+        }
+    }
+    let expected: Vec<String> = (0..30).map(|n| format!("S{n:02}")).collect();
+    assert_eq!(seen, expected, "each once, in the order they were made");
+    // And the day's reconciliation counts every card's settlement.
+    let totals = ledger.reconciliation("H1", &cardgate::ledger::business_day(day_start + 100), 2, 25).expect("read");
+    assert_eq!((totals.settled.count, totals.settled.fund_pay_fen, totals.details.len()), (30, 3000, 5));
+}
+
+on_every_engine_too!(
+    an_idempotency_key_is_unique_whatever_the_card,
+    a_listing_pages_through_every_card_once_in_time_order
+);
+
+#[tokio::test]
+async fn a_ledger_keeps_the_shard_count_it_was_created_with() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger");
+    {
+        let ledger = LsmLedger::open(&path, 3).expect("create");
+        for n in 0..12u8 {
+            let (intent, outcome) = of_card(n, &format!("S{n}"), &format!("k{n}"), 1_700_000_000);
+            ledger.record(intent, outcome).await.expect("record");
+        }
+    }
+    // Configured differently later: the cards must still be found where they were put.
+    let ledger = LsmLedger::open(&path, 8).expect("reopen");
+    assert_eq!(ledger.cursor_parts(), 3);
+    for n in 0..12u8 {
+        let (intent, outcome) = of_card(n, &format!("S{n}-again"), &format!("k{n}"), 1_700_000_000);
+        assert_eq!(ledger.record(intent, outcome).await, Err(LedgerError::IdempotencyTaken));
+        let again = Intent { idempotency_key: format!("fresh-{n}"), ..of_card(n, &format!("S{n}-b"), "x", 0).0 };
+        let again = Intent { token_id: Some(format!("tok-S{n}").into_bytes()), ..again };
+        assert_eq!(ledger.begin(again).await, Err(LedgerError::TokenUsed), "card {n}: its token stays used");
+        let ytd = ledger.accumulators(&[n; 32], "basic-medical", 2026).expect("read");
+        assert_eq!(ytd.fund_paid_fen, 100, "card {n}");
+    }
 }

@@ -251,7 +251,7 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
         .spawn()
         .expect("start cardgate dev");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !dir.join("ledger").join("version").exists() {
+    while !dir.join("ledger").join("shard-0").join("version").exists() {
         assert!(Instant::now() < deadline && child.try_wait().expect("wait").is_none(), "dev did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -1067,7 +1067,10 @@ pub fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Resu
             "cursor" => {
                 q.after = value
                     .strip_prefix('c')
-                    .and_then(|n| i64::from_str_radix(n, 16).ok())
+                    .and_then(|n| {
+                        n.split('.').map(|part| u64::from_str_radix(part, 16).ok()).collect::<Option<Vec<_>>>()
+                    })
+                    .filter(|parts| parts.len() == gateway.ledger.cursor_parts())
                     .ok_or_else(|| ApiError::invalid("cursor: not one this gateway gave"))?
             }
             other => return Err(ApiError::invalid(format!("unknown query parameter `{other}`"))),
@@ -1084,8 +1087,11 @@ pub fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Resu
         _ => return Err(ApiError::invalid("give `date`, or `from` and `to`")),
     };
     let listed = gateway.ledger.list(&q)?;
-    let next_cursor =
-        (listed.len() == q.limit as usize).then(|| listed.last().map(|l| format!("c{:x}", l.position))).flatten();
+    let cursor = |l: &crate::ledger::Listed| {
+        let parts: Vec<String> = l.position.iter().map(|p| format!("{p:x}")).collect();
+        format!("c{}", parts.join("."))
+    };
+    let next_cursor = (listed.len() == q.limit as usize).then(|| listed.last().map(cursor)).flatten();
     let answer = json!({ "settlements": listed, "next_cursor": next_cursor });
     Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
 }

@@ -51,6 +51,9 @@ const STRIPES: usize = 4096;
 /// The `meta` key holding the next seq (written with every group that assigns seqs).
 const NEXT_SEQ: &str = "next_seq";
 
+/// Every shard's writer thread has this name (the load harness sums their CPU).
+pub const WRITER_THREAD: &str = "cardgate-ledger";
+
 /// What a ledger already open elsewhere is refused with.
 const LOCKED: &str = "the ledger is open in another process";
 
@@ -240,18 +243,17 @@ impl Durable {
     }
 }
 
-/// The log-structured ledger.
-pub struct LsmLedger {
+/// One shard: an engine of its own (its journal, its writer) for the cards that hash to it.
+struct Shard {
     slot: Arc<Slot>,
     versions: Arc<[AtomicU64]>,
     durable: Arc<Durable>,
     /// Taken on drop: closing the channel stops the writer, which commits what it holds.
     jobs: Option<Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
-    path: PathBuf,
 }
 
-impl Drop for LsmLedger {
+impl Drop for Shard {
     /// Stops the writer and waits for it, so the engine (and its directory lock) is released
     /// when this returns: the ledger can be opened again at once.
     fn drop(&mut self) {
@@ -264,7 +266,10 @@ impl Drop for LsmLedger {
 
 impl std::fmt::Debug for LsmLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LsmLedger").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("LsmLedger")
+            .field("path", &self.path)
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -327,10 +332,10 @@ impl Slot {
     }
 }
 
-impl LsmLedger {
-    /// Opens (or creates) the ledger in the directory `path` (created 0700) and starts its
+impl Shard {
+    /// Opens (or creates) a shard in the directory `path` (created 0700) and starts its
     /// writer thread. Fails if another process has it open.
-    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+    fn open(path: &Path, seqs: &Arc<AtomicU64>) -> Result<Self, LedgerError> {
         create_private_dir(path)?;
         // A gateway restarting while the previous process is still exiting finds the lock
         // held for a moment: wait for it (a little), then say who holds it.
@@ -344,6 +349,7 @@ impl LsmLedger {
                 opened => break opened?,
             }
         };
+        seqs.fetch_max(next_seq, Ordering::AcqRel);
         let store = Arc::new(store);
         let slot = Arc::new(Slot { store: std::sync::RwLock::new(Some(Arc::clone(&store))), epoch: AtomicU64::new(0) });
         let versions: Arc<[AtomicU64]> = (0..STRIPES).map(|_| AtomicU64::new(0)).collect();
@@ -355,13 +361,13 @@ impl LsmLedger {
             path: path.to_owned(),
             versions: Arc::clone(&versions),
             durable: Arc::clone(&durable),
-            next_seq,
+            seqs: Arc::clone(seqs),
         };
         let writer = std::thread::Builder::new()
-            .name("cardgate-ledger".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || writer.run(&queue))
             .map_err(storage)?;
-        Ok(Self { slot, versions, durable, jobs: Some(jobs), writer: Some(writer), path: path.to_owned() })
+        Ok(Self { slot, versions, durable, jobs: Some(jobs), writer: Some(writer) })
     }
 
     /// Runs `prepare` here (reads under the stripes of `keys`), then queues its plan for the
@@ -420,7 +426,9 @@ struct Writer {
     path: PathBuf,
     versions: Arc<[AtomicU64]>,
     durable: Arc<Durable>,
-    next_seq: u64,
+    /// The ledger's seqs, shared by every shard's writer: a settlement's seq orders it among
+    /// all shards' (listings, reconciliation), and within its shard it follows commit order.
+    seqs: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -440,7 +448,9 @@ impl Writer {
                 continue;
             };
             let epoch = self.slot.epoch.load(Ordering::Acquire);
-            let mut batch_seq = self.next_seq;
+            // The highest seq this batch took: written with it, so a reopened ledger goes on
+            // after it.
+            let mut taken: Option<u64> = None;
             let (started, size) = (std::time::Instant::now(), group.len());
             let mut batch = store.db.batch();
             // Stripes written by this group and not yet applied (their versions not bumped).
@@ -456,9 +466,8 @@ impl Writer {
                     // An earlier write of this group touched the same thing: apply the group
                     // so far, so the reads redone below see it.
                     let mut full = std::mem::replace(&mut batch, store.db.batch());
-                    if self.next_seq != batch_seq {
-                        full.insert(store.space(Space::Meta), NEXT_SEQ, self.next_seq.to_be_bytes());
-                        batch_seq = self.next_seq;
+                    if let Some(last) = taken.take() {
+                        full.insert(store.space(Space::Meta), NEXT_SEQ, (last + 1).to_be_bytes());
                     }
                     if let Err(e) = full.commit() {
                         failed.get_or_insert(storage(e));
@@ -473,8 +482,9 @@ impl Writer {
                 let answer = match &plan {
                     Ok(plan) => {
                         let seq = if plan.new_settlement {
-                            self.next_seq += 1;
-                            self.next_seq - 1
+                            let seq = self.seqs.fetch_add(1, Ordering::AcqRel);
+                            taken = Some(seq);
+                            seq
                         } else {
                             0
                         };
@@ -496,8 +506,8 @@ impl Writer {
                 replies.push((reply, answer, Box::new((stripes, plan, unused, prepare)) as Leftovers));
             }
             // The next seq, in the same atomic batch as the settlements that took theirs.
-            if self.next_seq != batch_seq {
-                batch.insert(store.space(Space::Meta), NEXT_SEQ, self.next_seq.to_be_bytes());
+            if let Some(last) = taken {
+                batch.insert(store.space(Space::Meta), NEXT_SEQ, (last + 1).to_be_bytes());
             }
             if let Err(e) = batch.commit() {
                 failed.get_or_insert(storage(e));
@@ -560,7 +570,7 @@ impl Writer {
                     if let Ok(mut slot) = self.slot.store.write() {
                         *slot = Some(store);
                     }
-                    self.next_seq = next_seq;
+                    self.seqs.fetch_max(next_seq, Ordering::AcqRel);
                     self.slot.epoch.fetch_add(1, Ordering::AcqRel);
                     self.durable.failing.store(false, Ordering::Relaxed);
                     tracing::info!("ledger: reopened; commits succeed again");
@@ -1004,19 +1014,149 @@ fn borrowed(keys: &[(u8, Vec<u8>)]) -> Vec<(u8, &[u8])> {
     keys.iter().map(|(k, v)| (*k, v.as_slice())).collect()
 }
 
+/// The sharded ledger: the cards spread over [`LsmLedger::shards`] engines by their hash, each
+/// with its own journal and writer, so what runs one at a time is one shard's share.
+///
+/// What a shard cannot see alone:
+/// - an idempotency key is unique per institution whatever the card (and so the shard): a new
+///   settlement holds its key's claim (an in-process lock stripe) while it checks the other
+///   shards and commits in its own;
+/// - a settlement id, a key or a quote's consumer may be in any shard: reads ask each;
+/// - a listing's position is one seq per shard (each shard assigns its seqs in commit order).
+///
+/// A token, a quote's use and the accumulators belong to one card, hence to one shard, and are
+/// checked there as a single engine checks them.
+pub struct LsmLedger {
+    shards: Vec<Shard>,
+    claims: Box<[tokio::sync::Mutex<()>]>,
+    path: PathBuf,
+}
+
+/// The file naming the shard count, fixed when the ledger is created.
+const MANIFEST: &str = "cardgate-ledger";
+
+/// Claim stripes for idempotency keys.
+const CLAIMS: usize = 1024;
+
+/// A stable 64-bit hash (FNV-1a) of bytes that are not already uniform (quote ids, keys).
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl LsmLedger {
+    /// Opens (or creates, with `shards` shards) the ledger in the directory `path`. The shard
+    /// count of an existing ledger is the one it was created with (cards are spread by it);
+    /// a different `shards` is ignored with a warning. Fails if another process has it open.
+    pub fn open(path: &Path, shards: usize) -> Result<Self, LedgerError> {
+        create_private_dir(path)?;
+        let manifest = path.join(MANIFEST);
+        let count = match std::fs::read_to_string(&manifest) {
+            Ok(text) => text
+                .lines()
+                .find_map(|l| l.strip_prefix("shards = ")?.trim().parse::<usize>().ok())
+                .filter(|n| (1..=MAX_SHARDS).contains(n))
+                .ok_or_else(|| LedgerError::Storage(format!("{}: not a ledger manifest", manifest.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let count = shards.clamp(1, MAX_SHARDS);
+                write_manifest(&manifest, count)?;
+                count
+            }
+            Err(e) => return Err(LedgerError::Storage(format!("{}: {e}", manifest.display()))),
+        };
+        if count != shards {
+            tracing::warn!(path = %path.display(), shards = count, configured = shards,
+                "ledger: the shard count is fixed when the ledger is created; using the ledger's");
+        }
+        let seqs = Arc::new(AtomicU64::new(1));
+        let shards =
+            (0..count).map(|n| Shard::open(&path.join(format!("shard-{n}")), &seqs)).collect::<Result<Vec<_>, _>>()?;
+        let claims = (0..CLAIMS).map(|_| tokio::sync::Mutex::new(())).collect();
+        Ok(Self { shards, claims, path: path.to_owned() })
+    }
+
+    /// The shard holding a card's settlements, tokens and accumulators (its hash is uniform:
+    /// its first bytes are enough).
+    fn shard_of(&self, card_hash: &[u8]) -> &Shard {
+        let mut first = [0u8; 8];
+        for (to, from) in first.iter_mut().zip(card_hash) {
+            *to = *from;
+        }
+        &self.shards[(u64::from_be_bytes(first) % self.shards.len() as u64) as usize]
+    }
+
+    /// Where a quote is kept (by its id; its use is recorded in its card's shard).
+    fn quote_shard(&self, id: &str) -> &Shard {
+        &self.shards[(fnv(id.as_bytes()) % self.shards.len() as u64) as usize]
+    }
+
+    /// The first shard where `f` finds something.
+    fn find<T>(&self, f: impl Fn(&Store) -> Result<Option<T>, LedgerError>) -> Result<Option<T>, LedgerError> {
+        for shard in &self.shards {
+            if let Some(found) = shard.read(&f)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records a new settlement in its card's shard, its idempotency key claimed meanwhile and
+    /// checked in the other shards.
+    fn create(
+        &self,
+        intent: &Intent,
+        keys: Vec<(u8, Vec<u8>)>,
+        card_hash: &[u8],
+        prepare: impl Fn(&Store) -> Result<Plan, LedgerError> + Send + 'static,
+    ) -> LedgerFuture<'_, ()> {
+        let key = key_of(&intent.institution, &intent.idempotency_key);
+        let home = self.shard_of(card_hash);
+        let claim = &self.claims[(fnv(&key) % CLAIMS as u64) as usize];
+        Box::pin(async move {
+            let _claim = claim.lock().await;
+            for shard in self.shards.iter().filter(|s| !std::ptr::eq(*s, home)) {
+                if shard.read(|s| s.get(Space::Keys, &key))?.is_some() {
+                    return Err(LedgerError::IdempotencyTaken);
+                }
+            }
+            home.write(&borrowed(&keys), prepare).await
+        })
+    }
+}
+
+fn write_manifest(path: &Path, shards: usize) -> Result<(), LedgerError> {
+    use std::io::Write;
+    let text =
+        format!("# cardgate ledger: log-structured engine, cards spread over the shards by hash\nshards = {shards}\n");
+    let written = std::fs::File::create(path).and_then(|mut f| {
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    });
+    let dir = path.parent().map(std::fs::File::open);
+    written
+        .and_then(|()| match dir {
+            Some(dir) => dir?.sync_all(),
+            None => Ok(()),
+        })
+        .map_err(|e| LedgerError::Storage(format!("{}: {e}", path.display())))
+}
+
+/// Most shards a ledger may have.
+const MAX_SHARDS: usize = 64;
+
 impl Ledger for LsmLedger {
     fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
-        self.read(|s| Ok(s.row_via(Space::Keys, &key_of(institution, key))?.map(|(_, row)| row.record())))
+        let key = key_of(institution, key);
+        self.find(|s| Ok(s.row_via(Space::Keys, &key)?.map(|(_, row)| row.record())))
     }
 
     fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
-        self.read(|s| {
+        self.find(|s| {
             Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.institution == institution).map(Row::record))
         })
     }
 
     fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
-        let figures = read_year(&*self.slot.current()?, card_hash, year)?;
+        let figures = read_year(&*self.shard_of(card_hash).slot.current()?, card_hash, year)?;
         Ok(payers
             .iter()
             .map(|payer| {
@@ -1031,7 +1171,8 @@ impl Ledger for LsmLedger {
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
         let keys = intent_keys(&intent);
         let row = Row::from_intent(&intent);
-        self.write(&borrowed(&keys), move |s| {
+        let (card_hash, key_intent) = (intent.card_hash.clone(), intent.clone());
+        self.create(&key_intent, keys, &card_hash, move |s| {
             let mut plan = Plan::default();
             plan_intent(s, &intent, &row, true, &mut plan)?;
             Ok(plan)
@@ -1044,7 +1185,8 @@ impl Ledger for LsmLedger {
         let (deltas, payers) = encoded_outcome(&o);
         let row = Row::from_intent(&intent).with_outcome(&o, &deltas, &payers);
         let holds = matches!(o.state, State::Settled | State::Unknown);
-        self.write(&borrowed(&keys), move |s| {
+        let (card_hash, key_intent) = (intent.card_hash.clone(), intent.clone());
+        self.create(&key_intent, keys, &card_hash, move |s| {
             let mut plan = Plan::default();
             plan_intent(s, &intent, &row, holds, &mut plan)?;
             let read = if o.state == State::Settled { &o.read[..] } else { &[] };
@@ -1056,7 +1198,8 @@ impl Ledger for LsmLedger {
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
         let keys = [(SETTLEMENT, o.id.as_bytes().to_vec()), (CARD, o.card_hash.clone())];
         let (deltas, payers) = encoded_outcome(&o);
-        self.write(&borrowed(&keys), move |s| {
+        let shard = self.shard_of(&o.card_hash);
+        shard.write(&borrowed(&keys), move |s| {
             let mut plan = Plan::default();
             plan_outcome(s, &o, &deltas, &payers, &mut plan)?;
             Ok(plan)
@@ -1072,7 +1215,8 @@ impl Ledger for LsmLedger {
         at: i64,
     ) -> LedgerFuture<'_, ()> {
         let keys = [(SETTLEMENT, id.as_bytes().to_vec()), (CARD, card_hash.clone())];
-        self.write(&borrowed(&keys), move |s| {
+        let shard = self.shard_of(&card_hash);
+        shard.write(&borrowed(&keys), move |s| {
             let Some((seq, mut row)) = s.row_by_id(&id)? else { return Err(LedgerError::NotFound) };
             if row.state() != State::Settled {
                 return Err(LedgerError::NotFound);
@@ -1096,8 +1240,9 @@ impl Ledger for LsmLedger {
         e.bytes(q.institution.as_bytes());
         e.int(q.expires_at);
         e.bytes(&q.sealed);
+        let shard = self.quote_shard(&q.id);
         let (id, value) = (q.id.into_bytes(), e.0);
-        self.write(&[], move |_| {
+        shard.write(&[], move |_| {
             Ok(Plan {
                 ops: vec![Op::Put(Space::Quotes, bytes(id.clone()), bytes(value.clone()))],
                 new_settlement: false,
@@ -1106,36 +1251,42 @@ impl Ledger for LsmLedger {
     }
 
     fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError> {
-        self.read(|s| {
+        let found = self.quote_shard(id).read(|s| {
             let Some(value) = s.get(Space::Quotes, id.as_bytes())? else { return Ok(None) };
             let mut d = Dec(&value);
-            let (owner, expires_at, sealed) = (|| Some((d.text()?, d.int()?, d.bytes()?.to_vec())))()
-                .ok_or_else(|| storage("a quote entry does not decode"))?;
-            if owner != institution {
-                return Ok(None);
-            }
-            let settled_by =
-                s.get(Space::UsedQuotes, id.as_bytes())?.map(|by| String::from_utf8_lossy(&by).into_owned());
-            Ok(Some(StoredQuote { id: id.to_owned(), institution: owner, expires_at, sealed, settled_by }))
-        })
+            let decoded = (|| Some((d.text()?, d.int()?, d.bytes()?.to_vec())))();
+            decoded.map(Some).ok_or_else(|| storage("a quote entry does not decode"))
+        })?;
+        let Some((owner, expires_at, sealed)) = found else { return Ok(None) };
+        if owner != institution {
+            return Ok(None);
+        }
+        let settled_by = self.find(|s| {
+            Ok(s.get(Space::UsedQuotes, id.as_bytes())?.map(|by| String::from_utf8_lossy(&by).into_owned()))
+        })?;
+        Ok(Some(StoredQuote { id: id.to_owned(), institution: owner, expires_at, sealed, settled_by }))
     }
 
     fn unresolved(&self) -> Result<Vec<Unresolved>, LedgerError> {
-        let found = self.read(|s| {
-            let mut rows = Vec::new();
-            for (seq, row) in s.rows_of(s.space(Space::Open).iter())? {
-                if matches!(row.state(), State::Pending | State::Unknown) {
-                    rows.push((row.created_at, seq, row.unresolved()));
+        let mut rows = Vec::new();
+        for (n, shard) in self.shards.iter().enumerate() {
+            let found = shard.read(|s| {
+                let mut rows = Vec::new();
+                for (seq, row) in s.rows_of(s.space(Space::Open).iter())? {
+                    if matches!(row.state(), State::Pending | State::Unknown) {
+                        rows.push((row.created_at, seq, n, row.unresolved()));
+                    }
                 }
-            }
-            rows.sort_by_key(|(at, seq, _)| (*at, *seq));
-            Ok(Some(rows.into_iter().map(|(_, _, u)| u).collect()))
-        })?;
-        Ok(found.unwrap_or_default())
+                Ok(Some(rows))
+            })?;
+            rows.extend(found.unwrap_or_default());
+        }
+        rows.sort_by_key(|(at, seq, n, _)| (*at, *seq, *n));
+        Ok(rows.into_iter().map(|(_, _, _, u)| u).collect())
     }
 
     fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<Unresolved>, LedgerError> {
-        self.read(|s| {
+        self.find(|s| {
             Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.institution == institution).map(Row::unresolved))
         })
     }
@@ -1147,74 +1298,121 @@ impl Ledger for LsmLedger {
         page: u32,
         page_size: u32,
     ) -> Result<Reconciliation, LedgerError> {
-        let found = self.read(|s| reconcile(s, institution, date, page, page_size).map(Some))?;
-        found.ok_or(LedgerError::NotFound)
+        let (mut settled, mut reversed) = (Vec::new(), Vec::new());
+        for (n, shard) in self.shards.iter().enumerate() {
+            let found = shard.read(|s| {
+                let settled = day_rows(s, Space::Days, institution, date)?;
+                let reversed = day_rows(s, Space::ReversalDays, institution, date)?;
+                Ok(Some((settled, reversed)))
+            })?;
+            let (day_settled, day_reversed) = found.unwrap_or_default();
+            settled.extend(day_settled.into_iter().map(|(seq, row)| ((seq, n), row)));
+            reversed.extend(day_reversed.into_iter().map(|(seq, row)| ((seq, n), row)));
+        }
+        Ok(reconcile(settled, reversed, date, page, page_size))
     }
 
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {
-        let row = self.read(|s| Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.state.is_some())))?;
+        let row = self.find(|s| Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.state.is_some())))?;
         let Some(row) = row else { return Ok(None) };
         let deltas = serde_json::from_str(&row.deltas).map_err(storage)?;
         Ok(Some((row.card_hash, deltas)))
     }
 
+    fn cursor_parts(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Each shard's matching settlements in seq order (within a shard, its commit order),
+    /// merged by seq: a page takes a prefix of every shard's list, so the position after it
+    /// (one seq per shard) never skips one that commits later in any shard.
     fn list(&self, q: &super::ListQuery) -> Result<Vec<Listed>, LedgerError> {
-        let found = self.read(|s| {
-            let from = [q.institution.as_bytes(), b"\0", q.days.0.as_bytes(), b"\0"].concat();
-            let to = [q.institution.as_bytes(), b"\0", q.days.1.as_bytes(), b"\x01"].concat();
-            let mut ids = Vec::new();
-            for guard in s.space(Space::Days).range(from..to) {
-                let (key, id) = guard.into_inner().map_err(storage)?;
-                let tail =
-                    key.len().checked_sub(8).map(|at| &key[at..]).ok_or_else(|| storage("a day key is short"))?;
-                let seq = u64::from_be_bytes(tail.try_into().map_err(storage)?);
-                if i64::try_from(seq).is_ok_and(|seq| seq > q.after) {
-                    ids.push((seq, id));
-                }
-            }
-            ids.sort_unstable_by_key(|(seq, _)| *seq);
-            let mut listed = Vec::new();
-            for (seq, id) in ids {
-                if listed.len() >= q.limit as usize {
-                    break;
-                }
-                let Some((_, row)) = s.row_by_id_bytes(&id)? else { continue };
-                let state = row.state();
-                if q.from.is_some_and(|from| row.created_at < from)
-                    || q.to.is_some_and(|to| row.created_at >= to)
-                    || q.terminal.as_ref().is_some_and(|t| *t != row.terminal)
-                    || q.state.is_some_and(|s| s != state)
-                {
-                    continue;
-                }
-                let settled = matches!(state, State::Settled | State::Reversed | State::Failed);
-                let amount = |v: i64| settled.then_some(v);
-                listed.push(Listed {
-                    position: i64::try_from(seq).unwrap_or(i64::MAX),
-                    settlement_id: row.id,
-                    state: state.as_str().to_owned(),
-                    terminal_id: row.terminal,
-                    card: row.card_masked,
-                    created_at: super::rfc3339(row.created_at),
-                    total_fen: row.total_fen,
-                    fund_pay_fen: amount(row.fund_fen),
-                    account_pay_fen: amount(row.account_fen),
-                    cash_pay_fen: amount(row.cash_fen),
-                });
-            }
-            Ok(Some(listed))
-        })?;
-        Ok(found.unwrap_or_default())
+        let mut position: Vec<u64> = match q.after.len() {
+            0 => vec![0; self.shards.len()],
+            n if n == self.shards.len() => q.after.clone(),
+            _ => return Err(LedgerError::NotFound),
+        };
+        let mut queues = Vec::with_capacity(self.shards.len());
+        for (n, shard) in self.shards.iter().enumerate() {
+            let after = position[n];
+            let found = shard.read(|s| shard_listing(s, q, after).map(Some))?;
+            queues.push(std::collections::VecDeque::from(found.unwrap_or_default()));
+        }
+        let mut listed = Vec::new();
+        while listed.len() < q.limit as usize {
+            // The earliest head among the shards (seqs order the shards' settlements together).
+            let next = queues.iter().enumerate().filter_map(|(n, queue)| queue.front().map(|(seq, _)| (*seq, n))).min();
+            let Some((_, n)) = next else { break };
+            let Some((seq, row)) = queues[n].pop_front() else { break };
+            position[n] = seq;
+            let state = row.state();
+            let settled = matches!(state, State::Settled | State::Reversed | State::Failed);
+            let amount = |v: i64| settled.then_some(v);
+            listed.push(Listed {
+                position: position.clone(),
+                settlement_id: row.id,
+                state: state.as_str().to_owned(),
+                terminal_id: row.terminal,
+                card: row.card_masked,
+                created_at: super::rfc3339(row.created_at),
+                total_fen: row.total_fen,
+                fund_pay_fen: amount(row.fund_fen),
+                account_pay_fen: amount(row.account_fen),
+                cash_pay_fen: amount(row.cash_fen),
+            });
+        }
+        Ok(listed)
     }
 
     fn probe(&self) -> LedgerFuture<'_, ()> {
-        if !self.durable.failing.load(Ordering::Relaxed) {
-            return Box::pin(async { Ok(()) });
-        }
-        self.write(&[], |_| {
-            Ok(Plan { ops: vec![Op::Put(Space::Meta, bytes(&b"probe"[..]), bytes(&b"1"[..]))], new_settlement: false })
+        let failing: Vec<&Shard> = self.shards.iter().filter(|s| s.durable.failing.load(Ordering::Relaxed)).collect();
+        Box::pin(async move {
+            for shard in failing {
+                shard
+                    .write(&[], |_| {
+                        Ok(Plan {
+                            ops: vec![Op::Put(Space::Meta, bytes(&b"probe"[..]), bytes(&b"1"[..]))],
+                            new_settlement: false,
+                        })
+                    })
+                    .await?;
+            }
+            Ok(())
         })
     }
+}
+
+/// One shard's settlements matching a listing, after its position `after`, in seq order, at
+/// most the page's size of them.
+fn shard_listing(s: &Store, q: &super::ListQuery, after: u64) -> Result<Vec<(u64, Row)>, LedgerError> {
+    let from = [q.institution.as_bytes(), b"\0", q.days.0.as_bytes(), b"\0"].concat();
+    let to = [q.institution.as_bytes(), b"\0", q.days.1.as_bytes(), b"\x01"].concat();
+    let mut ids = Vec::new();
+    for guard in s.space(Space::Days).range(from..to) {
+        let (key, id) = guard.into_inner().map_err(storage)?;
+        let tail = key.len().checked_sub(8).map(|at| &key[at..]).ok_or_else(|| storage("a day key is short"))?;
+        let seq = u64::from_be_bytes(tail.try_into().map_err(storage)?);
+        if seq > after {
+            ids.push((seq, id));
+        }
+    }
+    ids.sort_unstable_by_key(|(seq, _)| *seq);
+    let mut rows = Vec::new();
+    for (seq, id) in ids {
+        if rows.len() >= q.limit as usize {
+            break;
+        }
+        let Some((_, row)) = s.row_by_id_bytes(&id)? else { continue };
+        if q.from.is_some_and(|from| row.created_at < from)
+            || q.to.is_some_and(|to| row.created_at >= to)
+            || q.terminal.as_ref().is_some_and(|t| *t != row.terminal)
+            || q.state.is_some_and(|s| s != row.state())
+        {
+            continue;
+        }
+        rows.push((seq, row));
+    }
+    Ok(rows)
 }
 
 /// The rows a day index lists.
@@ -1249,18 +1447,20 @@ fn payer_sums<'a>(rows: impl Iterator<Item = &'a Row>) -> BTreeMap<String, (u64,
     sums
 }
 
+/// A settlement's place among the shards: (seq, shard); seqs are the ledger's, so this is
+/// the order they were recorded in.
+type Place = (u64, usize);
+
 fn reconcile(
-    s: &Store,
-    institution: &str,
+    settled_rows: Vec<(Place, Row)>,
+    reversed_rows: Vec<(Place, Row)>,
     date: &str,
     page: u32,
     page_size: u32,
-) -> Result<Reconciliation, LedgerError> {
-    let settled_rows: Vec<(u64, Row)> = day_rows(s, Space::Days, institution, date)?
-        .into_iter()
-        .filter(|(_, r)| matches!(r.state(), State::Settled | State::Reversed))
-        .collect();
-    let reversed_rows: Vec<(u64, Row)> = day_rows(s, Space::ReversalDays, institution, date)?
+) -> Reconciliation {
+    let settled_rows: Vec<(Place, Row)> =
+        settled_rows.into_iter().filter(|(_, r)| matches!(r.state(), State::Settled | State::Reversed)).collect();
+    let reversed_rows: Vec<(Place, Row)> = reversed_rows
         .into_iter()
         .filter(|(_, r)| r.state() == State::Reversed && r.reversed_day.as_deref() == Some(date))
         .collect();
@@ -1308,11 +1508,11 @@ fn reconcile(
         account_pay_fen: r.account_fen,
         cash_pay_fen: r.cash_fen,
     };
-    // (time, seq, 0 for a settlement before 1 for a reversal at the same moment)
-    let mut events: Vec<(i64, u64, u8, &Row)> =
-        settled_rows.iter().map(|(seq, r)| (r.created_at, *seq, 0, r)).collect();
-    events.extend(reversed_rows.iter().map(|(seq, r)| (r.updated_at, *seq, 1, r)));
-    events.sort_by_key(|(at, seq, kind, _)| (*at, *seq, *kind));
+    // (time, place, 0 for a settlement before 1 for a reversal at the same moment)
+    let mut events: Vec<(i64, Place, u8, &Row)> =
+        settled_rows.iter().map(|(place, r)| (r.created_at, *place, 0, r)).collect();
+    events.extend(reversed_rows.iter().map(|(place, r)| (r.updated_at, *place, 1, r)));
+    events.sort_by_key(|(at, place, kind, _)| (*at, *place, *kind));
     let skip = (page.saturating_sub(1) as usize).saturating_mul(page_size as usize);
     let details = events
         .iter()
@@ -1320,7 +1520,7 @@ fn reconcile(
         .take(page_size as usize)
         .map(|(at, _, kind, r)| line(if *kind == 0 { "settled" } else { "reversed" }, *at, r))
         .collect();
-    Ok(Reconciliation {
+    Reconciliation {
         date: date.to_owned(),
         detail_count: settled.count + reversed.count,
         settled,
@@ -1330,5 +1530,5 @@ fn reconcile(
         details,
         page,
         page_size,
-    })
+    }
 }

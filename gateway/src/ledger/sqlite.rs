@@ -973,8 +973,9 @@ impl Ledger for SqliteLedger {
                  ORDER BY s.seq LIMIT ?9",
             )?;
             let state = q.state.map(State::as_str);
+            let after = q.after.first().map_or(0, |&seq| i64::try_from(seq).unwrap_or(i64::MAX));
             let rows = statement.query_map(
-                params![q.institution, q.days.0, q.days.1, q.after, q.from, q.to, q.terminal, state, q.limit],
+                params![q.institution, q.days.0, q.days.1, after, q.from, q.to, q.terminal, state, q.limit],
                 |r| {
                     let settled = |state: &str| matches!(state, "settled" | "reversed" | "failed");
                     let state: String = r.get(2)?;
@@ -982,7 +983,7 @@ impl Ledger for SqliteLedger {
                         Ok(if settled(&state) { r.get(i)? } else { None })
                     };
                     Ok(super::Listed {
-                        position: r.get(0)?,
+                        position: vec![u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0)],
                         settlement_id: r.get(1)?,
                         terminal_id: r.get(3)?,
                         card: r.get(4)?,

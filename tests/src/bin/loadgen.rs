@@ -154,26 +154,32 @@ fn choose_engine(setup: &Setup) {
 /// The ledger's stage benchmark (`loadgen ledger`): both engines, each at every concurrency.
 async fn ledger_stage(seconds: u64, levels: &[usize]) {
     use cardgate::config::{LedgerConfig, LedgerEngine};
-    println!("ledger stage: one commit per settlement, {seconds} s per row");
+    println!("ledger stage: one commit per settlement, {seconds} s per row; CPU in µs per settlement");
     println!(
-        "| engine | in flight | settlements/s | writer µs/settlement (serialized) | background µs | process CPU µs/settlement |"
+        "| engine | shards | in flight | settlements/s | busiest writer (serialized) | all writers | background | whole process |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
+    let shard_counts: Vec<usize> = std::env::var("LOADGEN_SHARDS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4]);
+    let mut engines: Vec<(LedgerEngine, usize)> = shard_counts.iter().map(|&n| (LedgerEngine::Lsm, n)).collect();
+    engines.push((LedgerEngine::Sqlite, 1));
     let only = std::env::var("LOADGEN_ENGINE").ok();
-    for engine in [LedgerEngine::Lsm, LedgerEngine::Sqlite] {
+    for (engine, shards) in engines {
         if only.as_deref().is_some_and(|only| !format!("{engine:?}").eq_ignore_ascii_case(only)) {
             continue;
         }
         for &level in levels {
             let dir = tempfile::tempdir().expect("temp dir");
             let path = dir.path().join(if engine == LedgerEngine::Sqlite { "ledger.db" } else { "ledger" });
-            let config = LedgerConfig { path, engine, secret: String::new(), secret_file: None };
+            let config = LedgerConfig { path, engine, shards, secret: String::new(), secret_file: None };
             let ledger = cardgate::ledger::open(&config).expect("ledger");
-            // A new thread names itself once it runs: let the writer get there.
+            // A new thread names itself once it runs: let the writers get there.
             tokio::time::sleep(Duration::from_millis(100)).await;
             let done = Arc::new(AtomicUsize::new(0));
             let deadline = Instant::now() + Duration::from_secs(seconds);
-            let (writer, cpu) = (writer_cpu_ns(), cpu_time());
+            let (before, cpu) = (LedgerCpu::now(), cpu_time());
             let tasks: Vec<_> = (0..level)
                 .map(|task| {
                     let (ledger, done) = (Arc::clone(&ledger), Arc::clone(&done));
@@ -199,13 +205,15 @@ async fn ledger_stage(seconds: u64, levels: &[usize]) {
                 task.await.expect("task");
             }
             let n = done.load(Ordering::Relaxed).max(1);
-            let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / 1000.0 / n as f64;
-            let (w, b) = match (writer, writer_cpu_ns()) {
-                (Some(before), Some(after)) => (per(after.0, before.0), per(after.1, before.1)),
-                _ => (f64::NAN, f64::NAN),
-            };
+            let (busiest, all, background) = LedgerCpu::now().per_settlement(&before, n);
             let process = (cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64;
-            println!("| {engine:?} | {level} | {:.0} | {w:.1} | {b:.1} | {process:.0} |", n as f64 / seconds as f64);
+            println!(
+                "| {engine:?} | {shards} | {level} | {:.0} | {busiest:.1} | {all:.1} | {background:.1} | {process:.0} |",
+                n as f64 / seconds as f64
+            );
+            // The writers stop once the ledger is gone: before the next row measures.
+            drop(ledger);
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
 }
@@ -259,45 +267,65 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// CPU time the threads named `name` (in this process) have used so far, from the
-/// scheduler's own accounting (nanoseconds); none if there is no such thread.
-fn threads_cpu_ns(name: &str) -> Option<u64> {
-    let times: Vec<u64> = std::fs::read_dir("/proc/self/task")
-        .ok()?
+/// CPU time each thread named `name` (in this process) has used so far, by thread id, from
+/// the scheduler's own accounting (nanoseconds).
+fn threads_cpu_ns(name: &str) -> std::collections::HashMap<String, u64> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Default::default() };
+    tasks
         .flatten()
         .filter_map(|task| {
             let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
             if comm.trim() != name {
                 return None;
             }
-            std::fs::read_to_string(task.path().join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()
+            let ns =
+                std::fs::read_to_string(task.path().join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()?;
+            Some((task.file_name().to_string_lossy().into_owned(), ns))
         })
-        .collect();
-    (!times.is_empty()).then(|| times.iter().sum())
+        .collect()
 }
 
-/// The ledger's CPU so far: its writer thread (`cardgate-ledger`: what runs one settlement at
-/// a time) and the storage engine's background threads (`fjall:worker`: memtable flushes and
-/// compactions, which run beside the writer, on as many threads as the engine starts).
-fn writer_cpu_ns() -> Option<(u64, u64)> {
-    Some((threads_cpu_ns("cardgate-ledger")?, threads_cpu_ns("fjall:worker").unwrap_or(0)))
+/// The ledger's threads' CPU at a moment: its writers (`cardgate-ledger`, one per shard: each
+/// runs its shard's settlements one at a time) and the storage engine's background threads
+/// (`fjall:worker`: memtable flushes and compactions, beside the writers).
+struct LedgerCpu {
+    writers: std::collections::HashMap<String, u64>,
+    background: std::collections::HashMap<String, u64>,
 }
 
-fn serialized_work(before: Option<(u64, u64)>, run: &Run) {
-    if let (Some(before), Some(after)) = (before, writer_cpu_ns())
-        && run.completed > 0
-    {
-        let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / 1000.0 / run.completed as f64;
-        let (writer, background) = (per(after.0, before.0), per(after.1, before.1));
-        println!(
-            "
-serialized work: the ledger writer spent {writer:.1} µs of CPU per settlement ({} settlements); \
-             alone it would carry {:.0} settlements/s; the engine's background threads (in parallel) \
-             {background:.1} µs per settlement",
-            run.completed,
-            1e6 / writer
-        );
+impl LedgerCpu {
+    fn now() -> Self {
+        Self { writers: threads_cpu_ns("cardgate-ledger"), background: threads_cpu_ns("fjall:worker") }
     }
+
+    /// Since `before`, per settlement (µs): the busiest writer's CPU (the serialized work: what
+    /// one thread had to do one at a time), all writers', and the background threads'.
+    fn per_settlement(&self, before: &Self, settlements: usize) -> (f64, f64, f64) {
+        let n = settlements.max(1) as f64;
+        let deltas = |now: &std::collections::HashMap<String, u64>, then: &std::collections::HashMap<String, u64>| {
+            now.iter().map(|(tid, ns)| ns.saturating_sub(then.get(tid).copied().unwrap_or(0))).collect::<Vec<u64>>()
+        };
+        let writers = deltas(&self.writers, &before.writers);
+        let busiest = writers.iter().max().copied().unwrap_or(0) as f64 / 1000.0 / n;
+        let all = writers.iter().sum::<u64>() as f64 / 1000.0 / n;
+        let background = deltas(&self.background, &before.background).iter().sum::<u64>() as f64 / 1000.0 / n;
+        (busiest, all, background)
+    }
+}
+
+fn serialized_work(before: &LedgerCpu, run: &Run) {
+    if run.completed == 0 {
+        return;
+    }
+    let (busiest, all, background) = LedgerCpu::now().per_settlement(before, run.completed);
+    println!(
+        "
+serialized work: the busiest ledger writer spent {busiest:.1} µs of CPU per settlement ({} settlements; \
+         all writers {all:.1} µs); alone it would carry {:.0} settlements/s; the engine's background \
+         threads (beside the writers) {background:.1} µs per settlement",
+        run.completed,
+        1e6 / busiest
+    );
 }
 
 /// `LOADGEN_CORES=N`: runs again pinned to cores 0..N (client, servers and the daemon of the
@@ -605,20 +633,20 @@ async fn run() {
     println!("|---|---|---|---|---|---|---|---|");
     if only_gateway {
         eprintln!("profiling window starts");
-        let writer = writer_cpu_ns();
+        let writer = LedgerCpu::now();
         let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
         row("(b) full gateway", &b);
-        serialized_work(writer, &b);
+        serialized_work(&writer, &b);
         return;
     }
     let a = drive(&setup.client(floor, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(a) bare mTLS floor", &a);
     let a_sig = drive(&setup.client(floor_sig, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(a') floor + Ed25519", &a_sig);
-    let writer = writer_cpu_ns();
+    let writer = LedgerCpu::now();
     let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(b) full gateway", &b);
-    serialized_work(writer, &b);
+    serialized_work(&writer, &b);
     println!(
         "\nratios: (b)/(a') = {:.2}, (b)/(a) = {:.2}",
         b.throughput() / a_sig.throughput(),
