@@ -128,7 +128,8 @@ pub struct LedgerConfig {
     pub engine: LedgerEngine,
     /// For the log-structured engine: how many shards (each its own journal and writer) a
     /// new ledger spreads cards over. Fixed when the ledger is created (an existing ledger
-    /// keeps its count). Default 4; as many as the cores that settle is the most that helps.
+    /// keeps its count). Default: half the machine's cores, 1 to 8 (docs/BENCHMARKS.md: each
+    /// shard adds a writer's ceiling on many cores and costs some CPU on few).
     #[serde(default = "defaults::ledger_shards")]
     pub shards: usize,
     /// Secret (64 hex characters) keying the hash under which card ids are stored and the
@@ -352,7 +353,7 @@ mod defaults {
     use std::path::PathBuf;
 
     pub(super) fn ledger_shards() -> usize {
-        4
+        (std::thread::available_parallelism().map_or(1, std::num::NonZero::get) / 2).clamp(1, 8)
     }
 
     pub(super) fn handshake_timeout_ms() -> u64 {

@@ -283,16 +283,28 @@ fn stripe(kind: u8, key: &[u8]) -> usize {
 
 impl Store {
     /// Opens the engine at `path`; answers it and the next settlement's seq.
-    fn open(path: &Path) -> Result<(Self, u64), LedgerError> {
-        let db = Database::builder(path).open().map_err(|e| match e {
-            fjall::Error::Locked => {
-                LedgerError::Storage(format!("{}: {LOCKED} (one gateway per embedded ledger)", path.display()))
-            }
-            e => LedgerError::Storage(format!("{}: {e}", path.display())),
-        })?;
+    fn open(path: &Path, tuning: Tuning) -> Result<(Self, u64), LedgerError> {
+        let db = Database::builder(path)
+            .cache_size(tuning.cache_bytes)
+            .max_cached_files(Some(tuning.open_files))
+            .worker_threads(tuning.workers)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => {
+                    LedgerError::Storage(format!("{}: {LOCKED} (one gateway per embedded ledger)", path.display()))
+                }
+                e => LedgerError::Storage(format!("{}: {e}", path.display())),
+            })?;
         let spaces = SPACE_NAMES
             .iter()
-            .map(|name| db.keyspace(name, KeyspaceCreateOptions::default).map_err(storage))
+            .enumerate()
+            .map(|(n, name)| {
+                // The settlements' entries are large; the indexes' small.
+                let memtable =
+                    if n == Space::Settlements as usize { tuning.memtable_bytes } else { tuning.memtable_bytes / 4 };
+                db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable.max(1 << 20)))
+                    .map_err(storage)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let store = Self { db, spaces };
         let meta = store.space(Space::Meta);
@@ -335,13 +347,13 @@ impl Slot {
 impl Shard {
     /// Opens (or creates) a shard in the directory `path` (created 0700) and starts its
     /// writer thread. Fails if another process has it open.
-    fn open(path: &Path, seqs: &Arc<AtomicU64>) -> Result<Self, LedgerError> {
+    fn open(path: &Path, seqs: &Arc<AtomicU64>, tuning: Tuning) -> Result<Self, LedgerError> {
         create_private_dir(path)?;
         // A gateway restarting while the previous process is still exiting finds the lock
         // held for a moment: wait for it (a little), then say who holds it.
         let mut attempts = 0;
         let (store, next_seq) = loop {
-            match Store::open(path) {
+            match Store::open(path, tuning) {
                 Err(LedgerError::Storage(message)) if message.contains(LOCKED) && attempts < 20 => {
                     attempts += 1;
                     std::thread::sleep(Duration::from_millis(100));
@@ -362,6 +374,7 @@ impl Shard {
             versions: Arc::clone(&versions),
             durable: Arc::clone(&durable),
             seqs: Arc::clone(seqs),
+            tuning,
         };
         let writer = std::thread::Builder::new()
             .name(WRITER_THREAD.into())
@@ -429,6 +442,7 @@ struct Writer {
     /// The ledger's seqs, shared by every shard's writer: a settlement's seq orders it among
     /// all shards' (listings, reconciliation), and within its shard it follows commit order.
     seqs: Arc<AtomicU64>,
+    tuning: Tuning,
 }
 
 impl Writer {
@@ -563,7 +577,7 @@ impl Writer {
         }
         self.store = None;
         for _ in 0..200 {
-            match Store::open(&self.path) {
+            match Store::open(&self.path, self.tuning) {
                 Ok((store, next_seq)) => {
                     let store = Arc::new(store);
                     self.store = Some(Arc::clone(&store));
@@ -1068,8 +1082,9 @@ impl LsmLedger {
                 "ledger: the shard count is fixed when the ledger is created; using the ledger's");
         }
         let seqs = Arc::new(AtomicU64::new(1));
-        let shards =
-            (0..count).map(|n| Shard::open(&path.join(format!("shard-{n}")), &seqs)).collect::<Result<Vec<_>, _>>()?;
+        let shards = (0..count)
+            .map(|n| Shard::open(&path.join(format!("shard-{n}")), &seqs, Tuning::for_shards(count)))
+            .collect::<Result<Vec<_>, _>>()?;
         let claims = (0..CLAIMS).map(|_| tokio::sync::Mutex::new(())).collect();
         Ok(Self { shards, claims, path: path.to_owned() })
     }
@@ -1138,6 +1153,36 @@ fn write_manifest(path: &Path, shards: usize) -> Result<(), LedgerError> {
             None => Ok(()),
         })
         .map_err(|e| LedgerError::Storage(format!("{}: {e}", path.display())))
+}
+
+/// What each shard's engine may hold in memory and open, so the ledger's sum stays the same
+/// whatever the shard count (the gateway's memory budget: docs/BENCHMARKS.md).
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    /// Block cache (reads of flushed tables).
+    cache_bytes: u64,
+    /// The settlements' memtable (each index's is a quarter of it).
+    memtable_bytes: u64,
+    /// Table files kept open.
+    open_files: usize,
+    /// Flush and compaction threads.
+    workers: usize,
+}
+
+impl Tuning {
+    /// The ledger's whole budget, shared by the shards: 16 MiB of block cache, memtables of
+    /// 16 MiB for the settlements and 4 MiB for each index (at least 4 MiB and 1 MiB a shard),
+    /// 256 open files. Smaller memtables flush more often (the engine's background CPU, beside
+    /// the writers); larger ones cost resident memory (docs/BENCHMARKS.md).
+    fn for_shards(shards: usize) -> Self {
+        let n = shards.max(1) as u64;
+        Self {
+            cache_bytes: ((16 << 20) / n).max(2 << 20),
+            memtable_bytes: ((16 << 20) / n).max(4 << 20),
+            open_files: (256 / shards.max(1)).max(32),
+            workers: if shards == 1 { 2 } else { 1 },
+        }
+    }
 }
 
 /// Most shards a ledger may have.

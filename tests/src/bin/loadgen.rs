@@ -138,17 +138,20 @@ fn cpu_time() -> Duration {
 }
 
 /// `LOADGEN_ENGINE=sqlite` runs the gateway on the SQLite engine (the engine before issue
-/// #15), to compare both in one session; the default is the default engine.
+/// #15), to compare both in one session; `LOADGEN_SHARDS=N` gives the log-structured ledger N
+/// shards (default: the gateway's, half the cores).
 fn choose_engine(setup: &Setup) {
-    if std::env::var("LOADGEN_ENGINE").as_deref() != Ok("sqlite") {
-        return;
-    }
     let path = setup.dir.path().join("cardgate.toml");
     let text = std::fs::read_to_string(&path).expect("config");
-    let sqlite = text.replace("[ledger]\npath = \"ledger\"\n", "[ledger]\npath = \"ledger.db\"\nengine = \"sqlite\"\n");
-    assert_ne!(sqlite, text, "the harness's ledger section changed; update LOADGEN_ENGINE");
-    std::fs::write(&path, sqlite).expect("config");
-    println!("ledger engine: sqlite (LOADGEN_ENGINE)");
+    let section = "[ledger]\npath = \"ledger\"\n";
+    assert!(text.contains(section), "the harness's ledger section changed; update choose_engine");
+    let replacement = match (std::env::var("LOADGEN_ENGINE").as_deref(), std::env::var("LOADGEN_SHARDS")) {
+        (Ok("sqlite"), _) => "[ledger]\npath = \"ledger.db\"\nengine = \"sqlite\"\n".to_owned(),
+        (_, Ok(shards)) => format!("[ledger]\npath = \"ledger\"\nshards = {}\n", shards.trim()),
+        _ => return,
+    };
+    println!("ledger: {}", replacement.lines().skip(1).collect::<Vec<_>>().join(", "));
+    std::fs::write(&path, text.replace(section, &replacement)).expect("config");
 }
 
 /// The ledger's stage benchmark (`loadgen ledger`): both engines, each at every concurrency.
