@@ -120,10 +120,9 @@ pub struct TokenConfig {
 pub struct LedgerConfig {
     /// Where the ledger lives: a directory (the log-structured engine) or an SQLite file.
     pub path: PathBuf,
-    /// The storage engine: `lsm` (the default for a new ledger: a log-structured engine whose
-    /// serialized work per settlement is a journal append), `sqlite` (the engine before
-    /// issue #15), or `auto` (the default): `sqlite` when `path` is an existing SQLite file,
-    /// `lsm` otherwise.
+    /// The storage engine: `sqlite` (one file), `lsm` (a directory: a log-structured engine
+    /// sharded by card, for machines with many cores: docs/decisions/0001), or `auto` (the
+    /// default): `lsm` when `path` is an existing directory, `sqlite` otherwise.
     #[serde(default)]
     pub engine: LedgerEngine,
     /// For the log-structured engine: how many shards (each its own journal and writer) a
@@ -147,7 +146,7 @@ pub struct LedgerConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LedgerEngine {
-    /// `sqlite` for an existing SQLite file at the path, `lsm` otherwise.
+    /// `lsm` for an existing directory at the path, `sqlite` otherwise.
     #[default]
     Auto,
     /// The log-structured engine (a directory).

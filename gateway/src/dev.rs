@@ -197,8 +197,7 @@ max_lifetime_secs = 600
 quote_validity_secs = 1800
 
 [ledger]
-# The log-structured ledger (a directory, mode 0700).
-path = "ledger"
+path = "ledger.db"
 # The secret keying card hashes and sealing stored requests, quotes and receipts (mode 0600).
 secret_file = "ledger.secret"
 

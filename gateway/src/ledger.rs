@@ -7,10 +7,10 @@
 //!
 //! States: `pending -> settled | failed | unknown`, `settled -> reversed`.
 //!
-//! - [`lsm`]: the embedded default (a log-structured engine: one journal, fsync per group of
-//!   writes, reads and checks on the callers' threads; see docs/decisions/0001).
-//! - [`sqlite`]: the engine before it (SQLite, WAL, fsync on commit, one writer thread with
-//!   group commit), still opened for ledgers it wrote.
+//! - [`sqlite`]: the embedded default (SQLite, WAL, fsync on commit, one writer thread with
+//!   group commit).
+//! - [`lsm`]: a log-structured engine sharded by card (`engine = "lsm"`): a fifth of SQLite's
+//!   serialized work per settlement, more memory; see docs/decisions/0001.
 
 pub mod lsm;
 pub mod sqlite;
@@ -25,8 +25,8 @@ use ring::hmac;
 pub fn open(config: &crate::config::LedgerConfig) -> Result<std::sync::Arc<dyn Ledger>, LedgerError> {
     use crate::config::LedgerEngine;
     let engine = match config.engine {
-        LedgerEngine::Auto if config.path.is_file() => LedgerEngine::Sqlite,
-        LedgerEngine::Auto => LedgerEngine::Lsm,
+        LedgerEngine::Auto if config.path.is_dir() => LedgerEngine::Lsm,
+        LedgerEngine::Auto => LedgerEngine::Sqlite,
         chosen => chosen,
     };
     Ok(match engine {

@@ -81,7 +81,17 @@ fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// The ledger engine the test gateways use: `CARDGATE_TEST_LEDGER` (`sqlite`, the default, or
+/// `lsm`); `.ci/run` runs the end-to-end tests with each.
+pub fn test_engine() -> String {
+    match std::env::var("CARDGATE_TEST_LEDGER").as_deref() {
+        Ok("lsm") => "lsm".into(),
+        _ => "sqlite".into(),
+    }
+}
+
 fn config_toml(options: &Options) -> String {
+    let engine = test_engine();
     let library = |p: &str| {
         let built = if options.release_plugins {
             let build = cardgate_sdk::testing::Build {
@@ -118,6 +128,7 @@ max_lifetime_secs = 600
 
 [ledger]
 path = "ledger"
+engine = "{engine}"
 secret = "{secret}"
 
 [plugin_runtime]

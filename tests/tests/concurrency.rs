@@ -116,7 +116,7 @@ async fn two_gateways_sharing_a_ledger_never_spend_a_card_twice() {
     let setup = Setup::create(&Options::default(), "127.0.0.1:0");
     let config = setup.dir.path().join("cardgate.toml");
     let text = std::fs::read_to_string(&config).expect("config");
-    let text = text.replace("[ledger]\npath = \"ledger\"\n", "[ledger]\npath = \"ledger.db\"\nengine = \"sqlite\"\n");
+    let text = text.replace(&format!("engine = \"{}\"", cardgate_tests::harness::test_engine()), "engine = \"sqlite\"");
     assert!(text.contains("engine = \"sqlite\""), "{text}");
     std::fs::write(&config, text).expect("config");
     let ((first, _stop_first), (second, _stop_second)) = (serve_setup(&setup).await, serve_setup(&setup).await);
@@ -152,7 +152,12 @@ async fn two_gateways_sharing_a_ledger_never_spend_a_card_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_on_the_same_embedded_ledger_refuses_to_start() {
+    // The log-structured engine: one process per ledger.
     let setup = Setup::create(&Options::default(), "127.0.0.1:0");
+    let config = setup.dir.path().join("cardgate.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replace(&format!("engine = \"{}\"", cardgate_tests::harness::test_engine()), "engine = \"lsm\"");
+    std::fs::write(&config, text).expect("config");
     let (_first, _stop) = serve_setup(&setup).await;
     let config =
         cardgate::config::Config::load(&setup.dir.path().join("cardgate.toml"), &Default::default()).expect("config");

@@ -251,7 +251,7 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
         .spawn()
         .expect("start cardgate dev");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !dir.join("ledger").join("shard-0").join("version").exists() {
+    while !dir.join("ledger.db-wal").exists() {
         assert!(Instant::now() < deadline && child.try_wait().expect("wait").is_none(), "dev did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -264,26 +264,11 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
     assert!(printed.contains(&format!("TOKEN=$({binary} token mint")), "{printed}");
     assert!(!printed.contains("cargo run") && printed.contains("$RANDOM"), "{printed}");
     assert_eq!(mode(&dir), 0o700);
-    for file in ["cardgate.toml", "ledger.secret", "server.key", "issuer.key", "pharmacy.key"] {
+    for file in
+        ["cardgate.toml", "ledger.secret", "server.key", "issuer.key", "pharmacy.key", "ledger.db", "ledger.db-wal"]
+    {
         assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
     }
-    // The ledger: its directory and everything the engine wrote in it, the owner's alone.
-    assert_eq!(mode(&dir.join("ledger")), 0o700);
-    let mut seen = 0;
-    let mut folders = vec![dir.join("ledger")];
-    while let Some(folder) = folders.pop() {
-        for entry in std::fs::read_dir(&folder).expect("ledger directory").flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                assert_eq!(mode(&path), 0o700, "{}", path.display());
-                folders.push(path);
-            } else {
-                assert_eq!(mode(&path) & 0o077, 0, "{}", path.display());
-                seen += 1;
-            }
-        }
-    }
-    assert!(seen > 0, "the ledger wrote files");
     let config = std::fs::read_to_string(dir.join("cardgate.toml")).expect("config");
     assert!(config.contains("secret_file = \"ledger.secret\"") && !config.contains("\nsecret ="), "{config}");
 
@@ -299,7 +284,7 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
     };
     assert!(!check().contains("warning"), "{}", check());
     std::fs::set_permissions(dir.join("ledger.secret"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    std::fs::set_permissions(dir.join("ledger"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(dir.join("ledger.db"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let warned = check();
     assert!(warned.contains("warning: ledger.secret_file") && warned.contains("warning: ledger.path"), "{warned}");
 }

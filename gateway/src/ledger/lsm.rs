@@ -1,4 +1,5 @@
-//! The embedded ledger on a log-structured engine ([fjall]): the default since issue #15.
+//! The embedded ledger on a log-structured engine ([fjall]), sharded by card (issue #15;
+//! `engine = "lsm"`).
 //!
 //! Why (docs/decisions/0001-ledger-write-path.md): with SQLite every settlement dirtied about
 //! a dozen 4 KiB B-tree pages on its single writer thread, 50 µs of work that ran one at a
@@ -1171,14 +1172,14 @@ struct Tuning {
 
 impl Tuning {
     /// The ledger's whole budget, shared by the shards: 16 MiB of block cache, memtables of
-    /// 16 MiB for the settlements and 4 MiB for each index (at least 4 MiB and 1 MiB a shard),
+    /// 32 MiB for the settlements and 8 MiB for each index (at least 8 MiB and 2 MiB a shard),
     /// 256 open files. Smaller memtables flush more often (the engine's background CPU, beside
     /// the writers); larger ones cost resident memory (docs/BENCHMARKS.md).
     fn for_shards(shards: usize) -> Self {
         let n = shards.max(1) as u64;
         Self {
             cache_bytes: ((16 << 20) / n).max(2 << 20),
-            memtable_bytes: ((16 << 20) / n).max(4 << 20),
+            memtable_bytes: ((32 << 20) / n).max(8 << 20),
             open_files: (256 / shards.max(1)).max(32),
             workers: if shards == 1 { 2 } else { 1 },
         }

@@ -137,21 +137,24 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// `LOADGEN_ENGINE=sqlite` runs the gateway on the SQLite engine (the engine before issue
-/// #15), to compare both in one session; `LOADGEN_SHARDS=N` gives the log-structured ledger N
-/// shards (default: the gateway's, half the cores).
+/// `LOADGEN_ENGINE=lsm` runs the gateway on the log-structured ledger (`LOADGEN_SHARDS=N`: N
+/// shards, default the gateway's, half the cores), `LOADGEN_ENGINE=sqlite` on SQLite (the
+/// default), to compare both in one session.
 fn choose_engine(setup: &Setup) {
     let path = setup.dir.path().join("cardgate.toml");
     let text = std::fs::read_to_string(&path).expect("config");
-    let section = "[ledger]\npath = \"ledger\"\n";
-    assert!(text.contains(section), "the harness's ledger section changed; update choose_engine");
+    let section = format!("[ledger]\npath = \"ledger\"\nengine = \"{}\"\n", cardgate_tests::harness::test_engine());
+    assert!(text.contains(&section), "the harness's ledger section changed; update choose_engine");
     let replacement = match (std::env::var("LOADGEN_ENGINE").as_deref(), std::env::var("LOADGEN_SHARDS")) {
-        (Ok("sqlite"), _) => "[ledger]\npath = \"ledger.db\"\nengine = \"sqlite\"\n".to_owned(),
-        (_, Ok(shards)) => format!("[ledger]\npath = \"ledger\"\nshards = {}\n", shards.trim()),
+        (Ok("lsm"), Ok(shards)) => {
+            format!("[ledger]\npath = \"ledger\"\nengine = \"lsm\"\nshards = {}\n", shards.trim())
+        }
+        (Ok("lsm"), _) => "[ledger]\npath = \"ledger\"\nengine = \"lsm\"\n".to_owned(),
+        (Ok("sqlite"), _) => "[ledger]\npath = \"ledger\"\nengine = \"sqlite\"\n".to_owned(),
         _ => return,
     };
     println!("ledger: {}", replacement.lines().skip(1).collect::<Vec<_>>().join(", "));
-    std::fs::write(&path, text.replace(section, &replacement)).expect("config");
+    std::fs::write(&path, text.replace(&section, &replacement)).expect("config");
 }
 
 /// The ledger's stage benchmark (`loadgen ledger`): both engines, each at every concurrency.
