@@ -226,6 +226,47 @@ pub struct Reconciliation {
     pub detail_count: u64,
 }
 
+/// Per payer: settlements (or reversals) it took part in, its fund's and the account's sums.
+pub type PayerSums = std::collections::BTreeMap<String, (u64, i64, i64)>;
+
+/// A day's net movement (settled less reversed) and each payer's line, from the day's totals
+/// and per-payer sums of its settlements (`gross`) and its reversals (`back`).
+pub fn net_and_payers(
+    settled: &Totals,
+    reversed: &Totals,
+    gross: &PayerSums,
+    mut back: PayerSums,
+) -> (Totals, Vec<PayerTotals>) {
+    let net = Totals {
+        count: settled.count.saturating_sub(reversed.count),
+        total_fen: settled.total_fen - reversed.total_fen,
+        fund_pay_fen: settled.fund_pay_fen - reversed.fund_pay_fen,
+        account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
+        cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
+    };
+    let mut names: Vec<String> = gross.keys().chain(back.keys()).cloned().collect();
+    names.sort();
+    names.dedup();
+    let payers = names
+        .into_iter()
+        .map(|payer| {
+            let (count, fund_pay_fen, account_pay_fen) = gross.get(&payer).copied().unwrap_or_default();
+            let (reversed_count, reversed_fund_pay_fen, reversed_account_pay_fen) =
+                back.remove(&payer).unwrap_or_default();
+            PayerTotals {
+                payer,
+                count,
+                fund_pay_fen,
+                account_pay_fen,
+                reversed_count,
+                reversed_fund_pay_fen,
+                reversed_account_pay_fen,
+            }
+        })
+        .collect();
+    (net, payers)
+}
+
 /// Counts and sums.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Totals {

@@ -43,24 +43,6 @@ macro_rules! on_every_engine {
     };
 }
 
-/// More tests run on both engines (a second module pair).
-macro_rules! on_every_engine_too {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite_too {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(super::Engine::Sqlite).await;
-            })*
-        }
-        mod lsm_too {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(super::Engine::Lsm).await;
-            })*
-        }
-    };
-}
-
 on_every_engine!(
     settlement_survives_reopening_and_its_token_stays_used,
     a_refused_write_in_a_batch_does_not_undo_the_others,
@@ -70,6 +52,8 @@ on_every_engine!(
     a_reversal_counts_on_the_day_it_is_made_and_a_closed_day_never_changes,
     an_outcome_computed_on_figures_that_moved_since_is_not_recorded,
     a_settlement_recorded_in_one_commit_is_refused_whole,
+    an_idempotency_key_is_unique_whatever_the_card,
+    a_listing_pages_through_every_card_once_in_time_order,
 );
 
 fn intent(id: &str, key: &str, token: &[u8]) -> Intent {
@@ -478,11 +462,6 @@ async fn a_listing_pages_through_every_card_once_in_time_order(engine: Engine) {
     let totals = ledger.reconciliation("H1", &cardgate::ledger::business_day(day_start + 100), 2, 25).expect("read");
     assert_eq!((totals.settled.count, totals.settled.fund_pay_fen, totals.details.len()), (30, 3000, 5));
 }
-
-on_every_engine_too!(
-    an_idempotency_key_is_unique_whatever_the_card,
-    a_listing_pages_through_every_card_once_in_time_order
-);
 
 #[tokio::test]
 async fn a_ledger_keeps_the_shard_count_it_was_created_with() {

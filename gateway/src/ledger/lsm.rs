@@ -27,7 +27,7 @@
 //! One process owns a ledger: the engine locks its directory, and a second gateway on the same
 //! ledger refuses to start (the per-stripe checks are in this process's memory).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1479,8 +1479,8 @@ fn totals<'a>(rows: impl Iterator<Item = &'a Row>) -> super::Totals {
 }
 
 /// Per payer: count, fund and account.
-fn payer_sums<'a>(rows: impl Iterator<Item = &'a Row>) -> BTreeMap<String, (u64, i64, i64)> {
-    let mut sums: BTreeMap<String, (u64, i64, i64)> = BTreeMap::new();
+fn payer_sums<'a>(rows: impl Iterator<Item = &'a Row>) -> super::PayerSums {
+    let mut sums = super::PayerSums::new();
     for r in rows {
         let payers: Vec<(String, i64, i64)> = serde_json::from_str(&r.payers).unwrap_or_default();
         for (payer, fund, account) in payers {
@@ -1512,35 +1512,9 @@ fn reconcile(
         .collect();
     let settled = totals(settled_rows.iter().map(|(_, r)| r));
     let reversed = totals(reversed_rows.iter().map(|(_, r)| r));
-    let net = super::Totals {
-        count: settled.count.saturating_sub(reversed.count),
-        total_fen: settled.total_fen - reversed.total_fen,
-        fund_pay_fen: settled.fund_pay_fen - reversed.fund_pay_fen,
-        account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
-        cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
-    };
     let gross = payer_sums(settled_rows.iter().map(|(_, r)| r));
-    let mut back = payer_sums(reversed_rows.iter().map(|(_, r)| r));
-    let mut names: Vec<String> = gross.keys().chain(back.keys()).cloned().collect();
-    names.sort();
-    names.dedup();
-    let payers = names
-        .into_iter()
-        .map(|payer| {
-            let (count, fund_pay_fen, account_pay_fen) = gross.get(&payer).copied().unwrap_or_default();
-            let (reversed_count, reversed_fund_pay_fen, reversed_account_pay_fen) =
-                back.remove(&payer).unwrap_or_default();
-            super::PayerTotals {
-                payer,
-                count,
-                fund_pay_fen,
-                account_pay_fen,
-                reversed_count,
-                reversed_fund_pay_fen,
-                reversed_account_pay_fen,
-            }
-        })
-        .collect();
+    let back = payer_sums(reversed_rows.iter().map(|(_, r)| r));
+    let (net, payers) = super::net_and_payers(&settled, &reversed, &gross, back);
     // The day's events in the order they happened: its settlements, then its reversals.
     let line = |event: &str, at: i64, r: &Row| super::DetailLine {
         event: event.to_owned(),

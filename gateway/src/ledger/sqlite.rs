@@ -598,7 +598,7 @@ fn payer_sums(
     institution: &str,
     date: &str,
     (from, filter): Rows,
-) -> rusqlite::Result<std::collections::BTreeMap<String, (u64, i64, i64)>> {
+) -> rusqlite::Result<super::PayerSums> {
     let sql = format!(
         "SELECT p.value ->> 0, count(*), sum(p.value ->> 1), sum(p.value ->> 2) {from}, json_each(o.payers) p
          {filter} GROUP BY 1"
@@ -619,35 +619,9 @@ fn reconcile(
 ) -> rusqlite::Result<super::Reconciliation> {
     let settled = totals(conn, institution, date, DAY_SETTLED)?;
     let reversed = totals(conn, institution, date, DAY_REVERSED)?;
-    let net = super::Totals {
-        count: settled.count.saturating_sub(reversed.count),
-        total_fen: settled.total_fen - reversed.total_fen,
-        fund_pay_fen: settled.fund_pay_fen - reversed.fund_pay_fen,
-        account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
-        cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
-    };
     let gross = payer_sums(conn, institution, date, DAY_SETTLED)?;
-    let mut back = payer_sums(conn, institution, date, DAY_REVERSED)?;
-    let mut names: Vec<String> = gross.keys().chain(back.keys()).cloned().collect();
-    names.sort();
-    names.dedup();
-    let payers = names
-        .into_iter()
-        .map(|payer| {
-            let (count, fund_pay_fen, account_pay_fen) = gross.get(&payer).copied().unwrap_or_default();
-            let (reversed_count, reversed_fund_pay_fen, reversed_account_pay_fen) =
-                back.remove(&payer).unwrap_or_default();
-            super::PayerTotals {
-                payer,
-                count,
-                fund_pay_fen,
-                account_pay_fen,
-                reversed_count,
-                reversed_fund_pay_fen,
-                reversed_account_pay_fen,
-            }
-        })
-        .collect();
+    let back = payer_sums(conn, institution, date, DAY_REVERSED)?;
+    let (net, payers) = super::net_and_payers(&settled, &reversed, &gross, back);
     // The day's events in the order they happened: its settlements, then its reversals.
     let mut details = conn.prepare_cached(&format!(
         "SELECT * FROM (
