@@ -1051,7 +1051,7 @@ pub struct LsmLedger {
 const MANIFEST: &str = "cardgate-ledger";
 
 /// Claim stripes for idempotency keys.
-const CLAIMS: usize = 1024;
+const CLAIMS: usize = 4096;
 
 /// A stable 64-bit hash (FNV-1a) of bytes that are not already uniform (quote ids, keys).
 fn fnv(bytes: &[u8]) -> u64 {
