@@ -155,6 +155,21 @@ async fn at_the_default_log_level_it_reloads_settles_and_stops_on_sigterm() {
     let log = daemon.log();
     assert!(log.contains("cardgate serving") && log.contains("plugins reloaded"), "logging is on:\n{log}");
     assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+    // Whatever the daemon wrote of its ledger (either engine: a file, or a directory of
+    // shards, journals and tables) is its owner's alone, whatever the umask it was run with.
+    let mut written = 0;
+    let mut places = vec![setup.dir.path().join("ledger"), setup.dir.path().join("ledger-wal")];
+    while let Some(place) = places.pop() {
+        let Ok(meta) = std::fs::metadata(&place) else { continue };
+        written += 1;
+        if meta.is_dir() {
+            assert_eq!(mode(&place), 0o700, "{}", place.display());
+            places.extend(std::fs::read_dir(&place).expect("directory").flatten().map(|e| e.path()));
+        } else {
+            assert_eq!(mode(&place) & 0o077, 0, "{}", place.display());
+        }
+    }
+    assert!(written >= 1, "the ledger was written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
