@@ -423,6 +423,46 @@ pub struct StoredQuote {
     pub settled_by: Option<String>,
 }
 
+/// A settlement as a ledger holds it, whole: for moving a ledger to another engine.
+#[derive(Debug, Clone)]
+pub struct Dumped {
+    /// Its position in the order settlements were recorded.
+    pub seq: u64,
+    /// What was recorded before the payers were asked.
+    pub intent: Intent,
+    /// State (`pending` when no outcome was recorded).
+    pub state: State,
+    /// The stored answer's status (0 while pending).
+    pub status: u16,
+    /// The stored answer (as stored: sealed receipts stay sealed).
+    pub body: String,
+    /// The reversal's stored answer.
+    pub reversal: Option<String>,
+    /// Accumulator changes, as stored (JSON).
+    pub deltas: String,
+    /// Per payer (payer, fund, account), as stored (JSON).
+    pub payers: String,
+    /// Money: funds, account, cash.
+    pub amounts: (i64, i64, i64),
+    /// When the outcome (or reversal) was recorded.
+    pub updated_at: i64,
+    /// The business day of the reversal.
+    pub reversed_day: Option<String>,
+    /// Whether its token, and its quote, are still held (a refused settlement released them).
+    pub holds: (bool, bool),
+}
+
+/// Everything an embedded ledger holds ([`sqlite::SqliteLedger::dump`], [`lsm::LsmLedger::import`]).
+#[derive(Debug, Clone, Default)]
+pub struct Dump {
+    /// Every settlement, in seq order.
+    pub settlements: Vec<Dumped>,
+    /// Every accumulator: card hash, payer and the year's figures.
+    pub accumulators: Vec<(Vec<u8>, String, YearToDate)>,
+    /// Every stored quote.
+    pub quotes: Vec<StoredQuote>,
+}
+
 /// A settlement's card hash and the accumulator changes it made.
 pub type SettledDeltas = (Vec<u8>, Vec<AccumulatorDelta>);
 

@@ -222,6 +222,32 @@ async fn reconciliation_totals_equal_the_sum_of_the_details() {
         2,
         "the reversal, and its settlement's state"
     );
+
+    // An SQLite ledger moves whole into the log-structured engine; an lsm one is refused.
+    use clap::Parser;
+    let config = gw.dir.path().join("cardgate.toml");
+    let to = gw.dir.path().join("moved");
+    let args = [
+        "cardgate",
+        "ledger",
+        "migrate",
+        "--config",
+        config.to_str().expect("UTF-8"),
+        "--to",
+        to.to_str().expect("UTF-8"),
+    ];
+    let cli = cardgate::cli::Cli::try_parse_from(args).expect("arguments");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = cardgate::cli::run(cli, &mut out, &mut err);
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    if cardgate_tests::harness::test_engine() == "sqlite" {
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("migrated 3 settlements") && out.contains("engine = \"lsm\""), "{out}");
+        assert!(to.join("cardgate-ledger").is_file(), "the new ledger's manifest");
+    } else {
+        assert_ne!(code, 0);
+        assert!(err.contains("not an SQLite ledger file"), "{err}");
+    }
 }
 
 fn export_csv(dir: &Path, date: &str) -> String {

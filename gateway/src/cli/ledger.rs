@@ -29,11 +29,62 @@ pub enum LedgerCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Copy the configured SQLite ledger, whole, into a new log-structured ledger (`--to`, a
+    /// directory that must not exist), with the gateway stopped. Then set `path` to it and
+    /// `engine = "lsm"`; the SQLite file is left as it was.
+    Migrate {
+        /// Configuration file (the ledger's path and secret come from it).
+        #[arg(long)]
+        config: PathBuf,
+        /// The new ledger's directory.
+        #[arg(long)]
+        to: PathBuf,
+        /// Its shards (fixed from now on). Default: `ledger.shards`.
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+}
+
+fn migrate(
+    config: &std::path::Path,
+    to: &std::path::Path,
+    shards: Option<usize>,
+    out: &mut dyn Write,
+) -> Result<u8, Failure> {
+    let config = Config::load(config, &std::env::vars().collect::<HashMap<_, _>>())
+        .map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
+    if !config.ledger.path.is_file() || config.ledger.engine == crate::config::LedgerEngine::Lsm {
+        return Err(Failure::config(format!(
+            "ledger.path: {}: not an SQLite ledger file",
+            config.ledger.path.display()
+        )));
+    }
+    let shards = shards.unwrap_or(config.ledger.shards);
+    if !(1..=64).contains(&shards) {
+        return Err(Failure::config("--shards: 1 to 64"));
+    }
+    let dump =
+        crate::ledger::sqlite::SqliteLedger::open(&config.ledger.path).and_then(|l| l.dump()).map_err(Failure::new)?;
+    crate::ledger::lsm::LsmLedger::import(to, shards, &dump).map_err(Failure::new)?;
+    writeln!(
+        out,
+        "migrated {} settlements, {} accumulators and {} quotes into {} ({shards} shards)\nnow set, in [ledger]: path = \"{}\" and engine = \"lsm\"",
+        dump.settlements.len(),
+        dump.accumulators.len(),
+        dump.quotes.len(),
+        to.display(),
+        to.display()
+    )
+    .map_err(Failure::new)?;
+    Ok(0)
 }
 
 /// Runs a ledger command.
 pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
-    let LedgerCommand::Export { config, date, institution, out: file } = command;
+    let (config, date, institution, file) = match command {
+        LedgerCommand::Export { config, date, institution, out } => (config, date, institution, out),
+        LedgerCommand::Migrate { config, to, shards } => return migrate(&config, &to, shards, out),
+    };
     let config = Config::load(&config, &std::env::vars().collect::<HashMap<_, _>>())
         .map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
     if !crate::ledger::is_business_day(&date) {

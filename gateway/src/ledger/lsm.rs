@@ -1139,6 +1139,101 @@ impl LsmLedger {
     }
 }
 
+impl LsmLedger {
+    /// Creates a ledger at `path` (which must not exist) holding everything of `dump`: every
+    /// settlement in its card's shard with its seq, state, stored answers, key, held token and
+    /// quote, day indexes; every accumulator; every quote. Made durable before it returns.
+    pub fn import(path: &Path, shards: usize, dump: &super::Dump) -> Result<(), LedgerError> {
+        if path.exists() {
+            return Err(LedgerError::Storage(format!("{}: exists; migrate into a new directory", path.display())));
+        }
+        let ledger = Self::open(path, shards)?;
+        let stores: Vec<Arc<Store>> = ledger.shards.iter().map(|s| s.slot.current()).collect::<Result<_, _>>()?;
+        let index = |hash: &[u8]| {
+            let shard = ledger.shard_of(hash);
+            ledger.shards.iter().position(|s| std::ptr::eq(s, shard)).unwrap_or(0)
+        };
+        let mut batches: Vec<_> = stores.iter().map(|s| s.db.batch()).collect();
+        let mut next = vec![1u64; stores.len()];
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for d in &dump.settlements {
+            let n = index(&d.intent.card_hash);
+            let mut row = Row::from_intent(&d.intent);
+            if d.state != State::Pending {
+                row.state = Some(d.state);
+            }
+            row.status = d.status;
+            row.body.clone_from(&d.body);
+            row.reversal.clone_from(&d.reversal);
+            row.deltas.clone_from(&d.deltas);
+            row.payers.clone_from(&d.payers);
+            (row.fund_fen, row.account_fen, row.cash_fen) = d.amounts;
+            row.updated_at = d.updated_at;
+            row.reversed_day.clone_from(&d.reversed_day);
+            let mut plan = Plan::default();
+            let id = d.intent.id.as_bytes();
+            plan.ops.push(Op::Put(Space::Settlements, bytes(id), stored(d.seq, &row)));
+            plan.ops.push(Op::Put(
+                Space::Keys,
+                bytes(key_of(&d.intent.institution, &d.intent.idempotency_key)),
+                bytes(id),
+            ));
+            if let (Some(token), true) = (&d.intent.token_id, d.holds.0) {
+                plan.ops.push(Op::Put(Space::Tokens, bytes(token.as_slice()), bytes(id)));
+            }
+            if let (Some(quote), true) = (&d.intent.quote_id, d.holds.1) {
+                plan.ops.push(Op::Put(Space::UsedQuotes, bytes(quote.as_bytes()), bytes(id)));
+            }
+            if matches!(d.state, State::Pending | State::Unknown) {
+                plan.ops.push(Op::Put(Space::Open, bytes(d.seq.to_be_bytes()), bytes(id)));
+            }
+            let day = [day_prefix(&d.intent.institution, &row.day), d.seq.to_be_bytes().to_vec()].concat();
+            plan.ops.push(Op::Put(Space::Days, bytes(day), bytes(id)));
+            if let Some(reversed_day) = &d.reversed_day {
+                let index = [day_prefix(&d.intent.institution, reversed_day), d.seq.to_be_bytes().to_vec()].concat();
+                plan.ops.push(Op::Put(Space::ReversalDays, bytes(index), bytes(id)));
+            }
+            for op in &plan.ops {
+                if let Op::Put(space, key, value) = op {
+                    batches[n].insert(
+                        stores[n].space(*space),
+                        assemble(key, d.seq, &mut keys),
+                        assemble(value, d.seq, &mut values),
+                    );
+                }
+            }
+            next[n] = next[n].max(d.seq + 1);
+            if batches[n].len() >= 10_000 {
+                let full = std::mem::replace(&mut batches[n], stores[n].db.batch());
+                full.commit().map_err(storage)?;
+            }
+        }
+        let mut years: std::collections::BTreeMap<(Vec<u8>, i32), Year> = std::collections::BTreeMap::new();
+        for (card, payer, figures) in &dump.accumulators {
+            years.entry((card.clone(), figures.year)).or_default().push((payer.clone(), *figures));
+        }
+        for ((card, year), figures) in &years {
+            let n = index(card);
+            batches[n].insert(stores[n].space(Space::Accumulators), accumulator_key(card, *year), year_bytes(figures));
+        }
+        for q in &dump.quotes {
+            let shard = ledger.quote_shard(&q.id);
+            let n = ledger.shards.iter().position(|s| std::ptr::eq(s, shard)).unwrap_or(0);
+            let mut e = Enc(Vec::with_capacity(64 + q.sealed.len()));
+            e.bytes(q.institution.as_bytes());
+            e.int(q.expires_at);
+            e.bytes(&q.sealed);
+            batches[n].insert(stores[n].space(Space::Quotes), q.id.as_bytes(), e.0);
+        }
+        for (n, mut batch) in batches.into_iter().enumerate() {
+            batch.insert(stores[n].space(Space::Meta), NEXT_SEQ, next[n].to_be_bytes());
+            batch.commit().map_err(storage)?;
+            stores[n].db.persist(PersistMode::SyncAll).map_err(storage)?;
+        }
+        Ok(())
+    }
+}
+
 fn write_manifest(path: &Path, shards: usize) -> Result<(), LedgerError> {
     use std::io::Write;
     let text =
