@@ -89,8 +89,9 @@ impl Gateway {
     /// generation) come from `config`. The ledger's path and secret cannot change this way.
     pub fn rebuild(&self, config: Config) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
-        if config.ledger.path != self.config.ledger.path || config.ledger.secret != self.config.ledger.secret {
-            problems.push("ledger: the path and secret cannot change on reload; restart instead".to_owned());
+        let (new, old) = (&config.ledger, &self.config.ledger);
+        if new.path != old.path || new.secret != old.secret || new.engine != old.engine {
+            problems.push("ledger: the path, engine and secret cannot change on reload; restart instead".to_owned());
         }
         let shared = Shared {
             ledger: Arc::clone(&self.ledger),

@@ -104,4 +104,21 @@ async fn configuration_reload_applies_or_is_refused_with_every_error() {
         assert!(problems.iter().any(|p| p.starts_with(key)), "{key} in {problems:?}");
     }
     assert_eq!(settle(Card::in_region("440305"), "r-4").await.status, StatusCode::CREATED);
+
+    // The ledger is kept across reloads: changing its engine needs a restart, and says so.
+    let engine = cardgate_tests::harness::test_engine();
+    let other = if engine == "lsm" { "sqlite" } else { "lsm" };
+    let problems = gw
+        .reload_config(|text| {
+            // The good configuration of above, its engine changed.
+            text.replace("clock_skew_secs = -1", "clock_skew_secs = 60")
+                .replace("regions = [\"4\"]", "regions = [\"44\"]")
+                .replace("\n[limits.global]\nper_second = 10\nburst = 0\n", "")
+                .replace(&format!("engine = \"{engine}\""), &format!("engine = \"{other}\""))
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("engine") && problems[0].contains("restart"), "{problems:?}");
+    assert_eq!(settle(Card::in_region("440305"), "r-5").await.status, StatusCode::CREATED);
 }
