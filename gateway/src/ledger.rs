@@ -452,15 +452,20 @@ pub struct Dumped {
     pub holds: (bool, bool),
 }
 
-/// Everything an embedded ledger holds ([`sqlite::SqliteLedger::dump`], [`lsm::LsmLedger::import`]).
-#[derive(Debug, Clone, Default)]
-pub struct Dump {
-    /// Every settlement, in seq order.
-    pub settlements: Vec<Dumped>,
-    /// Every accumulator: card hash, payer and the year's figures.
-    pub accumulators: Vec<(Vec<u8>, String, YearToDate)>,
-    /// Every stored quote.
-    pub quotes: Vec<StoredQuote>,
+/// Each payer's year-to-date figures of one card's year.
+pub type PayerYears = Vec<(String, YearToDate)>;
+
+/// One thing an embedded ledger holds, as [`sqlite::SqliteLedger::dump`] streams them and
+/// [`lsm::Importer`] takes them: every settlement (in seq order), every card's year of
+/// accumulators, every quote.
+#[derive(Debug, Clone)]
+pub enum DumpItem {
+    /// A settlement.
+    Settlement(Box<Dumped>),
+    /// A card's year (card hash, year): each payer's figures.
+    Year(Vec<u8>, i32, PayerYears),
+    /// A stored quote.
+    Quote(StoredQuote),
 }
 
 /// A settlement's card hash and the accumulator changes it made.

@@ -387,10 +387,33 @@ async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_eve
     };
     ledger.save_quote(quote).await.expect("quote");
     ledger.begin(intent("S-pending", "k-pending", b"tok-pending")).await.expect("pending");
-    let dump = ledger.dump().expect("dump");
+    let mut items = Vec::new();
+    ledger
+        .dump(&mut |item| {
+            items.push(item);
+            Ok(())
+        })
+        .expect("dump");
     let moved = dir.path().join("moved");
-    LsmLedger::import(&moved, 3, &dump).expect("import");
-    assert!(LsmLedger::import(&moved, 3, &dump).is_err(), "never into an existing directory");
+    let mut importer = LsmLedger::import(&moved, 3).expect("import");
+    for item in items.iter().cloned() {
+        importer.add(item).expect("add");
+    }
+    assert!(!moved.exists(), "nothing at the destination before the import is whole");
+    importer.finish().expect("finish");
+    assert!(LsmLedger::import(&moved, 3).is_err(), "never into an existing directory");
+    // An import given up leaves nothing behind.
+    let given_up = dir.path().join("given-up");
+    let mut importer = LsmLedger::import(&given_up, 3).expect("import");
+    importer.add(items[0].clone()).expect("add");
+    importer.abandon();
+    assert!(!given_up.exists() && !dir.path().join("given-up.importing").exists());
+    let settlements: Vec<&cardgate::ledger::Dumped> = items
+        .iter()
+        .filter_map(|i| if let cardgate::ledger::DumpItem::Settlement(d) = i { Some(&**d) } else { None })
+        .collect();
+    let years = items.iter().filter(|i| matches!(i, cardgate::ledger::DumpItem::Year(..))).count();
+    assert_eq!((settlements.len(), years), (4, 3), "three settled and one pending; three cards' years");
     let lsm = LsmLedger::open(&moved, 3).expect("open");
     holds_the_version_3_fixture(&lsm);
     let quote = lsm.quote("P110105002", "Q1").expect("read").expect("the quote moved");
@@ -400,7 +423,7 @@ async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_eve
     lsm.finish(settled("S-pending", 10)).await.expect("the pending one completes in its new home");
     // Its tokens stay used and its keys taken.
     let institution = "P110105002";
-    for record in dump.settlements.iter().filter(|d| d.holds.0) {
+    for record in settlements.iter().filter(|d| d.holds.0) {
         let again = Intent {
             id: format!("{}-again", record.intent.id),
             idempotency_key: "fresh".into(),
@@ -408,11 +431,11 @@ async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_eve
         };
         assert_eq!(lsm.begin(again).await, Err(LedgerError::TokenUsed));
     }
-    let again = Intent { id: "S-new".into(), token_id: Some(b"fresh".to_vec()), ..dump.settlements[0].intent.clone() };
+    let again = Intent { id: "S-new".into(), token_id: Some(b"fresh".to_vec()), ..settlements[0].intent.clone() };
     assert_eq!(lsm.begin(again).await, Err(LedgerError::IdempotencyTaken));
     assert_eq!(
         lsm.by_idempotency_key(institution, "v3-1").expect("read").map(|r| r.id),
-        Some(dump.settlements[0].intent.id.clone())
+        Some(settlements[0].intent.id.clone())
     );
 }
 

@@ -38,6 +38,8 @@ pub struct Options {
     pub release_plugins: bool,
     /// Call the example plugins inline rather than on the pool.
     pub inline_plugins: bool,
+    /// `ledger.engine` (default: [`test_engine`]).
+    pub engine: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
             plugins_dir: None,
             release_plugins: false,
             inline_plugins: false,
+            engine: None,
         }
     }
 }
@@ -91,7 +94,7 @@ pub fn test_engine() -> String {
 }
 
 fn config_toml(options: &Options) -> String {
-    let engine = test_engine();
+    let engine = options.engine.map_or_else(test_engine, str::to_owned);
     let library = |p: &str| {
         let built = if options.release_plugins {
             let build = cardgate_sdk::testing::Build {

@@ -113,12 +113,9 @@ async fn reversals_and_settlements_of_one_card_at_once_leave_the_figures_of_what
 async fn two_gateways_sharing_a_ledger_never_spend_a_card_twice() {
     // The SQLite engine lets two processes share its file: its conditional commit must hold.
     // (The default engine refuses a second gateway outright: the test after this one.)
-    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
-    let config = setup.dir.path().join("cardgate.toml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    let text = text.replace(&format!("engine = \"{}\"", cardgate_tests::harness::test_engine()), "engine = \"sqlite\"");
+    let setup = Setup::create(&Options { engine: Some("sqlite"), ..Options::default() }, "127.0.0.1:0");
+    let text = std::fs::read_to_string(setup.dir.path().join("cardgate.toml")).expect("config");
     assert!(text.contains("engine = \"sqlite\""), "{text}");
-    std::fs::write(&config, text).expect("config");
     let ((first, _stop_first), (second, _stop_second)) = (serve_setup(&setup).await, serve_setup(&setup).await);
     let clients = [setup.client(first, 1), setup.client(second, 1)];
     let card = Card::beijing();
@@ -153,11 +150,7 @@ async fn two_gateways_sharing_a_ledger_never_spend_a_card_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_on_the_same_embedded_ledger_refuses_to_start() {
     // The log-structured engine: one process per ledger.
-    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
-    let config = setup.dir.path().join("cardgate.toml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    let text = text.replace(&format!("engine = \"{}\"", cardgate_tests::harness::test_engine()), "engine = \"lsm\"");
-    std::fs::write(&config, text).expect("config");
+    let setup = Setup::create(&Options { engine: Some("lsm"), ..Options::default() }, "127.0.0.1:0");
     let (_first, _stop) = serve_setup(&setup).await;
     let config =
         cardgate::config::Config::load(&setup.dir.path().join("cardgate.toml"), &Default::default()).expect("config");

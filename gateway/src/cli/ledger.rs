@@ -63,15 +63,17 @@ fn migrate(
     if !(1..=64).contains(&shards) {
         return Err(Failure::config("--shards: 1 to 64"));
     }
-    let dump =
-        crate::ledger::sqlite::SqliteLedger::open(&config.ledger.path).and_then(|l| l.dump()).map_err(Failure::new)?;
-    crate::ledger::lsm::LsmLedger::import(to, shards, &dump).map_err(Failure::new)?;
+    let source = crate::ledger::sqlite::SqliteLedger::open(&config.ledger.path).map_err(Failure::new)?;
+    let mut importer = crate::ledger::lsm::LsmLedger::import(to, shards).map_err(Failure::new)?;
+    if let Err(e) = source.dump(&mut |item| importer.add(item)) {
+        importer.abandon();
+        return Err(Failure::new(e));
+    }
+    let (settlements, years, quotes) = importer.counts;
+    importer.finish().map_err(Failure::new)?;
     writeln!(
         out,
-        "migrated {} settlements, {} accumulators and {} quotes into {} ({shards} shards)\nnow set, in [ledger]: path = \"{}\" and engine = \"lsm\"",
-        dump.settlements.len(),
-        dump.accumulators.len(),
-        dump.quotes.len(),
+        "migrated {settlements} settlements, {years} card years of accumulators and {quotes} quotes into {} ({shards} shards)\nnow set, in [ledger]: path = \"{}\" and engine = \"lsm\"",
         to.display(),
         to.display()
     )

@@ -218,7 +218,8 @@ type Leftovers = Box<dyn std::any::Any + Send>;
 /// Durability, as the writer publishes it for readers.
 #[derive(Debug, Default)]
 struct Durable {
-    /// Groups applied to the memtable (visible to reads).
+    /// Groups that may be visible to reads: raised before a group's first entry reaches the
+    /// memtable (lowered again if none of it did).
     applied: AtomicU64,
     /// Groups whose fsync returned.
     synced: Mutex<u64>,
@@ -413,11 +414,12 @@ impl Shard {
     }
 
     /// Reads through `f`; if it found something, waits until what was visible is durable.
+    /// The groups that may have been visible are counted after the read: a group is announced
+    /// before its entries reach the memtable, so whatever the read saw is counted.
     fn read<T>(&self, f: impl FnOnce(&Store) -> Result<Option<T>, LedgerError>) -> Result<Option<T>, LedgerError> {
-        let seen = self.durable.applied.load(Ordering::Acquire);
         let found = f(&*self.slot.current()?)?;
         if found.is_some() {
-            self.durable.wait(seen)?;
+            self.durable.wait(self.durable.applied.load(Ordering::Acquire))?;
         }
         Ok(found)
     }
@@ -472,6 +474,10 @@ impl Writer {
             let mut touched: HashSet<usize> = HashSet::new();
             let mut replies = Vec::with_capacity(group.len());
             let mut failed: Option<LedgerError> = None;
+            // Announced before any of it can be read; whether any of it reached the memtable.
+            let number = group_number + 1;
+            self.durable.applied.store(number, Ordering::Release);
+            let mut applied = false;
             let (mut keys, mut values) = (Vec::with_capacity(256), Vec::with_capacity(4096));
             for job in group {
                 let Job { stripes, epoch: planned_in, planned, prepare, reply } = job;
@@ -484,8 +490,9 @@ impl Writer {
                     if let Some(last) = taken.take() {
                         full.insert(store.space(Space::Meta), NEXT_SEQ, (last + 1).to_be_bytes());
                     }
-                    if let Err(e) = full.commit() {
-                        failed.get_or_insert(storage(e));
+                    match full.commit() {
+                        Ok(()) => applied = true,
+                        Err(e) => _ = failed.get_or_insert(storage(e)),
                     }
                     self.bump(&mut touched);
                 }
@@ -524,13 +531,16 @@ impl Writer {
             if let Some(last) = taken {
                 batch.insert(store.space(Space::Meta), NEXT_SEQ, (last + 1).to_be_bytes());
             }
-            if let Err(e) = batch.commit() {
-                failed.get_or_insert(storage(e));
+            match batch.commit() {
+                Ok(()) => applied = true,
+                Err(e) => _ = failed.get_or_insert(storage(e)),
             }
             self.bump(&mut touched);
-            group_number += 1;
-            if failed.is_none() {
-                // Visible from now on: reads that find any of it wait for the fsync below.
+            if applied {
+                // Reads that find any of it wait for the fsync below.
+                group_number = number;
+            } else {
+                // Nothing of it can be read: reads need not wait for it (a full disk).
                 self.durable.applied.store(group_number, Ordering::Release);
             }
             if failed.is_none()
@@ -841,7 +851,7 @@ fn accumulator_key(card_hash: &[u8], year: i32) -> Vec<u8> {
 }
 
 /// A card's year: each payer's figures, in the order first recorded.
-type Year = Vec<(String, YearToDate)>;
+type Year = super::PayerYears;
 
 fn read_year(store: &Store, card_hash: &[u8], year: i32) -> Result<Year, LedgerError> {
     let Some(value) = store.get(Space::Accumulators, &accumulator_key(card_hash, year))? else { return Ok(Vec::new()) };
@@ -1139,99 +1149,157 @@ impl LsmLedger {
     }
 }
 
+/// Builds a new ledger from what [`super::sqlite::SqliteLedger::dump`] streams
+/// ([`LsmLedger::import`]): into a directory beside the destination, renamed to it only once
+/// everything is in and fsynced, so an import that fails or is interrupted leaves no ledger
+/// at the destination (only the `.importing` directory, removed by [`Importer::abandon`] or
+/// by the next import).
+pub struct Importer {
+    ledger: LsmLedger,
+    stores: Vec<Arc<Store>>,
+    batches: Vec<fjall::OwnedWriteBatch>,
+    /// Per shard: the seq after the highest imported.
+    next: Vec<u64>,
+    staging: PathBuf,
+    destination: PathBuf,
+    /// Settlements, card years and quotes imported.
+    pub counts: (u64, u64, u64),
+}
+
+impl std::fmt::Debug for Importer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Importer").field("staging", &self.staging).field("counts", &self.counts).finish_non_exhaustive()
+    }
+}
+
+/// Entries a shard's batch holds before it is committed (bounded memory).
+const IMPORT_BATCH: usize = 10_000;
+
 impl LsmLedger {
-    /// Creates a ledger at `path` (which must not exist) holding everything of `dump`: every
-    /// settlement in its card's shard with its seq, state, stored answers, key, held token and
-    /// quote, day indexes; every accumulator; every quote. Made durable before it returns.
-    pub fn import(path: &Path, shards: usize, dump: &super::Dump) -> Result<(), LedgerError> {
+    /// Starts a new ledger at `path` (which must not exist) with `shards` shards, to be filled
+    /// through the returned [`Importer`].
+    pub fn import(path: &Path, shards: usize) -> Result<Importer, LedgerError> {
         if path.exists() {
             return Err(LedgerError::Storage(format!("{}: exists; migrate into a new directory", path.display())));
         }
-        let ledger = Self::open(path, shards)?;
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(".importing");
+        let staging = PathBuf::from(staging);
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .map_err(|e| LedgerError::Storage(format!("{}: {e}", staging.display())))?;
+        }
+        let ledger = Self::open(&staging, shards)?;
         let stores: Vec<Arc<Store>> = ledger.shards.iter().map(|s| s.slot.current()).collect::<Result<_, _>>()?;
-        let index = |hash: &[u8]| {
-            let shard = ledger.shard_of(hash);
-            ledger.shards.iter().position(|s| std::ptr::eq(s, shard)).unwrap_or(0)
+        let batches = stores.iter().map(|s| s.db.batch()).collect();
+        let next = vec![1; stores.len()];
+        Ok(Importer { ledger, stores, batches, next, staging, destination: path.to_owned(), counts: (0, 0, 0) })
+    }
+}
+
+impl Importer {
+    fn shard_index(&self, shard: &Shard) -> usize {
+        self.ledger.shards.iter().position(|s| std::ptr::eq(s, shard)).unwrap_or(0)
+    }
+
+    /// Adds one item: a settlement with its seq, state, stored answers, key, held token and
+    /// quote and day indexes; a card's year of accumulators; a quote.
+    pub fn add(&mut self, item: super::DumpItem) -> Result<(), LedgerError> {
+        let (n, entries) = match item {
+            super::DumpItem::Settlement(d) => {
+                self.counts.0 += 1;
+                let n = self.shard_index(self.ledger.shard_of(&d.intent.card_hash));
+                self.next[n] = self.next[n].max(d.seq + 1);
+                (n, settlement_entries(&d))
+            }
+            super::DumpItem::Year(card, year, figures) => {
+                self.counts.1 += 1;
+                let n = self.shard_index(self.ledger.shard_of(&card));
+                (n, vec![(Space::Accumulators, accumulator_key(&card, year), year_bytes(&figures))])
+            }
+            super::DumpItem::Quote(q) => {
+                self.counts.2 += 1;
+                let n = self.shard_index(self.ledger.quote_shard(&q.id));
+                (n, vec![(Space::Quotes, q.id.into_bytes(), quote_bytes(&q.institution, q.expires_at, &q.sealed))])
+            }
         };
-        let mut batches: Vec<_> = stores.iter().map(|s| s.db.batch()).collect();
-        let mut next = vec![1u64; stores.len()];
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for d in &dump.settlements {
-            let n = index(&d.intent.card_hash);
-            let mut row = Row::from_intent(&d.intent);
-            if d.state != State::Pending {
-                row.state = Some(d.state);
-            }
-            row.status = d.status;
-            row.body.clone_from(&d.body);
-            row.reversal.clone_from(&d.reversal);
-            row.deltas.clone_from(&d.deltas);
-            row.payers.clone_from(&d.payers);
-            (row.fund_fen, row.account_fen, row.cash_fen) = d.amounts;
-            row.updated_at = d.updated_at;
-            row.reversed_day.clone_from(&d.reversed_day);
-            let mut plan = Plan::default();
-            let id = d.intent.id.as_bytes();
-            plan.ops.push(Op::Put(Space::Settlements, bytes(id), stored(d.seq, &row)));
-            plan.ops.push(Op::Put(
-                Space::Keys,
-                bytes(key_of(&d.intent.institution, &d.intent.idempotency_key)),
-                bytes(id),
-            ));
-            if let (Some(token), true) = (&d.intent.token_id, d.holds.0) {
-                plan.ops.push(Op::Put(Space::Tokens, bytes(token.as_slice()), bytes(id)));
-            }
-            if let (Some(quote), true) = (&d.intent.quote_id, d.holds.1) {
-                plan.ops.push(Op::Put(Space::UsedQuotes, bytes(quote.as_bytes()), bytes(id)));
-            }
-            if matches!(d.state, State::Pending | State::Unknown) {
-                plan.ops.push(Op::Put(Space::Open, bytes(d.seq.to_be_bytes()), bytes(id)));
-            }
-            let day = [day_prefix(&d.intent.institution, &row.day), d.seq.to_be_bytes().to_vec()].concat();
-            plan.ops.push(Op::Put(Space::Days, bytes(day), bytes(id)));
-            if let Some(reversed_day) = &d.reversed_day {
-                let index = [day_prefix(&d.intent.institution, reversed_day), d.seq.to_be_bytes().to_vec()].concat();
-                plan.ops.push(Op::Put(Space::ReversalDays, bytes(index), bytes(id)));
-            }
-            for op in &plan.ops {
-                if let Op::Put(space, key, value) = op {
-                    batches[n].insert(
-                        stores[n].space(*space),
-                        assemble(key, d.seq, &mut keys),
-                        assemble(value, d.seq, &mut values),
-                    );
-                }
-            }
-            next[n] = next[n].max(d.seq + 1);
-            if batches[n].len() >= 10_000 {
-                let full = std::mem::replace(&mut batches[n], stores[n].db.batch());
-                full.commit().map_err(storage)?;
-            }
+        for (space, key, value) in entries {
+            self.batches[n].insert(self.stores[n].space(space), key, value);
         }
-        let mut years: std::collections::BTreeMap<(Vec<u8>, i32), Year> = std::collections::BTreeMap::new();
-        for (card, payer, figures) in &dump.accumulators {
-            years.entry((card.clone(), figures.year)).or_default().push((payer.clone(), *figures));
+        if self.batches[n].len() >= IMPORT_BATCH {
+            let full = std::mem::replace(&mut self.batches[n], self.stores[n].db.batch());
+            full.commit().map_err(storage)?;
         }
-        for ((card, year), figures) in &years {
-            let n = index(card);
-            batches[n].insert(stores[n].space(Space::Accumulators), accumulator_key(card, *year), year_bytes(figures));
-        }
-        for q in &dump.quotes {
-            let shard = ledger.quote_shard(&q.id);
-            let n = ledger.shards.iter().position(|s| std::ptr::eq(s, shard)).unwrap_or(0);
-            let mut e = Enc(Vec::with_capacity(64 + q.sealed.len()));
-            e.bytes(q.institution.as_bytes());
-            e.int(q.expires_at);
-            e.bytes(&q.sealed);
-            batches[n].insert(stores[n].space(Space::Quotes), q.id.as_bytes(), e.0);
-        }
+        Ok(())
+    }
+
+    /// Commits and fsyncs what is left, closes the ledger and moves it to its destination.
+    pub fn finish(self) -> Result<(), LedgerError> {
+        let Self { ledger, stores, batches, next, staging, destination, .. } = self;
         for (n, mut batch) in batches.into_iter().enumerate() {
             batch.insert(stores[n].space(Space::Meta), NEXT_SEQ, next[n].to_be_bytes());
             batch.commit().map_err(storage)?;
             stores[n].db.persist(PersistMode::SyncAll).map_err(storage)?;
         }
-        Ok(())
+        drop(stores);
+        drop(ledger);
+        let moved = std::fs::rename(&staging, &destination).and_then(|()| match destination.parent() {
+            Some(parent) => std::fs::File::open(parent)?.sync_all(),
+            None => Ok(()),
+        });
+        moved.map_err(|e| LedgerError::Storage(format!("{}: {e}", destination.display())))
     }
+
+    /// Gives up: closes and removes the unfinished ledger.
+    pub fn abandon(self) {
+        let staging = self.staging.clone();
+        drop(self);
+        let _ = std::fs::remove_dir_all(staging);
+    }
+}
+
+/// A dumped settlement's entries, as its shard stores them.
+fn settlement_entries(d: &super::Dumped) -> Vec<(Space, Vec<u8>, Vec<u8>)> {
+    let mut row = Row::from_intent(&d.intent);
+    if d.state != State::Pending {
+        row.state = Some(d.state);
+    }
+    row.status = d.status;
+    row.body.clone_from(&d.body);
+    row.reversal.clone_from(&d.reversal);
+    row.deltas.clone_from(&d.deltas);
+    row.payers.clone_from(&d.payers);
+    (row.fund_fen, row.account_fen, row.cash_fen) = d.amounts;
+    row.updated_at = d.updated_at;
+    row.reversed_day.clone_from(&d.reversed_day);
+    let (id, seq) = (d.intent.id.as_bytes().to_vec(), d.seq.to_be_bytes());
+    let mut entries = vec![
+        (Space::Settlements, id.clone(), [&seq[..], &row.encode()].concat()),
+        (Space::Keys, key_of(&d.intent.institution, &d.intent.idempotency_key), id.clone()),
+        (Space::Days, [day_prefix(&d.intent.institution, &row.day), seq.to_vec()].concat(), id.clone()),
+    ];
+    if let (Some(token), true) = (&d.intent.token_id, d.holds.0) {
+        entries.push((Space::Tokens, token.clone(), id.clone()));
+    }
+    if let (Some(quote), true) = (&d.intent.quote_id, d.holds.1) {
+        entries.push((Space::UsedQuotes, quote.as_bytes().to_vec(), id.clone()));
+    }
+    if matches!(d.state, State::Pending | State::Unknown) {
+        entries.push((Space::Open, seq.to_vec(), id.clone()));
+    }
+    if let Some(day) = &d.reversed_day {
+        entries.push((Space::ReversalDays, [day_prefix(&d.intent.institution, day), seq.to_vec()].concat(), id));
+    }
+    entries
+}
+
+/// A stored quote's value.
+fn quote_bytes(institution: &str, expires_at: i64, sealed: &[u8]) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(64 + sealed.len()));
+    e.bytes(institution.as_bytes());
+    e.int(expires_at);
+    e.bytes(sealed);
+    e.0
 }
 
 fn write_manifest(path: &Path, shards: usize) -> Result<(), LedgerError> {
@@ -1377,12 +1445,8 @@ impl Ledger for LsmLedger {
     }
 
     fn save_quote(&self, q: StoredQuote) -> LedgerFuture<'_, ()> {
-        let mut e = Enc(Vec::with_capacity(64 + q.sealed.len()));
-        e.bytes(q.institution.as_bytes());
-        e.int(q.expires_at);
-        e.bytes(&q.sealed);
         let shard = self.quote_shard(&q.id);
-        let (id, value) = (q.id.into_bytes(), e.0);
+        let (id, value) = (q.id.into_bytes(), quote_bytes(&q.institution, q.expires_at, &q.sealed));
         shard.write(&[], move |_| {
             Ok(Plan {
                 ops: vec![Op::Put(Space::Quotes, bytes(id.clone()), bytes(value.clone()))],

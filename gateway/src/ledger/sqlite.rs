@@ -477,18 +477,21 @@ fn restart_point(conn: &Connection) {
 }
 
 impl SqliteLedger {
-    /// Everything this ledger holds, read in one transaction (for `cardgate ledger migrate`).
-    pub fn dump(&self) -> Result<super::Dump, LedgerError> {
-        self.read(|c| {
-            c.execute_batch("BEGIN")?;
-            let dumped = dump_all(c);
-            c.execute_batch("COMMIT")?;
-            dumped
-        })
+    /// Streams everything this ledger holds to `visit`, from one consistent snapshot (a read
+    /// transaction on a connection of its own), one item at a time: a ledger of any size
+    /// moves in bounded memory (`cardgate ledger migrate`).
+    pub fn dump(&self, visit: &mut dyn FnMut(super::DumpItem) -> Result<(), LedgerError>) -> Result<(), LedgerError> {
+        let conn = open(&self.path)?;
+        conn.execute_batch("BEGIN")?;
+        // The transaction ends with the connection, whatever happens.
+        dump_into(&conn, visit)
     }
 }
 
-fn dump_all(c: &Connection) -> rusqlite::Result<super::Dump> {
+fn dump_into(
+    c: &Connection,
+    visit: &mut dyn FnMut(super::DumpItem) -> Result<(), LedgerError>,
+) -> Result<(), LedgerError> {
     let mut statement = c.prepare(
         "SELECT s.seq, s.id, s.institution, s.terminal, s.idempotency_key, s.request_hash, s.token_id, s.quote_id,
              s.card_hash, s.card_masked, s.total_fen, s.created_at, s.sealed_request, o.state, o.status, o.body,
@@ -497,72 +500,82 @@ fn dump_all(c: &Connection) -> rusqlite::Result<super::Dump> {
              EXISTS (SELECT 1 FROM used_quotes q WHERE q.seq = s.seq)
          FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq ORDER BY s.seq",
     )?;
-    let settlements = statement
-        .query_map([], |r| {
-            let state: Option<String> = r.get(13)?;
-            Ok(super::Dumped {
-                seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-                intent: Intent {
-                    id: r.get(1)?,
-                    institution: r.get(2)?,
-                    terminal: r.get(3)?,
-                    idempotency_key: r.get(4)?,
-                    request_hash: r.get(5)?,
-                    token_id: r.get(6)?,
-                    quote_id: r.get(7)?,
-                    card_hash: r.get(8)?,
-                    card_masked: r.get(9)?,
-                    total_fen: r.get(10)?,
-                    created_at: r.get(11)?,
-                    sealed_request: r.get(12)?,
-                },
-                state: state.as_deref().map_or(State::Pending, |s| State::parse(s).unwrap_or(State::Unknown)),
-                status: r.get::<_, Option<u16>>(14)?.unwrap_or(0),
-                body: r.get_ref(15).map(unpack)?,
-                reversal: r.get(16)?,
-                deltas: r.get::<_, Option<String>>(17)?.unwrap_or_else(|| "[]".into()),
-                payers: r.get::<_, Option<String>>(18)?.unwrap_or_else(|| "[]".into()),
-                amounts: (
-                    r.get::<_, Option<i64>>(19)?.unwrap_or(0),
-                    r.get::<_, Option<i64>>(20)?.unwrap_or(0),
-                    r.get::<_, Option<i64>>(21)?.unwrap_or(0),
-                ),
-                updated_at: r.get::<_, Option<i64>>(22)?.unwrap_or(0),
-                reversed_day: r.get(23)?,
-                holds: (r.get(24)?, r.get(25)?),
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut rows = statement.query([])?;
+    while let Some(r) = rows.next()? {
+        let state: Option<String> = r.get(13)?;
+        visit(super::DumpItem::Settlement(Box::new(super::Dumped {
+            seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+            intent: Intent {
+                id: r.get(1)?,
+                institution: r.get(2)?,
+                terminal: r.get(3)?,
+                idempotency_key: r.get(4)?,
+                request_hash: r.get(5)?,
+                token_id: r.get(6)?,
+                quote_id: r.get(7)?,
+                card_hash: r.get(8)?,
+                card_masked: r.get(9)?,
+                total_fen: r.get(10)?,
+                created_at: r.get(11)?,
+                sealed_request: r.get(12)?,
+            },
+            state: state.as_deref().map_or(State::Pending, |s| State::parse(s).unwrap_or(State::Unknown)),
+            status: r.get::<_, Option<u16>>(14)?.unwrap_or(0),
+            body: r.get_ref(15).map(unpack)?,
+            reversal: r.get(16)?,
+            deltas: r.get::<_, Option<String>>(17)?.unwrap_or_else(|| "[]".into()),
+            payers: r.get::<_, Option<String>>(18)?.unwrap_or_else(|| "[]".into()),
+            amounts: (
+                r.get::<_, Option<i64>>(19)?.unwrap_or(0),
+                r.get::<_, Option<i64>>(20)?.unwrap_or(0),
+                r.get::<_, Option<i64>>(21)?.unwrap_or(0),
+            ),
+            updated_at: r.get::<_, Option<i64>>(22)?.unwrap_or(0),
+            reversed_day: r.get(23)?,
+            holds: (r.get(24)?, r.get(25)?),
+        })))?;
+    }
+    // A card's year is its rows together (the primary key's order).
     let mut statement = c.prepare(
-        "SELECT card_hash, payer, year, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen,
-             eligible_self_pay_fen FROM accumulators",
+        "SELECT card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen,
+             eligible_self_pay_fen FROM accumulators ORDER BY card_hash, year",
     )?;
-    let accumulators = statement
-        .query_map([], |r| {
-            let figures = YearToDate {
-                year: r.get(2)?,
-                deductible_fen: r.get(3)?,
-                fund_paid_fen: r.get(4)?,
-                eligible_fen: r.get(5)?,
-                account_paid_fen: r.get(6)?,
-                eligible_self_pay_fen: r.get(7)?,
-            };
-            Ok((r.get(0)?, r.get(1)?, figures))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut rows = statement.query([])?;
+    let mut year: Option<(Vec<u8>, i32, super::PayerYears)> = None;
+    while let Some(r) = rows.next()? {
+        let (card, number): (Vec<u8>, i32) = (r.get(0)?, r.get(1)?);
+        let figures = YearToDate {
+            year: number,
+            deductible_fen: r.get(3)?,
+            fund_paid_fen: r.get(4)?,
+            eligible_fen: r.get(5)?,
+            account_paid_fen: r.get(6)?,
+            eligible_self_pay_fen: r.get(7)?,
+        };
+        match &mut year {
+            Some((c, y, payers)) if *c == card && *y == number => payers.push((r.get(2)?, figures)),
+            _ => {
+                if let Some((c, y, payers)) = year.replace((card, number, vec![(r.get(2)?, figures)])) {
+                    visit(super::DumpItem::Year(c, y, payers))?;
+                }
+            }
+        }
+    }
+    if let Some((c, y, payers)) = year {
+        visit(super::DumpItem::Year(c, y, payers))?;
+    }
     let mut statement = c.prepare("SELECT id, institution, expires_at, sealed FROM quotes")?;
-    let quotes = statement
-        .query_map([], |r| {
-            Ok(StoredQuote {
-                id: r.get(0)?,
-                institution: r.get(1)?,
-                expires_at: r.get(2)?,
-                sealed: r.get(3)?,
-                settled_by: None,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(super::Dump { settlements, accumulators, quotes })
+    let mut rows = statement.query([])?;
+    while let Some(r) = rows.next()? {
+        visit(super::DumpItem::Quote(StoredQuote {
+            id: r.get(0)?,
+            institution: r.get(1)?,
+            expires_at: r.get(2)?,
+            sealed: r.get(3)?,
+            settled_by: None,
+        }))?;
+    }
+    Ok(())
 }
 
 fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
