@@ -179,9 +179,11 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
             model::check_id("Idempotency-Key", key)?;
             flow::settle(gateway, identity, key, parse(r.body)?, r.request_id).await
         }
-        (&Method::GET | &Method::HEAD, ["v1", "settlements"]) => flow::list(gateway, identity, r.query),
-        (&Method::GET | &Method::HEAD, ["v1", "settlements", id]) => flow::get(gateway, identity, id),
-        (&Method::GET | &Method::HEAD, ["v1", "reconciliation"]) => flow::reconciliation(gateway, identity, r.query),
+        (&Method::GET | &Method::HEAD, ["v1", "settlements"]) => flow::list(gateway, identity, r.query).await,
+        (&Method::GET | &Method::HEAD, ["v1", "settlements", id]) => flow::get(gateway, identity, id).await,
+        (&Method::GET | &Method::HEAD, ["v1", "reconciliation"]) => {
+            flow::reconciliation(gateway, identity, r.query).await
+        }
         (&Method::POST, ["v1", "settlements", id, "reversal"]) => {
             let body = if r.body.iter().all(u8::is_ascii_whitespace) { Default::default() } else { parse(r.body)? };
             flow::reverse(gateway, identity, id, body).await

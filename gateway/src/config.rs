@@ -118,7 +118,16 @@ pub struct TokenConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerConfig {
-    /// Where the ledger lives: a directory (the log-structured engine) or an SQLite file.
+    /// `embedded` (the default: the ledger in `path`, one node) or `postgres` (several nodes
+    /// sharing one PostgreSQL database, set in `[ledger.postgres]`: docs/OPERATIONS.md).
+    #[serde(default)]
+    pub backend: LedgerBackend,
+    /// The cluster's database, for `backend = "postgres"`.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+    /// Where the embedded ledger lives: a directory (the log-structured engine) or an SQLite
+    /// file. Required for the embedded backend.
+    #[serde(default)]
     pub path: PathBuf,
     /// The storage engine: `sqlite` (one file), `lsm` (a directory: a log-structured engine
     /// sharded by card, for machines with many cores: docs/decisions/0001), or `auto` (the
@@ -140,6 +149,49 @@ pub struct LedgerConfig {
     /// A file (mode 0600) holding the secret, instead of `secret`.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+}
+
+/// Where the ledger is kept ([`LedgerConfig::backend`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerBackend {
+    /// In `ledger.path`, on this node.
+    #[default]
+    Embedded,
+    /// A PostgreSQL database shared by every node of a cluster.
+    Postgres,
+}
+
+/// The cluster's PostgreSQL database (`[ledger.postgres]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/database` (or the key=value form), without a password:
+    /// the password comes from `password_file` or `CARDGATE__LEDGER__POSTGRES__PASSWORD`.
+    pub url: String,
+    /// A file (mode 0600) holding the database password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The password, from the environment (`CARDGATE__LEDGER__POSTGRES__PASSWORD`); refused
+    /// in the configuration file.
+    #[serde(default)]
+    pub password: String,
+    /// Connections this node keeps to the database at most.
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+    /// Longest a statement may run on the server, and longest a request waits for a free
+    /// connection, milliseconds: past it the request is answered 503 `storage_unavailable`.
+    #[serde(default = "defaults::statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// Longest a new connection may take, milliseconds.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// How long a node holds a settlement it is completing (its payers being asked), seconds:
+    /// another node takes over a `pending` settlement only after its lease ran out. Must be
+    /// longer than the longest chain of payers can take (every plugin's timeout, plus ten
+    /// seconds).
+    #[serde(default = "defaults::lease_secs")]
+    pub lease_secs: i64,
 }
 
 /// The ledger's storage engine ([`LedgerConfig::engine`]).
@@ -351,6 +403,19 @@ pub struct RouteConfig {
 mod defaults {
     use std::path::PathBuf;
 
+    pub(super) fn pool_size() -> usize {
+        16
+    }
+    pub(super) fn statement_timeout_ms() -> u64 {
+        5_000
+    }
+    pub(super) fn connect_timeout_ms() -> u64 {
+        3_000
+    }
+    pub(super) fn lease_secs() -> i64 {
+        60
+    }
+
     pub(super) fn ledger_shards() -> usize {
         (std::thread::available_parallelism().map_or(1, std::num::NonZero::get) / 2).clamp(1, 8)
     }
@@ -439,6 +504,7 @@ impl Config {
             .map_err(|e| one(format!("{}: {e}", path.display())))?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.read_secret_file()?;
+        config.read_password_file(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -453,6 +519,34 @@ impl Config {
         let text =
             std::fs::read_to_string(file).map_err(|e| one(format!("ledger.secret_file: {}: {e}", file.display())))?;
         self.ledger.secret = text.trim().to_owned();
+        Ok(())
+    }
+
+    /// Reads `ledger.postgres.password_file` into `password`; refuses a password written in
+    /// the configuration file or in the URL (they belong in a private file or the environment).
+    fn read_password_file(&mut self, config_path: &Path) -> Result<(), ConfigError> {
+        let Some(pg) = &mut self.ledger.postgres else { return Ok(()) };
+        let one = |p: String| ConfigError { problems: vec![p] };
+        let in_file = std::fs::read_to_string(config_path)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .is_some_and(|t| t.get("ledger").and_then(|l| l.get("postgres")).and_then(|p| p.get("password")).is_some());
+        if in_file {
+            return Err(one(
+                "ledger.postgres.password: not in the configuration file; use password_file or CARDGATE__LEDGER__POSTGRES__PASSWORD"
+                    .into(),
+            ));
+        }
+        if let Some(file) = &pg.password_file {
+            if !pg.password.is_empty() {
+                return Err(
+                    one("ledger.postgres: give `password_file` or the environment's password, not both".into()),
+                );
+            }
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| one(format!("ledger.postgres.password_file: {}: {e}", file.display())))?;
+            pg.password = text.trim_end_matches(['\n', '\r']).to_owned();
+        }
         Ok(())
     }
 
@@ -479,6 +573,12 @@ impl Config {
             .is_some_and(|t| t.get("ledger").and_then(|l| l.get("secret")).is_some())
         {
             private("ledger.secret (in the configuration file)", config_path);
+        }
+        if let Some(file) = self.ledger.postgres.as_ref().and_then(|p| p.password_file.as_ref()) {
+            private("ledger.postgres.password_file", file);
+        }
+        if self.ledger.backend == LedgerBackend::Postgres {
+            return found;
         }
         if self.ledger.path.is_dir() {
             // The log-structured ledger: its directory and every file in it.
@@ -518,7 +618,12 @@ impl Config {
         if let Some(p) = &mut self.tokens.revocations {
             resolve(p);
         }
-        resolve(&mut self.ledger.path);
+        if !self.ledger.path.as_os_str().is_empty() {
+            resolve(&mut self.ledger.path);
+        }
+        if let Some(p) = self.ledger.postgres.as_mut().and_then(|pg| pg.password_file.as_mut()) {
+            resolve(p);
+        }
         if let Some(p) = &mut self.ledger.secret_file {
             resolve(p);
         }
@@ -559,6 +664,39 @@ impl Config {
         check(t.max_lifetime_secs > 0, "tokens.max_lifetime_secs: must be positive".into());
         check(t.quote_validity_secs > 0, "tokens.quote_validity_secs: must be positive".into());
         check((1..=64).contains(&self.ledger.shards), "ledger.shards: 1 to 64".into());
+        match (self.ledger.backend, &self.ledger.postgres) {
+            (LedgerBackend::Embedded, _) => {
+                check(
+                    !self.ledger.path.as_os_str().is_empty(),
+                    "ledger.path: required (or backend = \"postgres\")".into(),
+                );
+            }
+            (LedgerBackend::Postgres, None) => {
+                check(false, "ledger.postgres: required with backend = \"postgres\" (at least its `url`)".into());
+            }
+            (LedgerBackend::Postgres, Some(pg)) => {
+                let chain_secs = self.plugins.values().map(|p| p.timeout_ms).sum::<u64>() / 1000 + 10;
+                check(
+                    pg.url.parse::<tokio_postgres::Config>().is_ok(),
+                    "ledger.postgres.url: not a PostgreSQL connection string (postgres://user@host:port/database)"
+                        .into(),
+                );
+                check(
+                    pg.url.parse::<tokio_postgres::Config>().map_or(true, |c| c.get_password().is_none()),
+                    "ledger.postgres.url: no password in the URL; use password_file or CARDGATE__LEDGER__POSTGRES__PASSWORD"
+                        .into(),
+                );
+                check((1..=1000).contains(&pg.pool_size), "ledger.postgres.pool_size: 1 to 1000".into());
+                check(pg.statement_timeout_ms >= 100, "ledger.postgres.statement_timeout_ms: at least 100".into());
+                check(pg.connect_timeout_ms >= 100, "ledger.postgres.connect_timeout_ms: at least 100".into());
+                check(
+                    u64::try_from(pg.lease_secs).is_ok_and(|lease| lease > chain_secs),
+                    format!(
+                        "ledger.postgres.lease_secs: must be longer than the longest chain of payers ({chain_secs} s: every plugin's timeout and ten seconds)"
+                    ),
+                );
+            }
+        }
         check(
             self.ledger.secret.len() == 64 && self.ledger.secret.bytes().all(|b| b.is_ascii_hexdigit()),
             "ledger.secret: must be 64 hex characters (from `secret`, `secret_file` or CARDGATE__LEDGER__SECRET)"

@@ -11,8 +11,10 @@
 //!   group commit).
 //! - [`lsm`]: a log-structured engine sharded by card (`engine = "lsm"`): a fifth of SQLite's
 //!   serialized work per settlement, more memory; see docs/decisions/0001.
+//! - [`postgres`]: the cluster's (`backend = "postgres"`): several nodes on one database.
 
 pub mod lsm;
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -21,9 +23,14 @@ use std::pin::Pin;
 use cardgate_sdk::YearToDate;
 use ring::hmac;
 
-/// Opens the configured ledger with the engine [`crate::config::LedgerEngine`] picks.
+/// Opens the configured ledger: the cluster's database, or the embedded engine
+/// [`crate::config::LedgerEngine`] picks.
 pub fn open(config: &crate::config::LedgerConfig) -> Result<std::sync::Arc<dyn Ledger>, LedgerError> {
-    use crate::config::LedgerEngine;
+    use crate::config::{LedgerBackend, LedgerEngine};
+    if config.backend == LedgerBackend::Postgres {
+        let pg = config.postgres.as_ref().ok_or_else(|| LedgerError::Storage("ledger.postgres: missing".into()))?;
+        return Ok(std::sync::Arc::new(postgres::PgLedger::open(pg)?));
+    }
     let engine = match config.engine {
         LedgerEngine::Auto if config.path.is_dir() => LedgerEngine::Lsm,
         LedgerEngine::Auto => LedgerEngine::Sqlite,
@@ -471,19 +478,30 @@ pub enum DumpItem {
 /// A settlement's card hash and the accumulator changes it made.
 pub type SettledDeltas = (Vec<u8>, Vec<AccumulatorDelta>);
 
-/// The ledger interface; the embedded SQLite ledger implements it, a distributed one will.
+/// The ledger interface: the embedded engines ([`sqlite`], [`lsm`]) and the cluster's
+/// PostgreSQL ([`postgres`]) implement it. Reads are futures too: an embedded engine answers
+/// at once on the caller's thread ([`ReadsNow`]), a database over the network without holding
+/// a thread while it waits.
 pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// The settlement an institution created with an idempotency key.
-    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError>;
+    fn by_idempotency_key<'a>(&'a self, institution: &'a str, key: &'a str) -> LedgerFuture<'a, Option<Record>>;
     /// A settlement of an institution, by id.
-    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError>;
+    fn get<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<Record>>;
     /// The person's accumulators for a year with each of `payers`, in that order (zero where
     /// none are recorded), read together.
-    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError>;
+    fn year_to_date<'a>(
+        &'a self,
+        card_hash: &'a [u8],
+        year: i32,
+        payers: &'a [&'a str],
+    ) -> LedgerFuture<'a, Vec<YearToDate>>;
     /// The person's accumulators with one payer for a year.
-    fn accumulators(&self, card_hash: &[u8], payer: &str, year: i32) -> Result<YearToDate, LedgerError> {
-        let mut found = self.year_to_date(card_hash, year, &[payer])?;
-        Ok(found.pop().unwrap_or(YearToDate { year, ..YearToDate::default() }))
+    fn accumulators<'a>(&'a self, card_hash: &'a [u8], payer: &'a str, year: i32) -> LedgerFuture<'a, YearToDate> {
+        Box::pin(async move {
+            let payers = [payer];
+            let mut found = self.year_to_date(card_hash, year, &payers).await?;
+            Ok(found.pop().unwrap_or(YearToDate { year, ..YearToDate::default() }))
+        })
     }
     /// Records an intent (durably), refusing a used token, quote or idempotency key.
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()>;
@@ -512,26 +530,42 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// Stores a quote.
     fn save_quote(&self, quote: StoredQuote) -> LedgerFuture<'_, ()>;
     /// A quote of an institution, by id.
-    fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError>;
+    fn quote<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<StoredQuote>>;
     /// Every settlement whose outcome is not recorded yet.
-    fn unresolved(&self) -> Result<Vec<Unresolved>, LedgerError>;
+    fn unresolved(&self) -> LedgerFuture<'_, Vec<Unresolved>>;
     /// The sealed prepared request of a settlement of an institution.
-    fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<Unresolved>, LedgerError>;
+    fn sealed_request<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<Unresolved>>;
     /// An institution's business day: totals, per payer, reversals and one page of details.
-    fn reconciliation(
-        &self,
-        institution: &str,
-        date: &str,
+    fn reconciliation<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
         page: u32,
         page_size: u32,
-    ) -> Result<Reconciliation, LedgerError>;
+    ) -> LedgerFuture<'a, Reconciliation>;
     /// The card hash and accumulator changes recorded for a settlement (to undo them).
-    fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
+    fn settled_deltas<'a>(&'a self, id: &'a str) -> LedgerFuture<'a, Option<SettledDeltas>>;
     /// An institution's settlements matching `query`, in the order they were recorded.
-    fn list(&self, query: &ListQuery) -> Result<Vec<Listed>, LedgerError>;
+    fn list<'a>(&'a self, query: &'a ListQuery) -> LedgerFuture<'a, Vec<Listed>>;
     /// How many numbers a listing position holds ([`Listed::position`]).
     fn cursor_parts(&self) -> usize {
         1
+    }
+    /// Takes over an unresolved settlement (`pending` or `unknown`) to complete it: true when
+    /// this process may ask its payers now. One process (the embedded engines): always — its
+    /// card locks keep two completions of one settlement apart. Several nodes on one database:
+    /// only when no other node holds the settlement's lease (its owner is completing it), and
+    /// then this node holds it for `lease_secs` — so a settlement is completed by one node at
+    /// a time, and one left by a node that died is taken over once its lease runs out.
+    fn claim<'a>(&'a self, id: &'a str, lease_secs: i64) -> LedgerFuture<'a, bool> {
+        let _ = (id, lease_secs);
+        Box::pin(async { Ok(true) })
+    }
+    /// How long a node holds a settlement it completes, when several nodes share the ledger
+    /// (then every node sweeps, now and then, for settlements whose lease ran out); `None` for
+    /// a ledger of one process.
+    fn lease_secs(&self) -> Option<i64> {
+        None
     }
     /// Whether the ledger takes writes now: at once when the last commit succeeded; after a
     /// failed one (a full disk), by committing a probe (so readiness comes back by itself when
@@ -540,6 +574,98 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// The reads of an embedded engine, answered on the caller's thread at once; [`reads_now`]
+/// makes them the [`Ledger`]'s.
+pub(crate) trait ReadsNow {
+    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError>;
+    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError>;
+    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError>;
+    fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError>;
+    fn unresolved(&self) -> Result<Vec<Unresolved>, LedgerError>;
+    fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<Unresolved>, LedgerError>;
+    fn reconciliation(
+        &self,
+        institution: &str,
+        date: &str,
+        page: u32,
+        page_size: u32,
+    ) -> Result<Reconciliation, LedgerError>;
+    fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
+    fn list(&self, query: &ListQuery) -> Result<Vec<Listed>, LedgerError>;
+}
+
+/// A read answered already, as a ledger future.
+pub(crate) fn ready<'a, T: Send + 'a>(answer: Result<T, LedgerError>) -> LedgerFuture<'a, T> {
+    Box::pin(std::future::ready(answer))
+}
+
+/// The [`Ledger`] reads of an engine that implements [`ReadsNow`]: inside its `impl Ledger`.
+macro_rules! reads_now {
+    () => {
+        fn by_idempotency_key<'a>(
+            &'a self,
+            institution: &'a str,
+            key: &'a str,
+        ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::Record>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::by_idempotency_key(self, institution, key))
+        }
+        fn get<'a>(
+            &'a self,
+            institution: &'a str,
+            id: &'a str,
+        ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::Record>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::get(self, institution, id))
+        }
+        fn year_to_date<'a>(
+            &'a self,
+            card_hash: &'a [u8],
+            year: i32,
+            payers: &'a [&'a str],
+        ) -> $crate::ledger::LedgerFuture<'a, Vec<cardgate_sdk::YearToDate>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::year_to_date(self, card_hash, year, payers))
+        }
+        fn quote<'a>(
+            &'a self,
+            institution: &'a str,
+            id: &'a str,
+        ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::StoredQuote>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::quote(self, institution, id))
+        }
+        fn unresolved(&self) -> $crate::ledger::LedgerFuture<'_, Vec<$crate::ledger::Unresolved>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::unresolved(self))
+        }
+        fn sealed_request<'a>(
+            &'a self,
+            institution: &'a str,
+            id: &'a str,
+        ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::Unresolved>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::sealed_request(self, institution, id))
+        }
+        fn reconciliation<'a>(
+            &'a self,
+            institution: &'a str,
+            date: &'a str,
+            page: u32,
+            page_size: u32,
+        ) -> $crate::ledger::LedgerFuture<'a, $crate::ledger::Reconciliation> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::reconciliation(self, institution, date, page, page_size))
+        }
+        fn settled_deltas<'a>(
+            &'a self,
+            id: &'a str,
+        ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::SettledDeltas>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::settled_deltas(self, id))
+        }
+        fn list<'a>(
+            &'a self,
+            query: &'a $crate::ledger::ListQuery,
+        ) -> $crate::ledger::LedgerFuture<'a, Vec<$crate::ledger::Listed>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::list(self, query))
+        }
+    };
+}
+pub(crate) use reads_now;
 
 /// The ledger secret's uses: hashing card ids, sealing quotes.
 #[derive(Clone)]

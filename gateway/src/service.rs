@@ -90,8 +90,17 @@ impl Gateway {
     pub fn rebuild(&self, config: Config) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
         let (new, old) = (&config.ledger, &self.config.ledger);
-        if new.path != old.path || new.secret != old.secret || new.engine != old.engine {
-            problems.push("ledger: the path, engine and secret cannot change on reload; restart instead".to_owned());
+        let database = |l: &crate::config::LedgerConfig| l.postgres.as_ref().map(|p| p.url.clone());
+        if new.path != old.path
+            || new.secret != old.secret
+            || new.engine != old.engine
+            || new.backend != old.backend
+            || database(new) != database(old)
+        {
+            problems.push(
+                "ledger: the backend, database, path, engine and secret cannot change on reload; restart instead"
+                    .to_owned(),
+            );
         }
         let shared = Shared {
             ledger: Arc::clone(&self.ledger),

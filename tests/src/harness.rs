@@ -11,6 +11,7 @@ use std::sync::Arc;
 use cardgate::client::{Client, Reply};
 use cardgate::config::Config;
 use cardgate::dev::{HOSPITAL, PHARMACY, Pki};
+use cardgate::ledger::postgres::ScratchDatabase;
 use cardgate::service::{Gateway, Live, SystemClock};
 use cardgate::token::issue::{self, MintRequest, SigningKey};
 use cardgate::token::trust::Algorithm;
@@ -38,7 +39,8 @@ pub struct Options {
     pub release_plugins: bool,
     /// Call the example plugins inline rather than on the pool.
     pub inline_plugins: bool,
-    /// `ledger.engine` (default: [`test_engine`]).
+    /// `ledger.engine`, or `postgres` for the cluster's backend on a database of the
+    /// gateway's own (default: [`test_engine`]).
     pub engine: Option<&'static str>,
 }
 
@@ -71,6 +73,8 @@ pub struct TestGateway {
     pub stranger: Client,
     /// The admin listener (plain HTTP, loopback).
     pub admin: SocketAddr,
+    /// Its ledger's database, when the backend is PostgreSQL (dropped with the gateway).
+    pub database: Option<ScratchDatabase>,
     /// The running gateway's state (swapped by a configuration reload).
     live: Option<Arc<Live>>,
     issuer: Arc<SigningKey>,
@@ -84,17 +88,44 @@ fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     path
 }
 
-/// The ledger engine the test gateways use: `CARDGATE_TEST_LEDGER` (`sqlite`, the default, or
-/// `lsm`); `.ci/run` runs the end-to-end tests with each.
+/// The ledger the test gateways use: `CARDGATE_TEST_LEDGER` (`sqlite`, the default, `lsm`, or
+/// `postgres`: the cluster's backend, each gateway on a database of its own on the server
+/// [`postgres_server`] names); `.ci/run` runs the end-to-end tests with each.
 pub fn test_engine() -> String {
     match std::env::var("CARDGATE_TEST_LEDGER").as_deref() {
         Ok("lsm") => "lsm".into(),
+        Ok("postgres") => "postgres".into(),
         _ => "sqlite".into(),
     }
 }
 
-fn config_toml(options: &Options) -> String {
+/// The embedded engine the tests use where a test needs one (files on disk): `lsm` when
+/// `CARDGATE_TEST_LEDGER` says so, else `sqlite`.
+pub fn embedded_engine() -> &'static str {
+    if test_engine() == "lsm" { "lsm" } else { "sqlite" }
+}
+
+/// The PostgreSQL server for the cluster's tests: `CARDGATE_TEST_POSTGRES`
+/// (`postgres://user@host:port/database`, a user that may create databases), if set.
+pub fn postgres_server() -> Option<String> {
+    std::env::var("CARDGATE_TEST_POSTGRES").ok().filter(|url| !url.is_empty())
+}
+
+/// The `[ledger]` section for `engine`, on `database` for `postgres`.
+fn ledger_toml(engine: &str, database: Option<&ScratchDatabase>) -> String {
+    let secret = "ab".repeat(32);
+    match database {
+        Some(database) if engine == "postgres" => format!(
+            "[ledger]\nbackend = \"postgres\"\nsecret = \"{secret}\"\n\n[ledger.postgres]\nurl = \"{}\"\npool_size = 8\nlease_secs = 30\n",
+            database.url
+        ),
+        _ => format!("[ledger]\npath = \"ledger\"\nengine = \"{engine}\"\nsecret = \"{secret}\"\n"),
+    }
+}
+
+fn config_toml(options: &Options, database: Option<&ScratchDatabase>) -> String {
     let engine = options.engine.map_or_else(test_engine, str::to_owned);
+    let ledger = ledger_toml(&engine, database);
     let library = |p: &str| {
         let built = if options.release_plugins {
             let build = cardgate_sdk::testing::Build {
@@ -129,11 +160,7 @@ trust_list = "trust.json"
 clock_skew_secs = {skew}
 max_lifetime_secs = 600
 
-[ledger]
-path = "ledger"
-engine = "{engine}"
-secret = "{secret}"
-
+{ledger}
 [plugin_runtime]
 cache_dir = "plugin-cache"
 {runtime}
@@ -169,7 +196,6 @@ dispatch = "{dispatch}"
 {extra}
 "#,
         skew = options.clock_skew_secs,
-        secret = "ab".repeat(32),
         basic = library("basic-medical"),
         critical = library("critical-illness"),
         basic_config = crate::plugin_config_toml("basic-medical", "basic-medical"),
@@ -189,12 +215,19 @@ pub struct Setup {
     ca: String,
     clients: Vec<(String, String)>,
     issuer: Arc<SigningKey>,
+    /// The ledger's database, when the backend is PostgreSQL.
+    pub database: Option<ScratchDatabase>,
 }
 
 impl Setup {
     /// Writes a configuration listening on `listen`, with generated PKI and issuer key.
     pub fn create(options: &Options, listen: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let database = (options.engine.map_or_else(test_engine, str::to_owned) == "postgres").then(|| {
+            let server = postgres_server()
+                .expect("the postgres ledger's tests need CARDGATE_TEST_POSTGRES=postgres://user@host/database");
+            ScratchDatabase::create(&server).expect("a database of the gateway's own")
+        });
         let pki = Pki::generate().expect("PKI");
         write(dir.path(), "ca.pem", &pki.ca);
         write(dir.path(), "server.pem", &pki.server.cert);
@@ -203,7 +236,7 @@ impl Setup {
         let kid = base64_encode(KID.as_bytes());
         let trust = serde_json::json!({ "keys": [{ "kid": kid, "public_key": issuer.public_pem }] });
         write(dir.path(), "trust.json", &trust.to_string());
-        write(dir.path(), "cardgate.toml", &config_toml(options).replace("127.0.0.1:0", listen));
+        write(dir.path(), "cardgate.toml", &config_toml(options, database.as_ref()).replace("127.0.0.1:0", listen));
         let clients = [HOSPITAL, PHARMACY, "X999999999"]
             .iter()
             .map(|institution| {
@@ -212,7 +245,7 @@ impl Setup {
             })
             .collect();
         let issuer = Arc::new(SigningKey::from_pkcs8_pem(&issuer.private_pem).expect("issuer key"));
-        Self { dir, ca: pki.ca, clients, issuer }
+        Self { dir, ca: pki.ca, clients, issuer, database }
     }
 
     /// A client for `addr` as the hospital (0), the pharmacy (1) or a stranger (2).
@@ -247,6 +280,7 @@ impl TestGateway {
             pharmacy: setup.client(addr, 1),
             stranger: setup.client(addr, 2),
             dir: setup.dir,
+            database: setup.database,
             addr,
             issuer: setup.issuer,
             stop: Some(stop),

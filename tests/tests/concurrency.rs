@@ -29,10 +29,11 @@ fn sums(receipts: &[Value]) -> (i64, i64) {
 }
 
 /// The card's basic-medical accumulators as the ledger holds them.
-fn accumulators(gw: &TestGateway, card: &Card) -> cardgate_sdk::YearToDate {
+async fn accumulators(gw: &TestGateway, card: &Card) -> cardgate_sdk::YearToDate {
     let gateway = gw.live().gateway();
     let year = time::OffsetDateTime::from_unix_timestamp(now() + 8 * 3600).expect("now").year();
-    gateway.ledger.accumulators(&gateway.card_key.hash(&card.id), "basic-medical", year).expect("accumulators")
+    let card_hash = gateway.card_key.hash(&card.id);
+    gateway.ledger.accumulators(&card_hash, "basic-medical", year).await.expect("accumulators")
 }
 
 async fn settle_at_once(gw: &TestGateway, card: &Card, bills: usize) -> Vec<Value> {
@@ -64,14 +65,14 @@ async fn twenty_bills_of_one_card_at_once_take_what_they_take_one_by_one() {
     }
     // 4 x 200 yuan of deductible from the account, then 16 x (160 fund + 40 account).
     assert_eq!(sums(&sequential), (256_000, 144_000));
-    let expected = accumulators(&gw, &sequential_card);
+    let expected = accumulators(&gw, &sequential_card).await;
     assert_eq!((expected.deductible_fen, expected.account_paid_fen), (80_000, 144_000));
 
     for round in 0..4 {
         let card = Card::beijing();
         let receipts = settle_at_once(&gw, &card, 20).await;
         assert_eq!(sums(&receipts), sums(&sequential), "round {round}: the burst took other amounts");
-        let held = accumulators(&gw, &card);
+        let held = accumulators(&gw, &card).await;
         assert!(held.account_paid_fen <= 200_000, "round {round}: account overspent: {held:?}");
         assert!(held.deductible_fen <= 80_000, "round {round}: deductible over-charged: {held:?}");
         assert_eq!(held, expected, "round {round}: the figures differ from the sequential run");
@@ -100,7 +101,7 @@ async fn reversals_and_settlements_of_one_card_at_once_leave_the_figures_of_what
     }
     // What stands is the second ten: the figures are exactly theirs.
     let (fund, account) = sums(&second);
-    let held = accumulators(&gw, &card);
+    let held = accumulators(&gw, &card).await;
     assert_eq!((held.fund_paid_fen, held.account_paid_fen), (fund, account), "{held:?}");
     assert!(held.account_paid_fen <= 200_000 && held.deductible_fen <= 80_000, "{held:?}");
     assert!(held.deductible_fen >= 0 && held.account_paid_fen >= 0, "{held:?}");

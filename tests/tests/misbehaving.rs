@@ -103,9 +103,11 @@ async fn an_answer_over_the_limit_is_a_protocol_error_in_both_tiers_and_nothing_
         let (status, code) = settle(&gw, region).await;
         assert_eq!((status, code.as_str()), (StatusCode::BAD_GATEWAY, "plugin_protocol_error"), "region {region}");
     }
-    // The refusals are recorded, small.
-    let ledger = bytes_under(&gw.dir.path().join("ledger")) + bytes_under(&gw.dir.path().join("ledger-wal"));
-    assert!(ledger > 0 && ledger < 2 << 20, "the ledger holds {ledger} bytes");
+    // The refusals are recorded, small (an embedded ledger's files).
+    if gw.database.is_none() {
+        let ledger = bytes_under(&gw.dir.path().join("ledger")) + bytes_under(&gw.dir.path().join("ledger-wal"));
+        assert!(ledger > 0 && ledger < 2 << 20, "the ledger holds {ledger} bytes");
+    }
     // And the child still serves other calls of its plugin's neighbours.
     assert_eq!(settle(&gw, "11").await.0, StatusCode::CREATED);
 }

@@ -105,20 +105,27 @@ async fn configuration_reload_applies_or_is_refused_with_every_error() {
     }
     assert_eq!(settle(Card::in_region("440305"), "r-4").await.status, StatusCode::CREATED);
 
-    // The ledger is kept across reloads: changing its engine needs a restart, and says so.
+    // The ledger is kept across reloads: changing its engine (or database) needs a restart,
+    // and says so.
     let engine = cardgate_tests::harness::test_engine();
-    let other = if engine == "lsm" { "sqlite" } else { "lsm" };
+    let (was, now) = match (engine.as_str(), &gw.database) {
+        (_, Some(database)) => (format!("url = \"{}\"", database.url), "url = \"postgres://elsewhere/db\"".to_owned()),
+        ("lsm", None) => ("engine = \"lsm\"".to_owned(), "engine = \"sqlite\"".to_owned()),
+        _ => ("engine = \"sqlite\"".to_owned(), "engine = \"lsm\"".to_owned()),
+    };
     let problems = gw
         .reload_config(|text| {
-            // The good configuration of above, its engine changed.
+            assert!(text.contains(&was), "{text}");
+            // The good configuration of above, its ledger changed.
             text.replace("clock_skew_secs = -1", "clock_skew_secs = 60")
                 .replace("regions = [\"4\"]", "regions = [\"44\"]")
                 .replace("\n[limits.global]\nper_second = 10\nburst = 0\n", "")
-                .replace(&format!("engine = \"{engine}\""), &format!("engine = \"{other}\""))
+                .replace(&was, &now)
         })
         .await
         .expect_err("refused");
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].contains("engine") && problems[0].contains("restart"), "{problems:?}");
+    let what = if gw.database.is_some() { "database" } else { "engine" };
+    assert!(problems[0].contains(what) && problems[0].contains("restart"), "{problems:?}");
     assert_eq!(settle(Card::in_region("440305"), "r-5").await.status, StatusCode::CREATED);
 }

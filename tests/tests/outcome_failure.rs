@@ -39,13 +39,18 @@ struct FailingOutcome {
 }
 
 impl Ledger for FailingOutcome {
-    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
+    fn by_idempotency_key<'a>(&'a self, institution: &'a str, key: &'a str) -> LedgerFuture<'a, Option<Record>> {
         self.inner.by_idempotency_key(institution, key)
     }
-    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
+    fn get<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<Record>> {
         self.inner.get(institution, id)
     }
-    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
+    fn year_to_date<'a>(
+        &'a self,
+        card_hash: &'a [u8],
+        year: i32,
+        payers: &'a [&'a str],
+    ) -> LedgerFuture<'a, Vec<YearToDate>> {
         self.inner.year_to_date(card_hash, year, payers)
     }
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
@@ -70,28 +75,28 @@ impl Ledger for FailingOutcome {
     fn save_quote(&self, quote: StoredQuote) -> LedgerFuture<'_, ()> {
         self.inner.save_quote(quote)
     }
-    fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError> {
+    fn quote<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<StoredQuote>> {
         self.inner.quote(institution, id)
     }
-    fn unresolved(&self) -> Result<Vec<Unresolved>, LedgerError> {
+    fn unresolved(&self) -> LedgerFuture<'_, Vec<Unresolved>> {
         self.inner.unresolved()
     }
-    fn sealed_request(&self, institution: &str, id: &str) -> Result<Option<Unresolved>, LedgerError> {
+    fn sealed_request<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<Unresolved>> {
         self.inner.sealed_request(institution, id)
     }
-    fn list(&self, query: &cardgate::ledger::ListQuery) -> Result<Vec<cardgate::ledger::Listed>, LedgerError> {
+    fn list<'a>(&'a self, query: &'a cardgate::ledger::ListQuery) -> LedgerFuture<'a, Vec<cardgate::ledger::Listed>> {
         self.inner.list(query)
     }
-    fn reconciliation(
-        &self,
-        institution: &str,
-        date: &str,
+    fn reconciliation<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
         page: u32,
         size: u32,
-    ) -> Result<Reconciliation, LedgerError> {
+    ) -> LedgerFuture<'a, Reconciliation> {
         self.inner.reconciliation(institution, date, page, size)
     }
-    fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {
+    fn settled_deltas<'a>(&'a self, id: &'a str) -> LedgerFuture<'a, Option<SettledDeltas>> {
         self.inner.settled_deltas(id)
     }
 }
@@ -127,7 +132,7 @@ async fn a_settlement_whose_outcome_write_failed_completes_on_a_late_retry() {
 
     let first = flow::settle(&gateway, &identity, "till-7", body.clone(), "r1").await;
     assert!(status(&first).0.is_server_error(), "{:?}", status(&first));
-    let record = gateway.ledger.by_idempotency_key(PHARMACY, "till-7").expect("read").expect("intent kept");
+    let record = gateway.ledger.by_idempotency_key(PHARMACY, "till-7").await.expect("read").expect("intent kept");
     assert_eq!(record.state, State::Pending);
 
     // Right away the payers might still be answering: the retry waits.
@@ -153,7 +158,7 @@ async fn a_settlement_whose_outcome_write_failed_completes_on_a_late_retry() {
     // Recorded once: every later retry gets the same receipt, byte for byte.
     let again = status(&flow::settle(&gateway, &identity, "till-7", body, "r4").await);
     assert_eq!(again, late);
-    let stored = gateway.ledger.get(PHARMACY, &record.id).expect("read").expect("record");
+    let stored = gateway.ledger.get(PHARMACY, &record.id).await.expect("read").expect("record");
     // Stored sealed (the receipt names the holder), opening to the answer sent.
     assert!(!stored.body.contains("holder_name"), "{}", stored.body);
     assert_eq!((stored.state, gateway.card_key.open_text(&stored.body)), (State::Settled, Some(late.1)));

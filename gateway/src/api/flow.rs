@@ -222,7 +222,7 @@ async fn run_chain<'g>(
     let mut results = Vec::with_capacity(chain.len());
     let mut read = Vec::with_capacity(chain.len());
     let names: Vec<&str> = chain.iter().map(|(name, _)| *name).collect();
-    let mut years = gateway.ledger.year_to_date(card_hash, year, &names)?.into_iter();
+    let mut years = gateway.ledger.year_to_date(card_hash, year, &names).await?.into_iter();
     for (name, plugin) in chain {
         let year_to_date = years.next().unwrap_or(YearToDate { year, ..YearToDate::default() });
         read.push(AccumulatorDelta { payer: (*name).to_owned(), delta: year_to_date });
@@ -352,7 +352,7 @@ pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) 
     let chain = payer_chain(gateway, &plugins, &subject, &insurance_type, institution)?;
     let mut payers = Vec::new();
     let (year, names) = (year_of(now), chain.iter().map(|(name, _)| *name).collect::<Vec<_>>());
-    let mut years = gateway.ledger.year_to_date(&card_hash, year, &names)?.into_iter();
+    let mut years = gateway.ledger.year_to_date(&card_hash, year, &names).await?.into_iter();
     for (name, plugin) in chain {
         let year_to_date = years.next().unwrap_or(YearToDate { year, ..YearToDate::default() });
         let request = InquiryRequest {
@@ -479,14 +479,14 @@ fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: i64) -
     Ok(Prepared { subject, insurance_type, bill: body.clone(), total_fen, quote_id: None })
 }
 
-fn prepare_by_quote(
+async fn prepare_by_quote(
     gateway: &Gateway,
     institution: &str,
     body: &BillBody,
     quote_id: &str,
     now: i64,
 ) -> Result<Prepared, ApiError> {
-    let quote = gateway.ledger.quote(institution, quote_id)?.ok_or_else(|| {
+    let quote = gateway.ledger.quote(institution, quote_id).await?.ok_or_else(|| {
         ApiError::client(StatusCode::NOT_FOUND, "quote_not_found", "no such quote for this institution")
     })?;
     if quote.settled_by.is_some() {
@@ -552,8 +552,16 @@ async fn replay(gateway: &Gateway, record: Record, hash: &[u8]) -> Result<ApiRes
         // Pending for longer than any chain of payers can take: its outcome was never recorded
         // (the write failed, the storage was full). Completed now like an unknown one.
         State::Pending | State::Unknown => {
+            // Unless another node of the cluster is completing it now.
+            if !gateway.ledger.claim(&record.id, lease_secs(gateway)).await? {
+                return Err(ApiError::client(
+                    StatusCode::CONFLICT,
+                    "request_in_progress",
+                    "a request with this Idempotency-Key is still being processed; retry shortly",
+                ));
+            }
             let unresolved =
-                gateway.ledger.sealed_request(&record.institution, &record.id)?.ok_or(LedgerError::NotFound)?;
+                gateway.ledger.sealed_request(&record.institution, &record.id).await?.ok_or(LedgerError::NotFound)?;
             resolve(gateway, &unresolved).await
         }
         _ => stored_answer(gateway, record),
@@ -565,6 +573,12 @@ async fn replay(gateway: &Gateway, record: Record, hash: &[u8]) -> Result<ApiRes
 fn stale_pending_secs(gateway: &Gateway) -> i64 {
     let payers_ms: u64 = gateway.config.plugins.values().map(|p| p.timeout_ms).sum();
     i64::try_from(payers_ms / 1000).unwrap_or(i64::MAX / 2) + 10
+}
+
+/// How long a node holds a settlement it takes over to complete: the cluster's lease, or (one
+/// process) as long as a chain of payers can take.
+fn lease_secs(gateway: &Gateway) -> i64 {
+    gateway.ledger.lease_secs().unwrap_or_else(|| stale_pending_secs(gateway))
 }
 
 fn stored_answer(gateway: &Gateway, record: Record) -> Result<ApiResponse, ApiError> {
@@ -594,7 +608,7 @@ fn opened(gateway: &Gateway, stored: &str) -> Result<String, ApiError> {
 
 /// Everything a new settlement must pass before its intent is recorded: the token (or quote),
 /// the card's velocity, a route. Answers the prepared request and the card's hash.
-fn prepare_settlement(
+async fn prepare_settlement(
     gateway: &Gateway,
     institution: (&str, &InstitutionConfig),
     body: &BillBody,
@@ -602,7 +616,7 @@ fn prepare_settlement(
 ) -> Result<(Prepared, Vec<u8>), ApiError> {
     let prepared = match (&body.token, &body.quote_id) {
         (Some(token), None) => prepare_by_token(gateway, body, token, now)?,
-        (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, body, quote_id, now)?,
+        (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, body, quote_id, now).await?,
         _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
     };
     let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
@@ -623,14 +637,14 @@ pub async fn settle(
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
     let hash = request_hash(&body);
     let now = gateway.clock.now();
-    let admitted = prepare_settlement(gateway, institution, &body, now);
+    let admitted = prepare_settlement(gateway, institution, &body, now).await;
     // A retry gets the stored answer whatever its token or quote says by now (used, expired,
     // over the card's velocity). The key is looked up only when the request is refused, or
     // when recording its intent finds the key taken: a new settlement costs no extra read.
     let (prepared, card_hash) = match admitted {
         Ok(admitted) => admitted,
         Err(error) => {
-            return match gateway.ledger.by_idempotency_key(institution.0, key)? {
+            return match gateway.ledger.by_idempotency_key(institution.0, key).await? {
                 Some(record) => replay(gateway, record, &hash).await,
                 None => Err(error),
             };
@@ -659,7 +673,7 @@ pub async fn settle(
     let settlement = Settlement { id: &id, institution: institution.0, created_at: now, request_id };
     match complete(gateway, settlement, &prepared, card_hash, Some(intent)).await {
         Err(ApiError::Storage(LedgerError::IdempotencyTaken)) => {
-            let record = gateway.ledger.by_idempotency_key(institution.0, key)?.ok_or(LedgerError::NotFound)?;
+            let record = gateway.ledger.by_idempotency_key(institution.0, key).await?.ok_or(LedgerError::NotFound)?;
             replay(gateway, record, &hash).await
         }
         answered => answered,
@@ -774,7 +788,7 @@ async fn complete(
             }
             // Completed meanwhile by a concurrent retry: answer what it recorded.
             Err(LedgerError::NotFound) => {
-                let record = gateway.ledger.get(institution.0, id)?.ok_or(LedgerError::NotFound)?;
+                let record = gateway.ledger.get(institution.0, id).await?.ok_or(LedgerError::NotFound)?;
                 return stored_answer(gateway, record);
             }
             Err(e) => return Err(e.into()),
@@ -835,10 +849,17 @@ pub async fn resolve(gateway: &Gateway, unresolved: &Unresolved) -> Result<ApiRe
     complete(gateway, settlement, &prepared, card_hash, None).await
 }
 
-/// Resolves every settlement left `pending` or `unknown`; run at start, before serving.
+/// Resolves every settlement left `pending` or `unknown`; run at start, before serving, and
+/// (nodes of a cluster) now and then: those another node holds are left to it — one that died
+/// leaves them when their lease runs out. Answers how many were resolved.
 pub async fn resolve_all(gateway: &Gateway) -> Result<usize, ApiError> {
-    let unresolved = gateway.ledger.unresolved()?;
+    let unresolved = gateway.ledger.unresolved().await?;
+    let mut resolved = 0;
     for record in &unresolved {
+        if !gateway.ledger.claim(&record.id, lease_secs(gateway)).await? {
+            continue;
+        }
+        resolved += 1;
         match resolve(gateway, record).await {
             Ok(answer) => {
                 tracing::info!(settlement = %record.id, status = answer.status.as_u16(), "resolved an interrupted settlement")
@@ -846,7 +867,7 @@ pub async fn resolve_all(gateway: &Gateway) -> Result<usize, ApiError> {
             Err(error) => tracing::warn!(settlement = %record.id, ?error, "could not resolve a settlement yet"),
         }
     }
-    Ok(unresolved.len())
+    Ok(resolved)
 }
 
 /// A settled receipt, as stored and answered.
@@ -888,8 +909,8 @@ fn receipt(id: &str, institution: &str, terminal: &str, p: &Prepared, results: &
 }
 
 /// `GET /v1/settlements/{id}`.
-pub fn get(gateway: &Gateway, identity: &Identity, id: &str) -> Result<ApiResponse, ApiError> {
-    let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
+pub async fn get(gateway: &Gateway, identity: &Identity, id: &str) -> Result<ApiResponse, ApiError> {
+    let record = gateway.ledger.get(&identity.institution, id).await?.ok_or(LedgerError::NotFound)?;
     let view = match record.state {
         State::Settled | State::Reversed => {
             let mut receipt: Value = serde_json::from_str(&opened(gateway, &record.body)?).unwrap_or_default();
@@ -926,16 +947,17 @@ pub async fn reverse(
             format!("a {} settlement cannot be reversed", other.as_str()),
         ))),
     };
-    let read = || gateway.ledger.get(&identity.institution, id)?.ok_or(ApiError::Storage(LedgerError::NotFound));
-    if let Err(answer) = unless_settled(read()?) {
+    let read =
+        async || gateway.ledger.get(&identity.institution, id).await?.ok_or(ApiError::Storage(LedgerError::NotFound));
+    if let Err(answer) = unless_settled(read().await?) {
         return answer;
     }
     // The card's lock, as a settlement takes it: its accumulators move back while no payer of
     // the card is being asked. The state is read again under it. A settled record's card and
     // accumulator changes never change: read once.
-    let (card_hash, deltas) = gateway.ledger.settled_deltas(id)?.ok_or(LedgerError::NotFound)?;
+    let (card_hash, deltas) = gateway.ledger.settled_deltas(id).await?.ok_or(LedgerError::NotFound)?;
     let _card = gateway.card_locks.lock(&card_hash).await;
-    let record = match unless_settled(read()?) {
+    let record = match unless_settled(read().await?) {
         Ok(record) => record,
         Err(answer) => return answer,
     };
@@ -993,7 +1015,7 @@ pub async fn reverse(
         Ok(()) => Ok(ApiResponse::json(StatusCode::OK, answer)),
         // A concurrent reversal won: answer what it stored.
         Err(LedgerError::NotFound) => {
-            let record = gateway.ledger.get(&identity.institution, id)?.ok_or(LedgerError::NotFound)?;
+            let record = gateway.ledger.get(&identity.institution, id).await?.ok_or(LedgerError::NotFound)?;
             Ok(ApiResponse::json(StatusCode::OK, record.reversal.unwrap_or_default()))
         }
         Err(e) => Err(e.into()),
@@ -1013,7 +1035,11 @@ fn negate(d: YearToDate) -> YearToDate {
 
 /// `GET /v1/reconciliation?date=YYYY-MM-DD[&page=N][&page_size=M]`: the calling institution's
 /// business day (UTC+8): settled totals, reversals, net, per payer, and one page of details.
-pub fn reconciliation(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Result<ApiResponse, ApiError> {
+pub async fn reconciliation(
+    gateway: &Gateway,
+    identity: &Identity,
+    query: Option<&str>,
+) -> Result<ApiResponse, ApiError> {
     let mut date = None;
     let (mut page, mut page_size) = (1u32, 100u32);
     for pair in query_pairs(query) {
@@ -1030,7 +1056,7 @@ pub fn reconciliation(gateway: &Gateway, identity: &Identity, query: Option<&str
     if page == 0 || !(1..=1000).contains(&page_size) {
         return Err(ApiError::invalid("page: from 1; page_size: 1 to 1000"));
     }
-    let day = gateway.ledger.reconciliation(&identity.institution, &date, page, page_size)?;
+    let day = gateway.ledger.reconciliation(&identity.institution, &date, page, page_size).await?;
     let mut answer = serde_json::to_value(&day).map_err(|e| LedgerError::Storage(e.to_string()))?;
     answer["institution_id"] = json!(identity.institution);
     Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
@@ -1040,7 +1066,7 @@ pub fn reconciliation(gateway: &Gateway, identity: &Identity, query: Option<&str
 /// the calling institution's settlements of a business day (UTC+8) or a time range (RFC 3339,
 /// `to` excluded, at most 31 days), in the order they were recorded, a page at a time. The
 /// answer's `next_cursor`, sent back as `cursor`, gives the next page; `null` after the last.
-pub fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Result<ApiResponse, ApiError> {
+pub async fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Result<ApiResponse, ApiError> {
     let mut q =
         crate::ledger::ListQuery { institution: identity.institution.clone(), limit: 100, ..Default::default() };
     let (mut date, mut from, mut to) = (None, None, None);
@@ -1086,7 +1112,7 @@ pub fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Resu
         (None, Some(_), Some(_)) => return Err(ApiError::invalid("from, to: from before to, at most 31 days apart")),
         _ => return Err(ApiError::invalid("give `date`, or `from` and `to`")),
     };
-    let listed = gateway.ledger.list(&q)?;
+    let listed = gateway.ledger.list(&q).await?;
     let cursor = |l: &crate::ledger::Listed| {
         let parts: Vec<String> = l.position.iter().map(|p| format!("{p:x}")).collect();
         format!("c{}", parts.join("."))

@@ -92,18 +92,44 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
     if !crate::ledger::is_business_day(&date) {
         return Err(Failure::config("--date: YYYY-MM-DD"));
     }
-    let ledger = crate::ledger::open(&config.ledger).map_err(Failure::new)?;
     let institutions: Vec<String> = match institution {
         Some(id) => vec![id],
         None => config.institutions.keys().cloned().collect(),
     };
+    // Reads are futures (a database ledger's go over the network): a runtime of their own, on
+    // a thread of their own (the command may be run from inside another runtime).
+    let (csv, lines) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime =
+                    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::new)?;
+                let ledger = crate::ledger::open(&config.ledger).map_err(Failure::new)?;
+                runtime.block_on(day_csv(&*ledger, &institutions, &date))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(Failure::new("the export thread failed")))
+    })?;
+    match file {
+        Some(path) => std::fs::write(&path, csv).map_err(|e| Failure::new(format!("{}: {e}", path.display())))?,
+        None => out.write_all(csv.as_bytes()).map_err(Failure::new)?,
+    }
+    tracing::info!(lines, %date, "ledger exported");
+    Ok(0)
+}
+
+/// The day's events of every institution of `institutions`, as CSV, and how many lines.
+async fn day_csv(
+    ledger: &dyn crate::ledger::Ledger,
+    institutions: &[String],
+    date: &str,
+) -> Result<(String, u64), Failure> {
     let mut csv = String::from(
         "institution_id,event,settlement_id,state,terminal_id,card,created_at,total_fen,fund_pay_fen,account_pay_fen,cash_pay_fen\n",
     );
     let mut lines = 0u64;
-    for id in &institutions {
+    for id in institutions {
         for page in 1.. {
-            let day = ledger.reconciliation(id, &date, page, 1000).map_err(Failure::new)?;
+            let day = ledger.reconciliation(id, date, page, 1000).await.map_err(Failure::new)?;
             for d in &day.details {
                 csv += &format!(
                     "{},{},{},{},{},{},{},{},{},{},{}\n",
@@ -126,12 +152,7 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
             }
         }
     }
-    match file {
-        Some(path) => std::fs::write(&path, csv).map_err(|e| Failure::new(format!("{}: {e}", path.display())))?,
-        None => out.write_all(csv.as_bytes()).map_err(Failure::new)?,
-    }
-    tracing::info!(lines, %date, "ledger exported");
-    Ok(0)
+    Ok((csv, lines))
 }
 
 /// Quotes a CSV field when it needs it.

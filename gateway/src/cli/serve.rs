@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::Failure;
-use crate::config::Config;
+use crate::config::{Config, LedgerBackend};
 use crate::dev::{self, DevPlugins};
 use crate::server;
 use crate::service::{Gateway, SystemClock};
@@ -58,6 +58,13 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     {
         problems.extend(p.into_iter().map(|m| format!("plugin_runtime.signers: {m}")));
     }
+    let mut database = None;
+    if let Some(pg) = config.ledger.postgres.as_ref().filter(|_| config.ledger.backend == LedgerBackend::Postgres) {
+        match crate::ledger::postgres::check(pg) {
+            Ok(found) => database = Some(found),
+            Err(e) => problems.push(format!("ledger.postgres: {e}")),
+        }
+    }
     for (name, plugin) in &config.plugins {
         if !plugin.library.is_file() {
             problems.push(format!("plugins.{name}.library: {}: no such file", plugin.library.display()));
@@ -66,6 +73,9 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     if problems.is_empty() {
         for exposed in config.exposed_files(&args.config) {
             writeln!(out, "warning: {exposed}").map_err(Failure::new)?;
+        }
+        if let Some(found) = database {
+            writeln!(out, "ledger: {found}").map_err(Failure::new)?;
         }
         writeln!(out, "ok: {}", args.config.display()).map_err(Failure::new)?;
         Ok(0)
@@ -148,6 +158,9 @@ fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
             ));
         }
         tokio::spawn(reload_on_sighup(Arc::clone(&live), path));
+        if let Some(lease) = live.gateway().ledger.lease_secs() {
+            tokio::spawn(sweep(Arc::clone(&live), lease));
+        }
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop.send(true);
@@ -161,6 +174,22 @@ fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
 
 /// Reloads the whole configuration (and the plugins) on every SIGHUP; a configuration with
 /// errors is refused with all of them and the current one keeps serving.
+/// A node of a cluster completes, every half lease, the settlements other nodes left
+/// unresolved (a node that died: its leases ran out).
+async fn sweep(live: Arc<crate::service::Live>, lease_secs: i64) {
+    let period = std::time::Duration::from_secs(u64::try_from(lease_secs / 2).unwrap_or(1).max(1));
+    let mut ticks = tokio::time::interval(period);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match crate::api::flow::resolve_all(&live.gateway()).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "completed settlements another node left unresolved"),
+            Err(error) => tracing::warn!(?error, "could not look for unresolved settlements"),
+        }
+    }
+}
+
 async fn reload_on_sighup(live: Arc<crate::service::Live>, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangup) = signal(SignalKind::hangup()) else { return };

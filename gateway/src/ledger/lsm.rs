@@ -1353,30 +1353,7 @@ impl Tuning {
 const MAX_SHARDS: usize = 64;
 
 impl Ledger for LsmLedger {
-    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
-        let key = key_of(institution, key);
-        self.find(|s| Ok(s.row_via(Space::Keys, &key)?.map(|(_, row)| row.record())))
-    }
-
-    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
-        self.find(|s| {
-            Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.institution == institution).map(Row::record))
-        })
-    }
-
-    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
-        let figures = read_year(&*self.shard_of(card_hash).slot.current()?, card_hash, year)?;
-        Ok(payers
-            .iter()
-            .map(|payer| {
-                figures
-                    .iter()
-                    .find(|(p, _)| p == payer)
-                    .map_or(YearToDate { year, ..YearToDate::default() }, |(_, y)| *y)
-            })
-            .collect())
-    }
-
+    super::reads_now!();
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
         let keys = intent_keys(&intent);
         let row = Row::from_intent(&intent);
@@ -1455,6 +1432,53 @@ impl Ledger for LsmLedger {
         })
     }
 
+    fn cursor_parts(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn probe(&self) -> LedgerFuture<'_, ()> {
+        let failing: Vec<&Shard> = self.shards.iter().filter(|s| s.durable.failing.load(Ordering::Relaxed)).collect();
+        Box::pin(async move {
+            for shard in failing {
+                shard
+                    .write(&[], |_| {
+                        Ok(Plan {
+                            ops: vec![Op::Put(Space::Meta, bytes(&b"probe"[..]), bytes(&b"1"[..]))],
+                            new_settlement: false,
+                        })
+                    })
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl super::ReadsNow for LsmLedger {
+    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
+        let key = key_of(institution, key);
+        self.find(|s| Ok(s.row_via(Space::Keys, &key)?.map(|(_, row)| row.record())))
+    }
+
+    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
+        self.find(|s| {
+            Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.institution == institution).map(Row::record))
+        })
+    }
+
+    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
+        let figures = read_year(&*self.shard_of(card_hash).slot.current()?, card_hash, year)?;
+        Ok(payers
+            .iter()
+            .map(|payer| {
+                figures
+                    .iter()
+                    .find(|(p, _)| p == payer)
+                    .map_or(YearToDate { year, ..YearToDate::default() }, |(_, y)| *y)
+            })
+            .collect())
+    }
+
     fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError> {
         let found = self.quote_shard(id).read(|s| {
             let Some(value) = s.get(Space::Quotes, id.as_bytes())? else { return Ok(None) };
@@ -1524,10 +1548,6 @@ impl Ledger for LsmLedger {
         Ok(Some((row.card_hash, deltas)))
     }
 
-    fn cursor_parts(&self) -> usize {
-        self.shards.len()
-    }
-
     /// Each shard's matching settlements in seq order (within a shard, its commit order),
     /// merged by seq: a page takes a prefix of every shard's list, so the position after it
     /// (one seq per shard) never skips one that commits later in any shard.
@@ -1567,23 +1587,6 @@ impl Ledger for LsmLedger {
             });
         }
         Ok(listed)
-    }
-
-    fn probe(&self) -> LedgerFuture<'_, ()> {
-        let failing: Vec<&Shard> = self.shards.iter().filter(|s| s.durable.failing.load(Ordering::Relaxed)).collect();
-        Box::pin(async move {
-            for shard in failing {
-                shard
-                    .write(&[], |_| {
-                        Ok(Plan {
-                            ops: vec![Op::Put(Space::Meta, bytes(&b"probe"[..]), bytes(&b"1"[..]))],
-                            new_settlement: false,
-                        })
-                    })
-                    .await?;
-            }
-            Ok(())
-        })
     }
 }
 

@@ -879,48 +879,7 @@ fn finish_outcome(conn: &Connection, o: &Outcome, deltas: &str, payers: &str) ->
 }
 
 impl Ledger for SqliteLedger {
-    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
-        self.read(|c| {
-            c.prepare_cached(&format!("{RECORD_SELECT} WHERE s.institution = ?1 AND s.idempotency_key = ?2"))?
-                .query_row(params![institution, key], record)
-                .optional()
-        })
-    }
-
-    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
-        self.read(|c| {
-            c.prepare_cached(&format!("{RECORD_SELECT} WHERE s.id = ?2 AND s.institution = ?1"))?
-                .query_row(params![institution, id], record)
-                .optional()
-        })
-    }
-
-    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
-        let mut found: Vec<YearToDate> = payers.iter().map(|_| YearToDate { year, ..YearToDate::default() }).collect();
-        self.read(|c| {
-            let mut statement = c.prepare_cached(
-                "SELECT payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
-                 FROM accumulators WHERE card_hash = ?1 AND year = ?2",
-            )?;
-            let mut rows = statement.query(params![card_hash, year])?;
-            while let Some(r) = rows.next()? {
-                let payer = r.get_ref(0)?.as_str().unwrap_or_default();
-                if let Some(slot) = payers.iter().position(|p| *p == payer) {
-                    found[slot] = YearToDate {
-                        year,
-                        deductible_fen: r.get(1)?,
-                        fund_paid_fen: r.get(2)?,
-                        eligible_fen: r.get(3)?,
-                        account_paid_fen: r.get(4)?,
-                        eligible_self_pay_fen: r.get(5)?,
-                    };
-                }
-            }
-            Ok(())
-        })?;
-        Ok(found)
-    }
-
+    super::reads_now!();
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
         self.write(move |c| begin_intent(c, &intent))
     }
@@ -977,6 +936,61 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    fn probe(&self) -> LedgerFuture<'_, ()> {
+        if !self.wal.failing.load(Ordering::Relaxed) {
+            return Box::pin(async { Ok(()) });
+        }
+        self.write(|c| {
+            run_cached(c, "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)")?;
+            c.prepare_cached("INSERT OR REPLACE INTO probe (id, at) VALUES (1, unixepoch())")?.execute([])?;
+            Ok(())
+        })
+    }
+}
+
+impl super::ReadsNow for SqliteLedger {
+    fn by_idempotency_key(&self, institution: &str, key: &str) -> Result<Option<Record>, LedgerError> {
+        self.read(|c| {
+            c.prepare_cached(&format!("{RECORD_SELECT} WHERE s.institution = ?1 AND s.idempotency_key = ?2"))?
+                .query_row(params![institution, key], record)
+                .optional()
+        })
+    }
+
+    fn get(&self, institution: &str, id: &str) -> Result<Option<Record>, LedgerError> {
+        self.read(|c| {
+            c.prepare_cached(&format!("{RECORD_SELECT} WHERE s.id = ?2 AND s.institution = ?1"))?
+                .query_row(params![institution, id], record)
+                .optional()
+        })
+    }
+
+    fn year_to_date(&self, card_hash: &[u8], year: i32, payers: &[&str]) -> Result<Vec<YearToDate>, LedgerError> {
+        let mut found: Vec<YearToDate> = payers.iter().map(|_| YearToDate { year, ..YearToDate::default() }).collect();
+        self.read(|c| {
+            let mut statement = c.prepare_cached(
+                "SELECT payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
+                 FROM accumulators WHERE card_hash = ?1 AND year = ?2",
+            )?;
+            let mut rows = statement.query(params![card_hash, year])?;
+            while let Some(r) = rows.next()? {
+                let payer = r.get_ref(0)?.as_str().unwrap_or_default();
+                if let Some(slot) = payers.iter().position(|p| *p == payer) {
+                    found[slot] = YearToDate {
+                        year,
+                        deductible_fen: r.get(1)?,
+                        fund_paid_fen: r.get(2)?,
+                        eligible_fen: r.get(3)?,
+                        account_paid_fen: r.get(4)?,
+                        eligible_self_pay_fen: r.get(5)?,
+                    };
+                }
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
     fn quote(&self, institution: &str, id: &str) -> Result<Option<StoredQuote>, LedgerError> {
         self.read(|c| {
             c.prepare_cached(
@@ -1024,17 +1038,6 @@ impl Ledger for SqliteLedger {
         page_size: u32,
     ) -> Result<super::Reconciliation, LedgerError> {
         self.read(|c| reconcile(c, institution, date, page, page_size))
-    }
-
-    fn probe(&self) -> LedgerFuture<'_, ()> {
-        if !self.wal.failing.load(Ordering::Relaxed) {
-            return Box::pin(async { Ok(()) });
-        }
-        self.write(|c| {
-            run_cached(c, "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)")?;
-            c.prepare_cached("INSERT OR REPLACE INTO probe (id, at) VALUES (1, unixepoch())")?.execute([])?;
-            Ok(())
-        })
     }
 
     fn list(&self, q: &super::ListQuery) -> Result<Vec<super::Listed>, LedgerError> {

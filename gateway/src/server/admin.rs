@@ -141,7 +141,7 @@ async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>, plain: bool
 async fn readiness(gateway: &Gateway) -> Response<Full<Bytes>> {
     let writable =
         matches!(tokio::time::timeout(std::time::Duration::from_secs(2), gateway.ledger.probe()).await, Ok(Ok(())));
-    let ledger = writable && gateway.ledger.unresolved().is_ok();
+    let ledger = writable && gateway.ledger.unresolved().await.is_ok();
     let plugins = gateway.plugins().handles.len() == gateway.config.plugins.len();
     let draining = gateway.is_draining();
     let status = if ledger && plugins && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -179,7 +179,15 @@ async fn ledger_stage(seconds: u64, levels: &[usize]) {
         for &level in levels {
             let dir = tempfile::tempdir().expect("temp dir");
             let path = dir.path().join(if engine == LedgerEngine::Sqlite { "ledger.db" } else { "ledger" });
-            let config = LedgerConfig { path, engine, shards, secret: String::new(), secret_file: None };
+            let config = LedgerConfig {
+                backend: Default::default(),
+                postgres: None,
+                path,
+                engine,
+                shards,
+                secret: String::new(),
+                secret_file: None,
+            };
             let ledger = cardgate::ledger::open(&config).expect("ledger");
             // A new thread names itself once it runs: let the writers get there.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -195,7 +203,7 @@ async fn ledger_stage(seconds: u64, levels: &[usize]) {
                             n += 1;
                             let (intent, outcome) = stage_settlement(task as u64, n);
                             let payers = ["basic-medical", "critical-illness"];
-                            let read = ledger.year_to_date(&intent.card_hash, 2026, &payers).expect("read");
+                            let read = ledger.year_to_date(&intent.card_hash, 2026, &payers).await.expect("read");
                             let read = payers
                                 .iter()
                                 .zip(read)

@@ -1,0 +1,929 @@
+//! The cluster ledger: several gateway nodes sharing one PostgreSQL database
+//! (`[ledger] backend = "postgres"`).
+//!
+//! Every guarantee of the embedded ledger is the database's here, not one node's memory:
+//! - a token or quote settles once: the primary keys of `used_tokens` / `used_quotes`;
+//! - an idempotency key names one settlement: a unique key on (institution, key);
+//! - no overspend: an outcome's accumulator changes are conditional upserts (the row changes
+//!   only if it still holds the figures the payers were given; the upsert locks the row, so
+//!   two nodes settling one card at once cannot both pass), in the outcome's transaction;
+//! - a settlement is completed by one node at a time: the node that records an intent holds
+//!   its lease ([`Ledger::claim`]); another node takes it over only once the lease ran out.
+//!
+//! Reads and writes are futures: a node waiting for the database holds no thread. Each
+//! operation runs under a deadline (the pool's wait, the server's `statement_timeout`, and
+//! one around the whole): a database that went away is a `Storage` error, 503
+//! `storage_unavailable` to the client, never a hang. Schema migrations (refinery, under an
+//! advisory lock so that nodes starting together apply them once) run at open.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cardgate_sdk::YearToDate;
+use deadpool_postgres::{GenericClient, Pool};
+use tokio_postgres::error::SqlState;
+
+use super::{
+    AccumulatorDelta, Intent, Ledger, LedgerError, LedgerFuture, Listed, Outcome, Reconciliation, Record,
+    SettledDeltas, State, StoredQuote, Unresolved,
+};
+use crate::config::PostgresConfig;
+
+mod embedded {
+    refinery::embed_migrations!("migrations/postgres");
+}
+
+/// Taken while migrating: nodes starting together apply the migrations once.
+const MIGRATION_LOCK: i64 = 0x6361_7264_6761_7465; // "cardgate"
+
+/// The PostgreSQL ledger.
+pub struct PgLedger {
+    pool: Pool,
+    /// This process, as a lease owner: new at every start.
+    node: String,
+    lease_secs: i64,
+    /// The longest one operation may take, all included.
+    deadline: Duration,
+    /// The last operation failed for want of the database.
+    failing: AtomicBool,
+}
+
+impl std::fmt::Debug for PgLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLedger").field("node", &self.node).field("lease_secs", &self.lease_secs).finish()
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(format!("postgres: {e}"))
+}
+
+/// A database error as the ledger reports it: a unique key says what was taken.
+fn db(e: tokio_postgres::Error) -> LedgerError {
+    if let Some(error) = e.as_db_error()
+        && *error.code() == SqlState::UNIQUE_VIOLATION
+    {
+        match error.constraint() {
+            Some("used_tokens_pkey") => return LedgerError::TokenUsed,
+            Some("used_quotes_pkey") => return LedgerError::QuoteUsed,
+            Some("settlements_idempotency_key") => return LedgerError::IdempotencyTaken,
+            _ => {}
+        }
+    }
+    storage(e)
+}
+
+impl PgLedger {
+    /// Connects, applies the schema's migrations and makes the pool. Blocks the calling thread
+    /// while migrating (on a thread of its own, with a runtime of its own: callable from
+    /// inside a runtime, as the gateway builds).
+    pub fn open(config: &PostgresConfig) -> Result<Self, LedgerError> {
+        let (pg, statement, connect) = connection(config)?;
+        let migrating = pg.clone();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || migrate(&migrating, connect + statement * 4))
+                .join()
+                .unwrap_or_else(|_| Err(LedgerError::Storage("postgres: the migration thread failed".into())))
+        })?;
+        let manager = deadpool_postgres::Manager::from_config(
+            pg,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(statement))
+            .create_timeout(Some(connect))
+            .recycle_timeout(Some(connect))
+            .build()
+            .map_err(storage)?;
+        Ok(Self {
+            pool,
+            node: node_name(),
+            lease_secs: config.lease_secs,
+            deadline: statement + connect * 2,
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    /// This process's name as a lease owner.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Runs `work` on a pooled connection under the deadline; notes whether the database
+    /// answers.
+    async fn with<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut deadpool_postgres::Client) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        let attempt = async {
+            let mut client = self.pool.get().await.map_err(storage)?;
+            work(&mut client).await
+        };
+        let result = match tokio::time::timeout(self.deadline, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(LedgerError::Storage("postgres: no answer in time".into())),
+        };
+        let down = matches!(&result, Err(LedgerError::Storage(_)));
+        if self.failing.swap(down, Ordering::Relaxed) != down {
+            if down {
+                tracing::error!(error = ?result.as_ref().err(), "ledger: the database fails; requests get 503 until it answers");
+            } else {
+                tracing::info!("ledger: the database answers again");
+            }
+        }
+        result
+    }
+
+    /// Runs `work` in a transaction: committed if it succeeds, rolled back if not.
+    async fn transaction<T>(
+        &self,
+        work: impl AsyncFnOnce(&deadpool_postgres::Transaction<'_>) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        self.with(async |client| {
+            let started = std::time::Instant::now();
+            let tx = client.transaction().await.map_err(db)?;
+            let value = work(&tx).await?;
+            tx.commit().await.map_err(db)?;
+            crate::metrics::ledger_commit(1, started.elapsed());
+            Ok(value)
+        })
+        .await
+    }
+}
+
+/// How to connect, and the statement and connect timeouts.
+fn connection(config: &PostgresConfig) -> Result<(tokio_postgres::Config, Duration, Duration), LedgerError> {
+    let mut pg: tokio_postgres::Config = config.url.parse().map_err(storage)?;
+    if !config.password.is_empty() {
+        pg.password(config.password.as_bytes());
+    }
+    let statement = Duration::from_millis(config.statement_timeout_ms);
+    let connect = Duration::from_millis(config.connect_timeout_ms);
+    pg.connect_timeout(connect);
+    pg.application_name("cardgate");
+    // The server ends a statement that runs too long, and a transaction left idle (a node
+    // stopped between two statements) before it holds rows locked for long.
+    pg.options(format!(
+        "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        config.statement_timeout_ms,
+        config.statement_timeout_ms * 2
+    ));
+    Ok((pg, statement, connect))
+}
+
+/// What `cardgate check-config` says of the database: that it answers (connecting as `serve`
+/// would, changing nothing), its version, and whether `serve` will create or migrate the
+/// schema.
+pub fn check(config: &PostgresConfig) -> Result<String, LedgerError> {
+    let (pg, statement, connect) = connection(config)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(storage)?;
+                runtime.block_on(async {
+                    let work = async {
+                        let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(storage)?;
+                        let connection = tokio::spawn(connection);
+                        let row = client
+                            .query_one(
+                                "SELECT current_setting('server_version'),
+                                     to_regclass('cardgate_schema_history') IS NOT NULL",
+                                &[],
+                            )
+                            .await
+                            .map_err(storage)?;
+                        let (version, has_schema): (String, bool) = (row.get(0), row.get(1));
+                        let latest = embedded::migrations::runner().get_migrations().iter().map(|m| m.version()).max();
+                        let applied: Option<i32> = if has_schema {
+                            client
+                                .query_one("SELECT max(version) FROM cardgate_schema_history", &[])
+                                .await
+                                .map_err(storage)?
+                                .get(0)
+                        } else {
+                            None
+                        };
+                        drop(client);
+                        let _ = connection.await;
+                        let schema = match (applied, latest) {
+                            (None, _) => "no ledger yet: `serve` creates it".to_owned(),
+                            (Some(a), Some(l)) if i64::from(a) >= i64::from(l) => {
+                                format!("ledger schema version {a}, current")
+                            }
+                            (Some(a), Some(l)) => format!("ledger schema version {a}: `serve` migrates it to {l}"),
+                            (Some(a), None) => format!("ledger schema version {a}"),
+                        };
+                        Ok(format!("PostgreSQL {version}; {schema}"))
+                    };
+                    tokio::time::timeout(connect + statement, work)
+                        .await
+                        .unwrap_or_else(|_| Err(LedgerError::Storage("postgres: no answer in time".into())))
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(LedgerError::Storage("postgres: the check failed".into())))
+    })
+}
+
+/// A name for this process as a lease owner: its host, its pid and a random part (a
+/// restarted node is another owner; its old leases run out).
+fn node_name() -> String {
+    use ring::rand::SecureRandom;
+    let mut random = [0u8; 4];
+    let _ = ring::rand::SystemRandom::new().fill(&mut random);
+    let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    format!("{host}/{}/{:08x}", std::process::id(), u32::from_be_bytes(random))
+}
+
+fn migrate(config: &tokio_postgres::Config, deadline: Duration) -> Result<(), LedgerError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(storage)?;
+    runtime.block_on(async {
+        let work = async {
+            let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(storage)?;
+            let connection = tokio::spawn(connection);
+            client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(storage)?;
+            let report = embedded::migrations::runner()
+                .set_migration_table_name("cardgate_schema_history")
+                .run_async(&mut client)
+                .await
+                .map_err(|e| LedgerError::Storage(format!("postgres: migrating the ledger's schema: {e}")));
+            let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+            for applied in report?.applied_migrations() {
+                tracing::info!(version = applied.version(), name = applied.name(), "ledger: schema migration applied");
+            }
+            drop(client);
+            let _ = connection.await;
+            Ok(())
+        };
+        tokio::time::timeout(deadline, work)
+            .await
+            .unwrap_or_else(|_| Err(LedgerError::Storage("postgres: no answer in time".into())))
+    })
+}
+
+const RECORD_SELECT: &str =
+    "SELECT id, institution, request_hash, state, status, body, reversal, created_at FROM settlements";
+
+fn record(row: &tokio_postgres::Row) -> Result<Record, LedgerError> {
+    Ok(Record {
+        id: row.try_get(0).map_err(db)?,
+        institution: row.try_get(1).map_err(db)?,
+        request_hash: row.try_get(2).map_err(db)?,
+        state: state(row.try_get(3).map_err(db)?),
+        status: u16::try_from(row.try_get::<_, i32>(4).map_err(db)?).unwrap_or(0),
+        body: row.try_get(5).map_err(db)?,
+        reversal: row.try_get(6).map_err(db)?,
+        created_at: row.try_get(7).map_err(db)?,
+    })
+}
+
+fn state(name: &str) -> State {
+    State::parse(name).unwrap_or(State::Unknown)
+}
+
+const UNRESOLVED_SELECT: &str = "SELECT id, institution, state, sealed_request, created_at FROM settlements";
+
+fn unresolved_row(row: &tokio_postgres::Row) -> Result<Unresolved, LedgerError> {
+    Ok(Unresolved {
+        id: row.try_get(0).map_err(db)?,
+        institution: row.try_get(1).map_err(db)?,
+        state: state(row.try_get(2).map_err(db)?),
+        sealed_request: row.try_get(3).map_err(db)?,
+        created_at: row.try_get(4).map_err(db)?,
+    })
+}
+
+/// Inserts an intent; with `outcome`, its outcome at once (one commit). A new intent is held
+/// by this node for `lease_secs`.
+async fn insert_intent(
+    tx: &impl GenericClient,
+    i: &Intent,
+    outcome: Option<(&Outcome, &str, &str)>,
+    lease: Option<(&str, i64)>,
+) -> Result<(), LedgerError> {
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
+                 card_hash, card_masked, total_fen, day, created_at, sealed_request, state, status, body, deltas,
+                 payers, fund_fen, account_fen, cash_fen, updated_at, lease_owner, lease_until)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::text::jsonb,
+                 $19, $20, $21, $22, $23, now() + make_interval(secs => $24::bigint))",
+        )
+        .await
+        .map_err(db)?;
+    let (state, status, body, deltas, payers, amounts, at) = match outcome {
+        Some((o, deltas, payers)) => {
+            (o.state.as_str(), i32::from(o.status), o.body.as_str(), deltas, payers, o.amounts.as_ref(), o.at)
+        }
+        None => ("pending", 0, "", "[]", "[]", None, 0),
+    };
+    let (owner, lease_secs) = match lease {
+        Some((owner, secs)) => (Some(owner), Some(secs)),
+        None => (None, None),
+    };
+    tx.execute(
+        &statement,
+        &[
+            &i.id,
+            &i.institution,
+            &i.terminal,
+            &i.idempotency_key,
+            &i.request_hash,
+            &i.token_id,
+            &i.quote_id,
+            &i.card_hash,
+            &i.card_masked,
+            &i.total_fen,
+            &super::business_day(i.created_at),
+            &i.created_at,
+            &i.sealed_request,
+            &state,
+            &status,
+            &body,
+            &deltas,
+            &payers,
+            &amounts.map_or(0, |a| a.fund_fen),
+            &amounts.map_or(0, |a| a.account_fen),
+            &amounts.map_or(0, |a| a.cash_fen),
+            &at,
+            &owner,
+            &lease_secs,
+        ],
+    )
+    .await
+    .map_err(db)?;
+    // A refused settlement holds neither its token nor its quote: the patient may try again.
+    let holds = outcome.is_none_or(|(o, _, _)| matches!(o.state, State::Settled | State::Unknown));
+    if holds && let Some(token_id) = &i.token_id {
+        let statement =
+            tx.prepare_cached("INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
+        tx.execute(&statement, &[token_id, &i.id]).await.map_err(db)?;
+    }
+    if holds && let Some(quote_id) = &i.quote_id {
+        let statement =
+            tx.prepare_cached("INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
+        tx.execute(&statement, &[quote_id, &i.id]).await.map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Records an outcome over a pending (or unknown) intent, in the caller's transaction.
+async fn write_outcome(tx: &impl GenericClient, o: &Outcome, deltas: &str, payers: &str) -> Result<(), LedgerError> {
+    let statement = tx
+        .prepare_cached("SELECT token_id, quote_id, state FROM settlements WHERE id = $1 FOR UPDATE")
+        .await
+        .map_err(db)?;
+    let Some(row) = tx.query_opt(&statement, &[&o.id]).await.map_err(db)? else { return Err(LedgerError::NotFound) };
+    let (token_id, quote_id): (Option<Vec<u8>>, Option<String>) =
+        (row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?);
+    if !matches!(row.try_get::<_, &str>(2).map_err(db)?, "pending" | "unknown") {
+        return Err(LedgerError::NotFound);
+    }
+    let amounts = o.amounts.as_ref();
+    let statement = tx
+        .prepare_cached(
+            "UPDATE settlements SET state = $2, status = $3, body = $4, deltas = $5, payers = $6::text::jsonb,
+                 fund_fen = $7, account_fen = $8, cash_fen = $9, updated_at = $10, lease_owner = NULL,
+                 lease_until = NULL
+             WHERE id = $1",
+        )
+        .await
+        .map_err(db)?;
+    tx.execute(
+        &statement,
+        &[
+            &o.id,
+            &o.state.as_str(),
+            &i32::from(o.status),
+            &o.body,
+            &deltas,
+            &payers,
+            &amounts.map_or(0, |a| a.fund_fen),
+            &amounts.map_or(0, |a| a.account_fen),
+            &amounts.map_or(0, |a| a.cash_fen),
+            &o.at,
+        ],
+    )
+    .await
+    .map_err(db)?;
+    if !matches!(o.state, State::Settled | State::Unknown) {
+        if let Some(token_id) = token_id {
+            let statement = tx.prepare_cached("DELETE FROM used_tokens WHERE token_id = $1").await.map_err(db)?;
+            tx.execute(&statement, &[&token_id]).await.map_err(db)?;
+        }
+        if let Some(quote_id) = quote_id {
+            let statement = tx.prepare_cached("DELETE FROM used_quotes WHERE quote_id = $1").await.map_err(db)?;
+            tx.execute(&statement, &[&quote_id]).await.map_err(db)?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds each payer's change to the card's accumulators. With `read` (the figures the payers
+/// were given), a payer's row changes only if it still holds them; a row that moved makes the
+/// whole transaction [`LedgerError::Stale`]. The upsert locks the row: of two nodes changing
+/// one card's figures at once, the second sees the first's and finds them moved.
+async fn add_accumulators(
+    tx: &impl GenericClient,
+    card_hash: &[u8],
+    deltas: &[AccumulatorDelta],
+    read: &[AccumulatorDelta],
+) -> Result<(), LedgerError> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO accumulators AS a (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
+                 account_paid_fen, eligible_self_pay_fen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (card_hash, year, payer) DO UPDATE SET
+                 deductible_fen = a.deductible_fen + excluded.deductible_fen,
+                 fund_paid_fen = a.fund_paid_fen + excluded.fund_paid_fen,
+                 eligible_fen = a.eligible_fen + excluded.eligible_fen,
+                 account_paid_fen = a.account_paid_fen + excluded.account_paid_fen,
+                 eligible_self_pay_fen = a.eligible_self_pay_fen + excluded.eligible_self_pay_fen
+             WHERE NOT $9 OR (a.deductible_fen = $10 AND a.fund_paid_fen = $11 AND a.eligible_fen = $12
+                 AND a.account_paid_fen = $13 AND a.eligible_self_pay_fen = $14)",
+        )
+        .await
+        .map_err(db)?;
+    for AccumulatorDelta { payer, delta: d } in deltas {
+        let given = read.iter().find(|r| r.payer == *payer && r.delta.year == d.year).map(|r| r.delta);
+        let changed = tx
+            .execute(
+                &statement,
+                &[
+                    &card_hash,
+                    &d.year,
+                    payer,
+                    &d.deductible_fen,
+                    &d.fund_paid_fen,
+                    &d.eligible_fen,
+                    &d.account_paid_fen,
+                    &d.eligible_self_pay_fen,
+                    &given.is_some(),
+                    &given.map_or(0, |g| g.deductible_fen),
+                    &given.map_or(0, |g| g.fund_paid_fen),
+                    &given.map_or(0, |g| g.eligible_fen),
+                    &given.map_or(0, |g| g.account_paid_fen),
+                    &given.map_or(0, |g| g.eligible_self_pay_fen),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        if changed == 0 {
+            return Err(LedgerError::Stale);
+        }
+    }
+    Ok(())
+}
+
+fn encoded(o: &Outcome) -> (String, String) {
+    let deltas = serde_json::to_string(&o.deltas).unwrap_or_else(|_| "[]".into());
+    let payers =
+        serde_json::to_string(o.amounts.as_ref().map_or(&[][..], |a| &a.payers[..])).unwrap_or_else(|_| "[]".into());
+    (deltas, payers)
+}
+
+/// The settlements an institution made on a day (settled then, reversed since or not).
+const DAY_SETTLED: &str = "WHERE institution = $1 AND day = $2 AND state IN ('settled', 'reversed')";
+/// The reversals an institution made on a day, whatever day their settlements were.
+const DAY_REVERSED: &str = "WHERE institution = $1 AND reversed_day = $2";
+
+async fn totals(
+    c: &impl GenericClient,
+    institution: &str,
+    date: &str,
+    filter: &str,
+) -> Result<super::Totals, LedgerError> {
+    let sql = format!(
+        "SELECT count(*), coalesce(sum(total_fen), 0)::bigint, coalesce(sum(fund_fen), 0)::bigint,
+             coalesce(sum(account_fen), 0)::bigint, coalesce(sum(cash_fen), 0)::bigint FROM settlements {filter}"
+    );
+    let statement = c.prepare_cached(&sql).await.map_err(db)?;
+    let r = c.query_one(&statement, &[&institution, &date]).await.map_err(db)?;
+    Ok(super::Totals {
+        count: u64::try_from(r.try_get::<_, i64>(0).map_err(db)?).unwrap_or(0),
+        total_fen: r.try_get(1).map_err(db)?,
+        fund_pay_fen: r.try_get(2).map_err(db)?,
+        account_pay_fen: r.try_get(3).map_err(db)?,
+        cash_pay_fen: r.try_get(4).map_err(db)?,
+    })
+}
+
+async fn payer_sums(
+    c: &impl GenericClient,
+    institution: &str,
+    date: &str,
+    filter: &str,
+) -> Result<super::PayerSums, LedgerError> {
+    let sql = format!(
+        "SELECT p ->> 0, count(*), coalesce(sum((p ->> 1)::bigint), 0)::bigint,
+             coalesce(sum((p ->> 2)::bigint), 0)::bigint
+         FROM settlements, jsonb_array_elements(payers) p {filter} GROUP BY 1"
+    );
+    let statement = c.prepare_cached(&sql).await.map_err(db)?;
+    let mut sums = super::PayerSums::new();
+    for r in c.query(&statement, &[&institution, &date]).await.map_err(db)? {
+        let count = u64::try_from(r.try_get::<_, i64>(1).map_err(db)?).unwrap_or(0);
+        sums.insert(r.try_get(0).map_err(db)?, (count, r.try_get(2).map_err(db)?, r.try_get(3).map_err(db)?));
+    }
+    Ok(sums)
+}
+
+async fn reconcile(
+    c: &impl GenericClient,
+    institution: &str,
+    date: &str,
+    page: u32,
+    page_size: u32,
+) -> Result<Reconciliation, LedgerError> {
+    let settled = totals(c, institution, date, DAY_SETTLED).await?;
+    let reversed = totals(c, institution, date, DAY_REVERSED).await?;
+    let gross = payer_sums(c, institution, date, DAY_SETTLED).await?;
+    let back = payer_sums(c, institution, date, DAY_REVERSED).await?;
+    let (net, payers) = super::net_and_payers(&settled, &reversed, &gross, back);
+    let sql = format!(
+        "SELECT * FROM (
+             SELECT 'settled' AS event, seq, created_at AS at, id, state, terminal, card_masked, total_fen,
+                 fund_fen, account_fen, cash_fen FROM settlements {DAY_SETTLED}
+             UNION ALL
+             SELECT 'reversed', seq, updated_at, id, state, terminal, card_masked, total_fen, fund_fen,
+                 account_fen, cash_fen FROM settlements {DAY_REVERSED}) events
+         ORDER BY at, seq, event DESC LIMIT $3 OFFSET $4"
+    );
+    let statement = c.prepare_cached(&sql).await.map_err(db)?;
+    let offset = i64::from(page.saturating_sub(1)) * i64::from(page_size);
+    let mut details = Vec::new();
+    for r in c.query(&statement, &[&institution, &date, &i64::from(page_size), &offset]).await.map_err(db)? {
+        details.push(super::DetailLine {
+            event: r.try_get(0).map_err(db)?,
+            settlement_id: r.try_get(3).map_err(db)?,
+            state: r.try_get(4).map_err(db)?,
+            terminal_id: r.try_get(5).map_err(db)?,
+            card: r.try_get(6).map_err(db)?,
+            created_at: super::rfc3339(r.try_get(2).map_err(db)?),
+            total_fen: r.try_get(7).map_err(db)?,
+            fund_pay_fen: r.try_get(8).map_err(db)?,
+            account_pay_fen: r.try_get(9).map_err(db)?,
+            cash_pay_fen: r.try_get(10).map_err(db)?,
+        });
+    }
+    Ok(Reconciliation {
+        date: date.to_owned(),
+        detail_count: settled.count + reversed.count,
+        settled,
+        reversed,
+        net,
+        payers,
+        details,
+        page,
+        page_size,
+    })
+}
+
+impl Ledger for PgLedger {
+    fn by_idempotency_key<'a>(&'a self, institution: &'a str, key: &'a str) -> LedgerFuture<'a, Option<Record>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached(&format!("{RECORD_SELECT} WHERE institution = $1 AND idempotency_key = $2"))
+                .await
+                .map_err(db)?;
+            c.query_opt(&statement, &[&institution, &key]).await.map_err(db)?.as_ref().map(record).transpose()
+        }))
+    }
+
+    fn get<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<Record>> {
+        Box::pin(self.with(async move |c| {
+            let statement =
+                c.prepare_cached(&format!("{RECORD_SELECT} WHERE id = $2 AND institution = $1")).await.map_err(db)?;
+            c.query_opt(&statement, &[&institution, &id]).await.map_err(db)?.as_ref().map(record).transpose()
+        }))
+    }
+
+    fn year_to_date<'a>(
+        &'a self,
+        card_hash: &'a [u8],
+        year: i32,
+        payers: &'a [&'a str],
+    ) -> LedgerFuture<'a, Vec<YearToDate>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached(
+                    "SELECT payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
+                     FROM accumulators WHERE card_hash = $1 AND year = $2",
+                )
+                .await
+                .map_err(db)?;
+            let mut found: Vec<YearToDate> =
+                payers.iter().map(|_| YearToDate { year, ..YearToDate::default() }).collect();
+            for r in c.query(&statement, &[&card_hash, &year]).await.map_err(db)? {
+                let payer: &str = r.try_get(0).map_err(db)?;
+                if let Some(slot) = payers.iter().position(|p| *p == payer) {
+                    found[slot] = YearToDate {
+                        year,
+                        deductible_fen: r.try_get(1).map_err(db)?,
+                        fund_paid_fen: r.try_get(2).map_err(db)?,
+                        eligible_fen: r.try_get(3).map_err(db)?,
+                        account_paid_fen: r.try_get(4).map_err(db)?,
+                        eligible_self_pay_fen: r.try_get(5).map_err(db)?,
+                    };
+                }
+            }
+            Ok(found)
+        }))
+    }
+
+    fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
+        Box::pin(
+            self.transaction(async move |tx| {
+                insert_intent(tx, &intent, None, Some((&self.node, self.lease_secs))).await
+            }),
+        )
+    }
+
+    fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
+        let (deltas, payers) = encoded(&o);
+        Box::pin(self.transaction(async move |tx| {
+            insert_intent(tx, &intent, Some((&o, &deltas, &payers)), None).await?;
+            let read = if o.state == State::Settled { &o.read[..] } else { &[] };
+            add_accumulators(tx, &o.card_hash, &o.deltas, read).await
+        }))
+    }
+
+    fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
+        let (deltas, payers) = encoded(&o);
+        Box::pin(self.transaction(async move |tx| {
+            write_outcome(tx, &o, &deltas, &payers).await?;
+            let read = if o.state == State::Settled { &o.read[..] } else { &[] };
+            add_accumulators(tx, &o.card_hash, &o.deltas, read).await
+        }))
+    }
+
+    fn reverse(
+        &self,
+        id: String,
+        body: String,
+        deltas: Vec<AccumulatorDelta>,
+        card_hash: Vec<u8>,
+        at: i64,
+    ) -> LedgerFuture<'_, ()> {
+        Box::pin(self.transaction(async move |tx| {
+            let statement = tx
+                .prepare_cached(
+                    "UPDATE settlements SET state = 'reversed', reversal = $2, updated_at = $3, reversed_day = $4
+                     WHERE id = $1 AND state = 'settled'",
+                )
+                .await
+                .map_err(db)?;
+            let changed = tx.execute(&statement, &[&id, &body, &at, &super::business_day(at)]).await.map_err(db)?;
+            if changed != 1 {
+                return Err(LedgerError::NotFound);
+            }
+            add_accumulators(tx, &card_hash, &deltas, &[]).await
+        }))
+    }
+
+    fn save_quote(&self, q: StoredQuote) -> LedgerFuture<'_, ()> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached("INSERT INTO quotes (id, institution, expires_at, sealed) VALUES ($1, $2, $3, $4)")
+                .await
+                .map_err(db)?;
+            c.execute(&statement, &[&q.id, &q.institution, &q.expires_at, &q.sealed]).await.map_err(db).map(|_| ())
+        }))
+    }
+
+    fn quote<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<StoredQuote>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached(
+                    "SELECT q.id, q.institution, q.expires_at, q.sealed, u.settlement FROM quotes q
+                     LEFT JOIN used_quotes u ON u.quote_id = q.id WHERE q.institution = $1 AND q.id = $2",
+                )
+                .await
+                .map_err(db)?;
+            let Some(r) = c.query_opt(&statement, &[&institution, &id]).await.map_err(db)? else { return Ok(None) };
+            Ok(Some(StoredQuote {
+                id: r.try_get(0).map_err(db)?,
+                institution: r.try_get(1).map_err(db)?,
+                expires_at: r.try_get(2).map_err(db)?,
+                sealed: r.try_get(3).map_err(db)?,
+                settled_by: r.try_get(4).map_err(db)?,
+            }))
+        }))
+    }
+
+    fn unresolved(&self) -> LedgerFuture<'_, Vec<Unresolved>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached(&format!(
+                    "{UNRESOLVED_SELECT} WHERE state IN ('pending', 'unknown') ORDER BY created_at, seq"
+                ))
+                .await
+                .map_err(db)?;
+            c.query(&statement, &[]).await.map_err(db)?.iter().map(unresolved_row).collect()
+        }))
+    }
+
+    fn sealed_request<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<Unresolved>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached(&format!("{UNRESOLVED_SELECT} WHERE id = $2 AND institution = $1"))
+                .await
+                .map_err(db)?;
+            c.query_opt(&statement, &[&institution, &id]).await.map_err(db)?.as_ref().map(unresolved_row).transpose()
+        }))
+    }
+
+    fn reconciliation<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
+        page: u32,
+        page_size: u32,
+    ) -> LedgerFuture<'a, Reconciliation> {
+        // One snapshot for the totals and the page: they agree with each other.
+        Box::pin(self.with(async move |c| {
+            let tx = c
+                .build_transaction()
+                .read_only(true)
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .start()
+                .await
+                .map_err(db)?;
+            let day = reconcile(&tx, institution, date, page, page_size).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(day)
+        }))
+    }
+
+    fn settled_deltas<'a>(&'a self, id: &'a str) -> LedgerFuture<'a, Option<SettledDeltas>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached("SELECT card_hash, deltas FROM settlements WHERE id = $1 AND state <> 'pending'")
+                .await
+                .map_err(db)?;
+            let Some(r) = c.query_opt(&statement, &[&id]).await.map_err(db)? else { return Ok(None) };
+            let deltas = serde_json::from_str(r.try_get(1).map_err(db)?).map_err(storage)?;
+            Ok(Some((r.try_get(0).map_err(db)?, deltas)))
+        }))
+    }
+
+    /// A position is (writing transaction, seq).
+    fn cursor_parts(&self) -> usize {
+        2
+    }
+
+    /// In the order of the transactions that recorded them, and only those whose transaction
+    /// is older than every transaction still running: a settlement whose transaction commits
+    /// later comes after every position handed out before it, so a cursor never skips one.
+    fn list<'a>(&'a self, q: &'a super::ListQuery) -> LedgerFuture<'a, Vec<Listed>> {
+        Box::pin(self.with(async move |c| {
+            let (txid, seq) = match q.after[..] {
+                [] => (0, 0),
+                [txid, seq] => (i64::try_from(txid).unwrap_or(i64::MAX), i64::try_from(seq).unwrap_or(i64::MAX)),
+                _ => return Err(LedgerError::NotFound),
+            };
+            let statement = c
+                .prepare_cached(
+                    "SELECT txid, seq, id, state, terminal, card_masked, created_at, total_fen, fund_fen,
+                         account_fen, cash_fen
+                     FROM settlements
+                     WHERE institution = $1 AND day BETWEEN $2 AND $3 AND (txid, seq) > ($4, $5)
+                         AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+                         AND ($6::bigint IS NULL OR created_at >= $6) AND ($7::bigint IS NULL OR created_at < $7)
+                         AND ($8::text IS NULL OR terminal = $8) AND ($9::text IS NULL OR state = $9)
+                     ORDER BY txid, seq LIMIT $10",
+                )
+                .await
+                .map_err(db)?;
+            let state = q.state.map(State::as_str);
+            let rows = c
+                .query(
+                    &statement,
+                    &[
+                        &q.institution,
+                        &q.days.0,
+                        &q.days.1,
+                        &txid,
+                        &seq,
+                        &q.from,
+                        &q.to,
+                        &q.terminal,
+                        &state,
+                        &i64::from(q.limit),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let state: String = r.try_get(3).map_err(db)?;
+                    let settled = matches!(state.as_str(), "settled" | "reversed" | "failed");
+                    let amount = |i: usize| -> Result<Option<i64>, LedgerError> {
+                        Ok(if settled { Some(r.try_get(i).map_err(db)?) } else { None })
+                    };
+                    let position = [r.try_get::<_, i64>(0).map_err(db)?, r.try_get::<_, i64>(1).map_err(db)?];
+                    Ok(Listed {
+                        position: position.iter().map(|&n| u64::try_from(n).unwrap_or(0)).collect(),
+                        settlement_id: r.try_get(2).map_err(db)?,
+                        terminal_id: r.try_get(4).map_err(db)?,
+                        card: r.try_get(5).map_err(db)?,
+                        created_at: super::rfc3339(r.try_get(6).map_err(db)?),
+                        total_fen: r.try_get(7).map_err(db)?,
+                        fund_pay_fen: amount(8)?,
+                        account_pay_fen: amount(9)?,
+                        cash_pay_fen: amount(10)?,
+                        state,
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    fn claim<'a>(&'a self, id: &'a str, lease_secs: i64) -> LedgerFuture<'a, bool> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached(
+                    "UPDATE settlements SET lease_owner = $2, lease_until = now() + make_interval(secs => $3::bigint)
+                     WHERE id = $1 AND state IN ('pending', 'unknown') AND (lease_until IS NULL OR lease_until < now())",
+                )
+                .await
+                .map_err(db)?;
+            Ok(c.execute(&statement, &[&id, &self.node, &lease_secs]).await.map_err(db)? == 1)
+        }))
+    }
+
+    fn lease_secs(&self) -> Option<i64> {
+        Some(self.lease_secs)
+    }
+
+    /// The database answers a query.
+    fn probe(&self) -> LedgerFuture<'_, ()> {
+        Box::pin(self.with(async |c| c.simple_query("SELECT 1").await.map(|_| ()).map_err(db)))
+    }
+}
+
+/// A database of its own on a PostgreSQL server, created empty and dropped with this value:
+/// for tests and benchmarks, which each need a ledger of their own on one server.
+#[derive(Debug)]
+pub struct ScratchDatabase {
+    server: tokio_postgres::Config,
+    name: String,
+    /// The new database's connection string.
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    /// Creates `cardgate_scratch_<random>` on the server `url` names (whose user may create
+    /// databases).
+    pub fn create(url: &str) -> Result<Self, LedgerError> {
+        use ring::rand::SecureRandom;
+        let server: tokio_postgres::Config = url.parse().map_err(storage)?;
+        let mut random = [0u8; 8];
+        let _ = ring::rand::SystemRandom::new().fill(&mut random);
+        let name = format!("cardgate_scratch_{}", u64::from_be_bytes(random));
+        on_server(&server, &format!("CREATE DATABASE {name}"))?;
+        let mut url = url.to_owned();
+        // The same server and user, the new database: the URL's path names the database.
+        match url.find("://").and_then(|scheme| url[scheme + 3..].find('/').map(|slash| scheme + 3 + slash)) {
+            Some(slash) => {
+                let query = url[slash..].find('?').map(|q| url[slash + q..].to_owned()).unwrap_or_default();
+                url = format!("{}/{name}{query}", &url[..slash]);
+            }
+            None => url = format!("{url}/{name}"),
+        }
+        Ok(Self { server, name, url })
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        let _ = on_server(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
+}
+
+/// Runs one statement on a connection of its own, on a thread of its own.
+fn on_server(config: &tokio_postgres::Config, sql: &str) -> Result<(), LedgerError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(storage)?;
+                runtime.block_on(async {
+                    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(storage)?;
+                    let connection = tokio::spawn(connection);
+                    let done = client.batch_execute(sql).await.map_err(storage);
+                    drop(client);
+                    let _ = connection.await;
+                    done
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(LedgerError::Storage("postgres: the helper thread failed".into())))
+    })
+}
