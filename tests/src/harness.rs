@@ -360,8 +360,14 @@ async fn serve(dir: &Path) -> Served {
 
 /// Serves a setup's gateway in this process on `127.0.0.1:0`: its address and a stop handle.
 pub async fn serve_setup(setup: &Setup) -> (SocketAddr, oneshot::Sender<()>) {
-    let (addr, _, _, stop, _) = serve(setup.dir.path()).await;
+    let (addr, _, stop) = serve_setup_with_admin(setup).await;
     (addr, stop)
+}
+
+/// [`serve_setup`], with the admin listener's address.
+pub async fn serve_setup_with_admin(setup: &Setup) -> (SocketAddr, SocketAddr, oneshot::Sender<()>) {
+    let (addr, admin, _, stop, _) = serve(setup.dir.path()).await;
+    (addr, admin, stop)
 }
 
 async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {

@@ -185,3 +185,154 @@ async fn a_settlement_is_reversed_and_reconciled_from_any_node() {
         assert_eq!(day["net"]["total_fen"], 0, "{day}");
     }
 }
+
+/// What the proxy between the gateway and the database does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Passes bytes both ways.
+    Up,
+    /// Closes every connection and refuses new ones: the server stopped.
+    Refused,
+    /// Holds every connection open and passes nothing: a network that lost the server.
+    Silent,
+}
+
+/// A TCP proxy in front of the database, to take it away and give it back.
+struct Proxy {
+    addr: SocketAddr,
+    link: tokio::sync::watch::Sender<Link>,
+}
+
+impl Proxy {
+    async fn start(server: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("address");
+        let (link, watch) = tokio::sync::watch::channel(Link::Up);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (server, mut watch) = (server.clone(), watch.clone());
+                tokio::spawn(async move {
+                    let mode = *watch.borrow_and_update();
+                    match mode {
+                        Link::Refused => return,
+                        Link::Silent => {
+                            let _ = watch.wait_for(|l| *l != Link::Silent).await;
+                            return;
+                        }
+                        Link::Up => {}
+                    }
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&server).await else { return };
+                    let changed = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => None,
+                        link = watch.wait_for(|l| *l != Link::Up) => link.ok().map(|l| *l),
+                    };
+                    // Silent: keep both ends open, pass nothing, until the link changes.
+                    if changed == Some(Link::Silent) {
+                        let _ = watch.wait_for(|l| *l != Link::Silent).await;
+                    }
+                });
+            }
+        });
+        Self { addr, link }
+    }
+
+    fn set(&self, link: Link) {
+        let _ = self.link.send(link);
+    }
+}
+
+/// `host:port` of a `postgres://user@host:port/db` URL.
+fn server_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    Some(if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5432") })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_that_goes_away_is_503_never_a_hang_and_nothing_acknowledged_is_lost() {
+    let test = "a_database_that_goes_away_is_503_never_a_hang_and_nothing_acknowledged_is_lost";
+    if postgres_server().is_none() {
+        eprintln!("SKIPPED (set CARDGATE_TEST_POSTGRES=postgres://user@host/db to run): cluster::{test}");
+        return;
+    }
+    let setup = Setup::create(&Options { engine: Some("postgres"), ..Options::default() }, "127.0.0.1:0");
+    let url = setup.database.as_ref().expect("database").url.clone();
+    let Some(server) = server_of(&url) else {
+        eprintln!("SKIPPED (CARDGATE_TEST_POSTGRES is not a postgres:// URL): cluster::{test}");
+        return;
+    };
+    // The gateway reaches its database through the proxy, with short deadlines.
+    let proxy = Proxy::start(server.clone()).await;
+    let path = setup.dir.path().join("cardgate.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let text = text
+        .replace(&server, &proxy.addr.to_string())
+        .replace("pool_size = 8", "pool_size = 8\nstatement_timeout_ms = 1000\nconnect_timeout_ms = 500");
+    std::fs::write(&path, text).expect("config");
+    let (addr, admin, _stop) = cardgate_tests::harness::serve_setup_with_admin(&setup).await;
+    let client = setup.client(addr, 1);
+    let card = Card::beijing();
+    let first = post(&client, "/v1/settlements", Some(&key("up")), &bill(&setup.token(&card, 120))).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+
+    for link in [Link::Refused, Link::Silent] {
+        proxy.set(link);
+        let started = std::time::Instant::now();
+        let (token, key) = (setup.token(&card, 120), key("down"));
+        let refused = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            post(&client, "/v1/settlements", Some(&key), &bill(&token)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{link:?}: the request hung"));
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{link:?}: {}", refused.body);
+        assert_eq!(refused.json()["code"], "storage_unavailable", "{link:?}");
+        assert_eq!(refused.retry_after.as_deref(), Some("1"), "{link:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{link:?}: {:?}", started.elapsed());
+        let (status, ready) = cardgate_tests::harness::admin(admin, http::Method::GET, "/readyz").await;
+        assert_eq!((status, &ready["ledger"]), (StatusCode::SERVICE_UNAVAILABLE, &json!(false)), "{link:?}: {ready}");
+        // Back: the same request with the same key settles (nothing was half-written), and
+        // readiness returns, without restarting the gateway.
+        proxy.set(Link::Up);
+        let again = settle(&client, &key, &bill(&token)).await;
+        assert_eq!(again.status, StatusCode::CREATED, "{link:?}: {}", again.body);
+        let (status, _) = cardgate_tests::harness::admin(admin, http::Method::GET, "/readyz").await;
+        assert_eq!(status, StatusCode::OK, "{link:?}");
+    }
+
+    // Traffic while the link drops and comes back: every acknowledged settlement is there,
+    // once; every till's retries with its key end in one settlement.
+    let tills: Vec<_> = (0..6)
+        .map(|t| {
+            let (client, tokens) =
+                (client.clone(), (0..8).map(|_| setup.token(&Card::beijing(), 300)).collect::<Vec<_>>());
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for (n, token) in tokens.into_iter().enumerate() {
+                    let key = format!("till-{t}-{n}-{}", std::process::id());
+                    let reply = settle(&client, &key, &bill(&token)).await;
+                    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+                    acknowledged.push((key, reply.json()["settlement_id"].as_str().expect("id").to_owned()));
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        proxy.set(Link::Refused);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        proxy.set(Link::Up);
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for till in tills {
+        for (key, id) in till.await.expect("till") {
+            let reply = cardgate_tests::harness::get(&client, &format!("/v1/settlements/{id}")).await;
+            assert_eq!(reply.status, StatusCode::OK, "{key}: {}", reply.body);
+            assert_eq!(reply.json()["state"], "settled", "{key}");
+            assert!(ids.insert(id), "{key}: one settlement answered for two keys");
+        }
+    }
+    assert_eq!(ids.len(), 48);
+}
