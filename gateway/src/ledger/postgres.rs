@@ -265,6 +265,44 @@ fn migrate(config: &tokio_postgres::Config, deadline: Duration) -> Result<(), Le
     })
 }
 
+/// The transaction id below which every transaction of this database has ended: the oldest
+/// one still running here, or the next to start. Three steps, in this order, outside any
+/// transaction: (1) the transactions running on the server (its snapshot); (2) those of them
+/// that belong to this database (`pg_stat_activity`, read after (1)); (3) the caller's query,
+/// on a snapshot taken after (2). A transaction of this database below the horizon either
+/// ended before (1), or was running at (1) and — not found at (2) — ended before (2): both are
+/// visible at (3). Transactions of other databases on the server do not hold it back.
+/// (`pg_stat_activity` shows a session's transaction to the same role: every node connects as
+/// one role, or has `pg_read_all_stats`.)
+async fn horizon(c: &impl GenericClient) -> Result<i64, LedgerError> {
+    let running = c
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+                 ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(pg_current_snapshot()) x)",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    let (next, running): (i64, Vec<i64>) = (running.try_get(0).map_err(db)?, running.try_get(1).map_err(db)?);
+    if running.is_empty() {
+        return Ok(next);
+    }
+    let here: Vec<i64> = c
+        .query(
+            "SELECT backend_xid::text::bigint FROM pg_stat_activity
+             WHERE datname = current_database() AND backend_xid IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(db)?;
+    // `backend_xid` is the 32-bit form of a full transaction id.
+    Ok(running.into_iter().filter(|x| here.contains(&(x & 0xffff_ffff))).min().unwrap_or(next).min(next))
+}
+
 const RECORD_SELECT: &str =
     "SELECT id, institution, request_hash, state, status, body, reversal, created_at FROM settlements";
 
@@ -779,9 +817,10 @@ impl Ledger for PgLedger {
         2
     }
 
-    /// In the order of the transactions that recorded them, and only those whose transaction
-    /// is older than every transaction still running: a settlement whose transaction commits
-    /// later comes after every position handed out before it, so a cursor never skips one.
+    /// In the order of the transactions that recorded them, and only those older than every
+    /// transaction of this database still running ([`horizon`]): a settlement whose
+    /// transaction commits later comes after every position handed out before it, so a cursor
+    /// never skips one.
     fn list<'a>(&'a self, q: &'a super::ListQuery) -> LedgerFuture<'a, Vec<Listed>> {
         Box::pin(self.with(async move |c| {
             let (txid, seq) = match q.after[..] {
@@ -789,13 +828,14 @@ impl Ledger for PgLedger {
                 [txid, seq] => (i64::try_from(txid).unwrap_or(i64::MAX), i64::try_from(seq).unwrap_or(i64::MAX)),
                 _ => return Err(LedgerError::NotFound),
             };
+            let horizon = horizon(&*c).await?;
             let statement = c
                 .prepare_cached(
                     "SELECT txid, seq, id, state, terminal, card_masked, created_at, total_fen, fund_fen,
                          account_fen, cash_fen
                      FROM settlements
                      WHERE institution = $1 AND day BETWEEN $2 AND $3 AND (txid, seq) > ($4, $5)
-                         AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+                         AND txid < $11
                          AND ($6::bigint IS NULL OR created_at >= $6) AND ($7::bigint IS NULL OR created_at < $7)
                          AND ($8::text IS NULL OR terminal = $8) AND ($9::text IS NULL OR state = $9)
                      ORDER BY txid, seq LIMIT $10",
@@ -817,6 +857,7 @@ impl Ledger for PgLedger {
                         &q.terminal,
                         &state,
                         &i64::from(q.limit),
+                        &horizon,
                     ],
                 )
                 .await
