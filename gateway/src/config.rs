@@ -232,6 +232,27 @@ pub struct LimitsConfig {
     /// pass. Default: a quarter of `max_in_flight`.
     #[serde(default)]
     pub institution_max_in_flight: Option<usize>,
+    /// Keep the institution, terminal and card buckets in Redis, shared by every node of a
+    /// cluster (a client spread over three nodes gets its quota once, not three times). The
+    /// global limit and the in-flight limits stay each node's own.
+    #[serde(default)]
+    pub shared: Option<SharedLimitsConfig>,
+}
+
+/// Where the cluster's shared rate limits live (`[limits.shared]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedLimitsConfig {
+    /// `redis://host:port/db` (`redis://:password@host/...`, or from the environment:
+    /// `CARDGATE__LIMITS__SHARED__URL`).
+    pub url: String,
+    /// Longest a check waits for Redis, milliseconds: past it the node's own limits decide,
+    /// and Redis is left alone for a second.
+    #[serde(default = "defaults::shared_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Prefix of the keys (`PREFIX:limit:SCOPE:KEY`): several clusters on one Redis.
+    #[serde(default = "defaults::shared_prefix")]
+    pub key_prefix: String,
 }
 
 impl LimitsConfig {
@@ -250,6 +271,7 @@ impl Default for LimitsConfig {
             card: None,
             max_in_flight: defaults::max_in_flight(),
             institution_max_in_flight: None,
+            shared: None,
         }
     }
 }
@@ -402,6 +424,13 @@ pub struct RouteConfig {
 
 mod defaults {
     use std::path::PathBuf;
+
+    pub(super) fn shared_timeout_ms() -> u64 {
+        50
+    }
+    pub(super) fn shared_prefix() -> String {
+        "cardgate".into()
+    }
 
     pub(super) fn pool_size() -> usize {
         16
@@ -713,6 +742,17 @@ impl Config {
             }
         }
         check(l.max_in_flight > 0, "limits.max_in_flight: must be positive".into());
+        if let Some(shared) = &l.shared {
+            check(
+                redis::Client::open(shared.url.as_str()).is_ok(),
+                "limits.shared.url: not a Redis URL (redis://host:port/db)".into(),
+            );
+            check((1..=10_000).contains(&shared.timeout_ms), "limits.shared.timeout_ms: 1 to 10000".into());
+            check(
+                !shared.key_prefix.is_empty() && !shared.key_prefix.contains(char::is_whitespace),
+                "limits.shared.key_prefix: a word without spaces".into(),
+            );
+        }
         check(l.institution_max_in_flight != Some(0), "limits.institution_max_in_flight: must be positive".into());
         if let Some(admin) = &self.admin {
             let files =

@@ -90,6 +90,17 @@ pub fn breaker(plugin: &str, state: &'static str) {
     }
 }
 
+/// Whether the cluster's shared rate limits (Redis) answer: 1, or 0 while each node applies
+/// its own.
+pub fn limits_shared_up(up: bool) {
+    metrics::gauge!("cardgate_limits_shared_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// A rate-limit check decided by the node's own limits because Redis did not answer.
+pub fn limits_local_fallback() {
+    metrics::counter!("cardgate_limits_local_fallback_total").increment(1);
+}
+
 /// One ledger commit.
 pub fn ledger_commit(batch: usize, elapsed: Duration) {
     metrics::histogram!("cardgate_ledger_commit_batch_size").record(batch as f64);

@@ -303,7 +303,7 @@ async fn respond(
             "forbidden_institution",
             "the client certificate names no known institution",
         )),
-        Some(institution) => gateway.limiter.check_request(institution).err().map(|limited| {
+        Some(institution) => gateway.limiter.check_request(institution).await.err().map(|limited| {
             crate::metrics::rate_limited(limited.scope.as_str());
             ApiError::from(limited)
         }),

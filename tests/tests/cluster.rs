@@ -22,11 +22,17 @@ struct Cluster {
 impl Cluster {
     /// `None` (and a line saying the test was skipped) without a PostgreSQL server.
     async fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, String::new()).await
+    }
+
+    /// With `extra` configuration.
+    async fn start_with(test: &str, extra: String) -> Option<Self> {
         if postgres_server().is_none() {
             eprintln!("SKIPPED (set CARDGATE_TEST_POSTGRES=postgres://user@host/db to run): cluster::{test}");
             return None;
         }
-        let setup = Setup::create(&Options { engine: Some("postgres"), ..Options::default() }, "127.0.0.1:0");
+        let options = Options { engine: Some("postgres"), extra_toml: extra, ..Options::default() };
+        let setup = Setup::create(&options, "127.0.0.1:0");
         let mut nodes = Vec::new();
         for _ in 0..3 {
             nodes.push(serve_setup(&setup).await);
@@ -335,4 +341,33 @@ async fn a_database_that_goes_away_is_503_never_a_hang_and_nothing_acknowledged_
         }
     }
     assert_eq!(ids.len(), 48);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_institution_spread_over_three_nodes_gets_its_quota_once() {
+    let test = "an_institution_spread_over_three_nodes_gets_its_quota_once";
+    let Some(redis) = std::env::var("CARDGATE_TEST_REDIS").ok().filter(|u| !u.is_empty()) else {
+        eprintln!("SKIPPED (set CARDGATE_TEST_REDIS=redis://127.0.0.1:6379 to run): cluster::{test}");
+        return;
+    };
+    let prefix = format!("cardgate-cluster-test-{}", cardgate_tests::harness::now_nanos());
+    let extra = format!(
+        "\n[limits]\ninstitution = {{ per_minute = 1, burst = 5 }}\n\n[limits.shared]\nurl = \"{redis}\"\nkey_prefix = \"{prefix}\"\n"
+    );
+    let Some(cluster) = Cluster::start_with(test, extra).await else { return };
+    let (mut admitted, mut limited) = (0, 0);
+    for i in 0..15 {
+        let reply = cardgate_tests::harness::get(&cluster.pharmacy(i), "/v1/settlements?date=2020-01-01&limit=1").await;
+        match reply.status {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(reply.json()["code"], "rate_limited", "{}", reply.body);
+                assert!(reply.retry_after.is_some(), "{}", reply.body);
+                limited += 1;
+            }
+            other => panic!("{other}: {}", reply.body),
+        }
+    }
+    // Each node alone would admit five: the three together admit five.
+    assert_eq!((admitted, limited), (5, 10));
 }

@@ -103,7 +103,7 @@ fn institution<'g>(
 
 /// What every request that names a terminal goes through first: the institution must be the
 /// certificate's, the terminal id well-formed and within its rate limit.
-fn admit<'g>(
+async fn admit<'g>(
     gateway: &'g Gateway,
     identity: &Identity,
     named: Option<&str>,
@@ -111,7 +111,7 @@ fn admit<'g>(
 ) -> Result<(&'g str, &'g InstitutionConfig), ApiError> {
     let institution = institution(gateway, identity, named)?;
     check_id("terminal_id", terminal)?;
-    gateway.limiter.check_terminal(institution.0, terminal)?;
+    gateway.limiter.check_terminal(institution.0, terminal).await?;
     Ok(institution)
 }
 
@@ -340,13 +340,13 @@ fn merge(mut base: Value, extra: Value) -> Value {
 
 /// `POST /v1/inquiries`.
 pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) -> Result<ApiResponse, ApiError> {
-    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
+    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id).await?;
     let now = gateway.clock.now();
     let verified = gateway.verifier.verify(&body.token, now)?;
     let subject =
         Subject::from_claim(verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?, None, None);
     let card_hash = gateway.card_key.hash(&subject.card_id);
-    gateway.limiter.check_card(&card_hash)?;
+    gateway.limiter.check_card(&card_hash).await?;
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
     let plugins = gateway.plugins();
     let chain = payer_chain(gateway, &plugins, &subject, &insurance_type, institution)?;
@@ -403,7 +403,7 @@ struct QuoteView<'a> {
 
 /// `POST /v1/quotes`.
 pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Result<ApiResponse, ApiError> {
-    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
+    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id).await?;
     let total_fen = check_bill(&body.lines, body.total_fen)?;
     let token = match (&body.token, &body.quote_id) {
         (Some(token), None) => token,
@@ -413,7 +413,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
     let verified = gateway.verifier.verify(token, now)?;
     let ecard = verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?;
     let subject = Subject::from_claim(ecard, verified.claims.token_id.clone(), verified.claims.expires_at);
-    gateway.limiter.check_card(&gateway.card_key.hash(&subject.card_id))?;
+    gateway.limiter.check_card(&gateway.card_key.hash(&subject.card_id)).await?;
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
     let plugins = gateway.plugins();
     let chain = payer_chain(gateway, &plugins, &subject, &insurance_type, institution)?;
@@ -620,7 +620,7 @@ async fn prepare_settlement(
         _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
     };
     let card_hash = gateway.card_key.hash(&prepared.subject.card_id);
-    gateway.limiter.check_card(&card_hash)?;
+    gateway.limiter.check_card(&card_hash).await?;
     // Refuse an unroutable card before anything is recorded.
     payer_chain(gateway, &gateway.plugins(), &prepared.subject, &prepared.insurance_type, institution)?;
     Ok((prepared, card_hash))
@@ -634,7 +634,7 @@ pub async fn settle(
     body: BillBody,
     request_id: &str,
 ) -> Result<ApiResponse, ApiError> {
-    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id)?;
+    let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id).await?;
     let hash = request_hash(&body);
     let now = gateway.clock.now();
     let admitted = prepare_settlement(gateway, institution, &body, now).await;
