@@ -623,3 +623,70 @@ async fn a_ledger_keeps_the_shard_count_it_was_created_with() {
         assert_eq!(ytd.fund_paid_fen, 100, "card {n}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_ledger_moves_whole_into_postgres() {
+    let Some(server) = postgres_server() else {
+        eprintln!(
+            "SKIPPED (set CARDGATE_TEST_POSTGRES=postgres://user@host/db to run): a_version_3_ledger_moves_whole_into_postgres"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger.db");
+    {
+        let old = rusqlite::Connection::open(&path).expect("create");
+        old.execute_batch(include_str!("fixtures/ledger-v3.sql")).expect("version 3 ledger");
+    }
+    let ledger = SqliteLedger::open(&path).expect("migrated");
+    let quote = cardgate::ledger::StoredQuote {
+        id: "Q1".into(),
+        institution: "P110105002".into(),
+        expires_at: 1_900_000_000,
+        sealed: vec![5; 60],
+        settled_by: None,
+    };
+    ledger.save_quote(quote).await.expect("quote");
+    ledger.begin(intent("S-pending", "k-pending", b"tok-pending")).await.expect("pending");
+    // `cardgate ledger migrate --to postgres://...`: into an empty database, in one transaction.
+    let database = ScratchDatabase::create(&server).expect("database");
+    let config: cardgate::config::PostgresConfig =
+        toml::from_str(&format!("url = {:?}", database.url)).expect("postgres config");
+    let copied = cardgate::ledger::postgres::import(&config, &|visit| ledger.dump(visit)).expect("import");
+    assert_eq!(copied, (4, 3, 1), "three settled and one pending; three cards' years; one quote");
+    // Never into a database that holds a ledger: refused, nothing added.
+    let again = cardgate::ledger::postgres::import(&config, &|visit| ledger.dump(visit));
+    assert!(matches!(&again, Err(LedgerError::Storage(m)) if m.contains("already holds")), "{again:?}");
+    // A source that fails midway leaves nothing behind.
+    let empty = ScratchDatabase::create(&server).expect("database");
+    let into_empty: cardgate::config::PostgresConfig =
+        toml::from_str(&format!("url = {:?}", empty.url)).expect("postgres config");
+    let failing = cardgate::ledger::postgres::import(&into_empty, &|visit| {
+        ledger.dump(&mut |item| match item {
+            cardgate::ledger::DumpItem::Quote(_) => Err(LedgerError::Storage("the disk went".into())),
+            other => visit(other),
+        })
+    });
+    assert!(failing.is_err());
+    let fresh = PgLedger::open(&into_empty).expect("open");
+    assert!(fresh.unresolved().await.expect("read").is_empty());
+    assert_eq!(fresh.get("H1", "S-pending").await.expect("read"), None, "rolled back whole");
+
+    let pg = PgLedger::open(&config).expect("open");
+    holds_the_version_3_fixture(&pg).await;
+    let quote = pg.quote("P110105002", "Q1").await.expect("read").expect("the quote moved");
+    assert_eq!((quote.expires_at, quote.sealed.len(), quote.settled_by), (1_900_000_000, 60, None));
+    let open: Vec<String> = pg.unresolved().await.expect("read").into_iter().map(|u| u.id).collect();
+    assert_eq!(open, ["S-pending"]);
+    pg.finish(settled("S-pending", 10)).await.expect("the pending one completes in its new home");
+    // Its tokens stay used and its keys taken; new settlements come after the old ones.
+    let record = pg.by_idempotency_key("P110105002", "v3-1").await.expect("read").expect("kept");
+    let mut reused = intent("S-reused", "fresh-1", b"tok-pending");
+    reused.institution = "P110105002".into();
+    assert_eq!(pg.begin(reused).await, Err(LedgerError::TokenUsed));
+    let mut taken = intent("S-taken", "v3-1", b"tok-new");
+    taken.institution = "P110105002".into();
+    assert_eq!(pg.begin(taken).await, Err(LedgerError::IdempotencyTaken));
+    assert!(record.id.starts_with('S'));
+    pg.begin(intent("S-after", "k-after", b"tok-after")).await.expect("a new settlement");
+}

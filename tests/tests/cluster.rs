@@ -62,15 +62,20 @@ fn key(tag: &str) -> String {
 /// Posts until the answer is final: a till retries a 503 (a conflict not settled in a few
 /// tries, nothing recorded) and a 409 `request_in_progress` with the same key.
 async fn settle(client: &Client, key: &str, body: &Value) -> cardgate::client::Reply {
-    for _ in 0..60 {
+    let started = std::time::Instant::now();
+    loop {
         let reply = post(client, "/v1/settlements", Some(key), body).await;
         let in_progress = reply.status == StatusCode::CONFLICT && reply.body.contains("request_in_progress");
         if reply.status != StatusCode::SERVICE_UNAVAILABLE && !in_progress {
             return reply;
         }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{key}: no final answer in 30 s: {}",
+            reply.body
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("no final answer after 60 tries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

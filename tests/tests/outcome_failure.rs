@@ -36,6 +36,8 @@ impl Clock for TestClock {
 struct FailingOutcome {
     inner: Arc<dyn Ledger>,
     fail_next: AtomicBool,
+    /// The next read of a card's figures fails (the database went away for a moment).
+    fail_read: AtomicBool,
 }
 
 impl Ledger for FailingOutcome {
@@ -51,6 +53,9 @@ impl Ledger for FailingOutcome {
         year: i32,
         payers: &'a [&'a str],
     ) -> LedgerFuture<'a, Vec<YearToDate>> {
+        if self.fail_read.swap(false, Ordering::Relaxed) {
+            return Box::pin(async { Err(LedgerError::Storage("connection closed".into())) });
+        }
         self.inner.year_to_date(card_hash, year, payers)
     }
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
@@ -117,7 +122,11 @@ async fn a_settlement_whose_outcome_write_failed_completes_on_a_late_retry() {
     let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
     let clock = Arc::new(TestClock(AtomicI64::new(now())));
     let mut gateway = Gateway::build(config, Arc::clone(&clock) as Arc<dyn Clock>).expect("gateway");
-    let failing = Arc::new(FailingOutcome { inner: Arc::clone(&gateway.ledger), fail_next: AtomicBool::new(true) });
+    let failing = Arc::new(FailingOutcome {
+        inner: Arc::clone(&gateway.ledger),
+        fail_next: AtomicBool::new(true),
+        fail_read: AtomicBool::new(false),
+    });
     gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
     let identity = Identity { institution: PHARMACY.into() };
     let body: BillBody = serde_json::from_value(json!({
@@ -162,4 +171,34 @@ async fn a_settlement_whose_outcome_write_failed_completes_on_a_late_retry() {
     // Stored sealed (the receipt names the holder), opening to the answer sent.
     assert!(!stored.body.contains("holder_name"), "{}", stored.body);
     assert_eq!((stored.state, gateway.card_key.open_text(&stored.body)), (State::Settled, Some(late.1)));
+}
+
+/// The ledger fails to read the card's figures (before any payer is asked): the answer is a
+/// 503 to retry, nothing is recorded under the key, and the retry with the same key settles —
+/// a refusal stored under the key would answer every retry with that 503 for ever (found by
+/// the cluster test that cuts the database link mid-traffic).
+#[tokio::test]
+async fn a_settlement_whose_figures_could_not_be_read_is_not_recorded_and_settles_on_retry() {
+    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
+    let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
+    let clock = Arc::new(TestClock(AtomicI64::new(now())));
+    let mut gateway = Gateway::build(config, Arc::clone(&clock) as Arc<dyn Clock>).expect("gateway");
+    let failing = Arc::new(FailingOutcome {
+        inner: Arc::clone(&gateway.ledger),
+        fail_next: AtomicBool::new(false),
+        fail_read: AtomicBool::new(true),
+    });
+    gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
+    let identity = Identity { institution: PHARMACY.into() };
+    let body: BillBody = serde_json::from_value(json!({
+        "token": setup.token(&Card::beijing(), 300), "terminal_id": "POS-01", "total_fen": 10000,
+        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 1, "unit_price_fen": 10000, "amount_fen": 10000 }]
+    }))
+    .expect("body");
+    let first = status(&flow::settle(&gateway, &identity, "till-9", body.clone(), "r1").await);
+    assert_eq!(first.0, StatusCode::SERVICE_UNAVAILABLE, "{}", first.1);
+    assert!(first.1.contains("storage_unavailable"), "{}", first.1);
+    assert_eq!(gateway.ledger.by_idempotency_key(PHARMACY, "till-9").await.expect("read").map(|r| r.state), None);
+    let retry = status(&flow::settle(&gateway, &identity, "till-9", body, "r2").await);
+    assert_eq!(retry.0, StatusCode::CREATED, "{}", retry.1);
 }

@@ -729,6 +729,13 @@ async fn complete(
             }
             Err(e) => Err(e),
         };
+        // The ledger failed before any payer was asked (reading the card's figures): nothing
+        // happened, and nothing is recorded as if it had — a refusal stored under the key would
+        // answer every retry with this 503 for ever. A new settlement stays unrecorded; one whose
+        // intent is written stays pending, completed later like any interrupted one.
+        if let Err(ApiError::Storage(error @ LedgerError::Storage(_))) = &outcome {
+            return Err(ApiError::Storage(error.clone()));
+        }
         let now = gateway.clock.now();
         let (state, status, answer, deltas, amounts, read) = match outcome {
             Ok(Chained { results, read }) => {

@@ -29,28 +29,26 @@ pub enum LedgerCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Copy the configured SQLite ledger, whole, into a new log-structured ledger (`--to`, a
-    /// directory that must not exist), with the gateway stopped. Then set `path` to it and
-    /// `engine = "lsm"`; the SQLite file is left as it was.
+    /// Copy the configured SQLite ledger, whole, with the gateway stopped: into a new
+    /// log-structured ledger (`--to DIR`, a directory that must not exist; then set `path` to
+    /// it and `engine = "lsm"`), or into a cluster's PostgreSQL database (`--to
+    /// postgres://user@host:port/database`, an empty database; the password from
+    /// CARDGATE__LEDGER__POSTGRES__PASSWORD; then set `backend = "postgres"`). The SQLite
+    /// file is left as it was.
     Migrate {
         /// Configuration file (the ledger's path and secret come from it).
         #[arg(long)]
         config: PathBuf,
-        /// The new ledger's directory.
+        /// The new ledger: a directory, or a PostgreSQL URL.
         #[arg(long)]
-        to: PathBuf,
+        to: String,
         /// Its shards (fixed from now on). Default: `ledger.shards`.
         #[arg(long)]
         shards: Option<usize>,
     },
 }
 
-fn migrate(
-    config: &std::path::Path,
-    to: &std::path::Path,
-    shards: Option<usize>,
-    out: &mut dyn Write,
-) -> Result<u8, Failure> {
+fn migrate(config: &std::path::Path, to: &str, shards: Option<usize>, out: &mut dyn Write) -> Result<u8, Failure> {
     let config = Config::load(config, &std::env::vars().collect::<HashMap<_, _>>())
         .map_err(|e| Failure::config(format!("bad configuration:\n{e}")))?;
     if !config.ledger.path.is_file() || config.ledger.engine == crate::config::LedgerEngine::Lsm {
@@ -59,11 +57,15 @@ fn migrate(
             config.ledger.path.display()
         )));
     }
+    let source = crate::ledger::sqlite::SqliteLedger::open(&config.ledger.path).map_err(Failure::new)?;
+    if to.starts_with("postgres://") || to.starts_with("postgresql://") {
+        return migrate_to_postgres(&source, to, out);
+    }
+    let to = std::path::Path::new(to);
     let shards = shards.unwrap_or(config.ledger.shards);
     if !(1..=64).contains(&shards) {
         return Err(Failure::config("--shards: 1 to 64"));
     }
-    let source = crate::ledger::sqlite::SqliteLedger::open(&config.ledger.path).map_err(Failure::new)?;
     let mut importer = crate::ledger::lsm::LsmLedger::import(to, shards).map_err(Failure::new)?;
     if let Err(e) = source.dump(&mut |item| importer.add(item)) {
         importer.abandon();
@@ -76,6 +78,36 @@ fn migrate(
         "migrated {settlements} settlements, {years} card years of accumulators and {quotes} quotes into {} ({shards} shards)\nnow set, in [ledger]: path = \"{}\" and engine = \"lsm\"",
         to.display(),
         to.display()
+    )
+    .map_err(Failure::new)?;
+    Ok(0)
+}
+
+/// `ledger migrate --to postgres://...`: the SQLite ledger into an empty database, in one
+/// transaction.
+fn migrate_to_postgres(
+    source: &crate::ledger::sqlite::SqliteLedger,
+    url: &str,
+    out: &mut dyn Write,
+) -> Result<u8, Failure> {
+    let parsed: tokio_postgres::Config = url.parse().map_err(|e| Failure::config(format!("--to: {e}")))?;
+    if parsed.get_password().is_some() {
+        return Err(Failure::config("--to: no password in the URL; set CARDGATE__LEDGER__POSTGRES__PASSWORD"));
+    }
+    let target = crate::config::PostgresConfig {
+        url: url.to_owned(),
+        password_file: None,
+        password: std::env::var("CARDGATE__LEDGER__POSTGRES__PASSWORD").unwrap_or_default(),
+        pool_size: 1,
+        statement_timeout_ms: 5_000,
+        connect_timeout_ms: 3_000,
+        lease_secs: 60,
+    };
+    let (settlements, years, quotes) =
+        crate::ledger::postgres::import(&target, &|visit| source.dump(visit)).map_err(Failure::new)?;
+    writeln!(
+        out,
+        "migrated {settlements} settlements, {years} card years of accumulators and {quotes} quotes into {url}\nnow set, in [ledger]: backend = \"postgres\", and in [ledger.postgres]: url = \"{url}\""
     )
     .map_err(Failure::new)?;
     Ok(0)

@@ -24,7 +24,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio_postgres::error::SqlState;
 
 use super::{
-    AccumulatorDelta, Intent, Ledger, LedgerError, LedgerFuture, Listed, Outcome, Reconciliation, Record,
+    AccumulatorDelta, DumpItem, Intent, Ledger, LedgerError, LedgerFuture, Listed, Outcome, Reconciliation, Record,
     SettledDeltas, State, StoredQuote, Unresolved,
 };
 use crate::config::PostgresConfig;
@@ -79,13 +79,7 @@ impl PgLedger {
     /// inside a runtime, as the gateway builds).
     pub fn open(config: &PostgresConfig) -> Result<Self, LedgerError> {
         let (pg, statement, connect) = connection(config)?;
-        let migrating = pg.clone();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || migrate(&migrating, connect + statement * 4))
-                .join()
-                .unwrap_or_else(|_| Err(LedgerError::Storage("postgres: the migration thread failed".into())))
-        })?;
+        migrate(&pg, connect + statement * 4)?;
         let manager = deadpool_postgres::Manager::from_config(
             pg,
             tokio_postgres::NoTls,
@@ -239,7 +233,18 @@ fn node_name() -> String {
     format!("{host}/{}/{:08x}", std::process::id(), u32::from_be_bytes(random))
 }
 
+/// Applies the schema's migrations, on a thread of its own with a runtime of its own
+/// (callable from inside a runtime).
 fn migrate(config: &tokio_postgres::Config, deadline: Duration) -> Result<(), LedgerError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| migrate_here(config, deadline))
+            .join()
+            .unwrap_or_else(|_| Err(LedgerError::Storage("postgres: the migration thread failed".into())))
+    })
+}
+
+fn migrate_here(config: &tokio_postgres::Config, deadline: Duration) -> Result<(), LedgerError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(storage)?;
     runtime.block_on(async {
         let work = async {
@@ -908,6 +913,210 @@ impl Ledger for PgLedger {
     fn probe(&self) -> LedgerFuture<'_, ()> {
         Box::pin(self.with(async |c| c.simple_query("SELECT 1").await.map(|_| ()).map_err(db)))
     }
+}
+
+/// What [`import`] copied: settlements, card years of accumulators, quotes.
+pub type Imported = (u64, u64, u64);
+
+/// A ledger's whole content, streamed to a visitor (`SqliteLedger::dump`).
+pub type Dump<'a> = &'a (dyn Fn(&mut dyn FnMut(DumpItem) -> Result<(), LedgerError>) -> Result<(), LedgerError> + Sync);
+
+/// Copies everything `dump` streams (an embedded ledger: `cardgate ledger migrate --to
+/// postgres://...`) into the database, which must hold no ledger yet (its schema is created
+/// first), in one transaction: all of it or, on any failure, nothing. Every settlement keeps
+/// its id, seq, state, stored answers, key and held token or quote; accumulators and quotes
+/// as they were. New settlements take seqs after the last one copied.
+pub fn import(config: &PostgresConfig, dump: Dump<'_>) -> Result<Imported, LedgerError> {
+    let (mut pg, statement, connect) = connection(config)?;
+    migrate(&pg, connect + statement * 4)?;
+    // No statement timeout for the copy: it is one long transaction.
+    pg.options("-c statement_timeout=0");
+    std::thread::scope(|scope| {
+        let (items, inbox) = tokio::sync::mpsc::channel::<DumpItem>(1024);
+        let (done, read) = tokio::sync::oneshot::channel();
+        scope.spawn(move || {
+            let result = dump(&mut |item| {
+                items.blocking_send(item).map_err(|_| LedgerError::Storage("postgres: the copy stopped".into()))
+            });
+            drop(items);
+            let _ = done.send(result);
+        });
+        // The writer on a thread of its own too: the caller may be inside a runtime.
+        let writer = scope.spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(storage)?;
+            runtime.block_on(write_all(pg, inbox, read))
+        });
+        writer.join().unwrap_or_else(|_| Err(LedgerError::Storage("postgres: the writer failed".into())))
+    })
+}
+
+/// Inserts what arrives in `inbox`, in one transaction committed only if `read` (the
+/// source's own verdict, once everything was sent) is a success.
+async fn write_all(
+    pg: tokio_postgres::Config,
+    mut inbox: tokio::sync::mpsc::Receiver<DumpItem>,
+    read: tokio::sync::oneshot::Receiver<Result<(), LedgerError>>,
+) -> Result<Imported, LedgerError> {
+    let (mut client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(storage)?;
+    let connection = tokio::spawn(connection);
+    let tx = client.transaction().await.map_err(db)?;
+    let held: i64 = tx
+        .query_one(
+            "SELECT (SELECT count(*) FROM settlements) + (SELECT count(*) FROM quotes)
+                         + (SELECT count(*) FROM accumulators)",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    if held > 0 {
+        return Err(LedgerError::Storage(
+            "postgres: the database already holds a ledger; migrate into an empty one".into(),
+        ));
+    }
+    let statements = Statements::prepare(&tx).await?;
+    let mut counts = (0, 0, 0);
+    while let Some(item) = inbox.recv().await {
+        copy(&tx, &statements, item, &mut counts).await?;
+    }
+    // Everything read: the source's own verdict decides.
+    read.await.unwrap_or_else(|_| Err(LedgerError::Storage("postgres: the reader failed".into())))?;
+    tx.execute(
+        "SELECT setval(pg_get_serial_sequence('settlements', 'seq'), greatest(coalesce(max(seq), 0), 1))
+                 FROM settlements",
+        &[],
+    )
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    drop(client);
+    let _ = connection.await;
+    Ok(counts)
+}
+
+/// The copy's statements, prepared once.
+struct Statements {
+    settlement: tokio_postgres::Statement,
+    token: tokio_postgres::Statement,
+    quote_used: tokio_postgres::Statement,
+    year: tokio_postgres::Statement,
+    quote: tokio_postgres::Statement,
+}
+
+impl Statements {
+    async fn prepare(tx: &tokio_postgres::Transaction<'_>) -> Result<Self, LedgerError> {
+        Ok(Self {
+            settlement: tx
+                .prepare(
+                    "INSERT INTO settlements (seq, id, institution, terminal, idempotency_key, request_hash, token_id,
+                         quote_id, card_hash, card_masked, total_fen, day, created_at, sealed_request, state, status,
+                         body, reversal, deltas, payers, fund_fen, account_fen, cash_fen, updated_at, reversed_day)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+                         $20::text::jsonb, $21, $22, $23, $24, $25)",
+                )
+                .await
+                .map_err(db)?,
+            token: tx.prepare("INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)").await.map_err(db)?,
+            quote_used: tx
+                .prepare("INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)")
+                .await
+                .map_err(db)?,
+            year: tx
+                .prepare(
+                    "INSERT INTO accumulators (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
+                         account_paid_fen, eligible_self_pay_fen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .await
+                .map_err(db)?,
+            quote: tx
+                .prepare("INSERT INTO quotes (id, institution, expires_at, sealed) VALUES ($1, $2, $3, $4)")
+                .await
+                .map_err(db)?,
+        })
+    }
+}
+
+/// One item of a dump, inserted in the copy's transaction.
+async fn copy(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    item: DumpItem,
+    counts: &mut Imported,
+) -> Result<(), LedgerError> {
+    match item {
+        DumpItem::Settlement(d) => {
+            let i = &d.intent;
+            let seq = i64::try_from(d.seq).map_err(storage)?;
+            tx.execute(
+                &statements.settlement,
+                &[
+                    &seq,
+                    &i.id,
+                    &i.institution,
+                    &i.terminal,
+                    &i.idempotency_key,
+                    &i.request_hash,
+                    &i.token_id,
+                    &i.quote_id,
+                    &i.card_hash,
+                    &i.card_masked,
+                    &i.total_fen,
+                    &super::business_day(i.created_at),
+                    &i.created_at,
+                    &i.sealed_request,
+                    &d.state.as_str(),
+                    &i32::from(d.status),
+                    &d.body,
+                    &d.reversal,
+                    &d.deltas,
+                    &d.payers,
+                    &d.amounts.0,
+                    &d.amounts.1,
+                    &d.amounts.2,
+                    &d.updated_at,
+                    &d.reversed_day,
+                ],
+            )
+            .await
+            .map_err(db)?;
+            if d.holds.0
+                && let Some(token_id) = &i.token_id
+            {
+                tx.execute(&statements.token, &[token_id, &i.id]).await.map_err(db)?;
+            }
+            if d.holds.1
+                && let Some(quote_id) = &i.quote_id
+            {
+                tx.execute(&statements.quote_used, &[quote_id, &i.id]).await.map_err(db)?;
+            }
+            counts.0 += 1;
+        }
+        DumpItem::Year(card, year, payers) => {
+            for (payer, y) in payers {
+                tx.execute(
+                    &statements.year,
+                    &[
+                        &card,
+                        &year,
+                        &payer,
+                        &y.deductible_fen,
+                        &y.fund_paid_fen,
+                        &y.eligible_fen,
+                        &y.account_paid_fen,
+                        &y.eligible_self_pay_fen,
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            }
+            counts.1 += 1;
+        }
+        DumpItem::Quote(q) => {
+            tx.execute(&statements.quote, &[&q.id, &q.institution, &q.expires_at, &q.sealed]).await.map_err(db)?;
+            counts.2 += 1;
+        }
+    }
+    Ok(())
 }
 
 /// A database of its own on a PostgreSQL server, created empty and dropped with this value:
