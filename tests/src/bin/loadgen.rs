@@ -137,10 +137,36 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// `LOADGEN_ENGINE=postgres`: the gateway on the cluster's ledger, on the PostgreSQL server
+/// `CARDGATE_TEST_POSTGRES` names (the server's own CPU is measured too: [`postgres_cpu`]).
+fn postgres() -> bool {
+    std::env::var("LOADGEN_ENGINE").as_deref() == Ok("postgres")
+}
+
+/// CPU time (user + system) every `postgres` process on this machine has used so far: the
+/// database's work, when the server runs here.
+fn postgres_cpu() -> Duration {
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let Some((name, rest)) = stat.rsplit_once(')') else { continue };
+        if !name.ends_with("(postgres") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields.get(11..13).map_or(0, |f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum());
+    }
+    Duration::from_millis(ticks * 10)
+}
+
 /// `LOADGEN_ENGINE=lsm` runs the gateway on the log-structured ledger (`LOADGEN_SHARDS=N`: N
 /// shards, default the gateway's, half the cores), `LOADGEN_ENGINE=sqlite` on SQLite (the
 /// default), to compare both in one session.
 fn choose_engine(setup: &Setup) {
+    if postgres() {
+        println!("ledger: postgres (a database of its own on the server CARDGATE_TEST_POSTGRES names)");
+        return;
+    }
     let path = setup.dir.path().join("cardgate.toml");
     let text = std::fs::read_to_string(&path).expect("config");
     let section = format!("[ledger]\npath = \"ledger\"\nengine = \"{}\"\n", cardgate_tests::harness::test_engine());
@@ -332,6 +358,9 @@ fn serialized_work(before: &LedgerCpu, run: &Run) {
         return;
     }
     let (busiest, all, background) = LedgerCpu::now().per_settlement(before, run.completed);
+    if all == 0.0 {
+        return; // No ledger writer threads: the ledger is a database server's.
+    }
     println!(
         "
 serialized work: the busiest ledger writer spent {busiest:.1} µs of CPU per settlement ({} settlements; \
@@ -479,8 +508,13 @@ fn resident_mib(pid: u32) -> (f64, f64) {
 /// The daemon's resident memory with many terminals connected.
 async fn rss(connections: usize, seconds: u64) -> f64 {
     let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
-    let options =
-        Options { extra_toml: LIMITS.into(), release_plugins: true, inline_plugins: true, ..Options::default() };
+    let options = Options {
+        extra_toml: LIMITS.into(),
+        release_plugins: true,
+        inline_plugins: true,
+        engine: postgres().then_some("postgres"),
+        ..Options::default()
+    };
     let setup = Setup::create(&options, &addr.to_string());
     choose_engine(&setup);
     let binary = std::env::current_exe().expect("own path").with_file_name("cardgate");
@@ -628,8 +662,13 @@ async fn run() {
     let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let connections: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
     let duration = Duration::from_secs(seconds);
-    let options =
-        Options { extra_toml: LIMITS.into(), release_plugins: true, inline_plugins: true, ..Options::default() };
+    let options = Options {
+        extra_toml: LIMITS.into(),
+        release_plugins: true,
+        inline_plugins: true,
+        engine: postgres().then_some("postgres"),
+        ..Options::default()
+    };
     let setup = Setup::create(&options, "127.0.0.1:0");
     choose_engine(&setup);
     let (gateway, _stop) = serve_setup(&setup).await;
@@ -657,10 +696,18 @@ async fn run() {
     row("(a) bare mTLS floor", &a);
     let a_sig = drive(&setup.client(floor_sig, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(a') floor + Ed25519", &a_sig);
-    let writer = LedgerCpu::now();
+    let (writer, database) = (LedgerCpu::now(), postgres_cpu());
     let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(b) full gateway", &b);
     serialized_work(&writer, &b);
+    if postgres() && b.completed > 0 {
+        let spent = postgres_cpu().saturating_sub(database);
+        println!(
+            "database: PostgreSQL spent {:.1} µs of CPU per settlement ({} settlements)",
+            spent.as_secs_f64() * 1e6 / b.completed as f64,
+            b.completed
+        );
+    }
     println!(
         "\nratios: (b)/(a') = {:.2}, (b)/(a) = {:.2}",
         b.throughput() / a_sig.throughput(),
