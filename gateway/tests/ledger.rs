@@ -690,3 +690,40 @@ async fn a_version_3_ledger_moves_whole_into_postgres() {
     assert!(record.id.starts_with('S'));
     pg.begin(intent("S-after", "k-after", b"tok-after")).await.expect("a new settlement");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_settlement_is_taken_over_only_when_its_lease_ran_out() {
+    let Some(server) = postgres_server() else {
+        eprintln!(
+            "SKIPPED (set CARDGATE_TEST_POSTGRES=postgres://user@host/db to run): a_pending_settlement_is_taken_over_only_when_its_lease_ran_out"
+        );
+        return;
+    };
+    let database = ScratchDatabase::create(&server).expect("database");
+    let node = |lease: i64| {
+        let config: cardgate::config::PostgresConfig =
+            toml::from_str(&format!("url = {:?}\nlease_secs = {lease}", database.url)).expect("config");
+        PgLedger::open(&config).expect("open")
+    };
+    // Two nodes of one cluster; the first records an intent and holds it for 30 s.
+    let (first, second) = (node(30), node(30));
+    first.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
+    assert_eq!(second.claim("S1", 30).await, Ok(false), "the owner is completing it");
+    assert_eq!(first.claim("S1", 30).await, Ok(false), "not even its owner's sweep takes it again");
+    // Its outcome unknown (a payer did not answer): no lease; the next retry, on any node, takes it.
+    let unknown = Outcome { state: State::Unknown, status: 504, deltas: vec![], amounts: None, ..settled("S1", 0) };
+    first.finish(unknown).await.expect("unknown");
+    assert_eq!(second.claim("S1", 30).await, Ok(true));
+    assert_eq!(first.claim("S1", 30).await, Ok(false), "the second node holds it now");
+    second.finish(settled("S1", 700)).await.expect("completed once");
+    assert_eq!(first.claim("S1", 30).await, Ok(false), "settled: nothing to take over");
+    // A node that dies holding a lease: taken over once the lease runs out, by one node.
+    let short = node(1);
+    short.begin(intent("S2", "k2", b"tok-2")).await.expect("begin");
+    drop(short);
+    assert_eq!(second.claim("S2", 30).await, Ok(false));
+    tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+    let (a, b) = tokio::join!(first.claim("S2", 30), second.claim("S2", 30));
+    let claims = [a, b];
+    assert_eq!(claims.iter().filter(|c| **c == Ok(true)).count(), 1, "{claims:?}");
+}

@@ -376,3 +376,138 @@ async fn an_institution_spread_over_three_nodes_gets_its_quota_once() {
     // Each node alone would admit five: the three together admit five.
     assert_eq!((admitted, limited), (5, 10));
 }
+
+/// The real `cardgate` binary serving `config`, killed with SIGKILL when dropped.
+struct Node(std::process::Child);
+
+impl Node {
+    fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
+        let log = std::fs::File::create(log).expect("log");
+        let child = std::process::Command::new(cardgate_tests::cardgate_binary())
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start cardgate");
+        Self(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn until_up(client: &Client) {
+    let started = std::time::Instant::now();
+    while client.send(http::Method::GET, "/v1/settlements/ready", &[], None).await.is_err() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the node did not come up");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_traffic_loses_nothing_and_a_survivor_completes_what_it_left() {
+    let test = "a_node_killed_mid_traffic_loses_nothing_and_a_survivor_completes_what_it_left";
+    if postgres_server().is_none() {
+        eprintln!("SKIPPED (set CARDGATE_TEST_POSTGRES=postgres://user@host/db to run): cluster::{test}");
+        return;
+    }
+    let listen = |()| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let (first, second) = (listen(()), listen(()));
+    // Region 12: a payer that is not effect-free (its intent is written before it is asked)
+    // and takes 300 ms: a kill lands while settlements are pending on the first node.
+    let extra = format!(
+        "\n[plugins.effectful]\nlibrary = \"{}\"\nconfig = {{ fund_bp = 5000, delay_ms = 300 }}\n\n[[routes]]\nregions = [\"12\"]\npayers = [\"effectful\"]\n",
+        cardgate_sdk::testing::build_cdylib("fixture-configurable").display()
+    );
+    let options = Options { engine: Some("postgres"), extra_toml: extra, ..Options::default() };
+    let setup = Setup::create(&options, &first.to_string());
+    // Three plugins of 2 s: a chain takes at most 16 s; the shortest lease allowed.
+    let text = std::fs::read_to_string(setup.dir.path().join("cardgate.toml")).expect("config");
+    let text = text.replace("lease_secs = 30", "lease_secs = 17");
+    let (a_config, b_config) = (setup.dir.path().join("a.toml"), setup.dir.path().join("b.toml"));
+    std::fs::write(&a_config, &text).expect("config");
+    std::fs::write(&b_config, text.replace(&first.to_string(), &second.to_string())).expect("config");
+    let mut a = Node::start(&a_config, &setup.dir.path().join("a.log"));
+    let _b = Node::start(&b_config, &setup.dir.path().join("b.log"));
+    let (to_a, to_b) = (setup.client(first, 1), setup.client(second, 1));
+    until_up(&to_a).await;
+    until_up(&to_b).await;
+
+    let bills: Vec<(String, Value)> = (0..24)
+        .map(|i| (format!("failover-{i}-{}", std::process::id()), bill(&setup.token(&Card::in_region("120101"), 600))))
+        .collect();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(bills));
+    let a_alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let tills: Vec<_> = (0..6)
+        .map(|_| {
+            let (queue, a_alive, to_a, to_b) = (queue.clone(), a_alive.clone(), to_a.clone(), to_b.clone());
+            tokio::spawn(async move {
+                let mut answered = Vec::new();
+                loop {
+                    let Some((key, body)) = queue.lock().expect("queue").pop() else { break };
+                    let headers = [("idempotency-key", key.as_str())];
+                    let text = body.to_string();
+                    // The first node while it lives; after a failed send, the other (as a load
+                    // balancer would), with the same key, until the answer is final.
+                    let mut reply = None;
+                    if a_alive.load(std::sync::atomic::Ordering::Relaxed) {
+                        let sent = tokio::time::timeout(
+                            std::time::Duration::from_secs(10),
+                            to_a.send(http::Method::POST, "/v1/settlements", &headers, Some(&text)),
+                        )
+                        .await;
+                        reply = sent.ok().and_then(Result::ok);
+                    }
+                    let (started, mut waited) = (std::time::Instant::now(), false);
+                    let reply = loop {
+                        if let Some(reply) = reply.take() {
+                            let in_progress =
+                                reply.status == StatusCode::CONFLICT && reply.body.contains("request_in_progress");
+                            waited |= in_progress;
+                            if !in_progress && reply.status != StatusCode::SERVICE_UNAVAILABLE {
+                                break reply;
+                            }
+                        }
+                        assert!(started.elapsed() < std::time::Duration::from_secs(60), "{key}: no final answer");
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                        reply = to_b.send(http::Method::POST, "/v1/settlements", &headers, Some(&text)).await.ok();
+                    };
+                    assert_eq!(reply.status, StatusCode::CREATED, "{key}: {}", reply.body);
+                    answered.push((key, reply.json()["settlement_id"].as_str().expect("id").to_owned(), waited));
+                }
+                answered
+            })
+        })
+        .collect();
+    // Kill the first node with settlements in flight on it.
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    a_alive.store(false, std::sync::atomic::Ordering::Relaxed);
+    a.kill();
+    let (mut ids, mut taken_over) = (std::collections::BTreeSet::new(), 0);
+    for till in tills {
+        for (key, id, waited) in till.await.expect("till") {
+            taken_over += usize::from(waited);
+            let reply = cardgate_tests::harness::get(&to_b, &format!("/v1/settlements/{id}")).await;
+            assert_eq!((reply.status, reply.json()["state"].as_str()), (StatusCode::OK, Some("settled")), "{key}");
+            assert!(ids.insert(id), "{key}: one settlement answered for two keys");
+        }
+    }
+    assert_eq!(ids.len(), 24, "every bill settled once");
+    // The kill left settlements pending on the dead node (their retries waited for its lease).
+    assert!(taken_over >= 1, "no settlement was in flight on the killed node");
+    // Nothing the dead node left stays pending: the survivor completed it (its sweep or a
+    // retry, once the lease ran out).
+    let date = cardgate::ledger::business_day(cardgate_tests::harness::now());
+    let pending =
+        cardgate_tests::harness::get(&to_b, &format!("/v1/settlements?date={date}&state=pending&limit=100")).await;
+    assert_eq!(pending.json()["settlements"].as_array().map(Vec::len), Some(0), "{}", pending.body);
+}
