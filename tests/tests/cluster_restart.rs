@@ -1,0 +1,89 @@
+//! The cluster's database restarted mid-traffic (a real PostgreSQL restart, as a failover or an
+//! upgrade does): requests meanwhile get 503 (or wait), nothing acknowledged is lost, nothing
+//! settles twice, and the gateway serves again without being restarted.
+//!
+//! Alone in its test binary (it restarts the server every test of the binary would use). Runs
+//! when `CARDGATE_TEST_POSTGRES` names the server and `CARDGATE_TEST_POSTGRES_RESTART` is a
+//! shell command that restarts it (`.ci/run` sets both); skipped, saying so, otherwise.
+
+use cardgate::client::Client;
+use cardgate_tests::harness::{Card, Options, Setup, get, post, postgres_server, serve_setup_with_admin};
+use http::StatusCode;
+use serde_json::{Value, json};
+
+fn bill(token: &str) -> Value {
+    json!({
+        "token": token, "terminal_id": "POS-01", "total_fen": 20000,
+        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }]
+    })
+}
+
+/// Posts until the answer is final, as a till does (503 and 409 `request_in_progress` are
+/// retried with the same key); counts the 503s.
+async fn settle(client: &Client, key: &str, body: &Value) -> (cardgate::client::Reply, usize) {
+    let (started, mut unavailable) = (std::time::Instant::now(), 0);
+    loop {
+        let reply = post(client, "/v1/settlements", Some(key), body).await;
+        let in_progress = reply.status == StatusCode::CONFLICT && reply.body.contains("request_in_progress");
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(reply.json()["code"], "storage_unavailable", "{}", reply.body);
+            unavailable += 1;
+        } else if !in_progress {
+            return (reply, unavailable);
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "{key}: no final answer: {}", reply.body);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_restarted_mid_traffic_loses_nothing_and_the_gateway_serves_again() {
+    let test = "postgres_restarted_mid_traffic_loses_nothing_and_the_gateway_serves_again";
+    let restart = std::env::var("CARDGATE_TEST_POSTGRES_RESTART").ok().filter(|c| !c.is_empty());
+    let (Some(_), Some(restart)) = (postgres_server(), restart) else {
+        eprintln!(
+            "SKIPPED (set CARDGATE_TEST_POSTGRES and CARDGATE_TEST_POSTGRES_RESTART, a command restarting it): {test}"
+        );
+        return;
+    };
+    let setup = Setup::create(&Options { engine: Some("postgres"), ..Options::default() }, "127.0.0.1:0");
+    let (addr, admin, _stop) = serve_setup_with_admin(&setup).await;
+    let client = setup.client(addr, 1);
+    let tills: Vec<_> = (0..4)
+        .map(|t| {
+            let (client, bodies) =
+                (client.clone(), (0..10).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect::<Vec<_>>());
+            tokio::spawn(async move {
+                let mut answered = Vec::new();
+                for (n, body) in bodies.into_iter().enumerate() {
+                    let key = format!("restart-{t}-{n}-{}", std::process::id());
+                    let (reply, unavailable) = settle(&client, &key, &body).await;
+                    assert_eq!(reply.status, StatusCode::CREATED, "{key}: {}", reply.body);
+                    answered.push((key, reply.json()["settlement_id"].as_str().expect("id").to_owned(), unavailable));
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                answered
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let restarted = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh").args(["-c", &restart]).status().expect("the restart command")
+    })
+    .await
+    .expect("restart");
+    assert!(restarted.success(), "the restart command failed");
+    let (mut ids, mut unavailable) = (std::collections::BTreeSet::new(), 0);
+    for till in tills {
+        for (key, id, refused) in till.await.expect("till") {
+            unavailable += refused;
+            let reply = get(&client, &format!("/v1/settlements/{id}")).await;
+            assert_eq!((reply.status, reply.json()["state"].as_str()), (StatusCode::OK, Some("settled")), "{key}");
+            assert!(ids.insert(id), "{key}: one settlement answered for two keys");
+        }
+    }
+    assert_eq!(ids.len(), 40, "every bill settled once");
+    eprintln!("{test}: {unavailable} answers were 503 storage_unavailable while the database restarted");
+    let (status, ready) = cardgate_tests::harness::admin(admin, http::Method::GET, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+}
