@@ -16,6 +16,7 @@
 //! `storage_unavailable` to the client, never a hang. Schema migrations (refinery, under an
 //! advisory lock so that nodes starting together apply them once) run at open.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -414,6 +415,145 @@ async fn insert_intent(
     Ok(())
 }
 
+/// An intent with its outcome and accumulator changes, in the caller's transaction, every
+/// statement sent at once (the connection pipelines them); the first refused decides.
+async fn record_pipelined(
+    tx: &deadpool_postgres::Transaction<'_>,
+    i: &Intent,
+    o: &Outcome,
+    deltas: &str,
+    payers: &str,
+) -> Result<(), LedgerError> {
+    use tokio_postgres::types::ToSql;
+    type Param<'p> = &'p (dyn ToSql + Sync);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
+                 card_hash, card_masked, total_fen, day, created_at, sealed_request, state, status, body, deltas,
+                 payers, fund_fen, account_fen, cash_fen, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::text::jsonb,
+                 $19, $20, $21, $22)",
+        )
+        .await
+        .map_err(db)?;
+    let token =
+        tx.prepare_cached("INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
+    let quote =
+        tx.prepare_cached("INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
+    let upsert = tx.prepare_cached(UPSERT_ACCUMULATORS).await.map_err(db)?;
+    let (day, state, status) = (super::business_day(i.created_at), o.state.as_str(), i32::from(o.status));
+    let amounts = o.amounts.as_ref();
+    let (fund, account, cash) =
+        (amounts.map_or(0, |a| a.fund_fen), amounts.map_or(0, |a| a.account_fen), amounts.map_or(0, |a| a.cash_fen));
+    let row: [Param<'_>; 22] = [
+        &i.id,
+        &i.institution,
+        &i.terminal,
+        &i.idempotency_key,
+        &i.request_hash,
+        &i.token_id,
+        &i.quote_id,
+        &i.card_hash,
+        &i.card_masked,
+        &i.total_fen,
+        &day,
+        &i.created_at,
+        &i.sealed_request,
+        &state,
+        &status,
+        &o.body,
+        &deltas,
+        &payers,
+        &fund,
+        &account,
+        &cash,
+        &o.at,
+    ];
+    let read = if o.state == State::Settled { &o.read[..] } else { &[] };
+    let figures: Vec<Figures> = o.deltas.iter().map(|d| Figures::of(d, read)).collect();
+    let upserts: Vec<[Param<'_>; 14]> =
+        o.deltas.iter().zip(&figures).map(|(d, f)| f.params(&o.card_hash, &d.payer)).collect();
+    // A refused settlement holds neither its token nor its quote: the patient may try again.
+    let holds = matches!(o.state, State::Settled | State::Unknown);
+    let token_row: [Param<'_>; 2] = [&i.token_id, &i.id];
+    let quote_row: [Param<'_>; 2] = [&i.quote_id, &i.id];
+    let mut sent: Vec<Sent<'_>> = vec![Box::pin(tx.execute(&insert, &row))];
+    if holds && i.token_id.is_some() {
+        sent.push(Box::pin(tx.execute(&token, &token_row)));
+    }
+    if holds && i.quote_id.is_some() {
+        sent.push(Box::pin(tx.execute(&quote, &quote_row)));
+    }
+    let first_upsert = sent.len();
+    for params in &upserts {
+        sent.push(Box::pin(tx.execute(&upsert, params)));
+    }
+    let answers = futures_util::future::join_all(sent).await;
+    let mut changed = Vec::with_capacity(answers.len());
+    // In order: the first refusal is the cause (the statements after it fail as "aborted").
+    for answer in answers {
+        changed.push(answer.map_err(db)?);
+    }
+    if changed[first_upsert..].contains(&0) {
+        return Err(LedgerError::Stale);
+    }
+    Ok(())
+}
+
+/// A statement sent, its answer to come.
+type Sent<'a> = std::pin::Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// One payer's accumulator change and, if given, the figures it must find.
+struct Figures {
+    delta: YearToDate,
+    given: bool,
+    expected: YearToDate,
+}
+
+impl Figures {
+    fn of(d: &AccumulatorDelta, read: &[AccumulatorDelta]) -> Self {
+        let given = read.iter().find(|r| r.payer == d.payer && r.delta.year == d.delta.year).map(|r| r.delta);
+        Self { delta: d.delta, given: given.is_some(), expected: given.unwrap_or_default() }
+    }
+
+    fn params<'p>(
+        &'p self,
+        card_hash: &'p Vec<u8>,
+        payer: &'p String,
+    ) -> [&'p (dyn tokio_postgres::types::ToSql + Sync); 14] {
+        let (d, g) = (&self.delta, &self.expected);
+        [
+            card_hash,
+            &d.year,
+            payer,
+            &d.deductible_fen,
+            &d.fund_paid_fen,
+            &d.eligible_fen,
+            &d.account_paid_fen,
+            &d.eligible_self_pay_fen,
+            &self.given,
+            &g.deductible_fen,
+            &g.fund_paid_fen,
+            &g.eligible_fen,
+            &g.account_paid_fen,
+            &g.eligible_self_pay_fen,
+        ]
+    }
+}
+
+/// Adds a payer's change to a card's year; with $9, only if the row still holds $10..$14.
+const UPSERT_ACCUMULATORS: &str =
+    "INSERT INTO accumulators AS a (card_hash, year, payer, deductible_fen, fund_paid_fen,
+         eligible_fen, account_paid_fen, eligible_self_pay_fen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     ON CONFLICT (card_hash, year, payer) DO UPDATE SET
+         deductible_fen = a.deductible_fen + excluded.deductible_fen,
+         fund_paid_fen = a.fund_paid_fen + excluded.fund_paid_fen,
+         eligible_fen = a.eligible_fen + excluded.eligible_fen,
+         account_paid_fen = a.account_paid_fen + excluded.account_paid_fen,
+         eligible_self_pay_fen = a.eligible_self_pay_fen + excluded.eligible_self_pay_fen
+     WHERE NOT $9 OR (a.deductible_fen = $10 AND a.fund_paid_fen = $11 AND a.eligible_fen = $12
+         AND a.account_paid_fen = $13 AND a.eligible_self_pay_fen = $14)";
+
 /// Records an outcome over a pending (or unknown) intent, in the caller's transaction.
 async fn write_outcome(tx: &impl GenericClient, o: &Outcome, deltas: &str, payers: &str) -> Result<(), LedgerError> {
     let statement = tx
@@ -479,21 +619,7 @@ async fn add_accumulators(
     if deltas.is_empty() {
         return Ok(());
     }
-    let statement = tx
-        .prepare_cached(
-            "INSERT INTO accumulators AS a (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
-                 account_paid_fen, eligible_self_pay_fen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (card_hash, year, payer) DO UPDATE SET
-                 deductible_fen = a.deductible_fen + excluded.deductible_fen,
-                 fund_paid_fen = a.fund_paid_fen + excluded.fund_paid_fen,
-                 eligible_fen = a.eligible_fen + excluded.eligible_fen,
-                 account_paid_fen = a.account_paid_fen + excluded.account_paid_fen,
-                 eligible_self_pay_fen = a.eligible_self_pay_fen + excluded.eligible_self_pay_fen
-             WHERE NOT $9 OR (a.deductible_fen = $10 AND a.fund_paid_fen = $11 AND a.eligible_fen = $12
-                 AND a.account_paid_fen = $13 AND a.eligible_self_pay_fen = $14)",
-        )
-        .await
-        .map_err(db)?;
+    let statement = tx.prepare_cached(UPSERT_ACCUMULATORS).await.map_err(db)?;
     for AccumulatorDelta { payer, delta: d } in deltas {
         let given = read.iter().find(|r| r.payer == *payer && r.delta.year == d.year).map(|r| r.delta);
         let changed = tx
@@ -689,13 +815,12 @@ impl Ledger for PgLedger {
         )
     }
 
+    /// One transaction, its statements sent together: `BEGIN`, then the settlement row, its
+    /// token (or quote) and each payer's conditional upsert in one round trip, then `COMMIT`
+    /// (or, if any was refused, a rollback).
     fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
         let (deltas, payers) = encoded(&o);
-        Box::pin(self.transaction(async move |tx| {
-            insert_intent(tx, &intent, Some((&o, &deltas, &payers)), None).await?;
-            let read = if o.state == State::Settled { &o.read[..] } else { &[] };
-            add_accumulators(tx, &o.card_hash, &o.deltas, read).await
-        }))
+        Box::pin(self.transaction(async move |tx| record_pipelined(tx, &intent, &o, &deltas, &payers).await))
     }
 
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
