@@ -1,5 +1,5 @@
-//! Cluster mode: three gateway nodes on one PostgreSQL database, each with its own memory (card
-//! locks, replay cache, connection pool), as three machines behind a load balancer would be.
+//! Cluster mode: three gateway nodes on one PostgreSQL database — three `cardgate serve`
+//! processes at their default log level, as three machines behind a load balancer would be.
 //! Every guarantee of one node must hold across them, enforced by the database.
 //!
 //! Run when `CARDGATE_TEST_POSTGRES` names a server (`.ci/run` sets it); skipped, saying so,
@@ -8,15 +8,14 @@
 use std::net::SocketAddr;
 
 use cardgate::client::Client;
-use cardgate_tests::harness::{Card, Options, Setup, post, postgres_server, serve_setup};
+use cardgate_tests::harness::{Card, Options, Setup, post, postgres_server};
 use http::StatusCode;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
-/// Three nodes of one cluster: one configuration, one database, three gateways.
+/// Three nodes of one cluster: one configuration, one database, three processes.
 struct Cluster {
     setup: Setup,
-    nodes: Vec<(SocketAddr, oneshot::Sender<()>)>,
+    nodes: Vec<(SocketAddr, Node)>,
 }
 
 impl Cluster {
@@ -32,10 +31,20 @@ impl Cluster {
             return None;
         }
         let options = Options { engine: Some("postgres"), extra_toml: extra, ..Options::default() };
-        let setup = Setup::create(&options, "127.0.0.1:0");
+        let ports: Vec<SocketAddr> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port"))
+            .collect();
+        let setup = Setup::create(&options, &ports[0].to_string());
+        let text = std::fs::read_to_string(setup.dir.path().join("cardgate.toml")).expect("config");
         let mut nodes = Vec::new();
-        for _ in 0..3 {
-            nodes.push(serve_setup(&setup).await);
+        for (n, port) in ports.iter().enumerate() {
+            let config = setup.dir.path().join(format!("node{n}.toml"));
+            std::fs::write(&config, text.replace(&ports[0].to_string(), &port.to_string())).expect("config");
+            nodes.push((*port, Node::start(&config, &setup.dir.path().join(format!("node{n}.log")))));
+        }
+        // Probed as the hospital: the pharmacy's rate limit is the tests' to spend.
+        for (port, _) in &nodes {
+            until_up(&setup.client(*port, 0)).await;
         }
         Some(Self { setup, nodes })
     }
