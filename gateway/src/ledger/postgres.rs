@@ -341,34 +341,17 @@ fn unresolved_row(row: &tokio_postgres::Row) -> Result<Unresolved, LedgerError> 
     })
 }
 
-/// Inserts an intent; with `outcome`, its outcome at once (one commit). A new intent is held
-/// by this node for `lease_secs`.
-async fn insert_intent(
-    tx: &impl GenericClient,
-    i: &Intent,
-    outcome: Option<(&Outcome, &str, &str)>,
-    lease: Option<(&str, i64)>,
-) -> Result<(), LedgerError> {
+/// Inserts a pending intent, held by `owner` for `lease_secs`, with its token (or quote).
+async fn begin_intent(tx: &impl GenericClient, i: &Intent, owner: &str, lease_secs: i64) -> Result<(), LedgerError> {
     let statement = tx
         .prepare_cached(
             "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
-                 card_hash, card_masked, total_fen, day, created_at, sealed_request, state, status, body, deltas,
-                 payers, fund_fen, account_fen, cash_fen, updated_at, lease_owner, lease_until)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::text::jsonb,
-                 $19, $20, $21, $22, $23, now() + make_interval(secs => $24::bigint))",
+                 card_hash, card_masked, total_fen, day, created_at, sealed_request, lease_owner, lease_until)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                 now() + make_interval(secs => $15::bigint))",
         )
         .await
         .map_err(db)?;
-    let (state, status, body, deltas, payers, amounts, at) = match outcome {
-        Some((o, deltas, payers)) => {
-            (o.state.as_str(), i32::from(o.status), o.body.as_str(), deltas, payers, o.amounts.as_ref(), o.at)
-        }
-        None => ("pending", 0, "", "[]", "[]", None, 0),
-    };
-    let (owner, lease_secs) = match lease {
-        Some((owner, secs)) => (Some(owner), Some(secs)),
-        None => (None, None),
-    };
     tx.execute(
         &statement,
         &[
@@ -385,29 +368,18 @@ async fn insert_intent(
             &super::business_day(i.created_at),
             &i.created_at,
             &i.sealed_request,
-            &state,
-            &status,
-            &body,
-            &deltas,
-            &payers,
-            &amounts.map_or(0, |a| a.fund_fen),
-            &amounts.map_or(0, |a| a.account_fen),
-            &amounts.map_or(0, |a| a.cash_fen),
-            &at,
             &owner,
             &lease_secs,
         ],
     )
     .await
     .map_err(db)?;
-    // A refused settlement holds neither its token nor its quote: the patient may try again.
-    let holds = outcome.is_none_or(|(o, _, _)| matches!(o.state, State::Settled | State::Unknown));
-    if holds && let Some(token_id) = &i.token_id {
+    if let Some(token_id) = &i.token_id {
         let statement =
             tx.prepare_cached("INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
         tx.execute(&statement, &[token_id, &i.id]).await.map_err(db)?;
     }
-    if holds && let Some(quote_id) = &i.quote_id {
+    if let Some(quote_id) = &i.quote_id {
         let statement =
             tx.prepare_cached("INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
         tx.execute(&statement, &[quote_id, &i.id]).await.map_err(db)?;
@@ -808,11 +780,7 @@ impl Ledger for PgLedger {
     }
 
     fn begin(&self, intent: Intent) -> LedgerFuture<'_, ()> {
-        Box::pin(
-            self.transaction(async move |tx| {
-                insert_intent(tx, &intent, None, Some((&self.node, self.lease_secs))).await
-            }),
-        )
+        Box::pin(self.transaction(async move |tx| begin_intent(tx, &intent, &self.node, self.lease_secs).await))
     }
 
     /// One transaction, its statements sent together: `BEGIN`, then the settlement row, its
