@@ -415,6 +415,18 @@ pub struct Outcome {
     pub amounts: Option<Amounts>,
 }
 
+impl Outcome {
+    /// The accumulator changes and the per-payer money as stored: `[{"payer", "delta"}]` and
+    /// `[[payer, fund, account]]` (reconciliation reads the latter). Encoded on the caller's
+    /// thread: an engine's writer is the one to spare.
+    pub fn encoded(&self) -> (String, String) {
+        let deltas = serde_json::to_string(&self.deltas).unwrap_or_else(|_| "[]".into());
+        let payers = serde_json::to_string(self.amounts.as_ref().map_or(&[][..], |a| &a.payers[..]))
+            .unwrap_or_else(|_| "[]".into());
+        (deltas, payers)
+    }
+}
+
 /// A stored quote.
 #[derive(Debug, Clone)]
 pub struct StoredQuote {

@@ -31,6 +31,11 @@ impl Place {
     }
 }
 
+/// The cluster ledger's configuration for a test's database, its leases `lease_secs` long.
+fn postgres(database: &ScratchDatabase, lease_secs: i64) -> cardgate::config::PostgresConfig {
+    toml::from_str(&format!("url = {:?}\nlease_secs = {lease_secs}", database.url)).expect("postgres config")
+}
+
 /// The PostgreSQL server the cluster ledger's tests use, if one is named.
 fn postgres_server() -> Option<String> {
     std::env::var("CARDGATE_TEST_POSTGRES").ok().filter(|url| !url.is_empty())
@@ -55,10 +60,8 @@ impl Engine {
             // Three shards: what one shard cannot see alone is exercised.
             Self::Lsm => Arc::new(LsmLedger::open(&place.path().join("ledger"), 3).expect("open")),
             Self::Postgres => {
-                let url = place.database.as_ref().expect("a database").url.clone();
-                let config: cardgate::config::PostgresConfig =
-                    toml::from_str(&format!("url = {url:?}\nlease_secs = 30")).expect("postgres config");
-                Arc::new(PgLedger::open(&config).expect("open"))
+                let database = place.database.as_ref().expect("a database");
+                Arc::new(PgLedger::open(&postgres(database, 30)).expect("open"))
             }
         }
     }
@@ -426,25 +429,12 @@ async fn a_settlement_recorded_in_one_commit_is_refused_whole(engine: Engine) {
 #[tokio::test]
 async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_everything_kept() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("ledger.db");
-    {
-        let old = rusqlite::Connection::open(&path).expect("create");
-        old.execute_batch(include_str!("fixtures/ledger-v3.sql")).expect("version 3 ledger");
-    }
-    let ledger = SqliteLedger::open(&path).expect("migrated");
+    let ledger = version_3_ledger(dir.path());
     holds_the_version_3_fixture(&ledger).await;
 
     // And moved whole into the log-structured engine (`cardgate ledger migrate`), with a quote
     // and a settlement left pending besides.
-    let quote = cardgate::ledger::StoredQuote {
-        id: "Q1".into(),
-        institution: "P110105002".into(),
-        expires_at: 1_900_000_000,
-        sealed: vec![5; 60],
-        settled_by: None,
-    };
-    ledger.save_quote(quote).await.expect("quote");
-    ledger.begin(intent("S-pending", "k-pending", b"tok-pending")).await.expect("pending");
+    add_a_quote_and_a_pending_settlement(&ledger).await;
     let mut items = Vec::new();
     ledger
         .dump(&mut |item| {
@@ -495,6 +485,29 @@ async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_eve
         lsm.by_idempotency_key(institution, "v3-1").await.expect("read").map(|r| r.id),
         Some(settlements[0].intent.id.clone())
     );
+}
+
+/// The version 3 fixture (a ledger the previous gateway wrote), opened (so migrated) in `dir`.
+fn version_3_ledger(dir: &std::path::Path) -> SqliteLedger {
+    let path = dir.join("ledger.db");
+    {
+        let old = rusqlite::Connection::open(&path).expect("create");
+        old.execute_batch(include_str!("fixtures/ledger-v3.sql")).expect("version 3 ledger");
+    }
+    SqliteLedger::open(&path).expect("migrated")
+}
+
+/// What a migration must carry besides the fixture: a quote, and a settlement still pending.
+async fn add_a_quote_and_a_pending_settlement(ledger: &SqliteLedger) {
+    let quote = cardgate::ledger::StoredQuote {
+        id: "Q1".into(),
+        institution: "P110105002".into(),
+        expires_at: 1_900_000_000,
+        sealed: vec![5; 60],
+        settled_by: None,
+    };
+    ledger.save_quote(quote).await.expect("quote");
+    ledger.begin(intent("S-pending", "k-pending", b"tok-pending")).await.expect("pending");
 }
 
 /// What the version 3 fixture holds, checked through any engine.
@@ -633,25 +646,11 @@ async fn a_version_3_ledger_moves_whole_into_postgres() {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("ledger.db");
-    {
-        let old = rusqlite::Connection::open(&path).expect("create");
-        old.execute_batch(include_str!("fixtures/ledger-v3.sql")).expect("version 3 ledger");
-    }
-    let ledger = SqliteLedger::open(&path).expect("migrated");
-    let quote = cardgate::ledger::StoredQuote {
-        id: "Q1".into(),
-        institution: "P110105002".into(),
-        expires_at: 1_900_000_000,
-        sealed: vec![5; 60],
-        settled_by: None,
-    };
-    ledger.save_quote(quote).await.expect("quote");
-    ledger.begin(intent("S-pending", "k-pending", b"tok-pending")).await.expect("pending");
+    let ledger = version_3_ledger(dir.path());
+    add_a_quote_and_a_pending_settlement(&ledger).await;
     // `cardgate ledger migrate --to postgres://...`: into an empty database, in one transaction.
     let database = ScratchDatabase::create(&server).expect("database");
-    let config: cardgate::config::PostgresConfig =
-        toml::from_str(&format!("url = {:?}", database.url)).expect("postgres config");
+    let config = postgres(&database, 60);
     let copied = cardgate::ledger::postgres::import(&config, &|visit| ledger.dump(visit)).expect("import");
     assert_eq!(copied, (4, 3, 1), "three settled and one pending; three cards' years; one quote");
     // Never into a database that holds a ledger: refused, nothing added.
@@ -659,8 +658,7 @@ async fn a_version_3_ledger_moves_whole_into_postgres() {
     assert!(matches!(&again, Err(LedgerError::Storage(m)) if m.contains("already holds")), "{again:?}");
     // A source that fails midway leaves nothing behind.
     let empty = ScratchDatabase::create(&server).expect("database");
-    let into_empty: cardgate::config::PostgresConfig =
-        toml::from_str(&format!("url = {:?}", empty.url)).expect("postgres config");
+    let into_empty = postgres(&empty, 60);
     let failing = cardgate::ledger::postgres::import(&into_empty, &|visit| {
         ledger.dump(&mut |item| match item {
             cardgate::ledger::DumpItem::Quote(_) => Err(LedgerError::Storage("the disk went".into())),
@@ -700,11 +698,7 @@ async fn a_pending_settlement_is_taken_over_only_when_its_lease_ran_out() {
         return;
     };
     let database = ScratchDatabase::create(&server).expect("database");
-    let node = |lease: i64| {
-        let config: cardgate::config::PostgresConfig =
-            toml::from_str(&format!("url = {:?}\nlease_secs = {lease}", database.url)).expect("config");
-        PgLedger::open(&config).expect("open")
-    };
+    let node = |lease: i64| PgLedger::open(&postgres(&database, lease)).expect("open");
     // Two nodes of one cluster; the first records an intent and holds it for 30 s.
     let (first, second) = (node(30), node(30));
     first.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");

@@ -488,6 +488,44 @@ impl Card {
     }
 }
 
+/// A pharmacy's bill of one class A line of 200 yuan (terminal `POS-01`), settled by `token`.
+pub fn class_a_bill(token: &str) -> serde_json::Value {
+    serde_json::json!({
+        "token": token, "terminal_id": "POS-01", "total_fen": 20000,
+        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }]
+    })
+}
+
+/// An idempotency key no other request of this run uses: `TAG-PID-N`.
+pub fn unique_key(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// POSTs a settlement until its answer is final, as a till does: a 503 (the ledger unavailable,
+/// a conflict not settled in a few tries: nothing recorded) and a 409 `request_in_progress`
+/// are retried with the same key, for up to 60 s. The final answer, and the codes of the 503s
+/// met on the way.
+pub async fn settle_until_final(client: &Client, key: &str, body: &serde_json::Value) -> (Reply, Vec<String>) {
+    let (started, mut unavailable) = (std::time::Instant::now(), Vec::new());
+    loop {
+        let reply = post(client, "/v1/settlements", Some(key), body).await;
+        let in_progress = reply.status == http::StatusCode::CONFLICT && reply.body.contains("request_in_progress");
+        if reply.status == http::StatusCode::SERVICE_UNAVAILABLE {
+            unavailable.push(reply.json()["code"].as_str().unwrap_or_default().to_owned());
+        } else if !in_progress {
+            return (reply, unavailable);
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{key}: no final answer in 60 s: {}",
+            reply.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// POSTs JSON, with an idempotency key when given.
 pub async fn post(client: &Client, path: &str, key: Option<&str>, body: &serde_json::Value) -> Reply {
     let headers: Vec<(&str, &str)> = key.map(|k| vec![("idempotency-key", k)]).unwrap_or_default();

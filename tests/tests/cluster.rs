@@ -8,7 +8,9 @@
 use std::net::SocketAddr;
 
 use cardgate::client::Client;
-use cardgate_tests::harness::{Card, Options, Setup, post, postgres_server};
+use cardgate_tests::harness::{
+    Card, Options, Setup, class_a_bill, post, postgres_server, settle_until_final, unique_key,
+};
 use http::StatusCode;
 use serde_json::{Value, json};
 
@@ -55,47 +57,15 @@ impl Cluster {
     }
 }
 
-fn bill(token: &str) -> Value {
-    json!({
-        "token": token, "terminal_id": "POS-01", "total_fen": 20000,
-        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }]
-    })
-}
-
-fn key(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Posts until the answer is final: a till retries a 503 (a conflict not settled in a few
-/// tries, nothing recorded) and a 409 `request_in_progress` with the same key.
-async fn settle(client: &Client, key: &str, body: &Value) -> cardgate::client::Reply {
-    let started = std::time::Instant::now();
-    loop {
-        let reply = post(client, "/v1/settlements", Some(key), body).await;
-        let in_progress = reply.status == StatusCode::CONFLICT && reply.body.contains("request_in_progress");
-        if reply.status != StatusCode::SERVICE_UNAVAILABLE && !in_progress {
-            return reply;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "{key}: no final answer in 30 s: {}",
-            reply.body
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_token_raced_on_three_nodes_settles_once() {
     let Some(cluster) = Cluster::start("one_token_raced_on_three_nodes_settles_once").await else { return };
     for round in 0..10 {
-        let body = bill(&cluster.setup.token(&Card::beijing(), 120));
+        let body = class_a_bill(&cluster.setup.token(&Card::beijing(), 120));
         let tasks: Vec<_> = (0..3)
             .map(|n| {
-                let (client, body, key) = (cluster.pharmacy(n), body.clone(), key("race"));
-                tokio::spawn(async move { settle(&client, &key, &body).await })
+                let (client, body, key) = (cluster.pharmacy(n), body.clone(), unique_key("race"));
+                tokio::spawn(async move { settle_until_final(&client, &key, &body).await.0 })
             })
             .collect();
         let mut created = 0;
@@ -119,11 +89,11 @@ async fn one_idempotency_key_on_two_nodes_at_once_is_one_settlement_with_one_ans
         return;
     };
     for round in 0..5 {
-        let (body, key) = (bill(&cluster.setup.token(&Card::beijing(), 120)), key("twice"));
+        let (body, key) = (class_a_bill(&cluster.setup.token(&Card::beijing(), 120)), unique_key("twice"));
         let tasks: Vec<_> = (0..2)
             .map(|n| {
                 let (client, body, key) = (cluster.pharmacy(n), body.clone(), key.clone());
-                tokio::spawn(async move { settle(&client, &key, &body).await })
+                tokio::spawn(async move { settle_until_final(&client, &key, &body).await.0 })
             })
             .collect();
         let mut answers = Vec::new();
@@ -133,7 +103,7 @@ async fn one_idempotency_key_on_two_nodes_at_once_is_one_settlement_with_one_ans
             answers.push(reply.json());
         }
         // Later, on the third node: the same answer again.
-        let later = settle(&cluster.pharmacy(2), &key, &body).await;
+        let later = settle_until_final(&cluster.pharmacy(2), &key, &body).await.0;
         assert_eq!(later.status, StatusCode::CREATED, "{}", later.body);
         answers.push(later.json());
         assert!(answers.iter().all(|a| *a == answers[0]), "round {round}: answers differ: {answers:?}");
@@ -157,8 +127,9 @@ async fn twenty_bills_of_one_card_over_three_nodes_take_what_they_take_one_by_on
         let card = Card::beijing();
         let tasks: Vec<_> = (0..20)
             .map(|i| {
-                let (client, body, key) = (cluster.pharmacy(i), bill(&cluster.setup.token(&card, 120)), key("burst"));
-                tokio::spawn(async move { settle(&client, &key, &body).await })
+                let (client, body, key) =
+                    (cluster.pharmacy(i), class_a_bill(&cluster.setup.token(&card, 120)), unique_key("burst"));
+                tokio::spawn(async move { settle_until_final(&client, &key, &body).await.0 })
             })
             .collect();
         let (mut fund, mut account) = (0, 0);
@@ -179,7 +150,11 @@ async fn twenty_bills_of_one_card_over_three_nodes_take_what_they_take_one_by_on
 async fn a_settlement_is_reversed_and_reconciled_from_any_node() {
     let Some(cluster) = Cluster::start("a_settlement_is_reversed_and_reconciled_from_any_node").await else { return };
     let card = Card::beijing();
-    let receipt = settle(&cluster.pharmacy(0), &key("rev"), &bill(&cluster.setup.token(&card, 120))).await.json();
+    let receipt =
+        settle_until_final(&cluster.pharmacy(0), &unique_key("rev"), &class_a_bill(&cluster.setup.token(&card, 120)))
+            .await
+            .0
+            .json();
     let id = receipt["settlement_id"].as_str().expect("id");
     let reversal =
         post(&cluster.pharmacy(1), &format!("/v1/settlements/{id}/reversal"), None, &json!({ "reason": "returned" }))
@@ -293,16 +268,17 @@ async fn a_database_that_goes_away_is_503_never_a_hang_and_nothing_acknowledged_
     let (addr, admin, _stop) = cardgate_tests::harness::serve_setup_with_admin(&setup).await;
     let client = setup.client(addr, 1);
     let card = Card::beijing();
-    let first = post(&client, "/v1/settlements", Some(&key("up")), &bill(&setup.token(&card, 120))).await;
+    let first =
+        post(&client, "/v1/settlements", Some(&unique_key("up")), &class_a_bill(&setup.token(&card, 120))).await;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
 
     for link in [Link::Refused, Link::Silent] {
         proxy.set(link);
         let started = std::time::Instant::now();
-        let (token, key) = (setup.token(&card, 120), key("down"));
+        let (token, key) = (setup.token(&card, 120), unique_key("down"));
         let refused = tokio::time::timeout(
             std::time::Duration::from_secs(30),
-            post(&client, "/v1/settlements", Some(&key), &bill(&token)),
+            post(&client, "/v1/settlements", Some(&key), &class_a_bill(&token)),
         )
         .await
         .unwrap_or_else(|_| panic!("{link:?}: the request hung"));
@@ -315,7 +291,7 @@ async fn a_database_that_goes_away_is_503_never_a_hang_and_nothing_acknowledged_
         // Back: the same request with the same key settles (nothing was half-written), and
         // readiness returns, without restarting the gateway.
         proxy.set(Link::Up);
-        let again = settle(&client, &key, &bill(&token)).await;
+        let again = settle_until_final(&client, &key, &class_a_bill(&token)).await.0;
         assert_eq!(again.status, StatusCode::CREATED, "{link:?}: {}", again.body);
         let (status, _) = cardgate_tests::harness::admin(admin, http::Method::GET, "/readyz").await;
         assert_eq!(status, StatusCode::OK, "{link:?}");
@@ -331,7 +307,7 @@ async fn a_database_that_goes_away_is_503_never_a_hang_and_nothing_acknowledged_
                 let mut acknowledged = Vec::new();
                 for (n, token) in tokens.into_iter().enumerate() {
                     let key = format!("till-{t}-{n}-{}", std::process::id());
-                    let reply = settle(&client, &key, &bill(&token)).await;
+                    let reply = settle_until_final(&client, &key, &class_a_bill(&token)).await.0;
                     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
                     acknowledged.push((key, reply.json()["settlement_id"].as_str().expect("id").to_owned()));
                 }
@@ -452,7 +428,12 @@ async fn a_node_killed_mid_traffic_loses_nothing_and_a_survivor_completes_what_i
     until_up(&to_b).await;
 
     let bills: Vec<(String, Value)> = (0..24)
-        .map(|i| (format!("failover-{i}-{}", std::process::id()), bill(&setup.token(&Card::in_region("120101"), 600))))
+        .map(|i| {
+            (
+                format!("failover-{i}-{}", std::process::id()),
+                class_a_bill(&setup.token(&Card::in_region("120101"), 600)),
+            )
+        })
         .collect();
     let queue = std::sync::Arc::new(std::sync::Mutex::new(bills));
     let a_alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));

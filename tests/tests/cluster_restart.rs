@@ -6,35 +6,10 @@
 //! when `CARDGATE_TEST_POSTGRES` names the server and `CARDGATE_TEST_POSTGRES_RESTART` is a
 //! shell command that restarts it (`.ci/run` sets both); skipped, saying so, otherwise.
 
-use cardgate::client::Client;
-use cardgate_tests::harness::{Card, Options, Setup, get, post, postgres_server, serve_setup_with_admin};
+use cardgate_tests::harness::{
+    Card, Options, Setup, class_a_bill, get, postgres_server, serve_setup_with_admin, settle_until_final,
+};
 use http::StatusCode;
-use serde_json::{Value, json};
-
-fn bill(token: &str) -> Value {
-    json!({
-        "token": token, "terminal_id": "POS-01", "total_fen": 20000,
-        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }]
-    })
-}
-
-/// Posts until the answer is final, as a till does (503 and 409 `request_in_progress` are
-/// retried with the same key); counts the 503s.
-async fn settle(client: &Client, key: &str, body: &Value) -> (cardgate::client::Reply, usize) {
-    let (started, mut unavailable) = (std::time::Instant::now(), 0);
-    loop {
-        let reply = post(client, "/v1/settlements", Some(key), body).await;
-        let in_progress = reply.status == StatusCode::CONFLICT && reply.body.contains("request_in_progress");
-        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
-            assert_eq!(reply.json()["code"], "storage_unavailable", "{}", reply.body);
-            unavailable += 1;
-        } else if !in_progress {
-            return (reply, unavailable);
-        }
-        assert!(started.elapsed() < std::time::Duration::from_secs(60), "{key}: no final answer: {}", reply.body);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_restarted_mid_traffic_loses_nothing_and_the_gateway_serves_again() {
@@ -51,13 +26,18 @@ async fn postgres_restarted_mid_traffic_loses_nothing_and_the_gateway_serves_aga
     let client = setup.client(addr, 1);
     let tills: Vec<_> = (0..4)
         .map(|t| {
-            let (client, bodies) =
-                (client.clone(), (0..10).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect::<Vec<_>>());
+            let (client, bodies) = (
+                client.clone(),
+                (0..10).map(|_| class_a_bill(&setup.token(&Card::beijing(), 600))).collect::<Vec<_>>(),
+            );
             tokio::spawn(async move {
                 let mut answered = Vec::new();
                 for (n, body) in bodies.into_iter().enumerate() {
                     let key = format!("restart-{t}-{n}-{}", std::process::id());
-                    let (reply, unavailable) = settle(&client, &key, &body).await;
+                    let (reply, unavailable) = settle_until_final(&client, &key, &body).await;
+                    // What a database restart may answer meanwhile: the ledger unavailable, nothing else.
+                    assert!(unavailable.iter().all(|code| code == "storage_unavailable"), "{key}: {unavailable:?}");
+                    let unavailable = unavailable.len();
                     assert_eq!(reply.status, StatusCode::CREATED, "{key}: {}", reply.body);
                     answered.push((key, reply.json()["settlement_id"].as_str().expect("id").to_owned(), unavailable));
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;

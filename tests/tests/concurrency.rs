@@ -2,24 +2,9 @@
 //! card must move its year-to-date figures exactly as the same bills settled one after another
 //! — never spending the personal account or the deductible twice.
 
-use cardgate_tests::harness::{Card, Options, Setup, TestGateway, now, post, serve_setup};
+use cardgate_tests::harness::{Card, Options, Setup, TestGateway, class_a_bill, now, post, serve_setup, unique_key};
 use http::StatusCode;
 use serde_json::{Value, json};
-
-/// One class A line of 200 yuan: the first four fill the 800-yuan deductible (the account pays
-/// them), each later one is 80% fund, 20% account.
-fn bill(token: &str) -> Value {
-    json!({
-        "token": token, "terminal_id": "POS-01", "total_fen": 20000,
-        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }]
-    })
-}
-
-fn key(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
-}
 
 /// Sums of what a set of receipts took: (fund, account).
 fn sums(receipts: &[Value]) -> (i64, i64) {
@@ -39,8 +24,8 @@ async fn accumulators(gw: &TestGateway, card: &Card) -> cardgate_sdk::YearToDate
 async fn settle_at_once(gw: &TestGateway, card: &Card, bills: usize) -> Vec<Value> {
     let tasks: Vec<_> = (0..bills)
         .map(|_| {
-            let (client, body) = (gw.pharmacy.clone(), bill(&gw.token(card, 120)));
-            tokio::spawn(async move { post(&client, "/v1/settlements", Some(&key("burst")), &body).await })
+            let (client, body) = (gw.pharmacy.clone(), class_a_bill(&gw.token(card, 120)));
+            tokio::spawn(async move { post(&client, "/v1/settlements", Some(&unique_key("burst")), &body).await })
         })
         .collect();
     let mut receipts = Vec::new();
@@ -58,8 +43,13 @@ async fn twenty_bills_of_one_card_at_once_take_what_they_take_one_by_one() {
     let sequential_card = Card::beijing();
     let mut sequential = Vec::new();
     for _ in 0..20 {
-        let reply =
-            post(&gw.pharmacy, "/v1/settlements", Some(&key("one")), &bill(&gw.token(&sequential_card, 120))).await;
+        let reply = post(
+            &gw.pharmacy,
+            "/v1/settlements",
+            Some(&unique_key("one")),
+            &class_a_bill(&gw.token(&sequential_card, 120)),
+        )
+        .await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         sequential.push(reply.json());
     }
@@ -122,8 +112,8 @@ async fn two_gateways_sharing_a_ledger_never_spend_a_card_twice() {
     let card = Card::beijing();
     let tasks: Vec<_> = (0..20)
         .map(|i| {
-            let (client, body) = (clients[i % 2].clone(), bill(&setup.token(&card, 120)));
-            let key = key("two-nodes");
+            let (client, body) = (clients[i % 2].clone(), class_a_bill(&setup.token(&card, 120)));
+            let key = unique_key("two-nodes");
             tokio::spawn(async move {
                 // A conflict the ledger could not settle in three tries is a 503 with nothing
                 // recorded: the till retries with the same key, as it would.

@@ -116,18 +116,24 @@ fn status(answer: &Result<cardgate::api::ApiResponse, ApiError>) -> (StatusCode,
     }
 }
 
-#[tokio::test]
-async fn a_settlement_whose_outcome_write_failed_completes_on_a_late_retry() {
+/// A gateway on the test clock whose ledger fails its next outcome write (`fail_next`) or its
+/// next read of a card's figures (`fail_read`).
+fn failing_gateway(fail_next: bool, fail_read: bool) -> (Setup, Gateway, Arc<TestClock>) {
     let setup = Setup::create(&Options::default(), "127.0.0.1:0");
     let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
     let clock = Arc::new(TestClock(AtomicI64::new(now())));
     let mut gateway = Gateway::build(config, Arc::clone(&clock) as Arc<dyn Clock>).expect("gateway");
-    let failing = Arc::new(FailingOutcome {
+    gateway.ledger = Arc::new(FailingOutcome {
         inner: Arc::clone(&gateway.ledger),
-        fail_next: AtomicBool::new(true),
-        fail_read: AtomicBool::new(false),
+        fail_next: AtomicBool::new(fail_next),
+        fail_read: AtomicBool::new(fail_read),
     });
-    gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
+    (setup, gateway, clock)
+}
+
+#[tokio::test]
+async fn a_settlement_whose_outcome_write_failed_completes_on_a_late_retry() {
+    let (setup, gateway, clock) = failing_gateway(true, false);
     let identity = Identity { institution: PHARMACY.into() };
     let body: BillBody = serde_json::from_value(json!({
         "token": setup.token(&Card::beijing(), 300), "terminal_id": "POS-01", "total_fen": 170000,
@@ -179,16 +185,7 @@ async fn a_settlement_whose_outcome_write_failed_completes_on_a_late_retry() {
 /// the cluster test that cuts the database link mid-traffic).
 #[tokio::test]
 async fn a_settlement_whose_figures_could_not_be_read_is_not_recorded_and_settles_on_retry() {
-    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
-    let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
-    let clock = Arc::new(TestClock(AtomicI64::new(now())));
-    let mut gateway = Gateway::build(config, Arc::clone(&clock) as Arc<dyn Clock>).expect("gateway");
-    let failing = Arc::new(FailingOutcome {
-        inner: Arc::clone(&gateway.ledger),
-        fail_next: AtomicBool::new(false),
-        fail_read: AtomicBool::new(true),
-    });
-    gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
+    let (setup, gateway, _clock) = failing_gateway(false, true);
     let identity = Identity { institution: PHARMACY.into() };
     let body: BillBody = serde_json::from_value(json!({
         "token": setup.token(&Card::beijing(), 300), "terminal_id": "POS-01", "total_fen": 10000,

@@ -1016,14 +1016,6 @@ fn stored(seq: u64, row: &Row) -> Vec<Part> {
     vec![Part::Bytes([&seq.to_be_bytes()[..], &row.encode()].concat())]
 }
 
-fn encoded_outcome(o: &Outcome) -> (String, String) {
-    // `[{"payer", "delta"}]` and `[[payer, fund, account]]` (reconciliation reads the latter).
-    let deltas = serde_json::to_string(&o.deltas).unwrap_or_else(|_| "[]".into());
-    let payers =
-        serde_json::to_string(o.amounts.as_ref().map_or(&[][..], |a| &a.payers[..])).unwrap_or_else(|_| "[]".into());
-    (deltas, payers)
-}
-
 fn intent_keys(i: &Intent) -> Vec<(u8, Vec<u8>)> {
     let mut keys = vec![(KEY, key_of(&i.institution, &i.idempotency_key)), (SETTLEMENT, i.id.as_bytes().to_vec())];
     if let Some(token) = &i.token_id {
@@ -1368,7 +1360,7 @@ impl Ledger for LsmLedger {
     fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
         let mut keys = intent_keys(&intent);
         keys.push((CARD, o.card_hash.clone()));
-        let (deltas, payers) = encoded_outcome(&o);
+        let (deltas, payers) = o.encoded();
         let row = Row::from_intent(&intent).with_outcome(&o, &deltas, &payers);
         let holds = matches!(o.state, State::Settled | State::Unknown);
         let (card_hash, key_intent) = (intent.card_hash.clone(), intent.clone());
@@ -1383,7 +1375,7 @@ impl Ledger for LsmLedger {
 
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
         let keys = [(SETTLEMENT, o.id.as_bytes().to_vec()), (CARD, o.card_hash.clone())];
-        let (deltas, payers) = encoded_outcome(&o);
+        let (deltas, payers) = o.encoded();
         let shard = self.shard_of(&o.card_hash);
         shard.write(&borrowed(&keys), move |s| {
             let mut plan = Plan::default();

@@ -341,47 +341,63 @@ fn unresolved_row(row: &tokio_postgres::Row) -> Result<Unresolved, LedgerError> 
     })
 }
 
+/// The columns of a settlement's intent, `$1` to `$13` in the statements that insert one, with
+/// their values from [`intent_values`].
+macro_rules! insert_intent {
+    ($more_columns:literal, $more_values:literal) => {
+        concat!(
+            "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id, ",
+            "card_hash, card_masked, total_fen, day, created_at, sealed_request, ",
+            $more_columns,
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
+            $more_values,
+            ")"
+        )
+    };
+}
+
+/// A statement parameter.
+type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+
+/// The intent's values, `$1` to `$13` of [`insert_intent`] (`day`: its business day).
+fn intent_values<'a>(i: &'a Intent, day: &'a String) -> Vec<Param<'a>> {
+    vec![
+        &i.id,
+        &i.institution,
+        &i.terminal,
+        &i.idempotency_key,
+        &i.request_hash,
+        &i.token_id,
+        &i.quote_id,
+        &i.card_hash,
+        &i.card_masked,
+        &i.total_fen,
+        day,
+        &i.created_at,
+        &i.sealed_request,
+    ]
+}
+
+/// Marks a token (`$1`) used by a settlement (`$2`); a quote likewise.
+const INSERT_TOKEN: &str = "INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)";
+const INSERT_QUOTE: &str = "INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)";
+
 /// Inserts a pending intent, held by `owner` for `lease_secs`, with its token (or quote).
 async fn begin_intent(tx: &impl GenericClient, i: &Intent, owner: &str, lease_secs: i64) -> Result<(), LedgerError> {
     let statement = tx
-        .prepare_cached(
-            "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
-                 card_hash, card_masked, total_fen, day, created_at, sealed_request, lease_owner, lease_until)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                 now() + make_interval(secs => $15::bigint))",
-        )
+        .prepare_cached(insert_intent!("lease_owner, lease_until", "$14, now() + make_interval(secs => $15::bigint)"))
         .await
         .map_err(db)?;
-    tx.execute(
-        &statement,
-        &[
-            &i.id,
-            &i.institution,
-            &i.terminal,
-            &i.idempotency_key,
-            &i.request_hash,
-            &i.token_id,
-            &i.quote_id,
-            &i.card_hash,
-            &i.card_masked,
-            &i.total_fen,
-            &super::business_day(i.created_at),
-            &i.created_at,
-            &i.sealed_request,
-            &owner,
-            &lease_secs,
-        ],
-    )
-    .await
-    .map_err(db)?;
+    let day = super::business_day(i.created_at);
+    let mut values = intent_values(i, &day);
+    values.extend([&owner as Param<'_>, &lease_secs]);
+    tx.execute(&statement, &values).await.map_err(db)?;
     if let Some(token_id) = &i.token_id {
-        let statement =
-            tx.prepare_cached("INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
+        let statement = tx.prepare_cached(INSERT_TOKEN).await.map_err(db)?;
         tx.execute(&statement, &[token_id, &i.id]).await.map_err(db)?;
     }
     if let Some(quote_id) = &i.quote_id {
-        let statement =
-            tx.prepare_cached("INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
+        let statement = tx.prepare_cached(INSERT_QUOTE).await.map_err(db)?;
         tx.execute(&statement, &[quote_id, &i.id]).await.map_err(db)?;
     }
     Ok(())
@@ -396,51 +412,22 @@ async fn record_pipelined(
     deltas: &str,
     payers: &str,
 ) -> Result<(), LedgerError> {
-    use tokio_postgres::types::ToSql;
-    type Param<'p> = &'p (dyn ToSql + Sync);
     let insert = tx
-        .prepare_cached(
-            "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
-                 card_hash, card_masked, total_fen, day, created_at, sealed_request, state, status, body, deltas,
-                 payers, fund_fen, account_fen, cash_fen, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::text::jsonb,
-                 $19, $20, $21, $22)",
-        )
+        .prepare_cached(insert_intent!(
+            "state, status, body, deltas, payers, fund_fen, account_fen, cash_fen, updated_at",
+            "$14, $15, $16, $17, $18::text::jsonb, $19, $20, $21, $22"
+        ))
         .await
         .map_err(db)?;
-    let token =
-        tx.prepare_cached("INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
-    let quote =
-        tx.prepare_cached("INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)").await.map_err(db)?;
+    let token = tx.prepare_cached(INSERT_TOKEN).await.map_err(db)?;
+    let quote = tx.prepare_cached(INSERT_QUOTE).await.map_err(db)?;
     let upsert = tx.prepare_cached(UPSERT_ACCUMULATORS).await.map_err(db)?;
     let (day, state, status) = (super::business_day(i.created_at), o.state.as_str(), i32::from(o.status));
     let amounts = o.amounts.as_ref();
     let (fund, account, cash) =
         (amounts.map_or(0, |a| a.fund_fen), amounts.map_or(0, |a| a.account_fen), amounts.map_or(0, |a| a.cash_fen));
-    let row: [Param<'_>; 22] = [
-        &i.id,
-        &i.institution,
-        &i.terminal,
-        &i.idempotency_key,
-        &i.request_hash,
-        &i.token_id,
-        &i.quote_id,
-        &i.card_hash,
-        &i.card_masked,
-        &i.total_fen,
-        &day,
-        &i.created_at,
-        &i.sealed_request,
-        &state,
-        &status,
-        &o.body,
-        &deltas,
-        &payers,
-        &fund,
-        &account,
-        &cash,
-        &o.at,
-    ];
+    let mut row = intent_values(i, &day);
+    row.extend([&state as Param<'_>, &status, &o.body, &deltas, &payers, &fund, &account, &cash, &o.at]);
     let read = if o.state == State::Settled { &o.read[..] } else { &[] };
     let figures: Vec<Figures> = o.deltas.iter().map(|d| Figures::of(d, read)).collect();
     let upserts: Vec<[Param<'_>; 14]> =
@@ -623,13 +610,6 @@ async fn add_accumulators(
     Ok(())
 }
 
-fn encoded(o: &Outcome) -> (String, String) {
-    let deltas = serde_json::to_string(&o.deltas).unwrap_or_else(|_| "[]".into());
-    let payers =
-        serde_json::to_string(o.amounts.as_ref().map_or(&[][..], |a| &a.payers[..])).unwrap_or_else(|_| "[]".into());
-    (deltas, payers)
-}
-
 /// The settlements an institution made on a day (settled then, reversed since or not).
 const DAY_SETTLED: &str = "WHERE institution = $1 AND day = $2 AND state IN ('settled', 'reversed')";
 /// The reversals an institution made on a day, whatever day their settlements were.
@@ -787,12 +767,12 @@ impl Ledger for PgLedger {
     /// token (or quote) and each payer's conditional upsert in one round trip, then `COMMIT`
     /// (or, if any was refused, a rollback).
     fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
-        let (deltas, payers) = encoded(&o);
+        let (deltas, payers) = o.encoded();
         Box::pin(self.transaction(async move |tx| record_pipelined(tx, &intent, &o, &deltas, &payers).await))
     }
 
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
-        let (deltas, payers) = encoded(&o);
+        let (deltas, payers) = o.encoded();
         Box::pin(self.transaction(async move |tx| {
             write_outcome(tx, &o, &deltas, &payers).await?;
             let read = if o.state == State::Settled { &o.read[..] } else { &[] };
@@ -1100,20 +1080,15 @@ impl Statements {
     async fn prepare(tx: &tokio_postgres::Transaction<'_>) -> Result<Self, LedgerError> {
         Ok(Self {
             settlement: tx
-                .prepare(
-                    "INSERT INTO settlements (seq, id, institution, terminal, idempotency_key, request_hash, token_id,
-                         quote_id, card_hash, card_masked, total_fen, day, created_at, sealed_request, state, status,
-                         body, reversal, deltas, payers, fund_fen, account_fen, cash_fen, updated_at, reversed_day)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-                         $20::text::jsonb, $21, $22, $23, $24, $25)",
-                )
+                .prepare(insert_intent!(
+                    "seq, state, status, body, reversal, deltas, payers, fund_fen, account_fen, cash_fen, updated_at, \
+                     reversed_day",
+                    "$14, $15, $16, $17, $18, $19, $20::text::jsonb, $21, $22, $23, $24, $25"
+                ))
                 .await
                 .map_err(db)?,
-            token: tx.prepare("INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)").await.map_err(db)?,
-            quote_used: tx
-                .prepare("INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)")
-                .await
-                .map_err(db)?,
+            token: tx.prepare(INSERT_TOKEN).await.map_err(db)?,
+            quote_used: tx.prepare(INSERT_QUOTE).await.map_err(db)?,
             year: tx
                 .prepare(
                     "INSERT INTO accumulators (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
@@ -1140,38 +1115,23 @@ async fn copy(
         DumpItem::Settlement(d) => {
             let i = &d.intent;
             let seq = i64::try_from(d.seq).map_err(storage)?;
-            tx.execute(
-                &statements.settlement,
-                &[
-                    &seq,
-                    &i.id,
-                    &i.institution,
-                    &i.terminal,
-                    &i.idempotency_key,
-                    &i.request_hash,
-                    &i.token_id,
-                    &i.quote_id,
-                    &i.card_hash,
-                    &i.card_masked,
-                    &i.total_fen,
-                    &super::business_day(i.created_at),
-                    &i.created_at,
-                    &i.sealed_request,
-                    &d.state.as_str(),
-                    &i32::from(d.status),
-                    &d.body,
-                    &d.reversal,
-                    &d.deltas,
-                    &d.payers,
-                    &d.amounts.0,
-                    &d.amounts.1,
-                    &d.amounts.2,
-                    &d.updated_at,
-                    &d.reversed_day,
-                ],
-            )
-            .await
-            .map_err(db)?;
+            let (day, state, status) = (super::business_day(i.created_at), d.state.as_str(), i32::from(d.status));
+            let mut values = intent_values(i, &day);
+            values.extend([
+                &seq as Param<'_>,
+                &state,
+                &status,
+                &d.body,
+                &d.reversal,
+                &d.deltas,
+                &d.payers,
+                &d.amounts.0,
+                &d.amounts.1,
+                &d.amounts.2,
+                &d.updated_at,
+                &d.reversed_day,
+            ]);
+            tx.execute(&statements.settlement, &values).await.map_err(db)?;
             if d.holds.0
                 && let Some(token_id) = &i.token_id
             {

@@ -885,9 +885,7 @@ impl Ledger for SqliteLedger {
     }
 
     fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
-        let deltas = serde_json::to_string(&o.deltas).unwrap_or_else(|_| "[]".into());
-        let payers = serde_json::to_string(o.amounts.as_ref().map_or(&[][..], |a| &a.payers[..]))
-            .unwrap_or_else(|_| "[]".into());
+        let (deltas, payers) = o.encoded();
         // One job, one savepoint: a refusal of either part undoes both.
         self.write(move |c| {
             begin_intent(c, &intent)?;
@@ -896,11 +894,7 @@ impl Ledger for SqliteLedger {
     }
 
     fn finish(&self, o: Outcome) -> LedgerFuture<'_, ()> {
-        // Encoded here, on the caller's thread: the writer's thread is the one to spare.
-        // `[{"payer", "delta"}]` and `[[payer, fund, account]]` (reconciliation reads the latter).
-        let deltas = serde_json::to_string(&o.deltas).unwrap_or_else(|_| "[]".into());
-        let payers = serde_json::to_string(o.amounts.as_ref().map_or(&[][..], |a| &a.payers[..]))
-            .unwrap_or_else(|_| "[]".into());
+        let (deltas, payers) = o.encoded();
         self.write(move |c| finish_outcome(c, &o, &deltas, &payers))
     }
 

@@ -159,6 +159,18 @@ fn postgres_cpu() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// The measured gateway's options: the harness's limits, release plugins called inline, and
+/// the cluster's ledger under `LOADGEN_ENGINE=postgres`.
+fn harness_options() -> Options {
+    Options {
+        extra_toml: LIMITS.into(),
+        release_plugins: true,
+        inline_plugins: true,
+        engine: postgres().then_some("postgres"),
+        ..Options::default()
+    }
+}
+
 /// `LOADGEN_ENGINE=lsm` runs the gateway on the log-structured ledger (`LOADGEN_SHARDS=N`: N
 /// shards, default the gateway's, half the cores), `LOADGEN_ENGINE=sqlite` on SQLite (the
 /// default), to compare both in one session.
@@ -508,13 +520,7 @@ fn resident_mib(pid: u32) -> (f64, f64) {
 /// The daemon's resident memory with many terminals connected.
 async fn rss(connections: usize, seconds: u64) -> f64 {
     let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
-    let options = Options {
-        extra_toml: LIMITS.into(),
-        release_plugins: true,
-        inline_plugins: true,
-        engine: postgres().then_some("postgres"),
-        ..Options::default()
-    };
+    let options = harness_options();
     let setup = Setup::create(&options, &addr.to_string());
     choose_engine(&setup);
     let binary = std::env::current_exe().expect("own path").with_file_name("cardgate");
@@ -662,13 +668,7 @@ async fn run() {
     let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let connections: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
     let duration = Duration::from_secs(seconds);
-    let options = Options {
-        extra_toml: LIMITS.into(),
-        release_plugins: true,
-        inline_plugins: true,
-        engine: postgres().then_some("postgres"),
-        ..Options::default()
-    };
+    let options = harness_options();
     let setup = Setup::create(&options, "127.0.0.1:0");
     choose_engine(&setup);
     let (gateway, _stop) = serve_setup(&setup).await;
