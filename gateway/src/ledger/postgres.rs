@@ -477,7 +477,7 @@ impl Figures {
 
     fn params<'p>(
         &'p self,
-        card_hash: &'p Vec<u8>,
+        card_hash: Param<'p>,
         payer: &'p String,
     ) -> [&'p (dyn tokio_postgres::types::ToSql + Sync); 14] {
         let (d, g) = (&self.delta, &self.expected);
@@ -579,30 +579,9 @@ async fn add_accumulators(
         return Ok(());
     }
     let statement = tx.prepare_cached(UPSERT_ACCUMULATORS).await.map_err(db)?;
-    for AccumulatorDelta { payer, delta: d } in deltas {
-        let given = read.iter().find(|r| r.payer == *payer && r.delta.year == d.year).map(|r| r.delta);
-        let changed = tx
-            .execute(
-                &statement,
-                &[
-                    &card_hash,
-                    &d.year,
-                    payer,
-                    &d.deductible_fen,
-                    &d.fund_paid_fen,
-                    &d.eligible_fen,
-                    &d.account_paid_fen,
-                    &d.eligible_self_pay_fen,
-                    &given.is_some(),
-                    &given.map_or(0, |g| g.deductible_fen),
-                    &given.map_or(0, |g| g.fund_paid_fen),
-                    &given.map_or(0, |g| g.eligible_fen),
-                    &given.map_or(0, |g| g.account_paid_fen),
-                    &given.map_or(0, |g| g.eligible_self_pay_fen),
-                ],
-            )
-            .await
-            .map_err(db)?;
+    for delta in deltas {
+        let figures = Figures::of(delta, read);
+        let changed = tx.execute(&statement, &figures.params(&card_hash, &delta.payer)).await.map_err(db)?;
         if changed == 0 {
             return Err(LedgerError::Stale);
         }
