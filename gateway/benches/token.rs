@@ -60,5 +60,28 @@ fn token(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, token);
+/// Ed25519 signatures checked together (`token::batch`), per batch size; the throughput line
+/// gives the time per signature, against `signature_only/EdDSA` (ring, one at a time).
+fn batch(c: &mut Criterion) {
+    use cardgate::token::batch::{Ed25519Key, verify_together};
+    let mut group = c.benchmark_group("batch");
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7; 32]).expect("seed");
+    let raw: [u8; 32] = ring::signature::KeyPair::public_key(&pair).as_ref().try_into().expect("32 bytes");
+    let key = Ed25519Key::from_bytes(raw);
+    // A Sig_structure of a typical token's size.
+    let messages: Vec<Vec<u8>> = (0..64).map(|i| format!("{i:0>160}").into_bytes()).collect();
+    let signatures: Vec<[u8; 64]> =
+        messages.iter().map(|m| pair.sign(m).as_ref().try_into().expect("64 bytes")).collect();
+    for size in [1, 2, 8, 16, 32, 64] {
+        let items: Vec<(&Ed25519Key, &[u8], &[u8; 64])> =
+            (0..size).map(|i| (&key, messages[i].as_slice(), &signatures[i])).collect();
+        group.throughput(criterion::Throughput::Elements(size as u64));
+        group.bench_function(format!("EdDSA/{size}"), |b| {
+            b.iter(|| assert!(verify_together(black_box(&items)).iter().all(|&ok| ok)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, token, batch);
 criterion_main!(benches);

@@ -112,6 +112,23 @@ pub struct TokenConfig {
     /// How long a quote can be settled by its `quote_id`, seconds.
     #[serde(default = "defaults::quote_validity_secs")]
     pub quote_validity_secs: i64,
+    /// The most Ed25519 signatures checked together under load (1 to 1,024; 1: each alone).
+    #[serde(default = "defaults::signature_batch_max")]
+    pub signature_batch_max: usize,
+    /// The longest a request waits for others to join its signature batch, microseconds
+    /// (0 to 10,000). A request that finds the gateway idle never waits.
+    #[serde(default = "defaults::signature_batch_wait_us")]
+    pub signature_batch_wait_us: u64,
+}
+
+impl TokenConfig {
+    /// How Ed25519 signatures are batched.
+    pub fn signature_batch(&self) -> crate::token::batch::BatchSettings {
+        crate::token::batch::BatchSettings {
+            max: self.signature_batch_max,
+            wait: std::time::Duration::from_micros(self.signature_batch_wait_us),
+        }
+    }
 }
 
 /// The ledger.
@@ -476,6 +493,12 @@ mod defaults {
     pub(super) fn quote_validity_secs() -> i64 {
         1_800
     }
+    pub(super) fn signature_batch_max() -> usize {
+        64
+    }
+    pub(super) fn signature_batch_wait_us() -> u64 {
+        1_000
+    }
     pub(super) fn plugin_cache_dir() -> PathBuf {
         PathBuf::from("plugin-cache")
     }
@@ -692,6 +715,8 @@ impl Config {
         check(t.clock_skew_secs >= 0, "tokens.clock_skew_secs: must not be negative".into());
         check(t.max_lifetime_secs > 0, "tokens.max_lifetime_secs: must be positive".into());
         check(t.quote_validity_secs > 0, "tokens.quote_validity_secs: must be positive".into());
+        check((1..=1024).contains(&t.signature_batch_max), "tokens.signature_batch_max: 1 to 1024".into());
+        check(t.signature_batch_wait_us <= 10_000, "tokens.signature_batch_wait_us: 0 to 10000".into());
         check((1..=64).contains(&self.ledger.shards), "ledger.shards: 1 to 64".into());
         match (self.ledger.backend, &self.ledger.postgres) {
             (LedgerBackend::Embedded, _) => {

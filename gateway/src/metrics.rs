@@ -22,6 +22,12 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full("cardgate_ledger_commit_batch_size".into()), &BATCH_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("cardgate_token_signature_batch_size".into()),
+                        &BATCH_BUCKETS,
+                    )
                 });
             match builder.and_then(PrometheusBuilder::install_recorder) {
                 Ok(handle) => Some(handle),
@@ -54,6 +60,16 @@ pub fn request(endpoint: &'static str, status: u16, code: &str, elapsed: Duratio
 /// A refused token, by reason.
 pub fn token_rejected(code: &'static str) {
     metrics::counter!("cardgate_token_rejections_total", "reason" => code).increment(1);
+}
+
+/// Ed25519 signatures checked together (token::batch); a batch of one is a single check.
+pub fn signature_batch(size: usize) {
+    metrics::histogram!("cardgate_token_signature_batch_size").record(size as f64);
+}
+
+/// A batch of signatures that failed as a whole (each was then checked alone).
+pub fn signature_batch_failed() {
+    metrics::counter!("cardgate_token_signature_batch_failures_total").increment(1);
 }
 
 /// A request refused by a rate limit.

@@ -287,7 +287,7 @@ fn ed25519_known_answers_rfc_8032() {
     for (secret, public, message, signature) in cases {
         let pair = ring::signature::Ed25519KeyPair::from_seed_and_public_key(&hex(secret), &hex(public)).expect("key");
         assert_eq!(pair.sign(&hex(message)).as_ref(), hex(signature).as_slice());
-        let key = PublicKey::Ed25519(hex(public));
+        let key = PublicKey::ed25519(&hex(public)).expect("32 bytes");
         assert!(key.verify(&hex(message), &hex(signature)));
         let mut tampered = hex(signature);
         tampered[0] ^= 1;

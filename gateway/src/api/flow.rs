@@ -342,7 +342,7 @@ fn merge(mut base: Value, extra: Value) -> Value {
 pub async fn inquire(gateway: &Gateway, identity: &Identity, body: InquiryBody) -> Result<ApiResponse, ApiError> {
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id).await?;
     let now = gateway.clock.now();
-    let verified = gateway.verifier.verify(&body.token, now)?;
+    let verified = gateway.verifier.verify_batched(&body.token, now, gateway.config.tokens.signature_batch()).await?;
     let subject =
         Subject::from_claim(verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?, None, None);
     let card_hash = gateway.card_key.hash(&subject.card_id);
@@ -410,7 +410,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         _ => return Err(ApiError::invalid("a quote needs `token` (and no `quote_id`)")),
     };
     let now = gateway.clock.now();
-    let verified = gateway.verifier.verify(token, now)?;
+    let verified = gateway.verifier.verify_batched(token, now, gateway.config.tokens.signature_batch()).await?;
     let ecard = verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?;
     let subject = Subject::from_claim(ecard, verified.claims.token_id.clone(), verified.claims.expires_at);
     gateway.limiter.check_card(&gateway.card_key.hash(&subject.card_id)).await?;
@@ -467,9 +467,9 @@ struct Prepared {
     quote_id: Option<String>,
 }
 
-fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: i64) -> Result<Prepared, ApiError> {
+async fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: i64) -> Result<Prepared, ApiError> {
     let total_fen = check_bill(&body.lines, body.total_fen)?;
-    let verified = gateway.verifier.verify(token, now)?;
+    let verified = gateway.verifier.verify_batched(token, now, gateway.config.tokens.signature_batch()).await?;
     let ecard = verified.ecard.ok_or(TokenError::ProfileInvalid("no e-card claim".into()))?;
     let subject = Subject::from_claim(ecard, verified.claims.token_id.clone(), verified.claims.expires_at);
     if subject.token_id.as_ref().is_some_and(|cti| gateway.replay_cache.contains(cti)) {
@@ -615,7 +615,7 @@ async fn prepare_settlement(
     now: i64,
 ) -> Result<(Prepared, Vec<u8>), ApiError> {
     let prepared = match (&body.token, &body.quote_id) {
-        (Some(token), None) => prepare_by_token(gateway, body, token, now)?,
+        (Some(token), None) => prepare_by_token(gateway, body, token, now).await?,
         (None, Some(quote_id)) => prepare_by_quote(gateway, institution.0, body, quote_id, now).await?,
         _ => return Err(ApiError::invalid("give exactly one of `token` and `quote_id`")),
     };

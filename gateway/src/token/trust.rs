@@ -16,6 +16,8 @@ use serde::Deserialize;
 use spki::der::{Decode, Encode};
 use spki::{ObjectIdentifier, SubjectPublicKeyInfoRef};
 
+use super::batch::Ed25519Key;
+
 /// The signature algorithms a token may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Algorithm {
@@ -92,8 +94,8 @@ const OID_RSA_PSS: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.1135
 /// A public key ready to verify signatures.
 #[derive(Clone)]
 pub enum PublicKey {
-    /// Raw 32-byte Ed25519 key.
-    Ed25519(Vec<u8>),
+    /// Ed25519 key.
+    Ed25519(Box<Ed25519Key>),
     /// Uncompressed SEC1 P-256 point.
     P256(Vec<u8>),
     /// PKCS#1 RSAPublicKey DER.
@@ -114,8 +116,7 @@ impl PublicKey {
         let spki = SubjectPublicKeyInfoRef::from_der(der).map_err(|e| format!("not a public key: {e}"))?;
         let bits = spki.subject_public_key.as_bytes().ok_or("public key bits are not whole bytes")?.to_vec();
         match spki.algorithm.oid {
-            OID_ED25519 if bits.len() == 32 => Ok(Self::Ed25519(bits)),
-            OID_ED25519 => Err("Ed25519 key is not 32 bytes".into()),
+            OID_ED25519 => Self::ed25519(&bits),
             OID_EC_PUBLIC_KEY => match spki.algorithm.parameters_oid() {
                 Ok(OID_P256) if bits.len() == 65 && bits[0] == 4 => Ok(Self::P256(bits)),
                 Ok(OID_P256) => Err("P-256 key is not an uncompressed point".into()),
@@ -126,6 +127,12 @@ impl PublicKey {
             OID_RSA | OID_RSA_PSS => Ok(Self::Rsa(bits)),
             oid => Err(format!("unsupported key algorithm {oid}")),
         }
+    }
+
+    /// An Ed25519 key from its 32 bytes.
+    pub fn ed25519(bytes: &[u8]) -> Result<Self, String> {
+        let raw = <[u8; 32]>::try_from(bytes).map_err(|_| "Ed25519 key is not 32 bytes")?;
+        Ok(Self::Ed25519(Box::new(Ed25519Key::from_bytes(raw))))
     }
 
     /// An SM2 key from its SEC1 point, with a distinguishing identifier (tokens use
@@ -157,9 +164,9 @@ impl PublicKey {
 
     /// Whether `signature` is this key's signature of `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
-        use ring::signature::{ECDSA_P256_SHA256_FIXED, ED25519, RSA_PSS_2048_8192_SHA256, UnparsedPublicKey};
+        use ring::signature::{ECDSA_P256_SHA256_FIXED, RSA_PSS_2048_8192_SHA256, UnparsedPublicKey};
         match self {
-            Self::Ed25519(key) => UnparsedPublicKey::new(&ED25519, key).verify(message, signature).is_ok(),
+            Self::Ed25519(key) => key.verify(message, signature),
             Self::P256(key) => UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key).verify(message, signature).is_ok(),
             Self::Rsa(key) => UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA256, key).verify(message, signature).is_ok(),
             Self::Sm2(key) => {
