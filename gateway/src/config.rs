@@ -112,6 +112,10 @@ pub struct TokenConfig {
     /// How long a quote can be settled by its `quote_id`, seconds.
     #[serde(default = "defaults::quote_validity_secs")]
     pub quote_validity_secs: i64,
+    /// At which moment an issuer key's validity is judged: `verification` (the default) or
+    /// `issue` (the token's `iat`).
+    #[serde(default)]
+    pub key_validity: crate::token::KeyValidity,
     /// The most Ed25519 signatures checked together under load (1 to 1,024; 1: each alone).
     #[serde(default = "defaults::signature_batch_max")]
     pub signature_batch_max: usize,
@@ -856,10 +860,23 @@ mod tests {
     }
 
     #[test]
+    fn the_key_validity_policy_is_read_from_the_file_and_the_environment() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cardgate.toml");
+        let config = Config::load(&path, &HashMap::new()).expect("valid");
+        assert_eq!(config.tokens.key_validity, crate::token::KeyValidity::Verification);
+        let env = HashMap::from([("CARDGATE__TOKENS__KEY_VALIDITY".to_owned(), "issue".to_owned())]);
+        assert_eq!(Config::load(&path, &env).expect("valid").tokens.key_validity, crate::token::KeyValidity::Issue);
+        let env = HashMap::from([("CARDGATE__TOKENS__KEY_VALIDITY".to_owned(), "whenever".to_owned())]);
+        let problems = Config::load(&path, &env).expect_err("unknown policy").problems;
+        assert!(problems.iter().any(|p| p.contains("key_validity") || p.contains("whenever")), "{problems:?}");
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key_path() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cardgate.toml");
         let mut config = Config::load(&path, &HashMap::new()).expect("valid");
         config.ledger.secret = "short".into();
+        config.tokens.signature_batch_max = 0;
         config.routes[0].payers.push("nobody".into());
         config.institutions.get_mut("H110105001").expect("institution").region = "11".into();
         config.admin = Some(AdminConfig {
@@ -869,9 +886,10 @@ mod tests {
             client_ca: None,
         });
         let problems = config.validate().expect_err("invalid").problems;
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
         assert!(problems.iter().any(|p| p.starts_with("admin.listen: a non-loopback address needs mutual TLS")));
-        for key in ["ledger.secret", "routes[0].payers", "institutions.H110105001.region"] {
+        for key in ["ledger.secret", "tokens.signature_batch_max", "routes[0].payers", "institutions.H110105001.region"]
+        {
             assert!(problems.iter().any(|p| p.starts_with(key)), "{key} in {problems:?}");
         }
     }

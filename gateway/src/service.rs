@@ -131,6 +131,7 @@ impl Gateway {
             prefix: crate::token::envelope::ECARD_PREFIX.to_owned(),
             clock_skew_secs: config.tokens.clock_skew_secs,
             max_lifetime_secs: config.tokens.max_lifetime_secs,
+            key_validity: config.tokens.key_validity,
         };
         Ok(Self {
             verifier: Verifier::new(Arc::new(trust), Arc::new(revocations), options),

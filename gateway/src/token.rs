@@ -2,8 +2,8 @@
 //!
 //! Verification order: decode the envelope -> find the key by `kid` (protected header first,
 //! then unprotected) -> key revocation -> signature -> claims -> time window (with clock skew)
-//! -> key validity at issue -> e-card profile (required claims, maximum lifetime, region scope)
-//! -> card revocation. Replay is checked separately ([`Verifier::claim_once`]) because
+//! -> key validity ([`KeyValidity`]: now, by default) -> e-card profile (required claims,
+//! maximum lifetime, region scope) -> card revocation. Replay is checked separately ([`Verifier::claim_once`]) because
 //! inquiries and quotes may reuse a live token; only a settlement consumes it.
 //!
 //! - [`envelope`]: prefix, base45, zlib, COSE stages.
@@ -77,6 +77,22 @@ pub struct VerifyOptions {
     /// Longest allowed `exp - iat` for e-card tokens, in seconds (dynamic QR codes live
     /// minutes).
     pub max_lifetime_secs: i64,
+    /// At which moment a signing key's validity (its trust entry's or certificate's
+    /// `not_before` / `not_after`) is judged.
+    pub key_validity: KeyValidity,
+}
+
+/// At which moment a signing key must be valid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyValidity {
+    /// When the token is verified (the default, as verifiers in the field judge it): a key
+    /// whose certificate begins a little after a token's `iat` still verifies it; an expired
+    /// key verifies nothing, whatever `iat` a token claims.
+    #[default]
+    Verification,
+    /// When the token says it was issued (`iat`; the verification time when it has none).
+    Issue,
 }
 
 impl Default for VerifyOptions {
@@ -86,6 +102,7 @@ impl Default for VerifyOptions {
             prefix: envelope::ECARD_PREFIX.to_owned(),
             clock_skew_secs: 60,
             max_lifetime_secs: 600,
+            key_validity: KeyValidity::default(),
         }
     }
 }
@@ -189,8 +206,12 @@ impl Verifier {
     fn accept(&self, opened: Opened<'_>, key: &TrustedKey, now: i64) -> Result<Verified, TokenError> {
         let claims = Claims::decode(opened.cose.payload.as_deref().unwrap_or_default())?;
         self.check_time(&claims, now)?;
-        if !key.valid_at(claims.issued_at.unwrap_or(now)) {
-            return Err(TokenError::KeyOutOfScope("the key was not valid when the token was issued".into()));
+        let (moment, when) = match self.options.key_validity {
+            KeyValidity::Verification => (now, "now"),
+            KeyValidity::Issue => (claims.issued_at.unwrap_or(now), "when the token was issued"),
+        };
+        if !key.valid_at(moment) {
+            return Err(TokenError::KeyOutOfScope(format!("the key is not valid {when}")));
         }
         let ecard = match self.options.profile {
             Profile::Cwt => None,

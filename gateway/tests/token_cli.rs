@@ -86,7 +86,7 @@ fn keys_are_never_overwritten() {
 
 #[test]
 fn minted_token_verifies_with_every_algorithm() {
-    for alg in ["ed25519", "es256", "ps256", "sm2"] {
+    for alg in ["ed25519", "es256", "es384", "ps256", "sm2"] {
         let dir = tempfile::tempdir().expect("temp dir");
         let (key, trust) = setup(dir.path(), alg);
         let token = mint(&key, &[]);
@@ -122,6 +122,16 @@ fn verify_reads_standard_input_and_reports_each_refusal_with_its_code() {
     assert_eq!((code, stderr.trim()), (1, "error: token_expired: the token expired"));
     let (code, _, stderr) = run(at("2026-03-01T07:00:00Z"));
     assert_eq!((code, stderr.trim()), (1, "error: token_not_yet_valid: the token is not yet valid"));
+    // Times as operators paste them: the same moment without the offset's colon, in
+    // another zone, with a space and no offset (UTC), as seconds since the epoch.
+    for moment in ["2026-03-01T08:00:30+0000", "2026-03-01T16:00:30+0800", "2026-03-01 08:00:30", "1772352030"] {
+        let (code, stdout, stderr) = run(at(moment));
+        assert_eq!(code, 0, "{moment}: {stderr}");
+        assert!(stdout.contains("card: 110105199001011234"), "{moment}: {stdout}");
+    }
+    let (code, _, stderr) = run(at("1 March 2026"));
+    assert_eq!(code, 78, "a time it cannot read is a configuration error (EX_CONFIG): {stderr}");
+    assert!(stderr.contains("--at: `1 March 2026` is not a time"), "{stderr}");
 
     let revoked = dir.path().join("revoked.json");
     std::fs::write(&revoked, r#"{"cards": ["110105199001011234"]}"#).expect("write");

@@ -12,7 +12,8 @@ use super::Failure;
 use crate::token::issue::{self, MintRequest, SigningKey};
 use crate::token::trust::parse_rfc3339;
 use crate::token::{
-    Algorithm, DelegateClaim, ECardClaim, Profile, RevocationList, TrustList, Verified, Verifier, VerifyOptions, qr,
+    Algorithm, DelegateClaim, ECardClaim, KeyValidity, Profile, RevocationList, TrustList, Verified, Verifier,
+    VerifyOptions, qr,
 };
 
 /// Key commands.
@@ -49,6 +50,8 @@ pub enum AlgArg {
     Ed25519,
     /// ECDSA P-256 / SHA-256.
     Es256,
+    /// ECDSA P-384 / SHA-384.
+    Es384,
     /// RSASSA-PSS / SHA-256, 2048 bits.
     Ps256,
     /// SM2 / SM3.
@@ -60,6 +63,7 @@ impl From<AlgArg> for Algorithm {
         match a {
             AlgArg::Ed25519 => Algorithm::EdDsa,
             AlgArg::Es256 => Algorithm::Es256,
+            AlgArg::Es384 => Algorithm::Es384,
             AlgArg::Ps256 => Algorithm::Ps256,
             AlgArg::Sm2 => Algorithm::Sm2Sm3,
         }
@@ -93,7 +97,8 @@ pub struct MintArgs {
     /// Issuer (`iss`).
     #[arg(long, default_value = "cardgate-issuer")]
     issuer: String,
-    /// Issue time (RFC 3339) [default: now].
+    /// Issue time: RFC 3339 (`2026-03-01T16:00:00+08:00`), also with `+0800`, `+08` or no
+    /// offset (UTC), a space for the `T`, or seconds since the epoch [default: now].
     #[arg(long)]
     at: Option<String>,
     /// Card id of a family member presenting the card (family account).
@@ -122,9 +127,14 @@ pub struct VerifyArgs {
     /// Revocation list (JSON).
     #[arg(long)]
     revocations: Option<PathBuf>,
-    /// Verify as of this moment (RFC 3339) [default: now].
+    /// Verify as of this moment: RFC 3339 (`2026-03-01T16:00:00+08:00`), also with `+0800`,
+    /// `+08` or no offset (UTC), a space for the `T`, or seconds since the epoch [default: now].
     #[arg(long)]
     at: Option<String>,
+    /// When an issuer key must be valid: `verification` (the `--at` moment) or `issue` (the
+    /// token's `iat`).
+    #[arg(long, value_enum, default_value_t = KeyValidityArg::Verification)]
+    key_validity: KeyValidityArg,
     /// Expected prefix [default: `EC1:` for the e-card profile, `HC1:` for cwt].
     #[arg(long)]
     prefix: Option<String>,
@@ -142,6 +152,15 @@ pub struct VerifyArgs {
     json: bool,
     /// The QR text, or `-` (or nothing) to read it from standard input.
     payload: Option<String>,
+}
+
+/// `--key-validity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyValidityArg {
+    /// When the token is verified.
+    Verification,
+    /// When the token was issued (`iat`).
+    Issue,
 }
 
 /// Verification profiles on the command line.
@@ -202,7 +221,40 @@ fn now() -> i64 {
 }
 
 fn moment(at: Option<&str>) -> Result<i64, Failure> {
-    at.map_or(Ok(now()), |t| parse_rfc3339(t).ok_or_else(|| Failure::config(format!("--at: `{t}` is not RFC 3339"))))
+    at.map_or(Ok(now()), |t| {
+        parse_moment(t).ok_or_else(|| {
+            Failure::config(format!(
+                "--at: `{t}` is not a time: write it as 2026-03-01T08:00:00+08:00 (a `Z`, `+0800`, `+08` or no \
+                 offset, which means UTC; a space for the `T`; seconds optional) or as seconds since the epoch"
+            ))
+        })
+    })
+}
+
+/// A moment as operators write it: RFC 3339; an ISO 8601 offset without its colon (`+0800`)
+/// or in hours (`+08`); no offset, meaning UTC; a space instead of the `T`; no seconds; or
+/// whole seconds since the epoch.
+pub fn parse_moment(text: &str) -> Option<i64> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<i64>() {
+        return Some(seconds);
+    }
+    let (date, time) = text.split_once(['T', 't', ' '])?;
+    let time = time.trim_start();
+    let (clock, offset) = match time.find(['Z', 'z', '+', '-']) {
+        Some(at) => time.split_at(at),
+        None => (time, "Z"),
+    };
+    let offset = match offset.as_bytes() {
+        [b'Z' | b'z'] => "Z".to_owned(),
+        [sign @ (b'+' | b'-'), h1, h2] => format!("{}{}{}:00", *sign as char, *h1 as char, *h2 as char),
+        [sign @ (b'+' | b'-'), h1, h2, m1, m2] => {
+            format!("{}{}{}:{}{}", *sign as char, *h1 as char, *h2 as char, *m1 as char, *m2 as char)
+        }
+        _ => offset.to_owned(),
+    };
+    let clock = if clock.len() == 5 { format!("{clock}:00") } else { clock.to_owned() };
+    parse_rfc3339(&format!("{date}T{clock}{offset}"))
 }
 
 fn mint(args: MintArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8, Failure> {
@@ -264,6 +316,10 @@ fn verify(args: VerifyArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         prefix: args.prefix.unwrap_or_else(|| default_prefix.to_owned()),
         clock_skew_secs: args.skew,
         max_lifetime_secs: args.max_lifetime,
+        key_validity: match args.key_validity {
+            KeyValidityArg::Verification => KeyValidity::Verification,
+            KeyValidityArg::Issue => KeyValidity::Issue,
+        },
     };
     let at = moment(args.at.as_deref())?;
     let payload = match args.payload.as_deref() {
@@ -331,4 +387,35 @@ fn verified_text(v: &Verified) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_moment;
+
+    #[test]
+    fn moments_are_read_as_operators_write_them() {
+        let eight_utc = Some(1_772_352_000); // 2026-03-01T08:00:00Z
+        for text in [
+            "2026-03-01T08:00:00Z",
+            "2026-03-01T16:00:00+08:00",
+            "2026-03-01T16:00:00+0800",
+            "2026-03-01T16:00:00+08",
+            "2026-03-01T08:00:00+0000",
+            "2026-03-01T03:30:00-0430",
+            "2026-03-01T08:00:00",
+            "2026-03-01 08:00:00",
+            "2026-03-01 08:00",
+            "2026-03-01T08:00Z",
+            "2026-03-01t08:00:00z",
+            " 2026-03-01T08:00:00Z ",
+            "1772352000",
+        ] {
+            assert_eq!(parse_moment(text), eight_utc, "{text}");
+        }
+        assert_eq!(parse_moment("2026-03-01T08:00:00.750Z"), eight_utc, "fractions are cut");
+        for text in ["", "2026-03-01", "08:00:00", "2026-03-01T25:00:00Z", "2026-03-01T08:00:00+8", "yesterday"] {
+            assert_eq!(parse_moment(text), None, "{text}");
+        }
+    }
 }

@@ -97,8 +97,7 @@ fn unique_keys(map: &[(Value, Value)], what: &str) -> Result<(), TokenError> {
 impl Claims {
     /// Decodes a CWT claims set.
     pub fn decode(bytes: &[u8]) -> Result<Self, TokenError> {
-        let value: Value = coset::cbor::de::from_reader(bytes)
-            .map_err(|e| TokenError::malformed(format!("claims are not CBOR: {e}")))?;
+        let value = super::envelope::decode_item(bytes, "claims")?;
         let Value::Map(map) = value else { return Err(TokenError::malformed("claims are not a CBOR map")) };
         unique_keys(&map, "claims")?;
         let mut claims =

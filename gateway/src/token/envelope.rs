@@ -1,6 +1,7 @@
 //! The QR envelope: `prefix + base45(zlib(COSE_Sign1))`, taken apart stage by stage.
 
-use coset::{CborSerializable, CoseSign1, TaggedCborSerializable};
+use coset::cbor::value::Value;
+use coset::{AsCborValue, CoseSign1};
 
 use super::base45;
 use super::error::TokenError;
@@ -74,11 +75,39 @@ pub fn deflate(data: &[u8]) -> Vec<u8> {
     encoder.finish().expect("finishing into a Vec cannot fail")
 }
 
-/// Parses a COSE_Sign1, tagged (18) or not.
+/// The COSE_Sign1 tag (RFC 9052).
+pub const COSE_SIGN1_TAG: u64 = 18;
+
+/// The CWT tag (RFC 8392): it may wrap a tagged COSE message.
+pub const CWT_TAG: u64 = 61;
+
+/// Decodes exactly one CBOR data item: bytes after it are refused, not ignored.
+pub fn decode_item(mut bytes: &[u8], what: &str) -> Result<Value, TokenError> {
+    let value: Value = coset::cbor::de::from_reader(&mut bytes)
+        .map_err(|e| TokenError::malformed(format!("{what} is not CBOR: {e}")))?;
+    if !bytes.is_empty() {
+        return Err(TokenError::malformed(format!("{} bytes after the {what}", bytes.len())));
+    }
+    Ok(value)
+}
+
+/// Parses a COSE_Sign1: `18(COSE_Sign1)`, `61(18(COSE_Sign1))` (a CWT, RFC 8392 section 6) or
+/// the untagged array. Any other tag or nesting, a structure that is not COSE_Sign1's (a
+/// four-element array: protected header as a byte string holding a map, unprotected header
+/// map, payload, signature bytes) and bytes after the message are refused.
 pub fn parse_cose(bytes: &[u8]) -> Result<CoseSign1, TokenError> {
-    CoseSign1::from_tagged_slice(bytes)
-        .or_else(|_| CoseSign1::from_slice(bytes))
-        .map_err(|e| TokenError::malformed(format!("not a COSE_Sign1: {e:?}")))
+    let message = match decode_item(bytes, "COSE message")? {
+        Value::Tag(CWT_TAG, inner) => match *inner {
+            Value::Tag(COSE_SIGN1_TAG, message) => *message,
+            _ => return Err(TokenError::malformed("the CWT tag (61) must wrap a tagged COSE_Sign1 (18)")),
+        },
+        Value::Tag(COSE_SIGN1_TAG, message) => *message,
+        Value::Tag(tag, _) => {
+            return Err(TokenError::malformed(format!("tag {tag} is neither COSE_Sign1 (18) nor CWT (61)")));
+        }
+        untagged => untagged,
+    };
+    CoseSign1::from_cbor_value(message).map_err(|e| TokenError::malformed(format!("not a COSE_Sign1: {e:?}")))
 }
 
 /// Every stage from the QR text to the COSE bytes.

@@ -1,7 +1,7 @@
 //! Issuer tooling: generate signing keys and mint e-card tokens.
 //!
 //! Keys are PKCS#8 PEM (private) and SubjectPublicKeyInfo PEM (public), so any standard tool
-//! can read them. Ed25519, ES256 and PS256 sign with ring; SM2 with the `sm2` crate (RustCrypto).
+//! can read them. Ed25519, ES256, ES384 and PS256 sign with ring; SM2 with the `sm2` crate (RustCrypto).
 //! Only RSA key generation, which ring does not offer, uses the `rsa` crate.
 
 use coset::{CoseSign1Builder, HeaderBuilder, TaggedCborSerializable, iana};
@@ -9,7 +9,8 @@ use pkcs8::der::Decode;
 use pkcs8::{EncodePrivateKey, EncodePublicKey, ObjectIdentifier, PrivateKeyInfo};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RSA_PSS_SHA256, RsaKeyPair,
+    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, EcdsaSigningAlgorithm,
+    Ed25519KeyPair, KeyPair, RSA_PSS_SHA256, RsaKeyPair,
 };
 
 use super::claims::{self, ECardClaim};
@@ -42,15 +43,31 @@ pub struct GeneratedKey {
 const OID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
 const OID_EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 const OID_P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+const OID_P384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
 const OID_SM2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.301");
 const OID_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 
-/// DER prefixes of SubjectPublicKeyInfo for raw Ed25519 and P-256 keys.
+/// DER prefixes of SubjectPublicKeyInfo for raw Ed25519, P-256 and P-384 keys.
 const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
 const P256_SPKI_PREFIX: [u8; 26] = [
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
     0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
+const P384_SPKI_PREFIX: [u8; 23] = [
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04, 0x00,
+    0x22, 0x03, 0x62, 0x00,
+];
+
+/// A new ECDSA key pair: PKCS#8 DER and SubjectPublicKeyInfo DER.
+fn generate_ecdsa(
+    signing: &'static EcdsaSigningAlgorithm,
+    spki_prefix: &[u8],
+    rng: &SystemRandom,
+) -> Result<(Vec<u8>, Vec<u8>), IssueError> {
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(signing, rng).map_err(crypto)?;
+    let pair = EcdsaKeyPair::from_pkcs8(signing, pkcs8.as_ref(), rng).map_err(crypto)?;
+    Ok((pkcs8.as_ref().to_vec(), [spki_prefix, pair.public_key().as_ref()].concat()))
+}
 
 fn crypto(e: impl std::fmt::Display) -> IssueError {
     IssueError::Crypto(e.to_string())
@@ -69,12 +86,8 @@ pub fn generate(algorithm: Algorithm) -> Result<GeneratedKey, IssueError> {
             let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(crypto)?;
             (pkcs8.as_ref().to_vec(), [&ED25519_SPKI_PREFIX[..], pair.public_key().as_ref()].concat())
         }
-        Algorithm::Es256 => {
-            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map_err(crypto)?;
-            let pair =
-                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).map_err(crypto)?;
-            (pkcs8.as_ref().to_vec(), [&P256_SPKI_PREFIX[..], pair.public_key().as_ref()].concat())
-        }
+        Algorithm::Es256 => generate_ecdsa(&ECDSA_P256_SHA256_FIXED_SIGNING, &P256_SPKI_PREFIX, &rng)?,
+        Algorithm::Es384 => generate_ecdsa(&ECDSA_P384_SHA384_FIXED_SIGNING, &P384_SPKI_PREFIX, &rng)?,
         Algorithm::Ps256 => {
             let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).map_err(crypto)?;
             let private = key.to_pkcs8_der().map_err(crypto)?.as_bytes().to_vec();
@@ -103,7 +116,7 @@ pub struct SigningKey {
 
 enum Inner {
     Ed25519(Ed25519KeyPair),
-    P256(EcdsaKeyPair),
+    Ecdsa(EcdsaKeyPair),
     Rsa(RsaKeyPair),
     Sm2(sm2::dsa::SigningKey),
 }
@@ -136,7 +149,11 @@ impl SigningKey {
             ),
             (OID_EC_PUBLIC_KEY, Some(OID_P256)) => {
                 let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &SystemRandom::new());
-                (Algorithm::Es256, Inner::P256(pair.map_err(|e| bad(&e))?))
+                (Algorithm::Es256, Inner::Ecdsa(pair.map_err(|e| bad(&e))?))
+            }
+            (OID_EC_PUBLIC_KEY, Some(OID_P384)) => {
+                let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, der, &SystemRandom::new());
+                (Algorithm::Es384, Inner::Ecdsa(pair.map_err(|e| bad(&e))?))
             }
             (OID_EC_PUBLIC_KEY, Some(OID_SM2)) => {
                 use pkcs8::DecodePrivateKey;
@@ -160,7 +177,7 @@ impl SigningKey {
         let rng = SystemRandom::new();
         match &self.inner {
             Inner::Ed25519(pair) => Ok(pair.sign(message).as_ref().to_vec()),
-            Inner::P256(pair) => Ok(pair.sign(&rng, message).map_err(crypto)?.as_ref().to_vec()),
+            Inner::Ecdsa(pair) => Ok(pair.sign(&rng, message).map_err(crypto)?.as_ref().to_vec()),
             Inner::Rsa(pair) => {
                 let mut signature = vec![0; pair.public().modulus_len()];
                 pair.sign(&RSA_PSS_SHA256, &rng, message, &mut signature).map_err(crypto)?;
@@ -212,6 +229,7 @@ pub fn mint(key: &SigningKey, request: &MintRequest) -> Result<String, IssueErro
     let alg = match key.algorithm() {
         Algorithm::EdDsa => coset::Algorithm::Assigned(iana::Algorithm::EdDSA),
         Algorithm::Es256 => coset::Algorithm::Assigned(iana::Algorithm::ES256),
+        Algorithm::Es384 => coset::Algorithm::Assigned(iana::Algorithm::ES384),
         Algorithm::Ps256 => coset::Algorithm::Assigned(iana::Algorithm::PS256),
         Algorithm::Sm2Sm3 => coset::Algorithm::PrivateUse(super::trust::SM2_SM3_COSE_ALG),
     };

@@ -25,6 +25,8 @@ pub enum Algorithm {
     EdDsa,
     /// ECDSA P-256 with SHA-256 (COSE `ES256`, -7).
     Es256,
+    /// ECDSA P-384 with SHA-384 (COSE `ES384`, -35).
+    Es384,
     /// RSASSA-PSS with SHA-256, 2048 to 8192 bits (COSE `PS256`, -37).
     Ps256,
     /// SM2 with SM3 (GB/T 32918, GM/T 0003), private-use COSE algorithm [`SM2_SM3_COSE_ALG`].
@@ -39,13 +41,14 @@ pub const SM2_DIST_ID: &str = "1234567812345678";
 
 impl Algorithm {
     /// Every algorithm.
-    pub const ALL: [Algorithm; 4] = [Self::EdDsa, Self::Es256, Self::Ps256, Self::Sm2Sm3];
+    pub const ALL: [Algorithm; 5] = [Self::EdDsa, Self::Es256, Self::Es384, Self::Ps256, Self::Sm2Sm3];
 
     /// The COSE algorithm id.
     pub fn cose_id(self) -> i64 {
         match self {
             Self::EdDsa => -8,
             Self::Es256 => -7,
+            Self::Es384 => -35,
             Self::Ps256 => -37,
             Self::Sm2Sm3 => SM2_SM3_COSE_ALG,
         }
@@ -61,6 +64,7 @@ impl Algorithm {
         match self {
             Self::EdDsa => "EdDSA",
             Self::Es256 => "ES256",
+            Self::Es384 => "ES384",
             Self::Ps256 => "PS256",
             Self::Sm2Sm3 => "SM2",
         }
@@ -71,6 +75,7 @@ impl Algorithm {
         match name.to_ascii_uppercase().as_str() {
             "EDDSA" | "ED25519" => Some(Self::EdDsa),
             "ES256" => Some(Self::Es256),
+            "ES384" => Some(Self::Es384),
             "PS256" => Some(Self::Ps256),
             "SM2" | "SM2-SM3" | "SM2SM3" => Some(Self::Sm2Sm3),
             _ => None,
@@ -87,6 +92,7 @@ impl std::fmt::Display for Algorithm {
 const OID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
 const OID_EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 const OID_P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+const OID_P384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
 const OID_SM2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.301");
 const OID_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 const OID_RSA_PSS: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.10");
@@ -98,6 +104,8 @@ pub enum PublicKey {
     Ed25519(Box<Ed25519Key>),
     /// Uncompressed SEC1 P-256 point.
     P256(Vec<u8>),
+    /// Uncompressed SEC1 P-384 point.
+    P384(Vec<u8>),
     /// PKCS#1 RSAPublicKey DER.
     Rsa(Vec<u8>),
     /// SM2 key with the distinguishing identifier already hashed in.
@@ -120,6 +128,8 @@ impl PublicKey {
             OID_EC_PUBLIC_KEY => match spki.algorithm.parameters_oid() {
                 Ok(OID_P256) if bits.len() == 65 && bits[0] == 4 => Ok(Self::P256(bits)),
                 Ok(OID_P256) => Err("P-256 key is not an uncompressed point".into()),
+                Ok(OID_P384) if bits.len() == 97 && bits[0] == 4 => Ok(Self::P384(bits)),
+                Ok(OID_P384) => Err("P-384 key is not an uncompressed point".into()),
                 Ok(OID_SM2) => Self::sm2_from_sec1(&bits, SM2_DIST_ID),
                 Ok(curve) => Err(format!("unsupported elliptic curve {curve}")),
                 Err(e) => Err(format!("elliptic curve key without a named curve: {e}")),
@@ -157,6 +167,7 @@ impl PublicKey {
         match self {
             Self::Ed25519(_) => Algorithm::EdDsa,
             Self::P256(_) => Algorithm::Es256,
+            Self::P384(_) => Algorithm::Es384,
             Self::Rsa(_) => Algorithm::Ps256,
             Self::Sm2(_) => Algorithm::Sm2Sm3,
         }
@@ -164,10 +175,13 @@ impl PublicKey {
 
     /// Whether `signature` is this key's signature of `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
-        use ring::signature::{ECDSA_P256_SHA256_FIXED, RSA_PSS_2048_8192_SHA256, UnparsedPublicKey};
+        use ring::signature::{
+            ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA384_FIXED, RSA_PSS_2048_8192_SHA256, UnparsedPublicKey,
+        };
         match self {
             Self::Ed25519(key) => key.verify(message, signature),
             Self::P256(key) => UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key).verify(message, signature).is_ok(),
+            Self::P384(key) => UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, key).verify(message, signature).is_ok(),
             Self::Rsa(key) => UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA256, key).verify(message, signature).is_ok(),
             Self::Sm2(key) => {
                 use sm2::dsa::signature::Verifier;
@@ -184,18 +198,19 @@ pub struct TrustedKey {
     pub kid: Vec<u8>,
     /// The key.
     pub key: PublicKey,
-    /// Earliest issue time (seconds since the epoch) of a token this key may sign.
+    /// When the key's validity begins (seconds since the epoch).
     pub not_before: Option<i64>,
-    /// Latest issue time of a token this key may sign.
+    /// When the key's validity ends.
     pub not_after: Option<i64>,
     /// Insured-region prefixes this key may issue for; empty means any.
     pub regions: Vec<String>,
 }
 
 impl TrustedKey {
-    /// Whether the key may have issued a token at `issued_at`.
-    pub fn valid_at(&self, issued_at: i64) -> bool {
-        self.not_before.is_none_or(|t| issued_at >= t) && self.not_after.is_none_or(|t| issued_at <= t)
+    /// Whether the key is valid at `moment` (the verification time or a token's issue time:
+    /// [`super::KeyValidity`]).
+    pub fn valid_at(&self, moment: i64) -> bool {
+        self.not_before.is_none_or(|t| moment >= t) && self.not_after.is_none_or(|t| moment <= t)
     }
 
     /// Whether the key may issue for `region`.
