@@ -83,5 +83,26 @@ fn batch(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, token, batch);
+/// SM2: the `sm2` crate's own check against the precomputed tables (`token::sm2key`), and what
+/// building a key's table costs when the trust list loads.
+fn sm2(c: &mut Criterion) {
+    use cardgate::token::sm2key::Sm2Key;
+    use cardgate::token::trust::SM2_DIST_ID;
+    use sm2::dsa::signature::Signer;
+    use sm2::elliptic_curve::sec1::ToEncodedPoint;
+    let mut group = c.benchmark_group("sm2");
+    let secret = sm2::SecretKey::random(&mut rand_core::OsRng);
+    let signing = sm2::dsa::SigningKey::new(SM2_DIST_ID, &secret).expect("signing key");
+    let point = secret.public_key().to_encoded_point(false);
+    let key = Sm2Key::from_sec1(point.as_bytes(), SM2_DIST_ID).expect("key");
+    let message = format!("{:0>160}", 1).into_bytes();
+    let signature: sm2::dsa::Signature = signing.sign(&message);
+    let signature = signature.to_bytes();
+    group.bench_function("verify/plain", |b| b.iter(|| assert!(key.verify_plain(black_box(&message), &signature))));
+    group.bench_function("verify/tables", |b| b.iter(|| assert!(key.verify(black_box(&message), &signature))));
+    group.bench_function("key_load", |b| b.iter(|| Sm2Key::from_sec1(black_box(point.as_bytes()), SM2_DIST_ID)));
+    group.finish();
+}
+
+criterion_group!(benches, token, batch, sm2);
 criterion_main!(benches);

@@ -23,6 +23,7 @@ pub mod issue;
 pub mod qr;
 pub mod replay;
 pub mod revocation;
+pub mod sm2key;
 pub mod trust;
 
 use std::sync::Arc;

@@ -17,6 +17,7 @@ use spki::der::{Decode, Encode};
 use spki::{ObjectIdentifier, SubjectPublicKeyInfoRef};
 
 use super::batch::Ed25519Key;
+use super::sm2key::Sm2Key;
 
 /// The signature algorithms a token may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -108,8 +109,8 @@ pub enum PublicKey {
     P384(Vec<u8>),
     /// PKCS#1 RSAPublicKey DER.
     Rsa(Vec<u8>),
-    /// SM2 key with the distinguishing identifier already hashed in.
-    Sm2(Box<sm2::dsa::VerifyingKey>),
+    /// SM2 key with the distinguishing identifier already hashed in and its precomputed table.
+    Sm2(Box<Sm2Key>),
 }
 
 impl std::fmt::Debug for PublicKey {
@@ -148,9 +149,7 @@ impl PublicKey {
     /// An SM2 key from its SEC1 point, with a distinguishing identifier (tokens use
     /// [`SM2_DIST_ID`]).
     pub fn sm2_from_sec1(point: &[u8], dist_id: &str) -> Result<Self, String> {
-        sm2::dsa::VerifyingKey::from_sec1_bytes(dist_id, point)
-            .map(|k| Self::Sm2(Box::new(k)))
-            .map_err(|_| "SM2 key is not a valid point".into())
+        Sm2Key::from_sec1(point, dist_id).map(|k| Self::Sm2(Box::new(k)))
     }
 
     /// Parses a PEM `PUBLIC KEY`.
@@ -183,10 +182,7 @@ impl PublicKey {
             Self::P256(key) => UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key).verify(message, signature).is_ok(),
             Self::P384(key) => UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, key).verify(message, signature).is_ok(),
             Self::Rsa(key) => UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA256, key).verify(message, signature).is_ok(),
-            Self::Sm2(key) => {
-                use sm2::dsa::signature::Verifier;
-                sm2::dsa::Signature::from_slice(signature).is_ok_and(|s| key.verify(message, &s).is_ok())
-            }
+            Self::Sm2(key) => key.verify(message, signature),
         }
     }
 }
