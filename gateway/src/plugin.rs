@@ -78,7 +78,8 @@ enum Backend {
 pub struct Counters {
     /// Calls made.
     pub calls: std::sync::atomic::AtomicU64,
-    /// Calls that failed (any error, refusals included).
+    /// Calls that failed, refusals included; a payer answering that it does not apply to the
+    /// person (`not_insured`) or does not implement the operation (`unsupported`) is not a failure.
     pub failures: std::sync::atomic::AtomicU64,
 }
 
@@ -298,13 +299,13 @@ impl PluginHandle {
             },
         };
         let changed = self.breaker.record(result.as_ref().err().is_some_and(CallError::is_plugin_failure));
-        let outcome = result.as_ref().err().map_or("ok", CallError::code);
+        let outcome = result.as_ref().err().map_or("ok", CallError::outcome);
         crate::metrics::plugin_call(&self.label, operation.as_str(), outcome, started.elapsed());
         if let Some(state) = changed {
             crate::metrics::breaker(&self.label, state.name());
         }
         self.counters.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if result.is_err() {
+        if result.as_ref().is_err_and(|e| !e.is_answer()) {
             self.counters.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         result

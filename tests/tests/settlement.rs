@@ -345,3 +345,71 @@ async fn inquiry_reports_participation_without_consuming_the_token() {
         StatusCode::CREATED
     );
 }
+
+#[tokio::test]
+async fn a_bill_in_the_national_platform_s_names_and_units_settles_the_same() {
+    let gw = TestGateway::start(Options::default()).await;
+    // The bill of `settle_body`, as a national HIS client writes it: the total in yuan
+    // (`medfee_sumamt`), classes as `chrgitm_lv` codes, `insutype`.
+    let national = |token: &str, total: Value| {
+        json!({
+            "token": token, "terminal_id": "POS-01", "insutype": "310", "medfee_sumamt": total,
+            "lines": [
+                { "code": "XA01", "name": "Amoxicillin", "chrgitm_lv": "01", "quantity": 10, "unit_price_fen": 10000, "amount_fen": 100000 },
+                { "code": "XB02", "name": "CT scan", "chrgitm_lv": "02", "quantity": 1, "unit_price_fen": 50000, "amount_fen": 50000 },
+                { "code": "XC03", "name": "Single room", "category": "03", "quantity": 1, "unit_price_fen": 20000, "amount_fen": 20000 }
+            ]
+        })
+    };
+    for total in [json!(1700), json!("1700.00"), json!(1700.0)] {
+        let token = gw.token(&Card::beijing(), 120);
+        let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &national(&token, total.clone())).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{total}: {}", reply.body);
+        let r = reply.json();
+        // The split of pharmacy_one_step_settlement_has_the_exact_split.
+        assert_eq!((r["total_fen"].as_i64(), r["fund_pay_fen"].as_i64()), (Some(170000), Some(52000)), "{total}");
+        assert_eq!((r["account_pay_fen"].as_i64(), r["cash_pay_fen"].as_i64()), (Some(98000), Some(20000)));
+    }
+    // Read as fen, 170000 "yuan" would be a bill 100 times too large: the lines disagree.
+    let token = gw.token(&Card::beijing(), 120);
+    let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &national(&token, json!(170000))).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.json()["code"], "invalid_request");
+    // A third decimal is not money; a class code the platform does not have is refused.
+    let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &national(&token, json!("1700.001"))).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert!(reply.json()["detail"].as_str().is_some_and(|d| d.contains("medfee_sumamt")), "{}", reply.body);
+}
+
+#[tokio::test]
+async fn a_reversal_hands_the_payers_the_card_and_delegate_they_settled() {
+    // A family member pays with the holder's card; the payer (a fixture that declines any
+    // reversal naming another card or delegate) keeps books by card id.
+    let mut card = Card::in_region("450103");
+    card.delegate = Some(("450103200501015678".into(), "child".into()));
+    let extra_toml = format!(
+        r#"
+[plugins.own-books]
+library = "{}"
+[plugins.own-books.config]
+fund_bp = 5000
+reverse_expects_card = "{}"
+reverse_expects_delegate = "child"
+
+[[routes]]
+regions = ["45"]
+payers = ["own-books"]
+"#,
+        cardgate_sdk::testing::build_cdylib("fixture-configurable").display(),
+        card.id
+    );
+    let gw = TestGateway::start(Options { extra_toml, ..Options::default() }).await;
+    let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &settle_body(&gw.token(&card, 120))).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    assert_eq!(reply.json()["fund_pay_fen"], 85000);
+    let id = reply.json()["settlement_id"].as_str().expect("id").to_owned();
+    let reversal =
+        post(&gw.pharmacy, &format!("/v1/settlements/{id}/reversal"), None, &json!({ "reason": "refund" })).await;
+    assert_eq!(reversal.status, StatusCode::OK, "the payer saw another card: {}", reversal.body);
+    assert_eq!(reversal.json()["state"], "reversed");
+}

@@ -208,7 +208,19 @@ struct Bill<'a> {
     total_fen: i64,
 }
 
-/// Calls each payer with what the earlier ones left; checks every answer balances.
+/// A payer the chain passed over: it answered that it does not insure this person for this
+/// insurance type (`not_insured`). Shown on the quote and the receipt; nothing of it moves.
+#[derive(Debug, Serialize)]
+struct Skipped<'g> {
+    payer: &'g str,
+    reason: &'static str,
+    detail: String,
+}
+
+/// Calls each payer with what the earlier ones left; checks every answer balances. A payer
+/// that answers `not_insured` does not apply to this person and is skipped (the next is asked
+/// for the same amount); any other refusal stops the chain. When no payer applies, the first
+/// one's refusal is the answer.
 async fn run_chain<'g>(
     gateway: &'g Gateway,
     chain: &[(&'g str, &'g PluginHandle)],
@@ -220,6 +232,8 @@ async fn run_chain<'g>(
     let mut due = bill.total_fen;
     let mut prior: Vec<PriorPayment> = Vec::new();
     let mut results = Vec::with_capacity(chain.len());
+    let mut skipped = Vec::new();
+    let mut first_refusal = None;
     let mut read = Vec::with_capacity(chain.len());
     let names: Vec<&str> = chain.iter().map(|(name, _)| *name).collect();
     let mut years = gateway.ledger.year_to_date(card_hash, year, &names).await?.into_iter();
@@ -239,7 +253,17 @@ async fn run_chain<'g>(
             use_account: bill.body.use_account.unwrap_or(true),
         };
         let answer: Result<Split, CallError> = plugin.call(operation, &request).await;
-        let split = answer.map_err(|error| ApiError::Plugin { payer: (*name).to_owned(), error })?;
+        let split = match answer {
+            Ok(split) => split,
+            Err(CallError::Rejected(e)) if e.code == cardgate_sdk::ErrorCode::NotInsured => {
+                read.pop();
+                skipped.push(Skipped { payer: name, reason: e.code.as_str(), detail: e.message.clone() });
+                first_refusal
+                    .get_or_insert(ApiError::Plugin { payer: (*name).to_owned(), error: CallError::Rejected(e) });
+                continue;
+            }
+            Err(error) => return Err(ApiError::Plugin { payer: (*name).to_owned(), error }),
+        };
         split
             .check_balances(due)
             .map_err(|e| ApiError::Unbalanced { payer: (*name).to_owned(), detail: e.to_string() })?;
@@ -252,12 +276,16 @@ async fn run_chain<'g>(
         due = split.cash_pay_fen;
         results.push(PayerSplit { name, version: plugin.info().version.clone(), split });
     }
-    Ok(Chained { results, read })
+    match first_refusal {
+        Some(refusal) if results.is_empty() => Err(refusal),
+        _ => Ok(Chained { results, skipped, read }),
+    }
 }
 
-/// A chain's answers and the accumulators its payers were given.
+/// A chain's answers, the payers it skipped and the accumulators its payers were given.
 struct Chained<'g> {
     results: Vec<PayerSplit<'g>>,
+    skipped: Vec<Skipped<'g>>,
     read: Vec<AccumulatorDelta>,
 }
 
@@ -301,10 +329,13 @@ struct SplitView<'a> {
     cash_pay_fen: i64,
     funds: Vec<FundLine<'a>>,
     payers: Vec<PayerView<'a>>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    skipped: &'a [Skipped<'a>],
 }
 
-fn split_view<'a>(results: &'a [PayerSplit<'_>], total_fen: i64) -> SplitView<'a> {
+fn split_view<'a>(results: &'a [PayerSplit<'_>], skipped: &'a [Skipped<'a>], total_fen: i64) -> SplitView<'a> {
     SplitView {
+        skipped,
         total_fen,
         fund_pay_fen: results.iter().map(|r| r.split.fund_pay_fen()).sum(),
         account_pay_fen: results.iter().map(|r| r.split.account_pay_fen).sum(),
@@ -427,7 +458,8 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         total_fen,
     };
     let card_hash = gateway.card_key.hash(&subject.card_id);
-    let results = run_chain(gateway, &chain, Operation::Quote, &bill, &card_hash, year_of(now)).await?.results;
+    let Chained { results, skipped, .. } =
+        run_chain(gateway, &chain, Operation::Quote, &bill, &card_hash, year_of(now)).await?;
     let expires_at = now + gateway.config.tokens.quote_validity_secs;
     let content = QuoteContent {
         subject: subject.clone(),
@@ -450,7 +482,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         delegate: delegate_view(&subject),
         insurance_type: &insurance_type,
         insured_region: &subject.insured_region,
-        split: split_view(&results, total_fen),
+        split: split_view(&results, &skipped, total_fen),
     };
     let answer = serde_json::to_string(&answer).map_err(|e| ApiError::invalid(e.to_string()))?;
     Ok(ApiResponse::json(StatusCode::CREATED, answer))
@@ -738,8 +770,8 @@ async fn complete(
         }
         let now = gateway.clock.now();
         let (state, status, answer, deltas, amounts, read) = match outcome {
-            Ok(Chained { results, read }) => {
-                let receipt = receipt(id, institution.0, &prepared.bill.terminal_id, prepared, &results, now);
+            Ok(Chained { results, skipped, read }) => {
+                let receipt = receipt(id, institution.0, &prepared.bill.terminal_id, prepared, &results, &skipped, now);
                 let deltas = results
                     .iter()
                     .map(|r| AccumulatorDelta {
@@ -896,7 +928,15 @@ struct Receipt<'a> {
     split: SplitView<'a>,
 }
 
-fn receipt(id: &str, institution: &str, terminal: &str, p: &Prepared, results: &[PayerSplit<'_>], now: i64) -> String {
+fn receipt(
+    id: &str,
+    institution: &str,
+    terminal: &str,
+    p: &Prepared,
+    results: &[PayerSplit<'_>],
+    skipped: &[Skipped<'_>],
+    now: i64,
+) -> String {
     let receipt = Receipt {
         settlement_id: id,
         state: "settled",
@@ -910,7 +950,7 @@ fn receipt(id: &str, institution: &str, terminal: &str, p: &Prepared, results: &
         quote_id: p.quote_id.as_deref(),
         lines: p.bill.lines.len(),
         settled_at: rfc3339(now),
-        split: split_view(results, p.total_fen),
+        split: split_view(results, skipped, p.total_fen),
     };
     serde_json::to_string(&receipt).unwrap_or_default()
 }
@@ -971,13 +1011,23 @@ pub async fn reverse(
     let receipt: Value =
         serde_json::from_str(&opened(gateway, &record.body)?).map_err(|e| LedgerError::Storage(e.to_string()))?;
     let institution_config = gateway.institution(&identity.institution).ok_or(LedgerError::NotFound)?;
-    let card = CardClaims {
+    // The card as the payers saw it at settlement (its id, the delegate), from the request
+    // sealed in the intent: a payer keeping books of its own matches the reversal to them. The
+    // receipt keeps only the masked id; it stands in where the sealed request cannot be read.
+    let settled_card = gateway
+        .ledger
+        .sealed_request(&identity.institution, id)
+        .await?
+        .and_then(|u| gateway.card_key.open(&u.sealed_request))
+        .and_then(|plain| serde_json::from_slice::<Prepared>(&plain).ok())
+        .map(|prepared| prepared.subject.card());
+    let card = settled_card.unwrap_or_else(|| CardClaims {
         card_id: receipt["card"].as_str().unwrap_or_default().to_owned(),
         holder_name: receipt["holder_name"].as_str().unwrap_or_default().to_owned(),
         insured_region: receipt["insured_region"].as_str().unwrap_or_default().to_owned(),
         insurance_types: vec![receipt["insurance_type"].as_str().unwrap_or_default().to_owned()],
         delegate: None,
-    };
+    });
     let payers = receipt["payers"].as_array().cloned().unwrap_or_default();
     let plugins = gateway.plugins();
     for payer in payers.iter().rev() {

@@ -270,6 +270,23 @@ impl CallError {
         }
     }
 
+    /// Whether the plugin answered without failing: it does not apply to the person
+    /// (`not_insured`, and the chain skips it) or does not implement the operation
+    /// (`unsupported`). Neither counts as a failure in `/admin/plugins`.
+    pub fn is_answer(&self) -> bool {
+        matches!(self, Self::Rejected(e) if matches!(e.code, cardgate_sdk::ErrorCode::NotInsured | cardgate_sdk::ErrorCode::Unsupported))
+    }
+
+    /// The `outcome` label of `cardgate_plugin_calls_total`: the problem code, except for the
+    /// two answers of [`Self::is_answer`] (`not_applicable`, `unsupported`).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Rejected(e) if e.code == cardgate_sdk::ErrorCode::NotInsured => "not_applicable",
+            Self::Rejected(e) if e.code == cardgate_sdk::ErrorCode::Unsupported => "unsupported",
+            _ => self.code(),
+        }
+    }
+
     /// A stable code for logs, metrics and the API's problem details.
     pub fn code(&self) -> &'static str {
         match self {

@@ -57,14 +57,19 @@ impl Plugin for Policy {
 
     fn quote(&self, request: &SettlementRequest) -> Result<Split, PluginError> {
         let due = request.due_fen;
-        let covered = self.config.insurance_types.contains(&request.insurance_type)
-            && (self.config.recipients.is_empty() || self.config.recipients.contains(&request.card.card_id));
+        // A card this payer does not assist is not a refusal: the gateway skips the payer.
+        if !self.config.insurance_types.contains(&request.insurance_type) {
+            return Err(PluginError::not_insured(format!("insurance type {} is not assisted", request.insurance_type)));
+        }
+        if !(self.config.recipients.is_empty() || self.config.recipients.contains(&request.card.card_id)) {
+            return Err(PluginError::not_insured("not a registered recipient of medical assistance"));
+        }
         // What counts: the in-policy self-pay the previous payer left, or what is due.
         let base = match request.prior.last() {
             Some(previous) => previous.eligible_self_pay_fen.clamp(0, due),
             None => due,
         };
-        let by_share = if covered { share(base, self.config.share_bp) } else { 0 };
+        let by_share = share(base, self.config.share_bp);
         let left = self.config.annual_ceiling_fen.saturating_sub(request.year_to_date.fund_paid_fen).max(0);
         let fund = by_share.min(left).min(due);
         Ok(Split {

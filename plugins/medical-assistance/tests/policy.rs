@@ -54,8 +54,12 @@ fn only_registered_recipients_are_assisted() {
     };
     let recipient = bill().card("110105195501015555").build();
     assert_eq!(plugin.settle(&recipient).expect("settles").fund_pay_fen(), 28_000);
+    // Anyone else: not insured with this payer, which the gateway skips (not a refusal).
     let other = bill().card("110105199001011234").build();
-    let split = plugin.settle(&other).expect("settles");
-    assert_eq!(split.fund_pay_fen(), 0);
-    assert_balances(&split, other.due_fen);
+    let error = plugin.settle(&other).expect_err("not a recipient");
+    assert_eq!(error.code, cardgate_sdk::ErrorCode::NotInsured, "{error}");
+    let employee =
+        RequestBuilder::new().insurance_type("310").card("110105195501015555").line(ItemCategory::ClassA, 100).build();
+    let error = plugin.settle(&employee).expect_err("390 only");
+    assert_eq!(error.code, cardgate_sdk::ErrorCode::NotInsured, "{error}");
 }
