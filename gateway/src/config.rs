@@ -34,6 +34,36 @@ pub struct Config {
     pub institutions: BTreeMap<String, InstitutionConfig>,
     /// Routing rules: the most specific match wins.
     pub routes: Vec<RouteConfig>,
+    /// The bureau's item catalogue, which decides each line's class. Absent: the class each
+    /// line asserts is taken as sent.
+    #[serde(default)]
+    pub catalogue: Option<CatalogueConfig>,
+}
+
+/// The bureau's item catalogue (docs/API.md, Catalogue).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogueConfig {
+    /// The catalogue file (CSV: `code,name,class,self_pay_bp,price_cap_fen,valid_from,
+    /// valid_to,restricted`), reloaded with the configuration.
+    pub path: PathBuf,
+    /// A line whose code is not in the catalogue (on the day of the bill).
+    #[serde(default = "defaults::not_in_catalogue")]
+    pub not_in_catalogue: LinePolicy,
+    /// A line whose asserted class is not the catalogue's.
+    #[serde(default = "defaults::class_mismatch")]
+    pub class_mismatch: LinePolicy,
+}
+
+/// What a line the catalogue disagrees with gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinePolicy {
+    /// The bill is refused (`422`, the line named).
+    Refuse,
+    /// The line takes the catalogue's class (class C, not covered, for a code not in it), and
+    /// the answer says so on the line.
+    Reclassify,
 }
 
 /// The HTTPS listener.
@@ -521,6 +551,14 @@ mod defaults {
     pub(super) fn max_concurrency() -> usize {
         256
     }
+    pub(super) fn not_in_catalogue() -> super::LinePolicy {
+        super::LinePolicy::Reclassify
+    }
+
+    pub(super) fn class_mismatch() -> super::LinePolicy {
+        super::LinePolicy::Reclassify
+    }
+
     pub(super) fn breaker_failures() -> u32 {
         5
     }
@@ -684,6 +722,9 @@ impl Config {
             resolve(p);
         }
         resolve(&mut self.plugin_runtime.cache_dir);
+        if let Some(catalogue) = &mut self.catalogue {
+            resolve(&mut catalogue.path);
+        }
         if let Some(p) = &mut self.plugin_runtime.signers {
             resolve(p);
         }

@@ -11,10 +11,12 @@
 //!   protection, and issuer tooling.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cardlock`]: per-card serialisation of settlements and reversals.
+//! - [`catalogue`]: the bureau's item catalogue, which decides each bill line's class.
 //! - [`cli`]: the `cardgate` command line.
 
 pub mod api;
 pub mod cardlock;
+pub mod catalogue;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -44,6 +44,8 @@ pub struct Gateway {
     pub verifier: Verifier,
     /// Routing.
     pub router: Router,
+    /// The bureau's item catalogue, when configured: it decides each line's class.
+    pub catalogue: Option<Arc<crate::catalogue::Catalogue>>,
     /// The current generation of payer plugins; a reload swaps it whole. Requests take a
     /// snapshot, so calls in flight finish on the generation they started with.
     plugins: RwLock<Arc<PluginSet>>,
@@ -124,6 +126,11 @@ impl Gateway {
             }),
             None => RevocationList::default(),
         };
+        let catalogue = config.catalogue.as_ref().and_then(|c| {
+            crate::catalogue::Catalogue::load(c)
+                .map_err(|p| problems.extend(p.into_iter().map(|m| format!("catalogue.path: {m}"))))
+                .ok()
+        });
         let plugins = if shared.is_some() { load_plugins(&config, &mut problems) } else { HashMap::new() };
         let (Some(shared), true) = (shared, problems.is_empty()) else { return Err(ConfigError { problems }) };
         let options = VerifyOptions {
@@ -136,6 +143,7 @@ impl Gateway {
         Ok(Self {
             verifier: Verifier::new(Arc::new(trust), Arc::new(revocations), options),
             router: Router::new(config.routes.clone()),
+            catalogue: catalogue.map(Arc::new),
             plugins: RwLock::new(Arc::new(PluginSet { generation: shared.generation + 1, handles: plugins })),
             reloading: Mutex::new(()),
             ledger: shared.ledger,

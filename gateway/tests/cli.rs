@@ -96,3 +96,28 @@ fn check_config_reports_missing_files_of_a_valid_config() {
     assert!(stderr.contains("server.certificate: /etc/cardgate/server.pem"), "{stderr}");
     assert!(stderr.contains("plugins.basic-medical.library"), "{stderr}");
 }
+
+#[test]
+fn check_config_reports_every_bad_row_of_the_catalogue() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalogue = dir.path().join("catalogue.csv");
+    std::fs::write(
+        &catalogue,
+        "code,name,class,self_pay_bp,price_cap_fen,valid_from,valid_to,restricted\nA1,a,class_d,,,,,\nA2,b,01,20000,,,,\n",
+    )
+    .expect("write");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")).expect("example");
+    let config = dir.path().join("cardgate.toml");
+    std::fs::write(&config, format!("{example}\n[catalogue]\npath = \"catalogue.csv\"\nclass_mismatch = \"refuse\"\n"))
+        .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("catalogue.path:") && stderr.contains("row 2: class"), "{stderr}");
+    assert!(stderr.contains("row 3: self_pay_bp"), "{stderr}");
+}

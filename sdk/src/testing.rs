@@ -243,6 +243,12 @@ impl RequestBuilder {
         self
     }
 
+    /// Adds a bill line as given (several units, a catalogue entry).
+    pub fn bill_line(mut self, line: crate::BillLine) -> Self {
+        self.request.lines.push(line);
+        self
+    }
+
     /// Adds a one-unit bill line.
     pub fn line(mut self, category: crate::ItemCategory, amount_fen: crate::Fen) -> Self {
         let n = self.request.lines.len() + 1;
@@ -253,6 +259,7 @@ impl RequestBuilder {
             quantity: 1,
             unit_price_fen: amount_fen,
             amount_fen,
+            catalogue: None,
         });
         self
     }

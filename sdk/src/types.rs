@@ -81,6 +81,27 @@ pub enum ItemCategory {
     ClassC,
 }
 
+/// What the bureau's catalogue says of an item (by its national code, `med_list_codg`), valid
+/// on the day of the settlement. Where the gateway has a catalogue, it decides the line's class,
+/// not the hospital's assertion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogueEntry {
+    /// The item's class in the catalogue (the line's `category` is set to it).
+    pub class: ItemCategory,
+    /// For a class B item: the share the patient pays first, in basis points, for this item;
+    /// `None`: the payer's general ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_pay_bp: Option<u32>,
+    /// The highest price of one unit the funds count, in fen; the part of the line above
+    /// `price_cap_fen × quantity` is the patient's. `None`: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_cap_fen: Option<Fen>,
+    /// A restricted-use item (限定支付范围): covered only for the indications the catalogue
+    /// names, which the payer may check.
+    #[serde(default)]
+    pub restricted: bool,
+}
+
 /// One line of a bill.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BillLine {
@@ -88,7 +109,8 @@ pub struct BillLine {
     pub code: String,
     /// Readable name of the item.
     pub name: String,
-    /// Policy class.
+    /// Policy class: the catalogue's where the gateway has a catalogue (see `catalogue`),
+    /// otherwise as the institution asserted it.
     pub category: ItemCategory,
     /// Number of units.
     pub quantity: u32,
@@ -97,6 +119,10 @@ pub struct BillLine {
     /// The line's amount in fen. The gateway checks it is non-negative and that the lines sum
     /// to the bill's total.
     pub amount_fen: Fen,
+    /// The catalogue's entry for `code`, where the gateway has a catalogue and the code is in
+    /// it (a code that is not is class C, or refused, as the gateway is configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalogue: Option<CatalogueEntry>,
 }
 
 /// The person's year-to-date accumulators for the payer being called, kept by the gateway's

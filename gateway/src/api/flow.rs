@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::model::{BillBody, InquiryBody, ReversalBody, check_bill, check_id};
 use super::{ApiError, ApiResponse, Identity};
+use crate::catalogue::Reclassified;
 use crate::config::InstitutionConfig;
 use crate::ledger::{
     AccumulatorDelta, Amounts, Intent, LedgerError, Outcome, Record, State, StoredQuote, Unresolved, mask_card,
@@ -428,14 +429,32 @@ struct QuoteView<'a> {
     delegate: Option<DelegateView<'a>>,
     insurance_type: &'a str,
     insured_region: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    reclassified: &'a [Reclassified],
     #[serde(flatten)]
     split: SplitView<'a>,
+}
+
+/// The bureau's catalogue applied to a bill's lines on the business day of `now` (nothing
+/// without a catalogue): each line takes the catalogue's entry and class, or the bill is
+/// refused (`422 item_not_in_catalogue`, `item_class_mismatch`) as configured.
+fn classify_lines(
+    gateway: &Gateway,
+    lines: &mut [cardgate_sdk::BillLine],
+    now: i64,
+) -> Result<Vec<Reclassified>, ApiError> {
+    let Some(catalogue) = &gateway.catalogue else { return Ok(Vec::new()) };
+    catalogue
+        .classify(lines, &crate::ledger::business_day(now))
+        .map_err(|r| ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, r.code, r.detail))
 }
 
 /// `POST /v1/quotes`.
 pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Result<ApiResponse, ApiError> {
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id).await?;
     let total_fen = check_bill(&body.lines, body.total_fen)?;
+    let mut classified = body.clone();
+    let reclassified = classify_lines(gateway, &mut classified.lines, gateway.clock.now())?;
     let token = match (&body.token, &body.quote_id) {
         (Some(token), None) => token,
         _ => return Err(ApiError::invalid("a quote needs `token` (and no `quote_id`)")),
@@ -454,7 +473,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         subject: &subject,
         institution: sdk_institution(institution.0, institution.1),
         insurance_type: &insurance_type,
-        body: &body,
+        body: &classified,
         total_fen,
     };
     let card_hash = gateway.card_key.hash(&subject.card_id);
@@ -482,6 +501,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         delegate: delegate_view(&subject),
         insurance_type: &insurance_type,
         insured_region: &subject.insured_region,
+        reclassified: &reclassified,
         split: split_view(&results, &skipped, total_fen),
     };
     let answer = serde_json::to_string(&answer).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -497,6 +517,9 @@ struct Prepared {
     bill: BillBody,
     total_fen: i64,
     quote_id: Option<String>,
+    /// The lines the catalogue reclassified (`bill` holds the lines as classified).
+    #[serde(default)]
+    reclassified: Vec<Reclassified>,
 }
 
 async fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: i64) -> Result<Prepared, ApiError> {
@@ -508,7 +531,9 @@ async fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: 
         return Err(TokenError::Replayed.into());
     }
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
-    Ok(Prepared { subject, insurance_type, bill: body.clone(), total_fen, quote_id: None })
+    let mut bill = body.clone();
+    let reclassified = classify_lines(gateway, &mut bill.lines, now)?;
+    Ok(Prepared { subject, insurance_type, bill, total_fen, quote_id: None, reclassified })
 }
 
 async fn prepare_by_quote(
@@ -550,12 +575,15 @@ async fn prepare_by_quote(
     if body.use_account.is_some() {
         bill.use_account = body.use_account;
     }
+    // Classified as of the settlement, like the accumulators: a quote reserves neither.
+    let reclassified = classify_lines(gateway, &mut bill.lines, now)?;
     Ok(Prepared {
         subject: content.subject,
         insurance_type: content.insurance_type,
         bill,
         total_fen,
         quote_id: Some(quote_id.to_owned()),
+        reclassified,
     })
 }
 
@@ -923,6 +951,8 @@ struct Receipt<'a> {
     insurance_type: &'a str,
     quote_id: Option<&'a str>,
     lines: usize,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    reclassified: &'a [Reclassified],
     settled_at: String,
     #[serde(flatten)]
     split: SplitView<'a>,
@@ -949,6 +979,7 @@ fn receipt(
         insurance_type: &p.insurance_type,
         quote_id: p.quote_id.as_deref(),
         lines: p.bill.lines.len(),
+        reclassified: &p.reclassified,
         settled_at: rfc3339(now),
         split: split_view(results, skipped, p.total_fen),
     };

@@ -148,6 +148,7 @@ fn strict_lines<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec
             quantity: l.quantity,
             unit_price_fen: l.unit_price_fen,
             amount_fen: l.amount_fen,
+            catalogue: None,
         })
         .collect())
 }

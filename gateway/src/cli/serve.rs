@@ -53,6 +53,11 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     {
         problems.extend(p.into_iter().map(|m| format!("tokens.revocations: {m}")));
     }
+    if let Some(catalogue) = &config.catalogue
+        && let Err(p) = crate::catalogue::Catalogue::load(catalogue)
+    {
+        problems.extend(p.into_iter().map(|m| format!("catalogue.path: {m}")));
+    }
     if let Some(path) = &config.plugin_runtime.signers
         && let Err(p) = crate::plugin::signing::SignerTrust::load(path)
     {

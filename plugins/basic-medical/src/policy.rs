@@ -157,9 +157,14 @@ pub struct Classified {
     pub class_b_first_self_pay: Fen,
     /// Class C cost (not covered).
     pub class_c: Fen,
+    /// The part of lines above their catalogue price cap (`price_cap_fen × quantity`): the
+    /// patient's, not covered.
+    pub over_price_cap: Fen,
 }
 
-/// Sorts the lines into classes, refusing negative or overflowing amounts.
+/// Sorts the lines into classes, refusing negative or overflowing amounts. Where a line carries
+/// the catalogue's entry, the part above its price cap is the patient's and a class B item's
+/// first self-pay share is the catalogue's for that item; otherwise `class_b_self_pay_bp`.
 pub fn classify(lines: &[BillLine], class_b_self_pay_bp: u32) -> Result<Classified, PluginError> {
     let mut c = Classified::default();
     for (index, line) in lines.iter().enumerate() {
@@ -169,13 +174,24 @@ pub fn classify(lines: &[BillLine], class_b_self_pay_bp: u32) -> Result<Classifi
         }
         let overflow = || PluginError::invalid_request("bill total overflows");
         c.total = c.total.checked_add(amount).ok_or_else(overflow)?;
+        let entry = line.catalogue.as_ref();
+        let over_cap = match entry.and_then(|e| e.price_cap_fen) {
+            Some(cap) if line.category != ItemCategory::ClassC => {
+                let allowed = cap.max(0).checked_mul(Fen::from(line.quantity)).ok_or_else(overflow)?;
+                (amount - allowed).max(0)
+            }
+            _ => 0,
+        };
+        c.over_price_cap += over_cap;
+        let amount = amount - over_cap;
+        let class_b_bp = entry.and_then(|e| e.self_pay_bp).unwrap_or(class_b_self_pay_bp).min(FULL_BP);
         match line.category {
             ItemCategory::ClassA => {
                 c.class_a += amount;
                 c.eligible += amount;
             }
             ItemCategory::ClassB => {
-                let first = share(amount, class_b_self_pay_bp);
+                let first = share(amount, class_b_bp);
                 c.class_b_first_self_pay += first;
                 c.eligible += amount - first;
             }
@@ -220,12 +236,13 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
     let patient = due - fund;
     let eligible_self_pay = eligible - fund;
 
-    let account = account_payment(scheme, request, patient, bill.class_c);
+    let account = account_payment(scheme, request, patient, bill.class_c + bill.over_price_cap);
     let cash = patient - account;
     let breakdown = [
         ("class_a", bill.class_a, "class A items, fully eligible"),
         ("class_b_first_self_pay", bill.class_b_first_self_pay, "first self-pay share of class B items"),
         ("class_c_self_pay", bill.class_c, "class C items, not covered"),
+        ("over_price_cap", bill.over_price_cap, "above the catalogue's price cap, not covered"),
         ("deductible", deductible, "toward the yearly deductible"),
         ("co_insurance", coinsured - by_ratio, "patient's share above the deductible"),
         ("above_ceiling", by_ratio - fund, "beyond the annual ceiling"),
@@ -252,11 +269,11 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
     })
 }
 
-/// What the personal account pays of the patient's share: up to its balance, and class C items
-/// only where the scheme allows.
-fn account_payment(scheme: &Scheme, request: &SettlementRequest, patient: Fen, class_c: Fen) -> Fen {
+/// What the personal account pays of the patient's share: up to its balance, and the uncovered
+/// part (class C items, amounts above a price cap) only where the scheme allows.
+fn account_payment(scheme: &Scheme, request: &SettlementRequest, patient: Fen, uncovered: Fen) -> Fen {
     let Some(policy) = scheme.account.filter(|_| request.use_account) else { return 0 };
-    let payable = if policy.covers_class_c { patient } else { (patient - class_c).max(0) };
+    let payable = if policy.covers_class_c { patient } else { (patient - uncovered).max(0) };
     payable.min(account_balance(&policy, &request.year_to_date))
 }
 

@@ -22,6 +22,7 @@ pub fn line(category: ItemCategory, amount_fen: Fen) -> BillLine {
         quantity: 1,
         unit_price_fen: amount_fen,
         amount_fen,
+        catalogue: None,
     }
 }
 

@@ -139,3 +139,39 @@ fn invalid_config_lists_every_problem_with_its_key_path() {
         assert!(error.message.contains(path), "{path} missing from: {}", error.message);
     }
 }
+
+#[test]
+fn example_6_the_catalogue_sets_the_class_b_share_and_the_price_cap() {
+    use cardgate_sdk::{BillLine, CatalogueEntry};
+    let drug = BillLine {
+        code: "XB0001".into(),
+        name: "class B drug".into(),
+        category: ClassB,
+        quantity: 10,
+        unit_price_fen: 1_200,
+        amount_fen: 12_000,
+        catalogue: Some(CatalogueEntry {
+            class: ClassB,
+            self_pay_bp: Some(2_000),
+            price_cap_fen: Some(1_000),
+            restricted: false,
+        }),
+    };
+    let ytd = YearToDate { deductible_fen: 80_000, ..YearToDate::default() };
+    let mut req = request("310", Tertiary, vec![drug, line(ClassA, 5_000)], ytd);
+    req.use_account = false;
+    let split = plugin().settle(&req).expect("settles");
+    // 12,000 for ten units capped at 1,000 each: 2,000 over the cap; 20% of the other 10,000
+    // first (2,000), 8,000 eligible; with the class A 5,000, 13,000 eligible, 80% = 10,400.
+    assert_eq!(breakdown(&split, "over_price_cap"), 2_000);
+    assert_eq!(breakdown(&split, "class_b_first_self_pay"), 2_000);
+    assert_eq!((split.fund_pay_fen(), split.account_pay_fen, split.cash_pay_fen), (10_400, 0, 6_600));
+    assert_eq!(split.eligible_self_pay_fen, 2_600);
+    assert_eq!(split.year_to_date_delta.eligible_fen, 13_000);
+    // With the account: it pays the in-policy 4,600 of the patient's 6,600, not the part over
+    // the cap.
+    req.use_account = true;
+    let split = plugin().settle(&req).expect("settles");
+    assert_eq!((split.fund_pay_fen(), split.account_pay_fen, split.cash_pay_fen), (10_400, 4_600, 2_000));
+    split.check_balances(17_000).expect("balances");
+}
