@@ -269,8 +269,8 @@ XC0003,\"Single room, quiet\",丙,,,,,true
             code: code.into(),
             name: "x".into(),
             category,
-            quantity: 1,
-            unit_price_fen: 100,
+            quantity: cardgate_sdk::Decimal4::ONE,
+            unit_price_fen: cardgate_sdk::Decimal4::from_whole(100).expect("100"),
             amount_fen: 100,
             catalogue: None,
         }

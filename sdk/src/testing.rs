@@ -256,8 +256,8 @@ impl RequestBuilder {
             code: format!("ITEM{n}"),
             name: format!("item {n}"),
             category,
-            quantity: 1,
-            unit_price_fen: amount_fen,
+            quantity: crate::Decimal4::ONE,
+            unit_price_fen: crate::Decimal4::from_whole(amount_fen).unwrap_or_default(),
             amount_fen,
             catalogue: None,
         });

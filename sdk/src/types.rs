@@ -10,6 +10,110 @@ use serde::{Deserialize, Serialize};
 /// Money in fen (1 yuan = 100 fen).
 pub type Fen = i64;
 
+/// An exact, non-negative decimal with up to four digits after the point, held as a whole
+/// number of ten-thousandths — never floating point. Bill lines use it for the quantity (the
+/// national interface's `cnt` has four decimals: half doses, grams of herbal medicine) and for
+/// the unit price in fen (`pric` has six decimals of a yuan, which is four of a fen).
+///
+/// On the wire a whole value is a JSON integer (`2`), any other a string (`"0.5"`,
+/// `"12.3456"`), so plugins built when quantities were whole numbers still read whole ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Decimal4(i64);
+
+impl Decimal4 {
+    /// Units in one: 10,000.
+    pub const SCALE: i64 = 10_000;
+    /// One.
+    pub const ONE: Self = Self(Self::SCALE);
+
+    /// A whole number (`None` if negative or too large).
+    pub fn from_whole(n: i64) -> Option<Self> {
+        n.checked_mul(Self::SCALE).filter(|u| *u >= 0).map(Self)
+    }
+
+    /// From ten-thousandths (`None` if negative).
+    pub fn from_units(units: i64) -> Option<Self> {
+        (units >= 0).then_some(Self(units))
+    }
+
+    /// In ten-thousandths.
+    pub fn units(self) -> i64 {
+        self.0
+    }
+
+    /// The whole number it is, if it is one.
+    pub fn whole(self) -> Option<i64> {
+        (self.0 % Self::SCALE == 0).then_some(self.0 / Self::SCALE)
+    }
+
+    /// Reads `123`, `0.5`, `12.3456`: digits, optionally a point and one to four digits; no
+    /// sign, no exponent, at most 14 digits before the point.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+        if whole.is_empty() || whole.len() > 14 || !digits(whole) || fraction.len() > 4 || !digits(fraction) {
+            return None;
+        }
+        if text.contains('.') && fraction.is_empty() {
+            return None;
+        }
+        let whole: i64 = whole.parse().ok()?;
+        let fraction: i64 = format!("{fraction:0<4}").parse().ok()?;
+        Some(Self(whole * Self::SCALE + fraction))
+    }
+
+    /// `self × other` rounded half up to a whole number: the fen of a quantity at a unit price.
+    pub fn times_rounded(self, other: Self) -> Option<i64> {
+        let product = i128::from(self.0) * i128::from(other.0);
+        let scale = i128::from(Self::SCALE) * i128::from(Self::SCALE);
+        i64::try_from((product + scale / 2) / scale).ok()
+    }
+}
+
+impl std::fmt::Display for Decimal4 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (whole, fraction) = (self.0 / Self::SCALE, self.0 % Self::SCALE);
+        if fraction == 0 {
+            return write!(f, "{whole}");
+        }
+        let digits = format!("{fraction:04}");
+        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+impl Serialize for Decimal4 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.whole() {
+            Some(whole) => serializer.serialize_i64(whole),
+            None => serializer.collect_str(self),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Decimal4 {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Decimal4;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a non-negative decimal with at most four decimals: an integer, or a string such as \"0.5\"",
+                )
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Decimal4, E> {
+                i64::try_from(v).ok().and_then(Decimal4::from_whole).ok_or_else(|| E::custom("too large"))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal4, E> {
+                Decimal4::from_whole(v).ok_or_else(|| E::custom("must not be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Decimal4, E> {
+                Decimal4::parse(v).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 /// The verified claims of the e-card that was scanned.
 ///
 /// The gateway has already checked the token's signature, time window, revocation and replay
@@ -112,12 +216,12 @@ pub struct BillLine {
     /// Policy class: the catalogue's where the gateway has a catalogue (see `catalogue`),
     /// otherwise as the institution asserted it.
     pub category: ItemCategory,
-    /// Number of units.
-    pub quantity: u32,
-    /// Price of one unit, in fen.
-    pub unit_price_fen: Fen,
-    /// The line's amount in fen. The gateway checks it is non-negative and that the lines sum
-    /// to the bill's total.
+    /// Number of units, to four decimals (half a pack, 12.5 grams of a herb).
+    pub quantity: Decimal4,
+    /// Price of one unit in fen, to four decimals (a yuan to six, as the national interface).
+    pub unit_price_fen: Decimal4,
+    /// The line's amount in fen: `quantity × unit_price_fen` rounded half up to the fen (the
+    /// gateway checks it), non-negative; the lines sum to the bill's total.
     pub amount_fen: Fen,
     /// The catalogue's entry for `code`, where the gateway has a catalogue and the code is in
     /// it (a code that is not is class C, or refused, as the gateway is configured).

@@ -217,12 +217,25 @@ async fn documented_choices_hold_request_ids_and_line_amounts() {
         .await
         .expect("answer");
     assert_eq!(kept.request_id, "till-7.42");
-    // A line's amount is what is billed: quantity x unit price may differ (discounts, rounding).
+    // A line's amount is quantity x unit price, rounded half up to the fen (the national rule):
+    // a discount is a lower unit price, not an amount that disagrees.
+    let token = gw.token(&Card::beijing(), 120);
     let mut discounted = line();
     discounted["amount_fen"] = json!(4000);
-    let body = json!({ "token": gw.token(&Card::beijing(), 120), "terminal_id": "POS-01", "total_fen": 4000, "lines": [discounted] });
+    let body = json!({ "token": token, "terminal_id": "POS-01", "total_fen": 4000, "lines": [discounted] });
     let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &body).await;
-    assert_eq!((reply.status, reply.json()["total_fen"].as_i64()), (StatusCode::CREATED, Some(4000)), "{}", reply.body);
+    assert_eq!(
+        (reply.status, reply.json()["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request")),
+        "{}",
+        reply.body
+    );
+    assert!(reply.json()["detail"].as_str().is_some_and(|d| d.contains("5000")), "{}", reply.body);
+    // Half a pack at 25.01 yuan is 12.505 yuan: 1,251 fen.
+    let half = json!({ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": "0.5", "unit_price_fen": 2501, "amount_fen": 1251 });
+    let body = json!({ "token": token, "terminal_id": "POS-01", "total_fen": 1251, "lines": [half] });
+    let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &body).await;
+    assert_eq!((reply.status, reply.json()["total_fen"].as_i64()), (StatusCode::CREATED, Some(1251)), "{}", reply.body);
 }
 
 fn today() -> String {

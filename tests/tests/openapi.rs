@@ -271,6 +271,15 @@ async fn request_schemas_say_exactly_what_the_handlers_take() {
                 assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{template} line without `{field}`: {}", reply.body);
                 checked += 1;
             }
+            // One of each documented pair is required: the price and the amount, ours or national.
+            for (field, national) in [("unit_price_fen", "pric"), ("amount_fen", "det_item_fee_sumamt")] {
+                assert!(line_schema["properties"][national].is_object(), "{template}: `{national}` is documented");
+                let mut without = example.clone();
+                without["lines"][0].as_object_mut().expect("line").remove(field);
+                let reply = send(without).await;
+                assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{template} line without `{field}` or `{national}`");
+                checked += 1;
+            }
         }
     }
     assert!(checked >= 20, "{checked} required fields checked");

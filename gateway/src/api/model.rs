@@ -3,8 +3,9 @@
 //! converted exactly), `insutype`, `fixmedins_code`, `chrgitm_lv` ("01" / "02" / "03"); see
 //! docs/API.md.
 
-use cardgate_sdk::{BillLine, Fen};
+use cardgate_sdk::{BillLine, Decimal4, Fen};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::problem::ApiError;
 
@@ -83,7 +84,7 @@ impl TryFrom<BillWire> for BillBody {
     type Error = String;
 
     fn try_from(wire: BillWire) -> Result<Self, String> {
-        let national = wire.medfee_sumamt.map(|raw| yuan_to_fen(raw.get())).transpose()?;
+        let national = wire.medfee_sumamt.map(|raw| yuan_to_fen("medfee_sumamt", raw.get())).transpose()?;
         let total_fen = match (wire.total_fen, national) {
             (Some(fen), Some(yuan)) if fen != yuan => {
                 return Err(format!("total_fen ({fen}) and medfee_sumamt ({yuan} fen) disagree"));
@@ -103,24 +104,29 @@ impl TryFrom<BillWire> for BillBody {
     }
 }
 
-/// A yuan amount as the national interface writes it (`123.45`, `"123.4"`, `12`: a JSON
-/// number or string, at most two decimals, not negative, no exponent) in fen, exactly: read
-/// as text, never through floating point.
-pub fn yuan_to_fen(raw: &str) -> Result<Fen, String> {
+/// A decimal as written in JSON, a number or a string (`12.5`, `"12.5"`): its text, read
+/// exactly (never through floating point), as `digits` before the point and at most `places`
+/// after; the value in units of `10^-places`.
+fn exact_decimal(raw: &str, places: usize) -> Option<i64> {
     let text = raw.trim();
     let text = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
-    let bad = || format!("medfee_sumamt: {raw} is not an amount in yuan with at most two decimals");
-    let (whole, decimals) = text.split_once('.').unwrap_or((text, ""));
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
     let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || whole.len() > 15 || !digits(whole) || decimals.len() > 2 || !digits(decimals) {
-        return Err(bad());
+    if whole.is_empty() || whole.len() > 15 || !digits(whole) || fraction.len() > places || !digits(fraction) {
+        return None;
     }
-    if text.contains('.') && decimals.is_empty() {
-        return Err(bad());
+    if text.contains('.') && fraction.is_empty() {
+        return None;
     }
-    let whole: Fen = whole.parse().map_err(|_| bad())?;
-    let cents: Fen = format!("{decimals:0<2}").parse().map_err(|_| bad())?;
-    Ok(whole * 100 + cents)
+    let whole: i64 = whole.parse().ok()?;
+    let fraction: i64 = if places == 0 { 0 } else { format!("{fraction:0<places$}").parse().ok()? };
+    whole.checked_mul(10i64.pow(places as u32))?.checked_add(fraction)
+}
+
+/// A yuan amount as the national interface writes it (`123.45`, `"123.4"`, `12`: a JSON
+/// number or string, at most two decimals, not negative, no exponent) in fen, exactly.
+pub fn yuan_to_fen(field: &str, raw: &str) -> Result<Fen, String> {
+    exact_decimal(raw, 2).ok_or_else(|| format!("{field}: {raw} is not an amount in yuan with at most two decimals"))
 }
 
 /// Bill lines as the API takes them: exactly the SDK's fields, no others (a misspelt or
@@ -134,23 +140,65 @@ fn strict_lines<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec
         name: String,
         #[serde(alias = "chrgitm_lv", deserialize_with = "category")]
         category: cardgate_sdk::ItemCategory,
-        quantity: u32,
-        unit_price_fen: Fen,
-        amount_fen: Fen,
+        /// Up to four decimals (the national `cnt`).
+        #[serde(alias = "cnt")]
+        quantity: Box<RawValue>,
+        /// Fen, up to four decimals.
+        #[serde(default)]
+        unit_price_fen: Option<Box<RawValue>>,
+        /// The national unit price: yuan, up to six decimals.
+        #[serde(default)]
+        pric: Option<Box<RawValue>>,
+        #[serde(default)]
+        amount_fen: Option<Fen>,
+        /// The national line amount: yuan, up to two decimals.
+        #[serde(default)]
+        det_item_fee_sumamt: Option<Box<RawValue>>,
     }
     let lines = Vec::<Line>::deserialize(deserializer)?;
-    Ok(lines
+    let bad = <D::Error as serde::de::Error>::custom::<String>;
+    lines
         .into_iter()
-        .map(|l| BillLine {
-            code: l.code,
-            name: l.name,
-            category: l.category,
-            quantity: l.quantity,
-            unit_price_fen: l.unit_price_fen,
-            amount_fen: l.amount_fen,
-            catalogue: None,
+        .enumerate()
+        .map(|(i, l)| {
+            let quantity = exact_decimal(l.quantity.get(), 4).and_then(Decimal4::from_units).ok_or_else(|| {
+                bad(format!("lines[{i}].quantity: {} is not a number with at most four decimals", l.quantity.get()))
+            })?;
+            let unit_price_fen = match (&l.unit_price_fen, &l.pric) {
+                (Some(fen), None) => {
+                    exact_decimal(fen.get(), 4).ok_or(("unit_price_fen", "fen with at most four", fen))
+                }
+                (None, Some(yuan)) => exact_decimal(yuan.get(), 6).ok_or(("pric", "yuan with at most six", yuan)),
+                _ => return Err(bad(format!("lines[{i}]: give exactly one of unit_price_fen and pric"))),
+            }
+            .map_err(|(field, what, raw)| bad(format!("lines[{i}].{field}: {} is not {what} decimals", raw.get())))?;
+            let national = l
+                .det_item_fee_sumamt
+                .map(|raw| yuan_to_fen(&format!("lines[{i}].det_item_fee_sumamt"), raw.get()))
+                .transpose()
+                .map_err(bad)?;
+            let amount_fen = match (l.amount_fen, national) {
+                (Some(fen), Some(yuan)) if fen != yuan => {
+                    return Err(bad(format!(
+                        "lines[{i}]: amount_fen ({fen}) and det_item_fee_sumamt ({yuan} fen) disagree"
+                    )));
+                }
+                (Some(fen), _) | (None, Some(fen)) => fen,
+                (None, None) => {
+                    return Err(bad(format!("lines[{i}]: amount_fen (or det_item_fee_sumamt) is required")));
+                }
+            };
+            Ok(BillLine {
+                code: l.code,
+                name: l.name,
+                category: l.category,
+                quantity,
+                unit_price_fen: Decimal4::from_units(unit_price_fen).unwrap_or_default(),
+                amount_fen,
+                catalogue: None,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// A line's class: ours (`class_a`, `class_b`, `class_c`) or the national platform's
@@ -201,8 +249,21 @@ pub fn check_bill(lines: &[BillLine], total_fen: Option<Fen>) -> Result<Fen, Api
     }
     let mut sum: Fen = 0;
     for (i, line) in lines.iter().enumerate() {
-        if line.amount_fen < 0 || line.unit_price_fen < 0 {
+        if line.amount_fen < 0 {
             return Err(ApiError::invalid(format!("lines[{i}]: amounts must not be negative")));
+        }
+        // The national rule: a line's amount is quantity × unit price, rounded half up to the fen.
+        match line.quantity.times_rounded(line.unit_price_fen) {
+            Some(product) if product == line.amount_fen => {}
+            product => {
+                return Err(ApiError::invalid(format!(
+                    "lines[{i}]: amount_fen is {} but quantity {} × unit_price_fen {} is {} fen (rounded half up)",
+                    line.amount_fen,
+                    line.quantity,
+                    line.unit_price_fen,
+                    product.map_or("too large".to_owned(), |p| p.to_string())
+                )));
+            }
         }
         if line.code.is_empty() || line.code.len() > 64 || line.name.len() > 200 {
             return Err(ApiError::invalid(format!("lines[{i}]: code 1 to 64 characters, name at most 200")));
@@ -231,11 +292,11 @@ mod tests {
             ("0.10", 10),
             ("123456789012345.99", 12_345_678_901_234_599),
         ] {
-            assert_eq!(yuan_to_fen(raw), Ok(fen), "{raw}");
+            assert_eq!(yuan_to_fen("medfee_sumamt", raw), Ok(fen), "{raw}");
         }
         for raw in ["1.234", "-1", "1e3", "1.", ".5", "", "\"\"", "1,5", "\"12 \"", "1234567890123456", "null", "true"]
         {
-            assert!(yuan_to_fen(raw).is_err(), "{raw}");
+            assert!(yuan_to_fen("medfee_sumamt", raw).is_err(), "{raw}");
         }
     }
 
@@ -263,5 +324,43 @@ mod tests {
         )
         .expect_err("no class 04");
         assert!(wrong.to_string().contains("chrgitm_lv"), "{wrong}");
+    }
+
+    fn one_line(line: &str) -> Result<BillBody, serde_json::Error> {
+        serde_json::from_str(&format!(r#"{{"terminal_id":"T","lines":[{line}]}}"#))
+    }
+
+    #[test]
+    fn quantities_and_unit_prices_are_exact_decimals() {
+        let half = one_line(
+            r#"{"code":"X","name":"x","category":"class_a","quantity":0.5,"unit_price_fen":2501,"amount_fen":1251}"#,
+        )
+        .expect("half a pack");
+        assert_eq!(half.lines[0].quantity.units(), 5_000);
+        check_bill(&half.lines, Some(1_251)).expect("0.5 x 2501 = 1250.5, rounded half up to 1251");
+        let national = one_line(
+            r#"{"code":"X","name":"x","chrgitm_lv":"01","cnt":"3","pric":12.345678,"det_item_fee_sumamt":"37.04"}"#,
+        )
+        .expect("national names");
+        assert_eq!(national.lines[0].unit_price_fen.units(), 12_345_678, "yuan to six decimals is fen to four");
+        assert_eq!(national.lines[0].amount_fen, 3_704);
+        check_bill(&national.lines, Some(3_704)).expect("3 x 1234.5678 fen = 3703.7034, rounded to 3704");
+        let off = one_line(
+            r#"{"code":"X","name":"x","category":"class_a","quantity":2,"unit_price_fen":2500,"amount_fen":4000}"#,
+        )
+        .expect("parses");
+        let refused = check_bill(&off.lines, Some(4_000)).expect_err("2 x 2500 is not 4000");
+        assert!(format!("{refused:?}").contains("5000"), "{refused:?}");
+        for bad in [
+            r#"{"code":"X","name":"x","category":"class_a","quantity":0.12345,"unit_price_fen":1,"amount_fen":0}"#,
+            r#"{"code":"X","name":"x","category":"class_a","quantity":-1,"unit_price_fen":1,"amount_fen":0}"#,
+            r#"{"code":"X","name":"x","category":"class_a","quantity":1e2,"unit_price_fen":1,"amount_fen":100}"#,
+            r#"{"code":"X","name":"x","category":"class_a","quantity":1,"unit_price_fen":1.23456,"amount_fen":1}"#,
+            r#"{"code":"X","name":"x","category":"class_a","quantity":1,"unit_price_fen":1,"pric":0.01,"amount_fen":1}"#,
+            r#"{"code":"X","name":"x","category":"class_a","quantity":1,"unit_price_fen":1}"#,
+            r#"{"code":"X","name":"x","category":"class_a","quantity":1,"unit_price_fen":100,"amount_fen":100,"det_item_fee_sumamt":100}"#,
+        ] {
+            assert!(one_line(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -177,7 +177,8 @@ pub fn classify(lines: &[BillLine], class_b_self_pay_bp: u32) -> Result<Classifi
         let entry = line.catalogue.as_ref();
         let over_cap = match entry.and_then(|e| e.price_cap_fen) {
             Some(cap) if line.category != ItemCategory::ClassC => {
-                let allowed = cap.max(0).checked_mul(Fen::from(line.quantity)).ok_or_else(overflow)?;
+                let cap = cardgate_sdk::Decimal4::from_whole(cap.max(0)).ok_or_else(overflow)?;
+                let allowed = cap.times_rounded(line.quantity).ok_or_else(overflow)?;
                 (amount - allowed).max(0)
             }
             _ => 0,

@@ -19,8 +19,8 @@ pub fn line(category: ItemCategory, amount_fen: Fen) -> BillLine {
         code: format!("{category:?}-{amount_fen}"),
         name: "item".into(),
         category,
-        quantity: 1,
-        unit_price_fen: amount_fen,
+        quantity: cardgate_sdk::Decimal4::ONE,
+        unit_price_fen: cardgate_sdk::Decimal4::from_whole(amount_fen).unwrap_or_default(),
         amount_fen,
         catalogue: None,
     }

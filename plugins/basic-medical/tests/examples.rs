@@ -147,8 +147,8 @@ fn example_6_the_catalogue_sets_the_class_b_share_and_the_price_cap() {
         code: "XB0001".into(),
         name: "class B drug".into(),
         category: ClassB,
-        quantity: 10,
-        unit_price_fen: 1_200,
+        quantity: cardgate_sdk::Decimal4::from_whole(10).expect("10"),
+        unit_price_fen: cardgate_sdk::Decimal4::from_whole(1_200).expect("1,200"),
         amount_fen: 12_000,
         catalogue: Some(CatalogueEntry {
             class: ClassB,
