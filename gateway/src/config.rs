@@ -838,6 +838,12 @@ impl Config {
             runtime.signers.is_some() || runtime.allow_unsigned,
             "plugin_runtime.signers: required, unless allow_unsigned = true (development only)".into(),
         );
+        check(
+            !(runtime.signers.is_some() && runtime.allow_unsigned),
+            "plugin_runtime.allow_unsigned: true together with signers: every library must be signed when signers \
+             are given; remove one of the two"
+                .into(),
+        );
         for (name, plugin) in &self.plugins {
             check(plugin.timeout_ms > 0, format!("plugins.{name}.timeout_ms: must be positive"));
             check(plugin.max_concurrency > 0, format!("plugins.{name}.max_concurrency: must be positive"));

@@ -184,13 +184,7 @@ impl Gateway {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let mut problems = Vec::new();
         let handles = load_plugins(&self.config, &mut problems);
-        for (name, handle) in &handles {
-            match handle.call_inline::<_, Health>(Operation::Health, &()) {
-                Ok(health) if health.status != HealthStatus::Down => {}
-                Ok(health) => problems.push(format!("plugins.{name}: self-check: down {}", health.detail)),
-                Err(e) => problems.push(format!("plugins.{name}: self-check failed: {e}")),
-            }
-        }
+        self_check(&handles, &mut problems);
         if !problems.is_empty() {
             tracing::warn!(problems = %problems.join("; "), "plugin reload refused; the current generation keeps serving");
             return Err(problems);
@@ -201,6 +195,29 @@ impl Gateway {
         tracing::info!(generation = next.generation, "plugins reloaded");
         Ok(next)
     }
+}
+
+/// Each plugin's health check, called on this thread; a plugin down or not answering is a
+/// problem.
+fn self_check(handles: &HashMap<String, PluginHandle>, problems: &mut Vec<String>) {
+    for (name, handle) in handles {
+        match handle.call_inline::<_, Health>(Operation::Health, &()) {
+            Ok(health) if health.status != HealthStatus::Down => {}
+            Ok(health) => problems.push(format!("plugins.{name}: self-check: down {}", health.detail)),
+            Err(e) => problems.push(format!("plugins.{name}: self-check failed: {e}")),
+        }
+    }
+}
+
+/// Loads every configured plugin exactly as `serve` does — signature and manifest, ABI, the
+/// declaration, `init` with its configuration (process-tier plugins in a child that ends with
+/// the check) — runs each one's health check, and unloads them: every problem found.
+/// Blocking; for `check-config`.
+pub fn check_plugins(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let handles = load_plugins(config, &mut problems);
+    self_check(&handles, &mut problems);
+    problems
 }
 
 /// What a rebuilt gateway keeps from the one before.

@@ -27,9 +27,10 @@ pub struct CheckArgs {
     config: PathBuf,
 }
 
-/// Checks a configuration as `serve` would before serving, without loading plugin code:
-/// the file, every value, the certificates, the trust, revocation and signer lists, and the
-/// plugin libraries' presence. Prints every problem with its key path.
+/// Checks a configuration as `serve` would before serving: the file, every value, the
+/// certificates, the trust, revocation and signer lists, the catalogue, and every plugin
+/// loaded, initialised and health-checked as `serve` loads it (then unloaded). Prints every
+/// problem with its key path.
 pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = match Config::load(&args.config, &env) {
@@ -70,10 +71,19 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
             Err(e) => problems.push(format!("ledger.postgres: {e}")),
         }
     }
+    let mut missing = false;
     for (name, plugin) in &config.plugins {
         if !plugin.library.is_file() {
             problems.push(format!("plugins.{name}.library: {}: no such file", plugin.library.display()));
+            missing = true;
         }
+    }
+    // Every plugin loaded, initialised and asked for its health as `serve` would, so that a
+    // wrong magic or ABI, a missing entry symbol, a bad signature or a configuration its `init`
+    // refuses is found here and not at start. (Skipped while a library is missing: that is
+    // already reported, once.)
+    if !missing {
+        problems.extend(crate::service::check_plugins(&config));
     }
     if problems.is_empty() {
         for exposed in config.exposed_files(&args.config) {
