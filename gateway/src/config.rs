@@ -473,6 +473,104 @@ pub struct RouteConfig {
     pub payers: Vec<String>,
 }
 
+/// The longest path a Unix socket may have (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Every section of a configuration that does not deserialize, each on its own, with its key
+/// path: sections, then each plugin, institution and route; and unknown top-level keys.
+fn every_problem(built: &config::Config) -> Vec<String> {
+    use serde::de::DeserializeOwned;
+    fn section<T: DeserializeOwned>(built: &config::Config, key: &str, required: bool, problems: &mut Vec<String>) {
+        match built.get::<T>(key) {
+            Ok(_) => {}
+            Err(config::ConfigError::NotFound(_)) if !required => {}
+            Err(config::ConfigError::NotFound(_)) => problems.push(format!("{key}: missing")),
+            Err(e) => problems.push(match culprit::<T>(built, key) {
+                Some(field) => format!("{key}.{field}: {}", plain(&e)),
+                None => format!("{key}: {}", plain(&e)),
+            }),
+        }
+    }
+    /// The field of a section whose value is what fails (a wrong type names no key): the one
+    /// without which the section deserializes, or fails only for lacking it.
+    fn culprit<T: DeserializeOwned>(built: &config::Config, key: &str) -> Option<String> {
+        let table = built.get::<HashMap<String, config::Value>>(key).ok()?;
+        let mut fields: Vec<&String> = table.keys().collect();
+        fields.sort();
+        fields
+            .into_iter()
+            .find(|field| {
+                let mut without = table.clone();
+                without.remove(*field);
+                match config::Value::new(None, config::ValueKind::Table(without)).try_deserialize::<T>() {
+                    Ok(_) => true,
+                    Err(e) => e.to_string().contains(&format!("missing field `{field}`")),
+                }
+            })
+            .cloned()
+    }
+    /// A deserializer's message without the config crate's trailing "for key ... in FILE".
+    fn plain(e: &config::ConfigError) -> String {
+        let text = e.to_string();
+        text.split(" for key `").next().unwrap_or(&text).to_owned()
+    }
+    let mut problems = Vec::new();
+    let top: HashMap<String, config::Value> = built.clone().try_deserialize().unwrap_or_default();
+    const KNOWN: [&str; 10] = [
+        "server",
+        "admin",
+        "tokens",
+        "ledger",
+        "limits",
+        "plugin_runtime",
+        "plugins",
+        "institutions",
+        "routes",
+        "catalogue",
+    ];
+    let mut unknown: Vec<&String> = top.keys().filter(|k| !KNOWN.contains(&k.as_str())).collect();
+    unknown.sort();
+    problems.extend(unknown.into_iter().map(|k| format!("{k}: unknown section (known: {})", KNOWN.join(", "))));
+    section::<ServerConfig>(built, "server", true, &mut problems);
+    section::<AdminConfig>(built, "admin", false, &mut problems);
+    section::<TokenConfig>(built, "tokens", true, &mut problems);
+    section::<LedgerConfig>(built, "ledger", true, &mut problems);
+    section::<LimitsConfig>(built, "limits", false, &mut problems);
+    section::<PluginRuntimeConfig>(built, "plugin_runtime", false, &mut problems);
+    section::<CatalogueConfig>(built, "catalogue", false, &mut problems);
+    for (map, required) in [("plugins", true), ("institutions", true)] {
+        match built.get::<HashMap<String, config::Value>>(map) {
+            Ok(entries) => {
+                let mut names: Vec<&String> = entries.keys().collect();
+                names.sort();
+                for name in names {
+                    let key = format!("{map}.{name}");
+                    if map == "plugins" {
+                        section::<PluginConfig>(built, &key, true, &mut problems);
+                    } else {
+                        section::<InstitutionConfig>(built, &key, true, &mut problems);
+                    }
+                }
+            }
+            Err(config::ConfigError::NotFound(_)) if required => problems.push(format!("{map}: missing")),
+            Err(config::ConfigError::NotFound(_)) => {}
+            Err(e) => problems.push(format!("{map}: {e}")),
+        }
+    }
+    match built.get::<Vec<config::Value>>("routes") {
+        Ok(routes) => {
+            for (i, route) in routes.into_iter().enumerate() {
+                if let Err(e) = route.try_deserialize::<RouteConfig>() {
+                    problems.push(format!("routes[{i}]: {}", plain(&e)));
+                }
+            }
+        }
+        Err(config::ConfigError::NotFound(_)) => problems.push("routes: missing".to_owned()),
+        Err(e) => problems.push(format!("routes: {e}")),
+    }
+    problems
+}
+
 mod defaults {
     use std::path::PathBuf;
 
@@ -585,7 +683,7 @@ impl Config {
         let one = |p: String| ConfigError { problems: vec![p] };
         let overrides: HashMap<String, String> =
             env.iter().filter(|(k, _)| k.starts_with("CARDGATE__")).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut config: Config = config::Config::builder()
+        let built = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix("CARDGATE")
@@ -594,8 +692,19 @@ impl Config {
                     .source(Some(overrides)),
             )
             .build()
-            .and_then(|c| c.try_deserialize())
             .map_err(|e| one(format!("{}: {e}", path.display())))?;
+        let mut config: Config = match built.clone().try_deserialize() {
+            Ok(config) => config,
+            Err(first) => {
+                // Deserializing stops at the first mistake: look at each section (and each
+                // plugin, institution and route) on its own to report every one at once.
+                let mut problems = every_problem(&built);
+                if problems.is_empty() {
+                    problems.push(first.to_string());
+                }
+                return Err(ConfigError { problems });
+            }
+        };
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.read_secret_file()?;
         config.read_password_file(path)?;
@@ -845,6 +954,21 @@ impl Config {
                 .into(),
         );
         for (name, plugin) in &self.plugins {
+            // A process-tier plugin talks over a Unix socket in the cache directory, named
+            // `<plugin>-<up to 20 digits>.sock`; a socket path has at most 107 bytes.
+            if plugin.isolation == IsolationConfig::Process {
+                let longest = runtime.cache_dir.join(format!("{name}-{}.sock", u64::MAX));
+                let bytes = longest.as_os_str().len();
+                check(
+                    bytes <= MAX_SOCKET_PATH,
+                    format!(
+                        "plugins.{name}: the process tier's socket would be {} ({bytes} bytes), longer than the \
+                         {MAX_SOCKET_PATH} bytes a Unix socket path may have: use a shorter plugin_runtime.cache_dir \
+                         or plugin name",
+                        longest.display()
+                    ),
+                );
+            }
             check(plugin.timeout_ms > 0, format!("plugins.{name}.timeout_ms: must be positive"));
             check(plugin.max_concurrency > 0, format!("plugins.{name}.max_concurrency: must be positive"));
             check(plugin.breaker_failures > 0, format!("plugins.{name}.breaker_failures: must be positive"));

@@ -121,3 +121,56 @@ fn check_config_reports_every_bad_row_of_the_catalogue() {
     assert!(stderr.contains("catalogue.path:") && stderr.contains("row 2: class"), "{stderr}");
     assert!(stderr.contains("row 3: self_pay_bp"), "{stderr}");
 }
+
+#[test]
+fn check_config_reports_every_syntax_and_type_mistake_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")).expect("example");
+    let broken = example
+        .replace("handshake_timeout_ms = 5000", "handshake_timout_ms = 5000")
+        .replace("clock_skew_secs = 60", "clock_skew_secs = \"a minute\"")
+        .replace("timeout_ms = 2000", "timeout_ms = 2000\nretries = 3")
+        + "\n[metrics]\nlisten = \"127.0.0.1:9000\"\n";
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, broken).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    for expected in [
+        "  server.handshake_timout_ms: unknown field",
+        "  tokens.clock_skew_secs: invalid type: string \"a minute\", expected an integer",
+        "  plugins.basic-medical.retries: unknown field",
+        "  metrics: unknown section",
+    ] {
+        assert!(stderr.contains(expected), "`{expected}` missing from:\n{stderr}");
+    }
+    let problems = stderr.lines().filter(|l| l.starts_with("  ")).count();
+    assert_eq!(problems, 4, "one line per mistake:\n{stderr}");
+}
+
+#[test]
+fn check_config_refuses_a_cache_directory_too_long_for_the_process_tier_socket() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")).expect("example");
+    let long = format!("/var/lib/{}", "cardgate-plugin-cache/".repeat(5));
+    let config = example
+        .replace("cache_dir = \"/var/lib/cardgate/plugins\"", &format!("cache_dir = \"{long}\""))
+        .replace("isolation = \"in_process\"", "isolation = \"process\"");
+    let path = dir.path().join("long.toml");
+    std::fs::write(&path, config).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("plugins.basic-medical: the process tier's socket would be"), "{stderr}");
+    assert!(!stderr.contains("plugins.critical-illness: the process tier"), "in process: no socket\n{stderr}");
+}
