@@ -274,3 +274,41 @@ async fn admin_over_mutual_tls_admits_only_operator_certificates() {
     let refused = cardgate::client::Client::new(addr, &pki.ca, &outsider.cert, &outsider.key).expect("client");
     assert!(refused.send(Method::GET, "/admin/plugins", &[], None).await.is_err(), "a foreign certificate is refused");
 }
+
+#[tokio::test]
+async fn an_unsupported_inquiry_and_a_skipped_payer_are_not_plugin_failures() {
+    let extra_toml = format!(
+        "\n[plugins.assist]\nlibrary = \"{}\"\n[plugins.assist.config]\nfund = \"assist\"\ninsurance_types = [\"390\"]\n\
+         share_bp = 7000\nannual_ceiling_fen = 100000\n\n[[routes]]\nregions = [\"44\"]\npayers = [\"basic-medical\", \"assist\"]\n",
+        build_cdylib("medical-assistance").display()
+    );
+    let gw = TestGateway::start(Options { extra_toml, ..Options::default() }).await;
+    // critical-illness answers no inquiries (`unsupported`).
+    let inquiry = json!({ "token": gw.token(&Card::beijing(), 120), "terminal_id": "POS-1" });
+    let reply = post(&gw.pharmacy, "/v1/inquiries", None, &inquiry).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.json()["payers"][1], json!({ "payer": "critical-illness", "supported": false }));
+    // An employee card on a route whose assistance payer serves residents only: skipped.
+    let reply =
+        post(&gw.pharmacy, "/v1/settlements", Some(&key()), &body(&gw.token(&Card::in_region("440104"), 120))).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    assert_eq!(reply.json()["skipped"][0]["payer"], "assist", "{}", reply.body);
+    let (_, plugins) = admin(gw.admin, Method::GET, "/admin/plugins").await;
+    let counts = |name: &str| {
+        let plugin = plugins["plugins"].as_array().and_then(|p| p.iter().find(|p| p["name"] == name)).cloned();
+        let plugin = plugin.unwrap_or_else(|| panic!("{name} listed: {plugins}"));
+        (plugin["calls"].as_u64(), plugin["failures"].as_u64())
+    };
+    assert_eq!(counts("critical-illness"), (Some(1), Some(0)));
+    assert_eq!(counts("assist"), (Some(1), Some(0)));
+    let (_, metrics) = cardgate_tests::harness::admin_text(gw.admin, Method::GET, "/metrics").await;
+    let line = |plugin: &str, outcome: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("cardgate_plugin_calls_total")
+                && l.contains(&format!("plugin=\"{plugin}\""))
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+    };
+    assert!(line("critical-illness", "unsupported") && line("assist", "not_applicable"), "{metrics}");
+    assert!(!line("assist", "plugin_rejected") && !line("critical-illness", "plugin_rejected"), "{metrics}");
+}
