@@ -16,8 +16,10 @@
  * Duties of a plugin written in C:
  * - call may run on several threads at once for the same instance: it must be thread-safe;
  * - never let a C++ exception or a longjmp cross the boundary;
- * - set CARDGATE_FLAG_UNWIND only if the library contains its own failures (a C plugin that
- *   cannot abort on error may set it);
+ * - set CARDGATE_FLAG_UNWIND in flags to run in-process: the host loads a library without it
+ *   only in the process tier. For C it is a promise that every entry point returns a status
+ *   and never aborts, exits, or lets a C++ exception or a longjmp out (for Rust the SDK sets
+ *   it when the library is built with panic = "unwind");
  * - keep the declaration and every string it points to alive and unchanged forever.
  *
  * Compatibility: the first 16 bytes of the declaration (magic, abi_major, abi_minor, size)

@@ -150,9 +150,10 @@ pub enum LoadError {
         /// What is wrong.
         reason: String,
     },
-    /// The plugin was built with `panic = "abort"`: one of its panics would kill the daemon.
+    /// The declaration lacks `FLAG_UNWIND` (a Rust plugin built with `panic = "abort"`, or a C
+    /// plugin that did not declare it contains its failures): one of them would kill the daemon.
     #[error(
-        "plugin `{plugin}` {version} at {}: built with panic = \"abort\", which cannot run in-process; rebuild with panic = \"unwind\" (plugin ABI {found}, gateway ABI {expected})",
+        "plugin `{plugin}` {version} at {}: its declaration lacks CARDGATE_FLAG_UNWIND (flags bit 0), so a failure inside it could take the gateway down: run it in the process tier (isolation = \"process\"), or declare the flag: in Rust, build with panic = \"unwind\" (the SDK then sets it); in C, set it once every entry point returns a status and never aborts, exits or lets a C++ exception or longjmp out (plugin ABI {found}, gateway ABI {expected})",
         path.display()
     )]
     BuiltWithPanicAbort {
