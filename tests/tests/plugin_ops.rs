@@ -312,3 +312,73 @@ async fn an_unsupported_inquiry_and_a_skipped_payer_are_not_plugin_failures() {
     assert!(line("critical-illness", "unsupported") && line("assist", "not_applicable"), "{metrics}");
     assert!(!line("assist", "plugin_rejected") && !line("critical-illness", "plugin_rejected"), "{metrics}");
 }
+
+#[test]
+fn a_signing_key_made_as_the_guide_says_signs_a_plugin_the_gateway_trusts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = dir.path().join("keys");
+    let (code, entry, err) = cli(&[
+        "keys",
+        "generate",
+        "--alg",
+        "ed25519",
+        "--kid",
+        "bureau-bj",
+        "--out",
+        keys.to_str().expect("path"),
+        "--plugin-signer",
+        "--plugins",
+        "my-policy",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let entry: Value = serde_json::from_str(&entry).expect("a JSON entry");
+    assert_eq!((entry["kid"].as_str(), entry["plugins"].clone()), (Some("bureau-bj"), json!(["my-policy"])));
+    // The entry goes into the signers file as printed.
+    let signers = dir.path().join("plugin-signers.json");
+    std::fs::write(&signers, json!({ "signers": [entry] }).to_string()).expect("signers");
+    let library = dir.path().join("libmy_policy.so");
+    std::fs::copy(build_cdylib("fixture-configurable"), &library).expect("library");
+    let key = keys.join("bureau-bj.key");
+    let (code, _, err) = cli(&[
+        "plugin",
+        "sign",
+        "--key",
+        key.to_str().expect("path"),
+        "--kid",
+        "bureau-bj",
+        library.to_str().expect("path"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let verify = |name: &str| {
+        cli(&[
+            "plugin",
+            "verify",
+            "--trust",
+            signers.to_str().expect("path"),
+            "--name",
+            name,
+            "--declared-name",
+            "fixture-configurable",
+            library.to_str().expect("path"),
+        ])
+    };
+    let (code, out, err) = verify("my-policy");
+    assert_eq!(code, 0, "{out}{err}");
+    // The key may sign only the plugin configured as my-policy.
+    let (code, out, err) = verify("other-policy");
+    assert_ne!(code, 0, "{out}{err}");
+    // A token key cannot be a plugin signer.
+    let (code, _, err) = cli(&[
+        "keys",
+        "generate",
+        "--alg",
+        "es256",
+        "--kid",
+        "x",
+        "--out",
+        keys.to_str().expect("path"),
+        "--plugin-signer",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("Ed25519"), "{err}");
+}

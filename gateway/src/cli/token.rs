@@ -19,8 +19,9 @@ use crate::token::{
 /// Key commands.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Generate an issuer key pair: `KID.key` (PKCS#8 PEM, mode 0600) and `KID.pub` (SPKI PEM)
-    /// in DIR, and print the trust-list entry.
+    /// Generate a key pair: `KID.key` (PKCS#8 PEM, mode 0600) and `KID.pub` (SPKI PEM) in DIR.
+    /// Prints the token trust-list entry of an issuer key or, with `--plugin-signer`, the
+    /// plugin signers-file entry of a bureau's signing key.
     Generate {
         /// Signature algorithm.
         #[arg(long, value_enum)]
@@ -31,6 +32,14 @@ pub enum KeysCommand {
         /// Directory to write the key files to (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// A key for signing plugins (`cardgate plugin sign`; Ed25519 only): print the entry of
+        /// `plugin_runtime.signers` instead of a token trust-list entry.
+        #[arg(long)]
+        plugin_signer: bool,
+        /// With `--plugin-signer`: the plugins (their names in the gateway configuration,
+        /// `[plugins.NAME]`) the key may sign; none: any.
+        #[arg(long, requires = "plugin_signer", num_args = 1..)]
+        plugins: Vec<String>,
     },
 }
 
@@ -174,22 +183,30 @@ pub enum ProfileArg {
 
 /// Runs a key command.
 pub fn keys(command: KeysCommand, out: &mut dyn Write) -> Result<u8, Failure> {
-    let KeysCommand::Generate { alg, kid, out: dir } = command;
+    let KeysCommand::Generate { alg, kid, out: dir, plugin_signer, plugins } = command;
     let valid_kid =
         !kid.is_empty() && kid.len() <= 64 && kid.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !valid_kid {
         return Err(Failure::config("--kid: use 1 to 64 letters, digits, `.`, `_` or `-`"));
+    }
+    if plugin_signer && Algorithm::from(alg) != Algorithm::EdDsa {
+        return Err(Failure::config("--plugin-signer: plugins are signed with Ed25519 keys: use --alg ed25519"));
     }
     let key = issue::generate(alg.into()).map_err(Failure::new)?;
     std::fs::create_dir_all(&dir).map_err(|e| Failure::config(format!("{}: {e}", dir.display())))?;
     let private = dir.join(format!("{kid}.key"));
     write_new(&private, key.private_pem.as_bytes(), 0o600)?;
     write_new(&dir.join(format!("{kid}.pub")), key.public_pem.as_bytes(), 0o644)?;
-    let entry = serde_json::json!({
-        "kid": BASE64.encode(kid.as_bytes()),
-        "alg": key.algorithm.name(),
-        "public_key": key.public_pem,
-    });
+    let entry = if plugin_signer {
+        // An entry of the signers file: the kid as `plugin sign --kid` writes it, in clear.
+        serde_json::json!({ "kid": kid, "public_key": key.public_pem, "plugins": plugins })
+    } else {
+        serde_json::json!({
+            "kid": BASE64.encode(kid.as_bytes()),
+            "alg": key.algorithm.name(),
+            "public_key": key.public_pem,
+        })
+    };
     writeln!(out, "{entry:#}").map_err(Failure::new)?;
     Ok(0)
 }
