@@ -13,6 +13,12 @@
  * the host's write callback, which copies it before returning: memory is never freed on the
  * other side of the boundary.
  *
+ * The messages (JSON, UTF-8) are described field by field, with their meanings, by the JSON
+ * Schemas in sdk/schema/: SettlementRequest (input of quote and settle) -> Split,
+ * InquiryRequest -> Inquiry, ReversalRequest -> Reversal, Health, and PluginError (the answer
+ * with status 1). They are generated from the SDK's types; docs/PLUGINS.md explains the
+ * amounts.
+ *
  * Duties of a plugin written in C:
  * - call may run on several threads at once for the same instance: it must be thread-safe;
  * - never let a C++ exception or a longjmp cross the boundary;

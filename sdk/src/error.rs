@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A stable, machine-readable reason a plugin refused a call.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -48,6 +49,7 @@ impl std::fmt::Display for ErrorCode {
 }
 
 /// A plugin's refusal: a stable code and a short message for the log and the client.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct PluginError {

@@ -38,6 +38,8 @@
 //! - [`error`]: [`PluginError`] and its stable [`ErrorCode`]s.
 //! - [`plugin`]: the [`Plugin`] trait and the safe [`dispatch`] of an operation.
 //! - [`testing`]: building a plugin's `cdylib` from its tests.
+//! - `schema` (feature `schema`): JSON Schemas of the ABI's messages, published in
+//!   `sdk/schema/`.
 //! - [`abi`]: ABI v1, the C boundary, and the [`export_plugin!`] macro. `include/cardgate_plugin.h`
 //!   is the same boundary for C.
 
@@ -47,6 +49,8 @@
 pub mod abi;
 pub mod error;
 pub mod plugin;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod testing;
 pub mod types;
 

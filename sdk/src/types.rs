@@ -70,6 +70,23 @@ impl Decimal4 {
     }
 }
 
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Decimal4 {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Decimal4".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "An exact non-negative decimal with at most four decimals: an integer when whole, else a string such as \"0.5\".",
+            "oneOf": [
+                { "type": "integer", "minimum": 0 },
+                { "type": "string", "pattern": "^[0-9]{1,14}\\.[0-9]{1,4}$" }
+            ]
+        })
+    }
+}
+
 impl std::fmt::Display for Decimal4 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (whole, fraction) = (self.0 / Self::SCALE, self.0 % Self::SCALE);
@@ -118,6 +135,7 @@ impl<'de> Deserialize<'de> for Decimal4 {
 ///
 /// The gateway has already checked the token's signature, time window, revocation and replay
 /// before a plugin sees these.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CardClaims {
     /// Card id; maps one-to-one to the physical social-security card.
@@ -135,6 +153,7 @@ pub struct CardClaims {
 }
 
 /// Who presented the card on the holder's behalf (family account).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delegate {
     /// The delegate's own card id.
@@ -147,6 +166,7 @@ pub struct Delegate {
 }
 
 /// The grade of a medical institution, which many policies use to set reimbursement ratios.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -162,6 +182,7 @@ pub enum InstitutionLevel {
 }
 
 /// The institution that posted the request, as named by its client certificate.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Institution {
     /// Institution id (fixed-point medical institution code).
@@ -173,6 +194,7 @@ pub struct Institution {
 }
 
 /// The policy class of a bill item, from the national catalogue.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -188,6 +210,7 @@ pub enum ItemCategory {
 /// What the bureau's catalogue says of an item (by its national code, `med_list_codg`), valid
 /// on the day of the settlement. Where the gateway has a catalogue, it decides the line's class,
 /// not the hospital's assertion.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogueEntry {
     /// The item's class in the catalogue (the line's `category` is set to it).
@@ -207,6 +230,7 @@ pub struct CatalogueEntry {
 }
 
 /// One line of a bill.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BillLine {
     /// Catalogue code of the item.
@@ -231,6 +255,7 @@ pub struct BillLine {
 
 /// The person's year-to-date accumulators for the payer being called, kept by the gateway's
 /// ledger and fed back to the plugin on every call, so plugins hold no state of their own.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct YearToDate {
@@ -260,6 +285,7 @@ impl YearToDate {
 }
 
 /// What an earlier payer in the chain already covered.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriorPayment {
     /// The earlier payer's name (its plugin name).
@@ -273,6 +299,7 @@ pub struct PriorPayment {
 }
 
 /// A request to split a bill: used by `quote` (nothing moves) and `settle` (money moves).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SettlementRequest {
     /// The gateway's settlement id (or quote id, for a quote).
@@ -306,6 +333,7 @@ fn default_true() -> bool {
 }
 
 /// What one fund pays.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FundPayment {
     /// The fund's name, for example `"basic_pooling"`.
@@ -315,6 +343,7 @@ pub struct FundPayment {
 }
 
 /// One readable line of how a split was reached.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakdownItem {
     /// A stable key, for example `"deductible"` or `"class_c_self_pay"`.
@@ -330,6 +359,7 @@ pub struct BreakdownItem {
 ///
 /// Invariant, checked by the gateway on every answer:
 /// `due_fen == sum(funds) + account_pay_fen + cash_pay_fen`, every amount non-negative.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Split {
     /// What this payer's funds pay, fund by fund.
@@ -403,6 +433,7 @@ pub enum BalanceError {
 }
 
 /// A request for participation information about a card.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InquiryRequest {
     /// The card's verified claims.
@@ -415,6 +446,7 @@ pub struct InquiryRequest {
 }
 
 /// Participation information: what a cashier sees after the scan.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inquiry {
     /// Whether the person is insured with this payer now.
@@ -436,6 +468,7 @@ pub struct Inquiry {
 }
 
 /// A request to reverse (refund or undo) a settlement this payer took part in.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReversalRequest {
     /// The settlement being reversed.
@@ -452,6 +485,7 @@ pub struct ReversalRequest {
 }
 
 /// A payer's answer to a reversal.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reversal {
     /// Whether the payer accepts the reversal.
@@ -469,6 +503,7 @@ impl Reversal {
 }
 
 /// A plugin's view of its own health.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     /// The state.
@@ -486,6 +521,7 @@ impl Health {
 }
 
 /// Health states.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
