@@ -5,8 +5,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use cardgate::token::issue;
-use cardgate::token::trust::Algorithm;
 use cardgate_sdk::testing::{Build, build_cdylib};
 use cardgate_tests::harness::{Card, Options, TestGateway, post};
 use cardgate_tests::workspace_root;
@@ -48,15 +46,18 @@ async fn from_plugin_new_to_a_signed_plugin_serving_a_route() {
     let built = build.run().expect("the generated crate builds");
     let library = work.path().join("libacme_assist.so");
     std::fs::copy(&built, &library).expect("deploy");
-    // 3. Sign it with the bureau's key; the operator trusts that key.
-    let bureau = issue::generate(Algorithm::EdDsa).expect("key");
-    let key = work.path().join("bureau.key");
-    std::fs::write(&key, &bureau.private_pem).expect("key");
+    // 3. Sign it with the bureau's key, made as the guide says; the operator trusts that key by
+    //    adding the entry the command printed to the signers file.
+    let keys = work.path().join("keys");
+    let (code, entry) =
+        cli(&["keys", "generate", "--alg", "ed25519", "--kid", "bureau-bj", "--out", text(&keys), "--plugin-signer"]);
+    assert_eq!(code, 0, "{entry}");
+    let key = keys.join("bureau-bj.key");
     let (code, out) = cli(&["plugin", "sign", "--key", text(&key), "--kid", "bureau-bj", text(&library)]);
     assert_eq!(code, 0, "{out}");
     let signers = work.path().join("signers.json");
-    let trust = json!({ "signers": [{ "kid": "bureau-bj", "public_key": bureau.public_pem }] });
-    std::fs::write(&signers, trust.to_string()).expect("signers");
+    let entry: serde_json::Value = serde_json::from_str(&entry).expect("the printed entry is JSON");
+    std::fs::write(&signers, json!({ "signers": [entry] }).to_string()).expect("signers");
     let (code, out) = cli(&["plugin", "verify", "--trust", text(&signers), text(&library)]);
     assert_eq!(code, 0, "{out}");
 
