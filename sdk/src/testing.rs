@@ -284,6 +284,7 @@ impl RequestBuilder {
             fund_pay_fen: fund_fen,
             account_pay_fen: account_fen,
             eligible_self_pay_fen,
+            eligible_borne_fen: 0,
         });
         self
     }

@@ -294,8 +294,14 @@ pub struct PriorPayment {
     pub fund_pay_fen: Fen,
     /// What the personal account paid through it.
     pub account_pay_fen: Fen,
-    /// The in-policy self-pay it left to the patient.
+    /// The in-policy self-pay it left to the patient, in cash (what the personal account paid
+    /// is not in it).
     pub eligible_self_pay_fen: Fen,
+    /// The in-policy self-pay the person bore with it, the personal account's part included: the
+    /// base a critical-illness payer counts toward its threshold. 0 from a payer that does not
+    /// say (use `eligible_self_pay_fen` then).
+    #[serde(default)]
+    pub eligible_borne_fen: Fen,
 }
 
 /// A request to split a bill: used by `quote` (nothing moves) and `settle` (money moves).
@@ -369,9 +375,14 @@ pub struct Split {
     /// What is left for the patient (or the next payer in the chain).
     pub cash_pay_fen: Fen,
     /// The part of `cash_pay_fen` that is in-policy self-pay, which a later payer (for example
-    /// critical-illness insurance) may consider.
+    /// medical assistance) may cover.
     #[serde(default)]
     pub eligible_self_pay_fen: Fen,
+    /// The in-policy self-pay the person bears after this payer, whether the personal account
+    /// or cash pays it: the base of critical-illness insurance, which counts the person's own
+    /// account money as borne (0: not given; later payers use `eligible_self_pay_fen`).
+    #[serde(default)]
+    pub eligible_borne_fen: Fen,
     /// How the accumulators change if this split is settled.
     #[serde(default)]
     pub year_to_date_delta: YearToDate,

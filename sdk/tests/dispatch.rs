@@ -30,6 +30,7 @@ impl Plugin for Recorder {
             account_pay_fen: 0,
             cash_pay_fen: request.due_fen,
             eligible_self_pay_fen: 0,
+            eligible_borne_fen: 0,
             year_to_date_delta: Default::default(),
             breakdown: Vec::new(),
         })

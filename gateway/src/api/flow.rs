@@ -273,6 +273,7 @@ async fn run_chain<'g>(
             fund_pay_fen: split.fund_pay_fen(),
             account_pay_fen: split.account_pay_fen,
             eligible_self_pay_fen: split.eligible_self_pay_fen,
+            eligible_borne_fen: split.eligible_borne_fen,
         });
         due = split.cash_pay_fen;
         results.push(PayerSplit { name, version: plugin.info().version.clone(), split });

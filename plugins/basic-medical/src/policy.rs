@@ -252,8 +252,10 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
         funds: vec![FundPayment { fund: config.fund.clone(), amount_fen: fund }],
         account_pay_fen: account,
         cash_pay_fen: cash,
-        // The account pays in-policy self-pay first, so what stays in cash is what it left.
+        // The account pays in-policy self-pay first, so what stays in cash is what it left; the
+        // person bore all of it either way (the account is their own money).
         eligible_self_pay_fen: (eligible_self_pay - account).max(0),
+        eligible_borne_fen: eligible_self_pay,
         year_to_date_delta: YearToDate {
             year: ytd.year,
             deductible_fen: deductible,

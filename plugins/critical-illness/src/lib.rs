@@ -128,26 +128,33 @@ impl Plugin for CriticalIllness {
         if due < 0 {
             return Err(PluginError::invalid_request("due_fen is negative"));
         }
-        // The in-policy self-pay the earlier payers left, bounded by what is still due.
-        let eligible_now = request.prior.last().map_or(0, |p| p.eligible_self_pay_fen).clamp(0, due);
+        // The in-policy self-pay the earlier payer left the person: all of it counts toward the
+        // threshold and the bands, the part the personal account paid included (the account
+        // is the person's own money); the fund pays at most what is still due in cash.
+        let prior = request.prior.last();
+        let in_cash = prior.map_or(0, |p| p.eligible_self_pay_fen).clamp(0, due);
+        let eligible_now = prior.map_or(0, |p| p.eligible_borne_fen).max(in_cash);
         let ytd = &request.year_to_date;
         let threshold = self.config.annual_threshold_fen;
         let before = ytd.eligible_self_pay_fen.max(0);
         let after = before.saturating_add(eligible_now);
         let by_bands = self.banded((before - threshold).max(0), (after - threshold).max(0));
         let ceiling_left = self.config.annual_ceiling_fen.saturating_sub(ytd.fund_paid_fen).max(0);
-        let fund = by_bands.min(ceiling_left).min(due);
+        let under_ceiling = by_bands.min(ceiling_left);
+        let fund = under_ceiling.min(due);
         let below_threshold = eligible_now.min((threshold - before).max(0));
         let breakdown = [
             ("below_threshold", below_threshold, "in-policy self-pay below the annual threshold"),
             ("co_insurance", eligible_now - below_threshold - by_bands, "patient's share above the threshold"),
-            ("above_ceiling", by_bands - fund, "beyond the annual ceiling"),
+            ("above_ceiling", by_bands - under_ceiling, "beyond the annual ceiling"),
+            ("paid_by_account", under_ceiling - fund, "already paid from the personal account"),
         ];
         Ok(Split {
             funds: vec![FundPayment { fund: self.config.fund.clone(), amount_fen: fund }],
             account_pay_fen: 0,
             cash_pay_fen: due - fund,
-            eligible_self_pay_fen: (eligible_now - fund).max(0),
+            eligible_self_pay_fen: (in_cash - fund).max(0),
+            eligible_borne_fen: (eligible_now - fund).max(0),
             year_to_date_delta: YearToDate {
                 year: ytd.year,
                 fund_paid_fen: fund,

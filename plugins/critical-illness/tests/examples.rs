@@ -30,6 +30,7 @@ fn after_basic(due: i64, eligible: i64, ytd: YearToDate) -> SettlementRequest {
             fund_pay_fen: due * 2,
             account_pay_fen: 0,
             eligible_self_pay_fen: eligible,
+            eligible_borne_fen: eligible,
         }],
         year_to_date: ytd,
         use_account: true,
@@ -86,4 +87,30 @@ proptest! {
         prop_assert!(split.fund_pay_fen() <= (40_000_000 - paid).max(0));
         prop_assert!(split.eligible_self_pay_fen <= split.cash_pay_fen);
     }
+}
+
+#[test]
+fn example_5_the_personal_account_s_part_counts_toward_the_base() {
+    // An employee past the threshold. Basic medical left 2,000 yuan of in-policy self-pay, of
+    // which the personal account paid 500 (all that was left in it) and 1,500 is due in cash.
+    // The whole 2,000 is borne by the person: 60% of it, 1,200 yuan, is paid (not 60% of the
+    // 1,500 in cash, 900, as when the account's part was left out of the base).
+    let ytd = YearToDate { eligible_self_pay_fen: 1_500_000, ..YearToDate::default() };
+    let mut request = after_basic(150_000, 150_000, ytd);
+    request.prior[0].account_pay_fen = 50_000;
+    request.prior[0].eligible_borne_fen = 200_000;
+    let split = plugin().settle(&request).expect("settles");
+    assert_eq!(split.fund_pay_fen(), 120_000);
+    assert_eq!(split.cash_pay_fen, 30_000);
+    assert_eq!(split.year_to_date_delta.eligible_self_pay_fen, 200_000, "the whole 2,000 counts toward the year");
+    assert_eq!((split.eligible_self_pay_fen, split.eligible_borne_fen), (30_000, 80_000));
+    // When the account paid all of it, nothing is due in cash and nothing can be paid: the
+    // borne amount still counts toward the year.
+    let mut drained = after_basic(0, 0, ytd);
+    drained.prior[0].account_pay_fen = 200_000;
+    drained.prior[0].eligible_borne_fen = 200_000;
+    let split = plugin().settle(&drained).expect("settles");
+    assert_eq!((split.fund_pay_fen(), split.cash_pay_fen), (0, 0));
+    assert_eq!(split.year_to_date_delta.eligible_self_pay_fen, 200_000);
+    assert!(split.breakdown.iter().any(|b| b.item == "paid_by_account" && b.amount_fen == 120_000), "{split:?}");
 }

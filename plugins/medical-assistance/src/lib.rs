@@ -69,6 +69,7 @@ impl Plugin for Policy {
             Some(previous) => previous.eligible_self_pay_fen.clamp(0, due),
             None => due,
         };
+        let borne = request.prior.last().map_or(due, |p| p.eligible_borne_fen.max(p.eligible_self_pay_fen));
         let by_share = share(base, self.config.share_bp);
         let left = self.config.annual_ceiling_fen.saturating_sub(request.year_to_date.fund_paid_fen).max(0);
         let fund = by_share.min(left).min(due);
@@ -77,6 +78,8 @@ impl Plugin for Policy {
             account_pay_fen: 0,
             cash_pay_fen: due - fund,
             eligible_self_pay_fen: (base - fund).max(0),
+            // What the person still bears in-policy, the personal account's part included.
+            eligible_borne_fen: (borne - fund).max(0),
             year_to_date_delta: YearToDate {
                 year: request.year_to_date.year,
                 fund_paid_fen: fund,
