@@ -57,27 +57,41 @@ fn plugin_inspect_of_missing_file_fails() {
     assert!(stderr.contains("file not found"), "{stderr}");
 }
 
-#[test]
-fn check_config_lists_every_mistake_with_its_key_path() {
+/// `check-config` on `examples/cardgate.toml` as `edit` changes it, in a directory of its own
+/// (where `setup` may write files beside it): the exit code and standard error.
+fn check_example(edit: impl FnOnce(String) -> String, setup: impl FnOnce(&std::path::Path)) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().expect("temp dir");
+    setup(dir.path());
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")).expect("example");
-    let broken = example
-        .replace(
-            "secret = \"0000000000000000000000000000000000000000000000000000000000000000\"",
-            "secret = \"too-short\"",
-        )
-        .replace("payers = [\"basic-medical\", \"critical-illness\"]", "payers = [\"basic-medical\", \"nobody\"]")
-        .replace("clock_skew_secs = 60", "clock_skew_secs = -5");
-    let path = dir.path().join("broken.toml");
-    std::fs::write(&path, broken).expect("write");
+    let path = dir.path().join("cardgate.toml");
+    std::fs::write(&path, edit(example)).expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
         .args(["check-config", "--config"])
         .arg(&path)
         .output()
         .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_config_lists_every_mistake_with_its_key_path() {
+    let (code, stderr) = check_example(
+        |example| {
+            example
+                .replace(
+                    "secret = \"0000000000000000000000000000000000000000000000000000000000000000\"",
+                    "secret = \"too-short\"",
+                )
+                .replace(
+                    "payers = [\"basic-medical\", \"critical-illness\"]",
+                    "payers = [\"basic-medical\", \"nobody\"]",
+                )
+                .replace("clock_skew_secs = 60", "clock_skew_secs = -5")
+        },
+        |_| {},
+    );
+    assert_eq!(code, Some(78), "{stderr}");
     for key in ["ledger.secret", "routes[0].payers: no plugin named `nobody`", "tokens.clock_skew_secs"] {
         assert!(stderr.contains(key), "`{key}` missing from:\n{stderr}");
     }
@@ -99,48 +113,31 @@ fn check_config_reports_missing_files_of_a_valid_config() {
 
 #[test]
 fn check_config_reports_every_bad_row_of_the_catalogue() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let catalogue = dir.path().join("catalogue.csv");
-    std::fs::write(
-        &catalogue,
-        "code,name,class,self_pay_bp,price_cap_fen,valid_from,valid_to,restricted\nA1,a,class_d,,,,,\nA2,b,01,20000,,,,\n",
-    )
-    .expect("write");
-    let example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")).expect("example");
-    let config = dir.path().join("cardgate.toml");
-    std::fs::write(&config, format!("{example}\n[catalogue]\npath = \"catalogue.csv\"\nclass_mismatch = \"refuse\"\n"))
-        .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let (code, stderr) = check_example(
+        |example| format!("{example}\n[catalogue]\npath = \"catalogue.csv\"\nclass_mismatch = \"refuse\"\n"),
+        |dir| {
+            let rows = "code,name,class,self_pay_bp,price_cap_fen,valid_from,valid_to,restricted\nA1,a,class_d,,,,,\nA2,b,01,20000,,,,\n";
+            std::fs::write(dir.join("catalogue.csv"), rows).expect("write");
+        },
+    );
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("catalogue.path:") && stderr.contains("row 2: class"), "{stderr}");
     assert!(stderr.contains("row 3: self_pay_bp"), "{stderr}");
 }
 
 #[test]
 fn check_config_reports_every_syntax_and_type_mistake_at_once() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")).expect("example");
-    let broken = example
-        .replace("handshake_timeout_ms = 5000", "handshake_timout_ms = 5000")
-        .replace("clock_skew_secs = 60", "clock_skew_secs = \"a minute\"")
-        .replace("timeout_ms = 2000", "timeout_ms = 2000\nretries = 3")
-        + "\n[metrics]\nlisten = \"127.0.0.1:9000\"\n";
-    let path = dir.path().join("broken.toml");
-    std::fs::write(&path, broken).expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let (code, stderr) = check_example(
+        |example| {
+            example
+                .replace("handshake_timeout_ms = 5000", "handshake_timout_ms = 5000")
+                .replace("clock_skew_secs = 60", "clock_skew_secs = \"a minute\"")
+                .replace("timeout_ms = 2000", "timeout_ms = 2000\nretries = 3")
+                + "\n[metrics]\nlisten = \"127.0.0.1:9000\"\n"
+        },
+        |_| {},
+    );
+    assert_eq!(code, Some(78), "{stderr}");
     for expected in [
         "  server.handshake_timout_ms: unknown field",
         "  tokens.clock_skew_secs: invalid type: string \"a minute\", expected an integer",
@@ -155,22 +152,16 @@ fn check_config_reports_every_syntax_and_type_mistake_at_once() {
 
 #[test]
 fn check_config_refuses_a_cache_directory_too_long_for_the_process_tier_socket() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cardgate.toml")).expect("example");
     let long = format!("/var/lib/{}", "cardgate-plugin-cache/".repeat(5));
-    let config = example
-        .replace("cache_dir = \"/var/lib/cardgate/plugins\"", &format!("cache_dir = \"{long}\""))
-        .replace("isolation = \"in_process\"", "isolation = \"process\"");
-    let path = dir.path().join("long.toml");
-    std::fs::write(&path, config).expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardgate"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let (code, stderr) = check_example(
+        |example| {
+            example
+                .replace("cache_dir = \"/var/lib/cardgate/plugins\"", &format!("cache_dir = \"{long}\""))
+                .replace("isolation = \"in_process\"", "isolation = \"process\"")
+        },
+        |_| {},
+    );
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("plugins.basic-medical: the process tier's socket would be"), "{stderr}");
     assert!(!stderr.contains("plugins.critical-illness: the process tier"), "in process: no socket\n{stderr}");
 }
