@@ -109,3 +109,81 @@ async fn from_plugin_new_to_a_signed_plugin_serving_a_route() {
     gw.reload_config(|_| before).await.expect("rollback");
     assert_eq!(settle("kit-2").await.json()["code"], "no_route");
 }
+
+/// Every `cardgate ...` command of docs/PLUGINS.md: in code spans (which may wrap; a span of
+/// three words or fewer names a command rather than runs one) and in code blocks, whitespace
+/// collapsed.
+fn guide_commands() -> Vec<String> {
+    let guide = std::fs::read_to_string(workspace_root().join("docs/PLUGINS.md")).expect("docs/PLUGINS.md");
+    let mut commands = Vec::new();
+    let mut in_block = false;
+    for line in guide.lines() {
+        if line.trim_start().starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if in_block && line.trim_start().starts_with("cardgate ") {
+            commands.push(line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    let spans = guide.split('`').skip(1).step_by(2);
+    commands.extend(
+        spans
+            .map(|span| span.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|span| span.starts_with("cardgate ") && span.split(' ').count() > 3),
+    );
+    commands
+}
+
+#[test]
+fn every_cardgate_command_in_the_guide_is_taken_as_written() {
+    let commands = guide_commands();
+    assert!(commands.len() >= 8, "{commands:#?}");
+    // Each parses: no flag missing, none misspelt.
+    for command in &commands {
+        let words = command.split(' ');
+        if let Err(e) = cardgate::cli::Cli::try_parse_from(words) {
+            panic!("the guide's `{command}` is not a valid command line: {e}");
+        }
+    }
+    // The walkthrough's commands run as written, in a directory of their own (the guide's
+    // relative paths made absolute there), on a plugin made with `plugin new my-policy`.
+    let work = tempfile::tempdir().expect("temp dir");
+    let at = |relative: &str| work.path().join(relative).display().to_string();
+    let (code, out) = cli(&["plugin", "new", "my-policy", "--dir", text(work.path())]);
+    assert_eq!(code, 0, "{out}");
+    let build = Build {
+        workspace: Some(work.path().join("my-policy")),
+        flavour: Some("guide".into()),
+        ..Build::new("my-policy")
+    };
+    let built = build.run().expect("the generated crate builds");
+    std::fs::create_dir_all(work.path().join("target/release")).expect("dir");
+    std::fs::copy(&built, at("target/release/libmy_policy.so")).expect("library");
+    let run = |command: &str| {
+        assert!(commands.iter().any(|c| c == command), "the guide no longer says `{command}`:\n{commands:#?}");
+        let words: Vec<String> = command
+            .split(' ')
+            .skip(1)
+            .map(|w| match w {
+                "keys" | "target/release/libmy_policy.so" | "plugin-signers.json" | "keys/bureau-bj.key" => at(w),
+                _ => w.to_owned(),
+            })
+            .collect();
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        // `keys` is both a subcommand and the guide's key directory: only the latter moves.
+        let words: Vec<&str> = std::iter::once(if command.starts_with("cardgate keys ") { "keys" } else { words[0] })
+            .chain(words[1..].iter().copied())
+            .collect();
+        let (code, out) = cli(&words);
+        assert_eq!(code, 0, "`{command}`: {out}");
+        out
+    };
+    let entry =
+        run("cardgate keys generate --alg ed25519 --kid bureau-bj --out keys --plugin-signer --plugins my-policy");
+    let entry: serde_json::Value = serde_json::from_str(&entry).expect("the printed entry is JSON");
+    std::fs::write(at("plugin-signers.json"), json!({ "signers": [entry] }).to_string()).expect("signers");
+    run("cardgate plugin sign --key keys/bureau-bj.key --kid bureau-bj target/release/libmy_policy.so");
+    run("cardgate plugin inspect target/release/libmy_policy.so");
+    run("cardgate plugin verify --trust plugin-signers.json target/release/libmy_policy.so");
+}
