@@ -47,11 +47,11 @@ impl Decimal4 {
     }
 
     /// Reads `123`, `0.5`, `12.3456`: digits, optionally a point and one to four digits; no
-    /// sign, no exponent, at most 14 digits before the point.
+    /// sign, no exponent; `None` beyond the largest value (922,337,203,685,477.5807).
     pub fn parse(text: &str) -> Option<Self> {
         let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
         let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-        if whole.is_empty() || whole.len() > 14 || !digits(whole) || fraction.len() > 4 || !digits(fraction) {
+        if whole.is_empty() || whole.len() > 15 || !digits(whole) || fraction.len() > 4 || !digits(fraction) {
             return None;
         }
         if text.contains('.') && fraction.is_empty() {
@@ -59,7 +59,7 @@ impl Decimal4 {
         }
         let whole: i64 = whole.parse().ok()?;
         let fraction: i64 = format!("{fraction:0<4}").parse().ok()?;
-        Some(Self(whole * Self::SCALE + fraction))
+        whole.checked_mul(Self::SCALE)?.checked_add(fraction).map(Self)
     }
 
     /// `self × other` rounded half up to a whole number: the fen of a quantity at a unit price.
@@ -81,7 +81,7 @@ impl schemars::JsonSchema for Decimal4 {
             "description": "An exact non-negative decimal with at most four decimals: an integer when whole, else a string such as \"0.5\".",
             "oneOf": [
                 { "type": "integer", "minimum": 0 },
-                { "type": "string", "pattern": "^[0-9]{1,14}\\.[0-9]{1,4}$" }
+                { "type": "string", "pattern": "^[0-9]{1,15}\\.[0-9]{1,4}$" }
             ]
         })
     }
@@ -543,4 +543,82 @@ pub enum HealthStatus {
     Degraded,
     /// Not able to serve.
     Down,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Decimal4;
+
+    /// A small deterministic generator (no dependency for a unit test).
+    fn values(seed: u64, count: usize) -> impl Iterator<Item = i64> {
+        let mut state = seed;
+        (0..count).map(move |i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Mostly small values with few decimals, some large ones.
+            match i % 4 {
+                0 => (state % 1_000_000) as i64,
+                1 => (state % 10_000) as i64 * Decimal4::SCALE,
+                2 => (state % 100_000_000_000) as i64,
+                _ => (state % (i64::MAX as u64 / 2)) as i64,
+            }
+        })
+    }
+
+    #[test]
+    fn text_and_json_give_back_the_same_decimal() {
+        for units in values(7, 20_000) {
+            let d = Decimal4::from_units(units).expect("non-negative");
+            let text = d.to_string();
+            assert_eq!(Decimal4::parse(&text), Some(d), "{text}");
+            let json = serde_json::to_string(&d).expect("serializes");
+            assert_eq!(serde_json::from_str::<Decimal4>(&json).expect("deserializes"), d, "{json}");
+            // Whole values travel as JSON integers, so older plugins (u32 quantities) read them.
+            assert_eq!(json.starts_with('"'), d.whole().is_none(), "{json}");
+        }
+    }
+
+    #[test]
+    fn the_product_rounds_half_up_to_the_unit() {
+        let scale = u128::from(Decimal4::SCALE.unsigned_abs()).pow(2);
+        for (a, b) in values(11, 20_000).zip(values(13, 20_000)) {
+            let (a, b) = (
+                Decimal4::from_units(a % 10_000_000_000).expect("a"),
+                Decimal4::from_units(b % 10_000_000_000).expect("b"),
+            );
+            let product = u128::from(a.units().unsigned_abs()) * u128::from(b.units().unsigned_abs());
+            let (quotient, remainder) = (product / scale, product % scale);
+            let expected = quotient + u128::from(2 * remainder >= scale);
+            assert_eq!(a.times_rounded(b).map(|v| v as u128), Some(expected), "{a} x {b}");
+        }
+        let half = Decimal4::parse("0.5").expect("0.5");
+        assert_eq!(half.times_rounded(Decimal4::parse("2501").expect("2501")), Some(1_251), "1250.5 rounds up");
+        assert_eq!(half.times_rounded(Decimal4::parse("2500.9999").expect("p")), Some(1_250), "1250.49995 rounds down");
+    }
+
+    #[test]
+    fn malformed_decimals_are_refused() {
+        for text in [
+            "",
+            ".",
+            "1.",
+            ".5",
+            "-1",
+            "+1",
+            "1e3",
+            "1.23456",
+            "0x10",
+            "1 ",
+            " 1",
+            "1,5",
+            "922337203685477.5808",
+            "1234567890123456",
+        ] {
+            assert_eq!(Decimal4::parse(text), None, "{text}");
+        }
+        for json in ["-1", "1.5", "\"1.23456\"", "null", "true", "18446744073709551615"] {
+            assert!(serde_json::from_str::<Decimal4>(json).is_err(), "{json}");
+        }
+    }
 }
