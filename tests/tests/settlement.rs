@@ -92,6 +92,40 @@ async fn family_delegated_token_puts_the_delegate_on_the_receipt() {
 }
 
 #[tokio::test]
+async fn a_family_member_s_bills_are_paid_from_the_holder_s_account_and_a_reversal_gives_it_back() {
+    let gw = TestGateway::start(Options::default()).await;
+    let mut parent = Card::beijing();
+    parent.delegate = Some(("110105196501011111".into(), "parent".into()));
+    let settle = async |card: &Card| {
+        let reply = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &settle_body(&gw.token(card, 120))).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        reply.json()
+    };
+    let split = |r: &Value| (r["fund_pay_fen"].as_i64(), r["account_pay_fen"].as_i64(), r["cash_pay_fen"].as_i64());
+    // The 1,700-yuan bill of `settle_body`: the holder's account (2,000 yuan a year) pays the
+    // covered 1,500 up to 1,000 a bill (family mutual aid); no pooling; critical illness, the
+    // holder's own cover, is skipped.
+    let first = settle(&parent).await;
+    assert_eq!(split(&first), (Some(0), Some(100_000), Some(70_000)), "{first}");
+    assert_eq!(first["payers"][0]["breakdown"][0]["item"], "family_mutual_aid");
+    assert_eq!(first["skipped"][0]["payer"], "critical-illness", "{first}");
+    // The second takes the other 1,000 yuan; the third finds the account empty.
+    assert_eq!(split(&settle(&parent).await), (Some(0), Some(100_000), Some(70_000)));
+    assert_eq!(split(&settle(&parent).await), (Some(0), Some(0), Some(170_000)));
+    // Reversing the first gives its 1,000 yuan back to the account.
+    let id = first["settlement_id"].as_str().expect("id");
+    let reversal =
+        post(&gw.pharmacy, &format!("/v1/settlements/{id}/reversal"), None, &json!({ "reason": "refund" })).await;
+    assert_eq!(reversal.status, StatusCode::OK, "{}", reversal.body);
+    assert_eq!(split(&settle(&parent).await), (Some(0), Some(100_000), Some(70_000)));
+    // The holder's own bill: his deductible is untouched by his parent's bills (800 yuan of it
+    // still to meet: the fund pays 80% of the 650 above it, 52,000), his account is empty.
+    let mut holder = parent.clone();
+    holder.delegate = None;
+    assert_eq!(split(&settle(&holder).await), (Some(52_000), Some(0), Some(118_000)));
+}
+
+#[tokio::test]
 async fn cross_region_card_settles_through_its_rule() {
     let gw = TestGateway::start(Options::default()).await;
     let shanghai = Card::in_region("310104");

@@ -87,12 +87,31 @@ impl Ratios {
 }
 
 /// The personal account's rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountPolicy {
     /// What the account is credited with each year.
     pub annual_credit_fen: Fen,
     /// Whether the account may also pay class C (not covered) items.
+    #[serde(default)]
+    pub covers_class_c: bool,
+    /// Family mutual aid (家庭共济): the account pays for bound family members who present the
+    /// holder's card. Absent: it does not.
+    #[serde(default)]
+    pub mutual_aid: Option<MutualAid>,
+}
+
+/// What the personal account pays for a family member (the national `acct_mulaid_pay`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutualAid {
+    /// The relations it pays for (`spouse`, `parent`, `child`, ...); empty: any.
+    #[serde(default)]
+    pub relations: Vec<String>,
+    /// The most it pays for one bill; absent: up to the balance.
+    #[serde(default)]
+    pub per_settlement_limit_fen: Option<Fen>,
+    /// Whether it may pay class C items (and amounts above a price cap) too.
     #[serde(default)]
     pub covers_class_c: bool,
 }
@@ -133,6 +152,11 @@ impl Scheme {
             && account.annual_credit_fen < 0
         {
             problems.push(format!("{path}.account.annual_credit_fen: {} is negative", account.annual_credit_fen));
+        }
+        if let Some(limit) = self.account.as_ref().and_then(|a| a.mutual_aid.as_ref()?.per_settlement_limit_fen)
+            && limit < 0
+        {
+            problems.push(format!("{path}.account.mutual_aid.per_settlement_limit_fen: {limit} is negative"));
         }
     }
 }
@@ -207,8 +231,12 @@ pub fn classify(lines: &[BillLine], class_b_self_pay_bp: u32) -> Result<Classifi
     Ok(c)
 }
 
-/// Splits one bill under one scheme.
+/// Splits one bill under one scheme. A bill presented by a family member (a delegate) is paid
+/// by the holder's account alone, as [`family_split`] says.
 pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> Result<Split, PluginError> {
+    if let Some(delegate) = &request.card.delegate {
+        return family_split(config, scheme, request, &delegate.relation);
+    }
     let level = request.institution.level;
     let ratio = scheme
         .ratio_bp
@@ -275,9 +303,67 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
 /// What the personal account pays of the patient's share: up to its balance, and the uncovered
 /// part (class C items, amounts above a price cap) only where the scheme allows.
 fn account_payment(scheme: &Scheme, request: &SettlementRequest, patient: Fen, uncovered: Fen) -> Fen {
-    let Some(policy) = scheme.account.filter(|_| request.use_account) else { return 0 };
+    let Some(policy) = scheme.account.as_ref().filter(|_| request.use_account) else { return 0 };
     let payable = if policy.covers_class_c { patient } else { (patient - uncovered).max(0) };
-    payable.min(account_balance(&policy, &request.year_to_date))
+    payable.min(account_balance(policy, &request.year_to_date))
+}
+
+/// A family member's bill on the holder's card (家庭共济, the national `acct_mulaid_pay`): the
+/// holder's personal account pays the covered part of what is due, up to its balance and the
+/// per-bill limit, and the rest is cash. The holder's pooling, deductible and ceiling are the
+/// holder's own and do not move (the patient's own insurance settles its pooling apart); only
+/// the account's year-to-date payments do. A scheme without mutual aid, or a relation it does
+/// not cover, answers `not_insured`.
+fn family_split(
+    config: &Config,
+    scheme: &Scheme,
+    request: &SettlementRequest,
+    relation: &str,
+) -> Result<Split, PluginError> {
+    let (account, aid) =
+        scheme.account.as_ref().and_then(|a| Some((a, a.mutual_aid.as_ref()?))).ok_or_else(|| {
+            PluginError::not_insured("this scheme's personal account does not pay for family members")
+        })?;
+    if !aid.relations.is_empty() && !aid.relations.iter().any(|r| r == relation) {
+        return Err(PluginError::not_insured(format!("the personal account does not pay for a {relation}")));
+    }
+    let bill = classify(&request.lines, config.class_b_self_pay_bp)?;
+    if bill.total != request.total_fen {
+        return Err(PluginError::invalid_request(format!(
+            "lines sum to {} fen but total_fen is {}",
+            bill.total, request.total_fen
+        )));
+    }
+    let due = request.due_fen;
+    if !(0..=bill.total).contains(&due) {
+        return Err(PluginError::invalid_request(format!("due_fen {due} is outside 0..={}", bill.total)));
+    }
+    let uncovered = if aid.covers_class_c { 0 } else { bill.class_c + bill.over_price_cap };
+    let paid = if request.use_account {
+        (due - uncovered)
+            .max(0)
+            .min(account_balance(account, &request.year_to_date))
+            .min(aid.per_settlement_limit_fen.unwrap_or(Fen::MAX))
+    } else {
+        0
+    };
+    Ok(Split {
+        funds: vec![FundPayment { fund: config.fund.clone(), amount_fen: 0 }],
+        account_pay_fen: paid,
+        cash_pay_fen: due - paid,
+        eligible_self_pay_fen: 0,
+        eligible_borne_fen: 0,
+        year_to_date_delta: YearToDate {
+            year: request.year_to_date.year,
+            account_paid_fen: paid,
+            ..YearToDate::default()
+        },
+        breakdown: vec![BreakdownItem {
+            item: "family_mutual_aid".to_owned(),
+            amount_fen: paid,
+            note: format!("paid from the holder's personal account for a family member ({relation})"),
+        }],
+    })
 }
 
 /// The account balance left this year.

@@ -175,3 +175,34 @@ fn example_6_the_catalogue_sets_the_class_b_share_and_the_price_cap() {
     assert_eq!((split.fund_pay_fen(), split.account_pay_fen, split.cash_pay_fen), (10_400, 4_600, 2_000));
     split.check_balances(17_000).expect("balances");
 }
+
+#[test]
+fn example_7_a_family_member_s_bill_is_paid_from_the_holder_s_account() {
+    use cardgate_sdk::Delegate;
+    let family = |relation: &str, ytd: YearToDate| {
+        let mut req = request("310", Tertiary, vec![line(ClassA, 150_000), line(ClassC, 20_000)], ytd);
+        req.card.delegate = Some(Delegate { card_id: "C2".into(), name: None, relation: relation.into() });
+        req
+    };
+    // A parent's 1,700-yuan bill: the account pays the covered 1,500 up to the 1,000-yuan
+    // limit per bill; no pooling, no deductible of the holder's moves.
+    let split = plugin().settle(&family("parent", YearToDate::default())).expect("settles");
+    assert_eq!((split.fund_pay_fen(), split.account_pay_fen, split.cash_pay_fen), (0, 100_000, 70_000));
+    let delta = split.year_to_date_delta;
+    assert_eq!(
+        (delta.account_paid_fen, delta.deductible_fen, delta.fund_paid_fen, delta.eligible_fen),
+        (100_000, 0, 0, 0)
+    );
+    assert_eq!(breakdown(&split, "family_mutual_aid"), 100_000);
+    // With 300 yuan left in the account, it pays 300.
+    let ytd = YearToDate { account_paid_fen: 170_000, ..YearToDate::default() };
+    assert_eq!(plugin().settle(&family("child", ytd)).expect("settles").account_pay_fen, 30_000);
+    // A relation the scheme does not cover is not insured here (the gateway skips the payer).
+    let error = plugin().settle(&family("cousin", YearToDate::default())).expect_err("not covered");
+    assert_eq!(error.code, ErrorCode::NotInsured);
+    // The resident scheme has no account, so no mutual aid.
+    let mut resident = family("parent", YearToDate::default());
+    resident.insurance_type = "390".into();
+    resident.card.insurance_types = vec!["390".into()];
+    assert_eq!(plugin().settle(&resident).expect_err("no account").code, ErrorCode::NotInsured);
+}

@@ -46,7 +46,11 @@ fn config() -> impl Strategy<Value = Config> {
                     deductible_fen: deductible,
                     annual_ceiling_fen: ceiling,
                     ratio_bp: Ratios { primary, secondary, tertiary, pharmacy },
-                    account: account.map(|(credit, c)| AccountPolicy { annual_credit_fen: credit, covers_class_c: c }),
+                    account: account.map(|(credit, c)| AccountPolicy {
+                        annual_credit_fen: credit,
+                        covers_class_c: c,
+                        mutual_aid: None,
+                    }),
                 },
             )]
             .into(),

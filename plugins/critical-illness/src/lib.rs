@@ -124,6 +124,13 @@ impl Plugin for CriticalIllness {
         if !self.config.insurance_types.contains(&request.insurance_type) {
             return Err(PluginError::not_insured(format!("insurance type {} is not covered", request.insurance_type)));
         }
+        // A family member's bill on the holder's card is the holder's account's business
+        // (family mutual aid); this insurance is the holder's, not the patient's.
+        if request.card.delegate.is_some() {
+            return Err(PluginError::not_insured(
+                "a family member's bill: the holder's critical-illness cover does not apply",
+            ));
+        }
         let due = request.due_fen;
         if due < 0 {
             return Err(PluginError::invalid_request("due_fen is negative"));

@@ -64,6 +64,9 @@ impl Plugin for Policy {
         if !(self.config.recipients.is_empty() || self.config.recipients.contains(&request.card.card_id)) {
             return Err(PluginError::not_insured("not a registered recipient of medical assistance"));
         }
+        if request.card.delegate.is_some() {
+            return Err(PluginError::not_insured("a family member's bill: the holder's assistance does not apply"));
+        }
         // What counts: the in-policy self-pay the previous payer left, or what is due.
         let base = match request.prior.last() {
             Some(previous) => previous.eligible_self_pay_fen.clamp(0, due),
