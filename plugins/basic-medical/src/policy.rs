@@ -231,17 +231,8 @@ pub fn classify(lines: &[BillLine], class_b_self_pay_bp: u32) -> Result<Classifi
     Ok(c)
 }
 
-/// Splits one bill under one scheme. A bill presented by a family member (a delegate) is paid
-/// by the holder's account alone, as [`family_split`] says.
-pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> Result<Split, PluginError> {
-    if let Some(delegate) = &request.card.delegate {
-        return family_split(config, scheme, request, &delegate.relation);
-    }
-    let level = request.institution.level;
-    let ratio = scheme
-        .ratio_bp
-        .for_level(level)
-        .ok_or_else(|| PluginError::not_covered(format!("institution level {level:?} is not covered")))?;
+/// The request's lines classified, checked against its total, and what is due (within it).
+fn checked_bill(config: &Config, request: &SettlementRequest) -> Result<(Classified, Fen), PluginError> {
     let bill = classify(&request.lines, config.class_b_self_pay_bp)?;
     if bill.total != request.total_fen {
         return Err(PluginError::invalid_request(format!(
@@ -253,6 +244,21 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
     if !(0..=bill.total).contains(&due) {
         return Err(PluginError::invalid_request(format!("due_fen {due} is outside 0..={}", bill.total)));
     }
+    Ok((bill, due))
+}
+
+/// Splits one bill under one scheme. A bill presented by a family member (a delegate) is paid
+/// by the holder's account alone, as [`family_split`] says.
+pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> Result<Split, PluginError> {
+    if let Some(delegate) = &request.card.delegate {
+        return family_split(config, scheme, request, &delegate.relation);
+    }
+    let level = request.institution.level;
+    let ratio = scheme
+        .ratio_bp
+        .for_level(level)
+        .ok_or_else(|| PluginError::not_covered(format!("institution level {level:?} is not covered")))?;
+    let (bill, due) = checked_bill(config, request)?;
     let ytd = &request.year_to_date;
 
     // Eligible cost first meets what is left of the yearly deductible; the fund pays its ratio
@@ -327,17 +333,7 @@ fn family_split(
     if !aid.relations.is_empty() && !aid.relations.iter().any(|r| r == relation) {
         return Err(PluginError::not_insured(format!("the personal account does not pay for a {relation}")));
     }
-    let bill = classify(&request.lines, config.class_b_self_pay_bp)?;
-    if bill.total != request.total_fen {
-        return Err(PluginError::invalid_request(format!(
-            "lines sum to {} fen but total_fen is {}",
-            bill.total, request.total_fen
-        )));
-    }
-    let due = request.due_fen;
-    if !(0..=bill.total).contains(&due) {
-        return Err(PluginError::invalid_request(format!("due_fen {due} is outside 0..={}", bill.total)));
-    }
+    let (bill, due) = checked_bill(config, request)?;
     let uncovered = if aid.covers_class_c { 0 } else { bill.class_c + bill.over_price_cap };
     let paid = if request.use_account {
         (due - uncovered)
