@@ -1,6 +1,7 @@
 //! One criterion bench per stage of the request flow that is not measured elsewhere (token
 //! verification: `benches/token.rs`; plugin calls: `tests/benches/plugin_call.rs`):
-//! body parse, limiter checks, routing, and ledger commits (batched by concurrency).
+//! body parse, limiter checks, routing, ledger commits (batched by concurrency), and the
+//! bureau's catalogue (loading 50,000 items, classifying a 1,000-line bill).
 //!
 //! Run: `cargo bench -p cardgate --bench stages`.
 
@@ -174,5 +175,46 @@ async fn settle(ledger: &SqliteLedger, n: u64, one_commit: bool) {
     }
 }
 
-criterion_group!(benches, stages);
+/// The catalogue: loading a bureau-sized file, and classifying a large bill against it.
+fn catalogue(c: &mut Criterion) {
+    use cardgate::catalogue::Catalogue;
+    use cardgate::config::{CatalogueConfig, LinePolicy};
+    use cardgate_sdk::{BillLine, Decimal4, ItemCategory};
+    let mut group = c.benchmark_group("catalogue");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("catalogue.csv");
+    let mut csv = String::from("code,name,class,self_pay_bp,price_cap_fen,valid_from,valid_to,restricted\n");
+    for i in 0..50_000 {
+        let class = ["01", "02", "03"][i % 3];
+        csv.push_str(&format!("X{i:08},item {i},{class},1000,{},2026-01-01,,false\n", 1_000 + i));
+    }
+    std::fs::write(&path, csv).expect("write");
+    let config =
+        CatalogueConfig { path, not_in_catalogue: LinePolicy::Reclassify, class_mismatch: LinePolicy::Reclassify };
+    group.sample_size(10);
+    group.bench_function("load_50000_items", |b| b.iter(|| Catalogue::load(black_box(&config)).expect("loads")));
+    let catalogue = Catalogue::load(&config).expect("loads");
+    let lines: Vec<BillLine> = (0..1_000)
+        .map(|i| BillLine {
+            code: format!("X{:08}", i * 37),
+            name: "item".into(),
+            category: ItemCategory::ClassA,
+            quantity: Decimal4::ONE,
+            unit_price_fen: Decimal4::from_whole(100).expect("100"),
+            amount_fen: 100,
+            catalogue: None,
+        })
+        .collect();
+    group.sample_size(100);
+    group.bench_function("classify_1000_lines", |b| {
+        b.iter_batched(
+            || lines.clone(),
+            |mut lines| catalogue.classify(&mut lines, "2026-12-01").expect("classifies"),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, stages, catalogue);
 criterion_main!(benches);
