@@ -49,17 +49,7 @@ impl Decimal4 {
     /// Reads `123`, `0.5`, `12.3456`: digits, optionally a point and one to four digits; no
     /// sign, no exponent; `None` beyond the largest value (922,337,203,685,477.5807).
     pub fn parse(text: &str) -> Option<Self> {
-        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-        let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-        if whole.is_empty() || whole.len() > 15 || !digits(whole) || fraction.len() > 4 || !digits(fraction) {
-            return None;
-        }
-        if text.contains('.') && fraction.is_empty() {
-            return None;
-        }
-        let whole: i64 = whole.parse().ok()?;
-        let fraction: i64 = format!("{fraction:0<4}").parse().ok()?;
-        whole.checked_mul(Self::SCALE)?.checked_add(fraction).map(Self)
+        parse_decimal(text, 4).map(Self)
     }
 
     /// `self × other` rounded half up to a whole number: the fen of a quantity at a unit price.
@@ -85,6 +75,23 @@ impl schemars::JsonSchema for Decimal4 {
             ]
         })
     }
+}
+
+/// A non-negative decimal written `123`, `0.5` or `12.345678` (digits, optionally a point and
+/// one to `places` digits; no sign, no exponent, at most 15 digits before the point), read
+/// exactly as a whole number of `10^-places` units; `None` for anything else or past `i64`.
+pub fn parse_decimal(text: &str, places: usize) -> Option<i64> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || whole.len() > 15 || !digits(whole) || fraction.len() > places || !digits(fraction) {
+        return None;
+    }
+    if text.contains('.') && fraction.is_empty() {
+        return None;
+    }
+    let whole: i64 = whole.parse().ok()?;
+    let fraction: i64 = if places == 0 { 0 } else { format!("{fraction:0<places$}").parse().ok()? };
+    whole.checked_mul(10i64.checked_pow(u32::try_from(places).ok()?)?)?.checked_add(fraction)
 }
 
 impl std::fmt::Display for Decimal4 {

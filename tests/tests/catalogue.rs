@@ -122,3 +122,33 @@ async fn refusing_policies_refuse_the_bill_and_spend_nothing() {
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     assert!(reply.json().get("reclassified").is_none(), "nothing reclassified: {}", reply.body);
 }
+
+#[tokio::test]
+async fn a_settlement_left_unknown_completes_with_its_classified_lines() {
+    // A payer that misses its timeout on the first call: the settlement is `unknown`, and the
+    // retry completes it from the request sealed in its intent — lines classified, with their
+    // catalogue entries, included.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("catalogue.csv");
+    std::fs::write(&path, CATALOGUE).expect("catalogue");
+    let extra_toml = format!(
+        "\n[catalogue]\npath = \"{}\"\n\n[plugins.sluggish]\nlibrary = \"{}\"\ntimeout_ms = 200\nconfig = {{ delay_ms = 800, delayed_calls = 1, fund_bp = 5000 }}\n\n[[routes]]\nregions = [\"12\"]\npayers = [\"sluggish\"]\n",
+        path.display(),
+        cardgate_sdk::testing::build_cdylib("fixture-configurable").display()
+    );
+    let gw = TestGateway::start(Options { extra_toml, ..Options::default() }).await;
+    let token = gw.token(&Card::in_region("120101"), 120);
+    let body = json!({
+        "token": token, "terminal_id": "POS-01", "total_fen": 135_000,
+        "lines": [line("XA0001", "class_a", 1, 100_000), line("XB0002", "class_b", 10, 3_500)]
+    });
+    let key = key();
+    let first = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!((first.status, first.json()["code"].as_str()), (StatusCode::GATEWAY_TIMEOUT, Some("plugin_timeout")));
+    let retry = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.body);
+    assert_eq!(retry.json()["fund_pay_fen"], 67_500, "{}", retry.body);
+    let id = retry.json()["settlement_id"].as_str().expect("id").to_owned();
+    let reversal = post(&gw.pharmacy, &format!("/v1/settlements/{id}/reversal"), None, &json!({})).await;
+    assert_eq!(reversal.status, StatusCode::OK, "{}", reversal.body);
+}

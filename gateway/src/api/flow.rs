@@ -205,7 +205,9 @@ struct Bill<'a> {
     subject: &'a Subject,
     institution: Institution,
     insurance_type: &'a str,
-    body: &'a BillBody,
+    /// The lines as the payers see them (classified by the catalogue, where there is one).
+    lines: &'a [cardgate_sdk::BillLine],
+    use_account: bool,
     total_fen: i64,
 }
 
@@ -246,12 +248,12 @@ async fn run_chain<'g>(
             card: bill.subject.card(),
             institution: bill.institution.clone(),
             insurance_type: bill.insurance_type.to_owned(),
-            lines: bill.body.lines.clone(),
+            lines: bill.lines.to_vec(),
             total_fen: bill.total_fen,
             due_fen: due,
             prior: prior.clone(),
             year_to_date,
-            use_account: bill.body.use_account.unwrap_or(true),
+            use_account: bill.use_account,
         };
         let answer: Result<Split, CallError> = plugin.call(operation, &request).await;
         let split = match answer {
@@ -454,8 +456,8 @@ fn classify_lines(
 pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Result<ApiResponse, ApiError> {
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id).await?;
     let total_fen = check_bill(&body.lines, body.total_fen)?;
-    let mut classified = body.clone();
-    let reclassified = classify_lines(gateway, &mut classified.lines, gateway.clock.now())?;
+    let mut lines = body.lines.clone();
+    let reclassified = classify_lines(gateway, &mut lines, gateway.clock.now())?;
     let token = match (&body.token, &body.quote_id) {
         (Some(token), None) => token,
         _ => return Err(ApiError::invalid("a quote needs `token` (and no `quote_id`)")),
@@ -474,7 +476,8 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         subject: &subject,
         institution: sdk_institution(institution.0, institution.1),
         insurance_type: &insurance_type,
-        body: &classified,
+        lines: &lines,
+        use_account: body.use_account.unwrap_or(true),
         total_fen,
     };
     let card_hash = gateway.card_key.hash(&subject.card_id);
@@ -518,9 +521,21 @@ struct Prepared {
     bill: BillBody,
     total_fen: i64,
     quote_id: Option<String>,
-    /// The lines the catalogue reclassified (`bill` holds the lines as classified).
+    /// The lines as the payers see them: `bill`'s, classified by the catalogue (each with its
+    /// entry). Kept apart from `bill`, which is the request as sent and is read back as one.
+    #[serde(default)]
+    lines: Vec<cardgate_sdk::BillLine>,
+    /// The lines the catalogue reclassified.
     #[serde(default)]
     reclassified: Vec<Reclassified>,
+}
+
+impl Prepared {
+    /// The lines the payers are asked about (an intent written before the catalogue holds
+    /// only `bill`).
+    fn lines(&self) -> &[cardgate_sdk::BillLine] {
+        if self.lines.is_empty() { &self.bill.lines } else { &self.lines }
+    }
 }
 
 async fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: i64) -> Result<Prepared, ApiError> {
@@ -532,9 +547,9 @@ async fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: 
         return Err(TokenError::Replayed.into());
     }
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
-    let mut bill = body.clone();
-    let reclassified = classify_lines(gateway, &mut bill.lines, now)?;
-    Ok(Prepared { subject, insurance_type, bill, total_fen, quote_id: None, reclassified })
+    let mut lines = body.lines.clone();
+    let reclassified = classify_lines(gateway, &mut lines, now)?;
+    Ok(Prepared { subject, insurance_type, bill: body.clone(), total_fen, quote_id: None, lines, reclassified })
 }
 
 async fn prepare_by_quote(
@@ -577,13 +592,15 @@ async fn prepare_by_quote(
         bill.use_account = body.use_account;
     }
     // Classified as of the settlement, like the accumulators: a quote reserves neither.
-    let reclassified = classify_lines(gateway, &mut bill.lines, now)?;
+    let mut lines = bill.lines.clone();
+    let reclassified = classify_lines(gateway, &mut lines, now)?;
     Ok(Prepared {
         subject: content.subject,
         insurance_type: content.insurance_type,
         bill,
         total_fen,
         quote_id: Some(quote_id.to_owned()),
+        lines,
         reclassified,
     })
 }
@@ -783,7 +800,8 @@ async fn complete(
                     subject: &prepared.subject,
                     institution: sdk_institution(institution.0, institution.1),
                     insurance_type: &prepared.insurance_type,
-                    body: &prepared.bill,
+                    lines: prepared.lines(),
+                    use_account: prepared.bill.use_account.unwrap_or(true),
                     total_fen: prepared.total_fen,
                 };
                 run_chain(gateway, &chain, Operation::Settle, &bill, &card_hash, year).await

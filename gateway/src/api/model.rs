@@ -105,22 +105,12 @@ impl TryFrom<BillWire> for BillBody {
 }
 
 /// A decimal as written in JSON, a number or a string (`12.5`, `"12.5"`): its text, read
-/// exactly (never through floating point), as `digits` before the point and at most `places`
-/// after; the value in units of `10^-places`.
+/// exactly (never through floating point) by [`cardgate_sdk::parse_decimal`]; the value in
+/// units of `10^-places`.
 fn exact_decimal(raw: &str, places: usize) -> Option<i64> {
     let text = raw.trim();
     let text = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
-    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || whole.len() > 15 || !digits(whole) || fraction.len() > places || !digits(fraction) {
-        return None;
-    }
-    if text.contains('.') && fraction.is_empty() {
-        return None;
-    }
-    let whole: i64 = whole.parse().ok()?;
-    let fraction: i64 = if places == 0 { 0 } else { format!("{fraction:0<places$}").parse().ok()? };
-    whole.checked_mul(10i64.pow(places as u32))?.checked_add(fraction)
+    cardgate_sdk::parse_decimal(text, places)
 }
 
 /// A yuan amount as the national interface writes it (`123.45`, `"123.4"`, `12`: a JSON
