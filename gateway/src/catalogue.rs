@@ -87,9 +87,10 @@ struct Row {
     restricted: Option<bool>,
 }
 
-/// A class as the catalogue writes it.
+/// A class as the catalogue and the API write it: ours, the national `chrgitm_lv` code or the
+/// Chinese name.
 pub fn parse_class(text: &str) -> Option<ItemCategory> {
-    match text.trim() {
+    match text {
         "class_a" | "01" | "甲" | "甲类" => Some(ItemCategory::ClassA),
         "class_b" | "02" | "乙" | "乙类" => Some(ItemCategory::ClassB),
         "class_c" | "03" | "丙" | "丙类" => Some(ItemCategory::ClassC),

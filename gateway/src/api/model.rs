@@ -191,19 +191,16 @@ fn strict_lines<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec
         .collect()
 }
 
-/// A line's class: ours (`class_a`, `class_b`, `class_c`) or the national platform's
-/// `chrgitm_lv` codes (`"01"` class A, `"02"` class B, `"03"` class C).
+/// A line's class: ours (`class_a`, `class_b`, `class_c`), the national platform's
+/// `chrgitm_lv` codes (`"01"` class A, `"02"` class B, `"03"` class C) or 甲 / 乙 / 丙, read as
+/// the catalogue reads them.
 fn category<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<cardgate_sdk::ItemCategory, D::Error> {
-    use cardgate_sdk::ItemCategory;
     let text = std::borrow::Cow::<str>::deserialize(deserializer)?;
-    match text.as_ref() {
-        "class_a" | "01" => Ok(ItemCategory::ClassA),
-        "class_b" | "02" => Ok(ItemCategory::ClassB),
-        "class_c" | "03" => Ok(ItemCategory::ClassC),
-        other => Err(serde::de::Error::custom(format!(
-            "category: `{other}` is none of class_a, class_b, class_c (chrgitm_lv 01, 02, 03)"
-        ))),
-    }
+    crate::catalogue::parse_class(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "category: `{text}` is none of class_a, class_b, class_c (chrgitm_lv 01, 02, 03)"
+        ))
+    })
 }
 
 /// `POST /v1/settlements/{id}/reversal`.
