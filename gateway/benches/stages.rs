@@ -146,6 +146,9 @@ async fn settle(ledger: &SqliteLedger, n: u64, one_commit: bool) {
         total_fen: 170_000,
         created_at: 1_780_000_000,
         sealed_request: vec![1; 1200],
+        insurance_type: "310".into(),
+        clearing_type: "41".into(),
+        delegated: false,
     };
     let delta = YearToDate { year: 2026, deductible_fen: 80_000, fund_paid_fen: 52_000, ..YearToDate::default() };
     let outcome = Outcome {

@@ -4,10 +4,12 @@
 //! - [`model`]: request bodies and their validation.
 //! - [`problem`]: error classes -> status and stable code.
 //! - [`flow`]: inquiries, quotes, settlements, reversals.
+//! - [`reconciliation`]: an institution's business day, and closing it.
 
 pub mod flow;
 pub mod model;
 pub mod problem;
+pub mod reconciliation;
 
 use http::{Method, StatusCode};
 
@@ -100,7 +102,9 @@ impl ApiResponse {
 /// The methods each resource takes (for `405` and its `Allow` header); `None`: no such resource.
 fn allowed(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        ["v1", "inquiries" | "quotes"] | ["v1", "settlements", _, "reversal"] => Some("POST"),
+        ["v1", "inquiries" | "quotes"]
+        | ["v1", "settlements", _, "reversal"]
+        | ["v1", "reconciliation", "closures"] => Some("POST"),
         ["v1", "settlements"] => Some("GET, HEAD, POST"),
         ["v1", "settlements", _] | ["v1", "reconciliation"] => Some("GET, HEAD"),
         _ => None,
@@ -182,7 +186,10 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
         (&Method::GET | &Method::HEAD, ["v1", "settlements"]) => flow::list(gateway, identity, r.query).await,
         (&Method::GET | &Method::HEAD, ["v1", "settlements", id]) => flow::get(gateway, identity, id).await,
         (&Method::GET | &Method::HEAD, ["v1", "reconciliation"]) => {
-            flow::reconciliation(gateway, identity, r.query).await
+            reconciliation::get(gateway, identity, r.query).await
+        }
+        (&Method::POST, ["v1", "reconciliation", "closures"]) => {
+            reconciliation::close(gateway, identity, parse(r.body)?).await
         }
         (&Method::POST, ["v1", "settlements", id, "reversal"]) => {
             let body = if r.body.iter().all(u8::is_ascii_whitespace) { Default::default() } else { parse(r.body)? };
@@ -207,6 +214,7 @@ pub fn endpoint(method: &Method, path: &str) -> &'static str {
         (&Method::GET, ["v1", "settlements", _]) => "settlement",
         (&Method::POST, ["v1", "settlements", _, "reversal"]) => "reversal",
         (&Method::GET, ["v1", "reconciliation"]) => "reconciliation",
+        (&Method::POST, ["v1", "reconciliation", "closures"]) => "reconciliation_closure",
         _ => "other",
     }
 }

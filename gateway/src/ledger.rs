@@ -178,6 +178,23 @@ pub struct Intent {
     /// The prepared request (card claims, bill), sealed with the ledger key, so an interrupted
     /// settlement can be completed later.
     pub sealed_request: Vec<u8>,
+    /// The insurance type settled under (`insutype`: 310, 390, ...), for reconciliation.
+    pub insurance_type: String,
+    /// The clearing type (`clr_type`: [`clearing_type`]), for reconciliation.
+    pub clearing_type: String,
+    /// A family member's bill on the holder's card: what the account pays is family mutual
+    /// aid (`acct_mulaid_pay`), shown apart in reconciliation.
+    pub delegated: bool,
+}
+
+/// The national clearing type (`clr_type`) of a settlement at an institution of `level`: a
+/// designated pharmacy's sale is 41 (定点药店购药), a hospital's one-call settlement 11
+/// (门诊, outpatient). Reconciliation totals are kept per insurance type and clearing type.
+pub fn clearing_type(level: cardgate_sdk::InstitutionLevel) -> &'static str {
+    match level {
+        cardgate_sdk::InstitutionLevel::Pharmacy => "41",
+        _ => "11",
+    }
 }
 
 /// A settlement whose outcome is not yet recorded (`pending` or `unknown`).
@@ -231,6 +248,143 @@ pub struct Reconciliation {
     pub page_size: u32,
     /// Detail lines over all pages (settlements and reversals of the day).
     pub detail_count: u64,
+    /// Per insurance type and clearing type, as the bureau reconciles them (national 3201):
+    /// the day's settlements, reversals and net.
+    pub by_type: Vec<TypeTotals>,
+    /// When the day was closed (RFC 3339): its totals were fixed then and never change.
+    pub closed_at: Option<String>,
+}
+
+/// A day's totals as fixed when it is closed ([`Ledger::close_day`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DayTotals {
+    /// See [`Reconciliation::settled`].
+    pub settled: Totals,
+    /// See [`Reconciliation::reversed`].
+    pub reversed: Totals,
+    /// See [`Reconciliation::net`].
+    pub net: Totals,
+    /// See [`Reconciliation::payers`].
+    pub payers: Vec<PayerTotals>,
+    /// See [`Reconciliation::by_type`].
+    pub by_type: Vec<TypeTotals>,
+    /// See [`Reconciliation::detail_count`].
+    pub detail_count: u64,
+}
+
+/// A closed day: when, and its totals then (JSON of [`DayTotals`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedDay {
+    /// When it was closed (seconds since the epoch).
+    pub closed_at: i64,
+    /// Its totals, as [`DayTotals`] in JSON.
+    pub totals: String,
+}
+
+impl Reconciliation {
+    /// The totals to fix when the day is closed.
+    pub fn day_totals(&self) -> DayTotals {
+        DayTotals {
+            settled: self.settled.clone(),
+            reversed: self.reversed.clone(),
+            net: self.net.clone(),
+            payers: self.payers.clone(),
+            by_type: self.by_type.clone(),
+            detail_count: self.detail_count,
+        }
+    }
+
+    /// The day as it was closed: the totals fixed then, and when.
+    pub fn closed(mut self, closed: &ClosedDay) -> Result<Self, LedgerError> {
+        let fixed: DayTotals = serde_json::from_str(&closed.totals).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        self.settled = fixed.settled;
+        self.reversed = fixed.reversed;
+        self.net = fixed.net;
+        self.payers = fixed.payers;
+        self.by_type = fixed.by_type;
+        self.detail_count = fixed.detail_count;
+        self.closed_at = Some(rfc3339(closed.closed_at));
+        Ok(self)
+    }
+}
+
+/// One insurance type's and clearing type's totals of a day.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TypeTotals {
+    /// Insurance type (`insutype`); empty for settlements recorded before it was kept.
+    pub insurance_type: String,
+    /// Clearing type (`clr_type`); empty likewise.
+    pub clearing_type: String,
+    /// Settlements made that day.
+    pub settled: Totals,
+    /// Reversals made that day.
+    pub reversed: Totals,
+    /// Settled less reversed.
+    pub net: Totals,
+}
+
+/// Totals per (insurance type, clearing type).
+pub type TypeSums = std::collections::BTreeMap<(String, String), Totals>;
+
+/// Adds one settlement's money to `totals`: (total, fund, account, cash), and whether it was a
+/// family member's bill.
+pub fn add_to(
+    totals: &mut Totals,
+    (total_fen, fund_fen, account_fen, cash_fen): (i64, i64, i64, i64),
+    delegated: bool,
+) {
+    totals.count += 1;
+    totals.total_fen += total_fen;
+    totals.fund_pay_fen += fund_fen;
+    totals.account_pay_fen += account_fen;
+    totals.cash_pay_fen += cash_fen;
+    if delegated {
+        totals.mutual_aid_pay_fen += account_fen;
+    }
+}
+
+/// The day's settled and reversed totals and the per-type lines, from the per-type sums of
+/// its settlements and of its reversals.
+pub fn by_type(settled: &TypeSums, reversed: &TypeSums) -> (Totals, Totals, Vec<TypeTotals>) {
+    let mut keys: Vec<&(String, String)> = settled.keys().chain(reversed.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let (mut all_settled, mut all_reversed) = (Totals::default(), Totals::default());
+    let lines = keys
+        .into_iter()
+        .map(|key| {
+            let s = settled.get(key).cloned().unwrap_or_default();
+            let r = reversed.get(key).cloned().unwrap_or_default();
+            for (all, one) in [(&mut all_settled, &s), (&mut all_reversed, &r)] {
+                all.count += one.count;
+                all.total_fen += one.total_fen;
+                all.fund_pay_fen += one.fund_pay_fen;
+                all.account_pay_fen += one.account_pay_fen;
+                all.cash_pay_fen += one.cash_pay_fen;
+                all.mutual_aid_pay_fen += one.mutual_aid_pay_fen;
+            }
+            TypeTotals {
+                insurance_type: key.0.clone(),
+                clearing_type: key.1.clone(),
+                net: net(&s, &r),
+                settled: s,
+                reversed: r,
+            }
+        })
+        .collect();
+    (all_settled, all_reversed, lines)
+}
+
+/// Settled less reversed.
+fn net(settled: &Totals, reversed: &Totals) -> Totals {
+    Totals {
+        count: settled.count.saturating_sub(reversed.count),
+        total_fen: settled.total_fen - reversed.total_fen,
+        fund_pay_fen: settled.fund_pay_fen - reversed.fund_pay_fen,
+        account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
+        cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
+        mutual_aid_pay_fen: settled.mutual_aid_pay_fen - reversed.mutual_aid_pay_fen,
+    }
 }
 
 /// Per payer: settlements (or reversals) it took part in, its fund's and the account's sums.
@@ -244,13 +398,7 @@ pub fn net_and_payers(
     gross: &PayerSums,
     mut back: PayerSums,
 ) -> (Totals, Vec<PayerTotals>) {
-    let net = Totals {
-        count: settled.count.saturating_sub(reversed.count),
-        total_fen: settled.total_fen - reversed.total_fen,
-        fund_pay_fen: settled.fund_pay_fen - reversed.fund_pay_fen,
-        account_pay_fen: settled.account_pay_fen - reversed.account_pay_fen,
-        cash_pay_fen: settled.cash_pay_fen - reversed.cash_pay_fen,
-    };
+    let net = net(settled, reversed);
     let mut names: Vec<String> = gross.keys().chain(back.keys()).cloned().collect();
     names.sort();
     names.dedup();
@@ -275,7 +423,7 @@ pub fn net_and_payers(
 }
 
 /// Counts and sums.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
     /// Settlements.
     pub count: u64,
@@ -287,10 +435,14 @@ pub struct Totals {
     pub account_pay_fen: i64,
     /// Cash.
     pub cash_pay_fen: i64,
+    /// Of `account_pay_fen`, what holders' accounts paid for family members' bills (family
+    /// mutual aid, the national `acct_mulaid_pay`).
+    #[serde(default)]
+    pub mutual_aid_pay_fen: i64,
 }
 
 /// One payer's sums.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PayerTotals {
     /// Payer (plugin) name.
     pub payer: String,
@@ -331,6 +483,10 @@ pub struct DetailLine {
     pub account_pay_fen: i64,
     /// Cash.
     pub cash_pay_fen: i64,
+    /// Insurance type.
+    pub insurance_type: String,
+    /// Clearing type.
+    pub clearing_type: String,
 }
 
 /// Which settlements of an institution to list ([`Ledger::list`]).
@@ -485,6 +641,8 @@ pub enum DumpItem {
     Year(Vec<u8>, i32, PayerYears),
     /// A stored quote.
     Quote(StoredQuote),
+    /// A closed day (institution, date).
+    Closed(String, String, ClosedDay),
 }
 
 /// A settlement's card hash and the accumulator changes it made.
@@ -555,6 +713,11 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         page: u32,
         page_size: u32,
     ) -> LedgerFuture<'a, Reconciliation>;
+    /// Whether an institution's day is closed: when, and its totals then.
+    fn closed_day<'a>(&'a self, institution: &'a str, date: &'a str) -> LedgerFuture<'a, Option<ClosedDay>>;
+    /// Closes an institution's day with its totals (durably); a day closed already keeps its
+    /// first closing, which is answered.
+    fn close_day<'a>(&'a self, institution: &'a str, date: &'a str, closed: ClosedDay) -> LedgerFuture<'a, ClosedDay>;
     /// The card hash and accumulator changes recorded for a settlement (to undo them).
     fn settled_deltas<'a>(&'a self, id: &'a str) -> LedgerFuture<'a, Option<SettledDeltas>>;
     /// An institution's settlements matching `query`, in the order they were recorded.
@@ -605,6 +768,7 @@ pub(crate) trait ReadsNow {
     ) -> Result<Reconciliation, LedgerError>;
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
     fn list(&self, query: &ListQuery) -> Result<Vec<Listed>, LedgerError>;
+    fn closed_day(&self, institution: &str, date: &str) -> Result<Option<ClosedDay>, LedgerError>;
 }
 
 /// A read answered already, as a ledger future.
@@ -662,6 +826,13 @@ macro_rules! reads_now {
             page_size: u32,
         ) -> $crate::ledger::LedgerFuture<'a, $crate::ledger::Reconciliation> {
             $crate::ledger::ready($crate::ledger::ReadsNow::reconciliation(self, institution, date, page, page_size))
+        }
+        fn closed_day<'a>(
+            &'a self,
+            institution: &'a str,
+            date: &'a str,
+        ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::ClosedDay>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::closed_day(self, institution, date))
         }
         fn settled_deltas<'a>(
             &'a self,

@@ -107,6 +107,7 @@ on_every_engine!(
     a_settlement_recorded_in_one_commit_is_refused_whole,
     an_idempotency_key_is_unique_whatever_the_card,
     a_listing_pages_through_every_card_once_in_time_order,
+    a_day_has_totals_per_insurance_and_clearing_type_and_closes_once,
 );
 
 fn intent(id: &str, key: &str, token: &[u8]) -> Intent {
@@ -123,6 +124,9 @@ fn intent(id: &str, key: &str, token: &[u8]) -> Intent {
         total_fen: 1000,
         created_at: 1_700_000_000,
         sealed_request: vec![0; 40],
+        insurance_type: "310".into(),
+        clearing_type: "41".into(),
+        delegated: false,
     }
 }
 
@@ -372,9 +376,10 @@ async fn a_version_3_ledger_gets_the_day_of_each_reversal() {
     {
         // As version 3 left it: no reversal days.
         let old = rusqlite::Connection::open(&path).expect("open");
-        old.execute_batch(
-            "DROP INDEX outcomes_by_reversed_day; ALTER TABLE outcomes DROP COLUMN reversed_day; PRAGMA user_version = 3;",
-        )
+        old.execute_batch(&format!(
+            "{AS_VERSION_4} DROP INDEX outcomes_by_reversed_day; ALTER TABLE outcomes DROP COLUMN reversed_day; \
+                      PRAGMA user_version = 3;"
+        ))
         .expect("version 3");
     }
     let ledger = SqliteLedger::open(&path).expect("migrated");
@@ -383,7 +388,101 @@ async fn a_version_3_ledger_gets_the_day_of_each_reversal() {
     let version: i64 = rusqlite::Connection::open(&path)
         .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
         .expect("version");
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
+}
+
+/// What version 5 added, taken away: a ledger as version 4 left it.
+const AS_VERSION_4: &str = "ALTER TABLE settlements DROP COLUMN insurance_type; \
+    ALTER TABLE settlements DROP COLUMN clearing_type; ALTER TABLE settlements DROP COLUMN delegated; \
+    DROP TABLE closed_days; PRAGMA user_version = 4;";
+
+#[tokio::test]
+async fn a_version_4_ledger_gets_types_and_closed_days() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger.db");
+    {
+        let ledger = SqliteLedger::open(&path).expect("open");
+        ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
+        ledger.finish(settled("S1", 700)).await.expect("finish");
+    }
+    rusqlite::Connection::open(&path).expect("open").execute_batch(AS_VERSION_4).expect("version 4");
+    let ledger = SqliteLedger::open(&path).expect("migrated");
+    let monday = cardgate::ledger::business_day(1_700_000_000);
+    let day = ledger.reconciliation("H1", &monday, 1, 10).await.expect("read");
+    let types: Vec<_> =
+        day.by_type.iter().map(|t| (t.insurance_type.as_str(), t.clearing_type.as_str(), t.settled.count)).collect();
+    assert_eq!(types, [("", "", 1)], "recorded before the types were kept");
+    assert_eq!(day.details[0].insurance_type, "");
+    let closed = cardgate::ledger::ClosedDay { closed_at: 1_700_100_000, totals: "{}".into() };
+    assert_eq!(ledger.close_day("H1", &monday, closed.clone()).await.expect("close"), closed);
+    ledger.begin(intent("S2", "k2", b"tok-2")).await.expect("new settlements keep their types");
+    ledger.finish(settled("S2", 600)).await.expect("finish");
+    let day = ledger.reconciliation("H1", &monday, 1, 10).await.expect("read");
+    assert_eq!(day.by_type.iter().map(|t| t.insurance_type.as_str()).collect::<Vec<_>>(), ["", "310"]);
+}
+
+async fn a_day_has_totals_per_insurance_and_clearing_type_and_closes_once(engine: Engine) {
+    let dir = engine.place();
+    let monday = cardgate::ledger::business_day(1_700_000_000);
+    {
+        let ledger = engine.open(&dir);
+        // Two employees (310) at the till, one resident (390) at the clinic (11).
+        ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
+        ledger.finish(settled("S1", 700)).await.expect("finish");
+        ledger.begin(intent("S2", "k2", b"tok-2")).await.expect("begin");
+        ledger.finish(settled("S2", 600)).await.expect("finish");
+        let resident =
+            Intent { insurance_type: "390".into(), clearing_type: "11".into(), ..intent("S3", "k3", b"tok-3") };
+        ledger.begin(resident).await.expect("begin");
+        ledger.finish(settled("S3", 300)).await.expect("finish");
+        // A family member's bill on an employee's card: the holder's account pays (mutual aid).
+        let family = Intent { delegated: true, ..intent("S4", "k4", b"tok-4") };
+        ledger.begin(family).await.expect("begin");
+        let mut aid = settled("S4", 0);
+        aid.deltas.clear();
+        aid.amounts = Some(Amounts { fund_fen: 0, account_fen: 500, cash_fen: 500, payers: vec![] });
+        ledger.finish(aid).await.expect("finish");
+        ledger.reverse("S2".into(), "{}".into(), vec![], vec![9; 32], 1_700_000_100).await.expect("reverse");
+        let day = ledger.reconciliation("H1", &monday, 1, 10).await.expect("read");
+        let lines: Vec<_> = day
+            .by_type
+            .iter()
+            .map(|t| {
+                let (i, c) = (t.insurance_type.as_str(), t.clearing_type.as_str());
+                let aid = t.net.mutual_aid_pay_fen;
+                (i, c, t.settled.count, t.settled.fund_pay_fen, t.reversed.fund_pay_fen, t.net.cash_pay_fen, aid)
+            })
+            .collect();
+        assert_eq!(lines, [("310", "41", 3, 1300, 600, 800, 500), ("390", "11", 1, 300, 0, 700, 0)]);
+        assert_eq!((day.settled.count, day.settled.fund_pay_fen, day.net.fund_pay_fen), (4, 1600, 1000));
+        assert_eq!(
+            (day.settled.account_pay_fen, day.settled.mutual_aid_pay_fen, day.reversed.mutual_aid_pay_fen),
+            (500, 500, 0)
+        );
+        let kinds: Vec<_> = day.details.iter().map(|d| (d.event.as_str(), d.insurance_type.as_str())).collect();
+        assert_eq!(
+            kinds,
+            [("settled", "310"), ("settled", "310"), ("settled", "390"), ("settled", "310"), ("reversed", "310")]
+        );
+        assert_eq!(day.closed_at, None);
+        assert_eq!(ledger.closed_day("H1", &monday).await.expect("read"), None);
+
+        // Closed once: a second closing (another node, a retry) gets the first.
+        let totals = serde_json::to_string(&day.day_totals()).expect("json");
+        let first = cardgate::ledger::ClosedDay { closed_at: 1_700_100_000, totals };
+        let kept = ledger.close_day("H1", &monday, first.clone()).await.expect("close");
+        assert_eq!(kept, first);
+        let other = cardgate::ledger::ClosedDay { closed_at: 1_700_200_000, totals: "{}".into() };
+        assert_eq!(ledger.close_day("H1", &monday, other).await.expect("close again"), first);
+        // Another institution's day is its own.
+        assert_eq!(ledger.closed_day("H2", &monday).await.expect("read"), None);
+    }
+    let ledger = engine.open(&dir);
+    let closed = ledger.closed_day("H1", &monday).await.expect("read").expect("kept across reopening");
+    assert_eq!(closed.closed_at, 1_700_100_000);
+    let day = ledger.reconciliation("H1", &monday, 1, 10).await.expect("read").closed(&closed).expect("totals");
+    assert_eq!((day.settled.count, day.net.fund_pay_fen, day.by_type.len()), (4, 1000, 2));
+    assert_eq!(day.closed_at.as_deref(), Some(cardgate::ledger::rfc3339(1_700_100_000).as_str()));
 }
 
 async fn an_outcome_computed_on_figures_that_moved_since_is_not_recorded(engine: Engine) {
@@ -464,6 +563,7 @@ async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_eve
     assert_eq!((settlements.len(), years), (4, 3), "three settled and one pending; three cards' years");
     let lsm = LsmLedger::open(&moved, 3).expect("open");
     holds_the_version_3_fixture(&lsm).await;
+    holds_the_closed_day(&lsm).await;
     let quote = lsm.quote("P110105002", "Q1").await.expect("read").expect("the quote moved");
     assert_eq!((quote.expires_at, quote.sealed.len(), quote.settled_by), (1_900_000_000, 60, None));
     let open: Vec<String> = lsm.unresolved().await.expect("read").into_iter().map(|u| u.id).collect();
@@ -508,6 +608,14 @@ async fn add_a_quote_and_a_pending_settlement(ledger: &SqliteLedger) {
     };
     ledger.save_quote(quote).await.expect("quote");
     ledger.begin(intent("S-pending", "k-pending", b"tok-pending")).await.expect("pending");
+    let closed = cardgate::ledger::ClosedDay { closed_at: 1_796_200_000, totals: "{\"closed\":1}".into() };
+    ledger.close_day("P110105002", "2026-12-01", closed).await.expect("close");
+}
+
+/// The closed day [`add_a_quote_and_a_pending_settlement`] added, as a migrated ledger holds it.
+async fn holds_the_closed_day(ledger: &dyn Ledger) {
+    let closed = ledger.closed_day("P110105002", "2026-12-01").await.expect("read").expect("moved");
+    assert_eq!((closed.closed_at, closed.totals.as_str()), (1_796_200_000, "{\"closed\":1}"));
 }
 
 /// What the version 3 fixture holds, checked through any engine.
@@ -529,6 +637,10 @@ async fn holds_the_version_3_fixture(ledger: &dyn Ledger) {
     assert!(records[1].reversal.as_deref().is_some_and(|r| r.contains("refund")));
     // The reversal was made on the day of its settlement: that day holds both.
     let day = ledger.reconciliation(institution, "2026-12-01", 1, 10).await.expect("read");
+    // Recorded before insurance and clearing types were kept: one line, without them.
+    let types: Vec<_> =
+        day.by_type.iter().map(|t| (t.insurance_type.as_str(), t.clearing_type.as_str(), t.settled.count)).collect();
+    assert_eq!(types, [("", "", 3)]);
     assert_eq!((day.settled.count, day.settled.account_pay_fen), (3, 15_000));
     assert_eq!((day.reversed.count, day.reversed.account_pay_fen, day.net.account_pay_fen), (1, 5_000, 10_000));
     // In time order (to the second; within one, by settlement): all four fell in one second.
@@ -672,6 +784,7 @@ async fn a_version_3_ledger_moves_whole_into_postgres() {
 
     let pg = PgLedger::open(&config).expect("open");
     holds_the_version_3_fixture(&pg).await;
+    holds_the_closed_day(&pg).await;
     let quote = pg.quote("P110105002", "Q1").await.expect("read").expect("the quote moved");
     assert_eq!((quote.expires_at, quote.sealed.len(), quote.settled_by), (1_900_000_000, 60, None));
     let open: Vec<String> = pg.unresolved().await.expect("read").into_iter().map(|u| u.id).collect();

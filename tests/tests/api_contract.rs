@@ -141,6 +141,7 @@ async fn method_not_allowed_says_which_are() {
         (Method::DELETE, "/v1/settlements/S1", "GET, HEAD"),
         (Method::DELETE, "/v1/settlements", "GET, HEAD, POST"),
         (Method::PUT, "/v1/quotes", "POST"),
+        (Method::GET, "/v1/reconciliation/closures", "POST"),
     ] {
         let reply = gw.pharmacy.send(method.clone(), path, &[], None).await.expect("answer");
         assert_eq!(

@@ -106,6 +106,7 @@ async fn every_documented_operation_behaves_as_documented() {
         ("/v1/settlements/{id}/reversal", "post"),
         ("/v1/settlements", "get"),
         ("/v1/reconciliation", "get"),
+        ("/v1/reconciliation/closures", "post"),
     ];
     let documented: BTreeSet<(String, String)> = doc["paths"]
         .as_object()
@@ -187,8 +188,17 @@ fn every_served_endpoint_is_documented() {
             })
         })
         .collect();
-    let served: BTreeSet<&str> =
-        ["inquiries", "quotes", "settlements", "settlements_list", "settlement", "reversal", "reconciliation"].into();
+    let served: BTreeSet<&str> = [
+        "inquiries",
+        "quotes",
+        "settlements",
+        "settlements_list",
+        "settlement",
+        "reversal",
+        "reconciliation",
+        "reconciliation_closure",
+    ]
+    .into();
     assert_eq!(labels, served);
 }
 

@@ -13,8 +13,8 @@ use cardgate::api::{ApiError, Identity};
 use cardgate::config::Config;
 use cardgate::dev::PHARMACY;
 use cardgate::ledger::{
-    AccumulatorDelta, Intent, Ledger, LedgerError, LedgerFuture, Outcome, Reconciliation, Record, SettledDeltas, State,
-    StoredQuote, Unresolved,
+    AccumulatorDelta, ClosedDay, Intent, Ledger, LedgerError, LedgerFuture, Outcome, Reconciliation, Record,
+    SettledDeltas, State, StoredQuote, Unresolved,
 };
 use cardgate::service::{Clock, Gateway};
 use cardgate_sdk::YearToDate;
@@ -103,6 +103,12 @@ impl Ledger for FailingOutcome {
     }
     fn settled_deltas<'a>(&'a self, id: &'a str) -> LedgerFuture<'a, Option<SettledDeltas>> {
         self.inner.settled_deltas(id)
+    }
+    fn closed_day<'a>(&'a self, institution: &'a str, date: &'a str) -> LedgerFuture<'a, Option<ClosedDay>> {
+        self.inner.closed_day(institution, date)
+    }
+    fn close_day<'a>(&'a self, institution: &'a str, date: &'a str, closed: ClosedDay) -> LedgerFuture<'a, ClosedDay> {
+        self.inner.close_day(institution, date, closed)
     }
 }
 
@@ -198,4 +204,92 @@ async fn a_settlement_whose_figures_could_not_be_read_is_not_recorded_and_settle
     assert_eq!(gateway.ledger.by_idempotency_key(PHARMACY, "till-9").await.expect("read").map(|r| r.state), None);
     let retry = status(&flow::settle(&gateway, &identity, "till-9", body, "r2").await);
     assert_eq!(retry.0, StatusCode::CREATED, "{}", retry.1);
+}
+
+/// Closing a business day (issue #18, national 3201): refused while the day is not over or
+/// holds a settlement whose outcome is not recorded; once closed, its totals are fixed (per
+/// insurance type and clearing type too), a later reversal of one of its settlements lands on
+/// the day it is made, and closing again answers the first closing.
+#[tokio::test]
+async fn a_closed_day_keeps_its_totals_and_a_later_reversal_lands_on_its_own_day() {
+    use cardgate::api::reconciliation::{self, CLOSE_GRACE_SECS, CloseBody};
+    let (setup, gateway, clock) = failing_gateway(true, false);
+    let identity = Identity { institution: PHARMACY.into() };
+    let body: BillBody = serde_json::from_value(json!({
+        "token": setup.token(&Card::beijing(), 300), "terminal_id": "POS-01", "total_fen": 10000,
+        "lines": [{ "code": "XA01", "name": "Amoxicillin", "category": "class_a", "quantity": 1, "unit_price_fen": 10000, "amount_fen": 10000 }]
+    }))
+    .expect("body");
+    let started = clock.0.load(Ordering::Relaxed);
+    let date = cardgate::ledger::business_day(started);
+    let close =
+        async |date: &str| status(&reconciliation::close(&gateway, &identity, CloseBody { date: date.into() }).await);
+    let day = async |date: &str| {
+        let (code, body) = status(&reconciliation::get(&gateway, &identity, Some(&format!("date={date}"))).await);
+        assert_eq!(code, StatusCode::OK, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")
+    };
+
+    // The outcome write fails: the settlement stays pending.
+    let first = flow::settle(&gateway, &identity, "till-close", body.clone(), "r1").await;
+    assert!(status(&first).0.is_server_error(), "{:?}", status(&first));
+
+    // Today is not over.
+    let (code, answer) = close(&date).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{answer}");
+    assert!(answer.contains("day_not_over"), "{answer}");
+
+    // The next day, past the grace: the pending settlement holds the day open.
+    let day_end = started - (started + cardgate::ledger::UTC_OFFSET_SECS).rem_euclid(86_400) + 86_400;
+    clock.0.store(day_end + CLOSE_GRACE_SECS - 1, Ordering::Relaxed);
+    assert!(close(&date).await.1.contains("day_not_over"));
+    clock.0.store(day_end + CLOSE_GRACE_SECS + 60, Ordering::Relaxed);
+    let (code, answer) = close(&date).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{answer}");
+    assert!(answer.contains("day_has_unresolved"), "{answer}");
+
+    // The retry completes it (counted on the day it was made), and the day closes.
+    let late = status(&flow::settle(&gateway, &identity, "till-close", body, "r2").await);
+    assert_eq!(late.0, StatusCode::CREATED, "{}", late.1);
+    let receipt: serde_json::Value = serde_json::from_str(&late.1).expect("receipt");
+    let fund = receipt["fund_pay_fen"].as_i64().expect("fund");
+    let (code, answer) = close(&date).await;
+    assert_eq!(code, StatusCode::OK, "{answer}");
+    let closed: serde_json::Value = serde_json::from_str(&answer).expect("json");
+    assert!(closed["closed_at"].is_string(), "{closed}");
+    assert_eq!(closed["settled"]["count"], 1);
+    assert_eq!(closed["settled"]["total_fen"], 10000);
+    assert_eq!(closed["settled"]["fund_pay_fen"], fund);
+    let by_type = closed["by_type"].as_array().expect("by_type");
+    assert_eq!(by_type.len(), 1, "{closed}");
+    assert_eq!(
+        (by_type[0]["insurance_type"].as_str(), by_type[0]["clearing_type"].as_str()),
+        (Some("310"), Some("41"))
+    );
+    assert_eq!(by_type[0]["net"]["total_fen"], 10000);
+    assert_eq!(closed["details"][0]["insurance_type"], "310");
+
+    // Reversed the day after: the closed day does not move; the reversal is the new day's.
+    let id = receipt["settlement_id"].as_str().expect("id");
+    let reversal = status(&flow::reverse(&gateway, &identity, id, Default::default()).await);
+    assert_eq!(reversal.0, StatusCode::OK, "{}", reversal.1);
+    let again = day(&date).await;
+    for key in ["settled", "reversed", "net", "by_type", "closed_at"] {
+        assert_eq!(again[key], closed[key], "{key}");
+    }
+    assert_eq!(again["reversed"]["count"], 0);
+    let next = day(&cardgate::ledger::business_day(day_end + CLOSE_GRACE_SECS + 60)).await;
+    assert_eq!(next["reversed"]["count"], 1);
+    assert_eq!(next["reversed"]["total_fen"], 10000);
+    assert_eq!(next["by_type"][0]["reversed"]["fund_pay_fen"], fund);
+    assert_eq!(next["by_type"][0]["net"]["total_fen"], -10000);
+    assert_eq!(next["details"][0]["event"], "reversed");
+    assert!(next["closed_at"].is_null());
+
+    // Closing again answers the first closing; a bad date is refused.
+    let (code, answer) = close(&date).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&answer).expect("json")["closed_at"], closed["closed_at"]);
+    let (code, answer) = close("2026-02-30").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{answer}");
 }

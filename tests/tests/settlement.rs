@@ -123,6 +123,13 @@ async fn a_family_member_s_bills_are_paid_from_the_holder_s_account_and_a_revers
     let mut holder = parent.clone();
     holder.delegate = None;
     assert_eq!(split(&settle(&holder).await), (Some(52_000), Some(0), Some(118_000)));
+    // Reconciliation shows the mutual aid apart: three bills of 1,000 yuan, one reversed.
+    let today = cardgate::ledger::business_day(cardgate_tests::harness::now());
+    let day = cardgate_tests::harness::get(&gw.pharmacy, &format!("/v1/reconciliation?date={today}")).await.json();
+    let aid = |totals: &str| day[totals]["mutual_aid_pay_fen"].as_i64();
+    assert_eq!((aid("settled"), aid("reversed"), aid("net")), (Some(300_000), Some(100_000), Some(200_000)), "{day}");
+    assert_eq!(day["settled"]["account_pay_fen"], 300_000);
+    assert_eq!(day["by_type"][0]["net"]["mutual_aid_pay_fen"], 200_000);
 }
 
 #[tokio::test]

@@ -203,6 +203,31 @@ async fn reconciliation_totals_equal_the_sum_of_the_details() {
         let net = day["settled"][field].as_i64().expect("n") - day["reversed"][field].as_i64().expect("n");
         assert_eq!(day["net"][field].as_i64(), Some(net));
     }
+    // One insurance type (the card's employee scheme) and clearing type (a pharmacy's sale).
+    let by_type = day["by_type"].as_array().expect("by_type");
+    assert_eq!(by_type.len(), 1, "{day}");
+    assert_eq!(
+        (by_type[0]["insurance_type"].as_str(), by_type[0]["clearing_type"].as_str()),
+        (Some("310"), Some("41"))
+    );
+    for totals in ["settled", "reversed", "net"] {
+        assert_eq!(by_type[0][totals], day[totals], "{totals}");
+    }
+    assert!(day["closed_at"].is_null());
+    // Today cannot be closed yet; a past day can, once, and says when.
+    let close =
+        async |date: &str| post(&gw.pharmacy, "/v1/reconciliation/closures", None, &json!({ "date": date })).await;
+    let today_refused = close(&today()).await;
+    assert_eq!(
+        (today_refused.status, today_refused.json()["code"].as_str()),
+        (StatusCode::CONFLICT, Some("day_not_over"))
+    );
+    let closed = close("2020-01-01").await;
+    assert_eq!(closed.status, StatusCode::OK, "{}", closed.body);
+    assert!(closed.json()["closed_at"].is_string());
+    assert_eq!(closed.json()["settled"]["count"], 0);
+    assert_eq!(reconciliation(&gw, "2020-01-01", "").await["closed_at"], closed.json()["closed_at"]);
+    assert_eq!(close("2020-01-01").await.json()["closed_at"], closed.json()["closed_at"]);
     let basic: i64 = receipts.iter().map(|r| r["payers"][0]["fund_pay_fen"].as_i64().expect("fund")).sum();
     assert_eq!(day["payers"][0]["payer"], "basic-medical");
     assert_eq!(day["payers"][0]["fund_pay_fen"].as_i64(), Some(basic));
@@ -217,6 +242,8 @@ async fn reconciliation_totals_equal_the_sum_of_the_details() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 5, "header, three settlements and a reversal:\n{csv}");
     assert!(lines[0].starts_with("institution_id,event,settlement_id,state"));
+    assert!(lines[0].ends_with(",insurance_type,clearing_type"), "{}", lines[0]);
+    assert!(lines[1..].iter().all(|l| l.ends_with(",310,41")), "{csv}");
     assert_eq!(
         lines.iter().filter(|l| l.contains(",reversed,")).count(),
         2,

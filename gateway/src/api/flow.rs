@@ -744,6 +744,9 @@ pub async fn settle(
         sealed_request: gateway
             .card_key
             .seal(&serde_json::to_vec(&prepared).map_err(|e| LedgerError::Storage(e.to_string()))?),
+        insurance_type: prepared.insurance_type.clone(),
+        clearing_type: crate::ledger::clearing_type(institution.1.level).to_owned(),
+        delegated: prepared.subject.delegate.is_some(),
     };
     // The intent is recorded by `complete`: before the payers are asked, or with the outcome
     // in one commit when they are all effect-free. Either way a taken key means a retry (or a
@@ -1140,35 +1143,6 @@ fn negate(d: YearToDate) -> YearToDate {
     }
 }
 
-/// `GET /v1/reconciliation?date=YYYY-MM-DD[&page=N][&page_size=M]`: the calling institution's
-/// business day (UTC+8): settled totals, reversals, net, per payer, and one page of details.
-pub async fn reconciliation(
-    gateway: &Gateway,
-    identity: &Identity,
-    query: Option<&str>,
-) -> Result<ApiResponse, ApiError> {
-    let mut date = None;
-    let (mut page, mut page_size) = (1u32, 100u32);
-    for pair in query_pairs(query) {
-        let (key, value) = pair?;
-        let number = |v: &str| v.parse::<u32>().map_err(|_| ApiError::invalid(format!("{key}: not a number")));
-        match key {
-            "date" => date = Some(business_date(value)?),
-            "page" => page = number(&value)?,
-            "page_size" => page_size = number(&value)?,
-            other => return Err(ApiError::invalid(format!("unknown query parameter `{other}`"))),
-        }
-    }
-    let date = date.ok_or_else(|| ApiError::invalid("date: required, YYYY-MM-DD"))?;
-    if page == 0 || !(1..=1000).contains(&page_size) {
-        return Err(ApiError::invalid("page: from 1; page_size: 1 to 1000"));
-    }
-    let day = gateway.ledger.reconciliation(&identity.institution, &date, page, page_size).await?;
-    let mut answer = serde_json::to_value(&day).map_err(|e| LedgerError::Storage(e.to_string()))?;
-    answer["institution_id"] = json!(identity.institution);
-    Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
-}
-
 /// `GET /v1/settlements?date=YYYY-MM-DD | from=..&to=..[&terminal_id=..][&state=..][&limit=N][&cursor=..]`:
 /// the calling institution's settlements of a business day (UTC+8) or a time range (RFC 3339,
 /// `to` excluded, at most 31 days), in the order they were recorded, a page at a time. The
@@ -1230,7 +1204,7 @@ pub async fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -
 }
 
 /// A query string's `key=value` pairs, values percent-decoded.
-fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&str, String), ApiError>> {
+pub(super) fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&str, String), ApiError>> {
     query.unwrap_or_default().split('&').filter(|p| !p.is_empty()).map(|pair| {
         let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(raw).ok_or_else(|| ApiError::invalid(format!("{key}: bad percent-encoding")))?;
@@ -1239,7 +1213,7 @@ fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&str, String
 }
 
 /// A `date` parameter: a business day, `YYYY-MM-DD`.
-fn business_date(value: String) -> Result<String, ApiError> {
+pub(super) fn business_date(value: String) -> Result<String, ApiError> {
     if crate::ledger::is_business_day(&value) { Ok(value) } else { Err(ApiError::invalid("date: YYYY-MM-DD")) }
 }
 

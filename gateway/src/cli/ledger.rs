@@ -156,7 +156,7 @@ async fn day_csv(
     date: &str,
 ) -> Result<(String, u64), Failure> {
     let mut csv = String::from(
-        "institution_id,event,settlement_id,state,terminal_id,card,created_at,total_fen,fund_pay_fen,account_pay_fen,cash_pay_fen\n",
+        "institution_id,event,settlement_id,state,terminal_id,card,created_at,total_fen,fund_pay_fen,account_pay_fen,cash_pay_fen,insurance_type,clearing_type\n",
     );
     let mut lines = 0u64;
     for id in institutions {
@@ -164,7 +164,7 @@ async fn day_csv(
             let day = ledger.reconciliation(id, date, page, 1000).await.map_err(Failure::new)?;
             for d in &day.details {
                 csv += &format!(
-                    "{},{},{},{},{},{},{},{},{},{},{}\n",
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                     field(id),
                     d.event,
                     field(&d.settlement_id),
@@ -175,7 +175,9 @@ async fn day_csv(
                     d.total_fen,
                     d.fund_pay_fen,
                     d.account_pay_fen,
-                    d.cash_pay_fen
+                    d.cash_pay_fen,
+                    field(&d.insurance_type),
+                    field(&d.clearing_type)
                 );
             }
             lines += day.details.len() as u64;

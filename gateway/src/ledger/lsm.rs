@@ -644,6 +644,10 @@ struct Row {
     cash_fen: i64,
     updated_at: i64,
     reversed_day: Option<String>,
+    /// Absent (empty) in rows written before they were kept.
+    insurance_type: String,
+    clearing_type: String,
+    delegated: bool,
 }
 
 /// Length-prefixed fields, in [`Row`]'s order, after a version byte.
@@ -734,6 +738,9 @@ impl Row {
             e.int(v);
         }
         e.opt(self.reversed_day.as_deref().map(str::as_bytes));
+        e.bytes(self.insurance_type.as_bytes());
+        e.bytes(self.clearing_type.as_bytes());
+        e.0.push(u8::from(self.delegated));
         e.0
     }
 
@@ -742,7 +749,7 @@ impl Row {
         if d.take(1)? != [ROW_VERSION] {
             return None;
         }
-        let row = Self {
+        let mut row = Self {
             id: d.text()?,
             institution: d.text()?,
             terminal: d.text()?,
@@ -770,7 +777,14 @@ impl Row {
             cash_fen: d.int()?,
             updated_at: d.int()?,
             reversed_day: d.opt_text()?,
+            ..Self::default()
         };
+        // Rows written before the types were kept end here.
+        if !d.0.is_empty() {
+            row.insurance_type = d.text()?;
+            row.clearing_type = d.text()?;
+            row.delegated = d.take(1)? == [1];
+        }
         d.0.is_empty().then_some(row)
     }
 
@@ -816,6 +830,9 @@ impl Row {
             day: super::business_day(i.created_at),
             created_at: i.created_at,
             sealed_request: i.sealed_request.clone(),
+            insurance_type: i.insurance_type.clone(),
+            clearing_type: i.clearing_type.clone(),
+            delegated: i.delegated,
             ..Self::default()
         }
     }
@@ -1214,6 +1231,9 @@ impl Importer {
                 let n = self.shard_index(self.ledger.quote_shard(&q.id));
                 (n, vec![(Space::Quotes, q.id.into_bytes(), quote_bytes(&q.institution, q.expires_at, &q.sealed))])
             }
+            super::DumpItem::Closed(institution, date, closed) => {
+                (0, vec![(Space::Meta, closed_key(&institution, &date), closed_bytes(&closed))])
+            }
         };
         for (space, key, value) in entries {
             self.batches[n].insert(self.stores[n].space(space), key, value);
@@ -1283,6 +1303,25 @@ fn settlement_entries(d: &super::Dumped) -> Vec<(Space, Vec<u8>, Vec<u8>)> {
         entries.push((Space::ReversalDays, [day_prefix(&d.intent.institution, day), seq.to_vec()].concat(), id));
     }
     entries
+}
+
+/// Where a closed day is kept: in the first shard's `meta`.
+fn closed_key(institution: &str, date: &str) -> Vec<u8> {
+    [b"closed\0", institution.as_bytes(), b"\0", date.as_bytes()].concat()
+}
+
+fn closed_bytes(closed: &super::ClosedDay) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(16 + closed.totals.len()));
+    e.int(closed.closed_at);
+    e.bytes(closed.totals.as_bytes());
+    e.0
+}
+
+fn read_closed(store: &Store, key: &[u8]) -> Result<Option<super::ClosedDay>, LedgerError> {
+    let Some(value) = store.get(Space::Meta, key)? else { return Ok(None) };
+    let mut d = Dec(&value);
+    let closed = (|| Some(super::ClosedDay { closed_at: d.int()?, totals: d.text()? }))();
+    closed.map(Some).ok_or_else(|| LedgerError::Storage("a closed day's entry does not decode".into()))
 }
 
 /// A stored quote's value.
@@ -1413,6 +1452,28 @@ impl Ledger for LsmLedger {
         })
     }
 
+    fn close_day<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
+        closed: super::ClosedDay,
+    ) -> LedgerFuture<'a, super::ClosedDay> {
+        let key = closed_key(institution, date);
+        let shard = &self.shards[0];
+        let (value, at) = (closed_bytes(&closed), key.clone());
+        let write = shard.write(&[(b'c', &key)], move |store| {
+            let ops = match read_closed(store, &at)? {
+                Some(_) => Vec::new(),
+                None => vec![Op::Put(Space::Meta, bytes(at.clone()), bytes(value.clone()))],
+            };
+            Ok(Plan { ops, new_settlement: false })
+        });
+        Box::pin(async move {
+            write.await?;
+            shard.read(|store| read_closed(store, &key))?.ok_or(LedgerError::NotFound)
+        })
+    }
+
     fn save_quote(&self, q: StoredQuote) -> LedgerFuture<'_, ()> {
         let shard = self.quote_shard(&q.id);
         let (id, value) = (q.id.into_bytes(), quote_bytes(&q.institution, q.expires_at, &q.sealed));
@@ -1533,6 +1594,10 @@ impl super::ReadsNow for LsmLedger {
         Ok(reconcile(settled, reversed, date, page, page_size))
     }
 
+    fn closed_day(&self, institution: &str, date: &str) -> Result<Option<super::ClosedDay>, LedgerError> {
+        self.shards[0].read(|store| read_closed(store, &closed_key(institution, date)))
+    }
+
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {
         let row = self.find(|s| Ok(s.row_by_id(id)?.map(|(_, row)| row).filter(|r| r.state.is_some())))?;
         let Some(row) = row else { return Ok(None) };
@@ -1620,16 +1685,14 @@ fn day_rows(s: &Store, space: Space, institution: &str, date: &str) -> Result<Ve
     s.rows_of(s.space(space).prefix(day_prefix(institution, date)))
 }
 
-fn totals<'a>(rows: impl Iterator<Item = &'a Row>) -> super::Totals {
-    let mut t = super::Totals::default();
+/// Totals per insurance type and clearing type.
+fn type_sums<'a>(rows: impl Iterator<Item = &'a Row>) -> super::TypeSums {
+    let mut sums = super::TypeSums::new();
     for r in rows {
-        t.count += 1;
-        t.total_fen += r.total_fen;
-        t.fund_pay_fen += r.fund_fen;
-        t.account_pay_fen += r.account_fen;
-        t.cash_pay_fen += r.cash_fen;
+        let totals = sums.entry((r.insurance_type.clone(), r.clearing_type.clone())).or_default();
+        super::add_to(totals, (r.total_fen, r.fund_fen, r.account_fen, r.cash_fen), r.delegated);
     }
-    t
+    sums
 }
 
 /// Per payer: count, fund and account.
@@ -1664,8 +1727,10 @@ fn reconcile(
         .into_iter()
         .filter(|(_, r)| r.state() == State::Reversed && r.reversed_day.as_deref() == Some(date))
         .collect();
-    let settled = totals(settled_rows.iter().map(|(_, r)| r));
-    let reversed = totals(reversed_rows.iter().map(|(_, r)| r));
+    let (settled, reversed, by_type) = super::by_type(
+        &type_sums(settled_rows.iter().map(|(_, r)| r)),
+        &type_sums(reversed_rows.iter().map(|(_, r)| r)),
+    );
     let gross = payer_sums(settled_rows.iter().map(|(_, r)| r));
     let back = payer_sums(reversed_rows.iter().map(|(_, r)| r));
     let (net, payers) = super::net_and_payers(&settled, &reversed, &gross, back);
@@ -1681,6 +1746,8 @@ fn reconcile(
         fund_pay_fen: r.fund_fen,
         account_pay_fen: r.account_fen,
         cash_pay_fen: r.cash_fen,
+        insurance_type: r.insurance_type.clone(),
+        clearing_type: r.clearing_type.clone(),
     };
     // (time, place, 0 for a settlement before 1 for a reversal at the same moment)
     let mut events: Vec<(i64, Place, u8, &Row)> =
@@ -1704,5 +1771,7 @@ fn reconcile(
         details,
         page,
         page_size,
+        by_type,
+        closed_at: None,
     }
 }

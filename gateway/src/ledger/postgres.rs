@@ -341,15 +341,15 @@ fn unresolved_row(row: &tokio_postgres::Row) -> Result<Unresolved, LedgerError> 
     })
 }
 
-/// The columns of a settlement's intent, `$1` to `$13` in the statements that insert one, with
+/// The columns of a settlement's intent, `$1` to `$16` in the statements that insert one, with
 /// their values from [`intent_values`].
 macro_rules! insert_intent {
     ($more_columns:literal, $more_values:literal) => {
         concat!(
             "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id, ",
-            "card_hash, card_masked, total_fen, day, created_at, sealed_request, ",
+            "card_hash, card_masked, total_fen, day, created_at, sealed_request, insurance_type, clearing_type, delegated, ",
             $more_columns,
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, ",
             $more_values,
             ")"
         )
@@ -359,7 +359,7 @@ macro_rules! insert_intent {
 /// A statement parameter.
 type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
 
-/// The intent's values, `$1` to `$13` of [`insert_intent`] (`day`: its business day).
+/// The intent's values, `$1` to `$16` of [`insert_intent`] (`day`: its business day).
 fn intent_values<'a>(i: &'a Intent, day: &'a String) -> Vec<Param<'a>> {
     vec![
         &i.id,
@@ -375,6 +375,9 @@ fn intent_values<'a>(i: &'a Intent, day: &'a String) -> Vec<Param<'a>> {
         day,
         &i.created_at,
         &i.sealed_request,
+        &i.insurance_type,
+        &i.clearing_type,
+        &i.delegated,
     ]
 }
 
@@ -385,7 +388,7 @@ const INSERT_QUOTE: &str = "INSERT INTO used_quotes (quote_id, settlement) VALUE
 /// Inserts a pending intent, held by `owner` for `lease_secs`, with its token (or quote).
 async fn begin_intent(tx: &impl GenericClient, i: &Intent, owner: &str, lease_secs: i64) -> Result<(), LedgerError> {
     let statement = tx
-        .prepare_cached(insert_intent!("lease_owner, lease_until", "$14, now() + make_interval(secs => $15::bigint)"))
+        .prepare_cached(insert_intent!("lease_owner, lease_until", "$17, now() + make_interval(secs => $18::bigint)"))
         .await
         .map_err(db)?;
     let day = super::business_day(i.created_at);
@@ -415,7 +418,7 @@ async fn record_pipelined(
     let insert = tx
         .prepare_cached(insert_intent!(
             "state, status, body, deltas, payers, fund_fen, account_fen, cash_fen, updated_at",
-            "$14, $15, $16, $17, $18::text::jsonb, $19, $20, $21, $22"
+            "$17, $18, $19, $20, $21::text::jsonb, $22, $23, $24, $25"
         ))
         .await
         .map_err(db)?;
@@ -594,25 +597,32 @@ const DAY_SETTLED: &str = "WHERE institution = $1 AND day = $2 AND state IN ('se
 /// The reversals an institution made on a day, whatever day their settlements were.
 const DAY_REVERSED: &str = "WHERE institution = $1 AND reversed_day = $2";
 
-async fn totals(
+/// Totals per insurance type and clearing type.
+async fn type_sums(
     c: &impl GenericClient,
     institution: &str,
     date: &str,
     filter: &str,
-) -> Result<super::Totals, LedgerError> {
+) -> Result<super::TypeSums, LedgerError> {
     let sql = format!(
-        "SELECT count(*), coalesce(sum(total_fen), 0)::bigint, coalesce(sum(fund_fen), 0)::bigint,
-             coalesce(sum(account_fen), 0)::bigint, coalesce(sum(cash_fen), 0)::bigint FROM settlements {filter}"
+        "SELECT insurance_type, clearing_type, count(*), sum(total_fen)::bigint, sum(fund_fen)::bigint,
+             sum(account_fen)::bigint, sum(cash_fen)::bigint,
+             sum(CASE WHEN delegated THEN account_fen ELSE 0 END)::bigint FROM settlements {filter} GROUP BY 1, 2"
     );
     let statement = c.prepare_cached(&sql).await.map_err(db)?;
-    let r = c.query_one(&statement, &[&institution, &date]).await.map_err(db)?;
-    Ok(super::Totals {
-        count: u64::try_from(r.try_get::<_, i64>(0).map_err(db)?).unwrap_or(0),
-        total_fen: r.try_get(1).map_err(db)?,
-        fund_pay_fen: r.try_get(2).map_err(db)?,
-        account_pay_fen: r.try_get(3).map_err(db)?,
-        cash_pay_fen: r.try_get(4).map_err(db)?,
-    })
+    let mut sums = super::TypeSums::new();
+    for r in c.query(&statement, &[&institution, &date]).await.map_err(db)? {
+        let totals = super::Totals {
+            count: u64::try_from(r.try_get::<_, i64>(2).map_err(db)?).unwrap_or(0),
+            total_fen: r.try_get(3).map_err(db)?,
+            fund_pay_fen: r.try_get(4).map_err(db)?,
+            account_pay_fen: r.try_get(5).map_err(db)?,
+            cash_pay_fen: r.try_get(6).map_err(db)?,
+            mutual_aid_pay_fen: r.try_get(7).map_err(db)?,
+        };
+        sums.insert((r.try_get(0).map_err(db)?, r.try_get(1).map_err(db)?), totals);
+    }
+    Ok(sums)
 }
 
 async fn payer_sums(
@@ -642,18 +652,20 @@ async fn reconcile(
     page: u32,
     page_size: u32,
 ) -> Result<Reconciliation, LedgerError> {
-    let settled = totals(c, institution, date, DAY_SETTLED).await?;
-    let reversed = totals(c, institution, date, DAY_REVERSED).await?;
+    let (settled, reversed, by_type) = super::by_type(
+        &type_sums(c, institution, date, DAY_SETTLED).await?,
+        &type_sums(c, institution, date, DAY_REVERSED).await?,
+    );
     let gross = payer_sums(c, institution, date, DAY_SETTLED).await?;
     let back = payer_sums(c, institution, date, DAY_REVERSED).await?;
     let (net, payers) = super::net_and_payers(&settled, &reversed, &gross, back);
     let sql = format!(
         "SELECT * FROM (
              SELECT 'settled' AS event, seq, created_at AS at, id, state, terminal, card_masked, total_fen,
-                 fund_fen, account_fen, cash_fen FROM settlements {DAY_SETTLED}
+                 fund_fen, account_fen, cash_fen, insurance_type, clearing_type FROM settlements {DAY_SETTLED}
              UNION ALL
              SELECT 'reversed', seq, updated_at, id, state, terminal, card_masked, total_fen, fund_fen,
-                 account_fen, cash_fen FROM settlements {DAY_REVERSED}) events
+                 account_fen, cash_fen, insurance_type, clearing_type FROM settlements {DAY_REVERSED}) events
          ORDER BY at, seq, event DESC LIMIT $3 OFFSET $4"
     );
     let statement = c.prepare_cached(&sql).await.map_err(db)?;
@@ -671,6 +683,8 @@ async fn reconcile(
             fund_pay_fen: r.try_get(8).map_err(db)?,
             account_pay_fen: r.try_get(9).map_err(db)?,
             cash_pay_fen: r.try_get(10).map_err(db)?,
+            insurance_type: r.try_get(11).map_err(db)?,
+            clearing_type: r.try_get(12).map_err(db)?,
         });
     }
     Ok(Reconciliation {
@@ -683,6 +697,8 @@ async fn reconcile(
         details,
         page,
         page_size,
+        by_type,
+        closed_at: None,
     })
 }
 
@@ -780,6 +796,48 @@ impl Ledger for PgLedger {
                 return Err(LedgerError::NotFound);
             }
             add_accumulators(tx, &card_hash, &deltas, &[]).await
+        }))
+    }
+
+    fn close_day<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
+        closed: super::ClosedDay,
+    ) -> LedgerFuture<'a, super::ClosedDay> {
+        Box::pin(self.with(async move |c| {
+            // One statement: the closing inserted, or the first one kept and answered.
+            let statement = c
+                .prepare_cached(
+                    "WITH first AS (INSERT INTO closed_days (institution, day, closed_at, totals)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (institution, day) DO NOTHING
+                         RETURNING closed_at, totals)
+                     SELECT closed_at, totals FROM first
+                     UNION ALL SELECT closed_at, totals FROM closed_days WHERE institution = $1 AND day = $2",
+                )
+                .await
+                .map_err(db)?;
+            let r = c
+                .query(&statement, &[&institution, &date, &closed.closed_at, &closed.totals])
+                .await
+                .map_err(db)?
+                .into_iter()
+                .next()
+                .ok_or(LedgerError::NotFound)?;
+            Ok(super::ClosedDay { closed_at: r.try_get(0).map_err(db)?, totals: r.try_get(1).map_err(db)? })
+        }))
+    }
+
+    fn closed_day<'a>(&'a self, institution: &'a str, date: &'a str) -> LedgerFuture<'a, Option<super::ClosedDay>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached("SELECT closed_at, totals FROM closed_days WHERE institution = $1 AND day = $2")
+                .await
+                .map_err(db)?;
+            let Some(r) = c.query_opt(&statement, &[&institution, &date]).await.map_err(db)? else {
+                return Ok(None);
+            };
+            Ok(Some(super::ClosedDay { closed_at: r.try_get(0).map_err(db)?, totals: r.try_get(1).map_err(db)? }))
         }))
     }
 
@@ -1053,6 +1111,7 @@ struct Statements {
     quote_used: tokio_postgres::Statement,
     year: tokio_postgres::Statement,
     quote: tokio_postgres::Statement,
+    closed: tokio_postgres::Statement,
 }
 
 impl Statements {
@@ -1062,7 +1121,7 @@ impl Statements {
                 .prepare(insert_intent!(
                     "seq, state, status, body, reversal, deltas, payers, fund_fen, account_fen, cash_fen, updated_at, \
                      reversed_day",
-                    "$14, $15, $16, $17, $18, $19, $20::text::jsonb, $21, $22, $23, $24, $25"
+                    "$17, $18, $19, $20, $21, $22, $23::text::jsonb, $24, $25, $26, $27, $28"
                 ))
                 .await
                 .map_err(db)?,
@@ -1077,6 +1136,10 @@ impl Statements {
                 .map_err(db)?,
             quote: tx
                 .prepare("INSERT INTO quotes (id, institution, expires_at, sealed) VALUES ($1, $2, $3, $4)")
+                .await
+                .map_err(db)?,
+            closed: tx
+                .prepare("INSERT INTO closed_days (institution, day, closed_at, totals) VALUES ($1, $2, $3, $4)")
                 .await
                 .map_err(db)?,
         })
@@ -1146,6 +1209,11 @@ async fn copy(
         DumpItem::Quote(q) => {
             tx.execute(&statements.quote, &[&q.id, &q.institution, &q.expires_at, &q.sealed]).await.map_err(db)?;
             counts.2 += 1;
+        }
+        DumpItem::Closed(institution, date, closed) => {
+            tx.execute(&statements.closed, &[&institution, &date, &closed.closed_at, &closed.totals])
+                .await
+                .map_err(db)?;
         }
     }
     Ok(())

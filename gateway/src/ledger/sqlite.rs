@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS settlements (
     day             TEXT NOT NULL,
     created_at      INTEGER NOT NULL,
     sealed_request  BLOB NOT NULL,
+    insurance_type  TEXT NOT NULL DEFAULT '',
+    clearing_type   TEXT NOT NULL DEFAULT '',
+    delegated       INTEGER NOT NULL DEFAULT 0,
     UNIQUE (institution, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS settlements_by_day ON settlements (institution, day);
@@ -77,6 +80,13 @@ CREATE TABLE IF NOT EXISTS quotes (
     expires_at  INTEGER NOT NULL,
     sealed      BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS closed_days (
+    institution TEXT NOT NULL,
+    day         TEXT NOT NULL,
+    closed_at   INTEGER NOT NULL,
+    totals      TEXT NOT NULL,
+    PRIMARY KEY (institution, day)
+) WITHOUT ROWID;
 ";
 
 /// Moves a version 2 ledger (one wide settlement row updated in place, payers in a table of
@@ -114,12 +124,28 @@ ALTER TABLE outcomes ADD COLUMN reversed_day TEXT;
 CREATE INDEX IF NOT EXISTS outcomes_by_reversed_day ON outcomes (reversed_day) WHERE reversed_day IS NOT NULL;
 ";
 
+/// Moves a version 4 ledger to version 5: each settlement's insurance type and clearing type
+/// (empty for those recorded before) and whether it was a family member's bill, and the
+/// closed days.
+const MIGRATE_4_TO_5: &str = "
+ALTER TABLE settlements ADD COLUMN insurance_type TEXT NOT NULL DEFAULT '';
+ALTER TABLE settlements ADD COLUMN clearing_type TEXT NOT NULL DEFAULT '';
+ALTER TABLE settlements ADD COLUMN delegated INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS closed_days (
+    institution TEXT NOT NULL,
+    day         TEXT NOT NULL,
+    closed_at   INTEGER NOT NULL,
+    totals      TEXT NOT NULL,
+    PRIMARY KEY (institution, day)
+) WITHOUT ROWID;
+";
+
 /// Fills `reversed_day` for reversals recorded before version 4 (from their time).
 const FILL_REVERSED_DAY: &str =
     "UPDATE outcomes SET reversed_day = date(updated_at + 28800, 'unixepoch') WHERE state = 'reversed';";
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Most writes committed together.
 const MAX_BATCH: usize = 512;
@@ -289,9 +315,12 @@ impl SqliteLedger {
                 writer.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(storage)?;
             }
             (true, SCHEMA_VERSION) => {}
-            (true, 2 | 3) => {
-                let migration =
-                    if version == 2 { MIGRATE_2_TO_3.replace("{SCHEMA}", SCHEMA) } else { MIGRATE_3_TO_4.to_owned() };
+            (true, 2..=4) => {
+                let migration = match version {
+                    2 => MIGRATE_2_TO_3.replace("{SCHEMA}", SCHEMA),
+                    3 => format!("{MIGRATE_3_TO_4} {MIGRATE_4_TO_5}"),
+                    _ => MIGRATE_4_TO_5.to_owned(),
+                };
                 writer
                     .execute_batch(&format!(
                         "BEGIN IMMEDIATE; {migration} {FILL_REVERSED_DAY} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
@@ -497,7 +526,8 @@ fn dump_into(
              s.card_hash, s.card_masked, s.total_fen, s.created_at, s.sealed_request, o.state, o.status, o.body,
              o.reversal, o.deltas, o.payers, o.fund_fen, o.account_fen, o.cash_fen, o.updated_at, o.reversed_day,
              EXISTS (SELECT 1 FROM used_tokens u WHERE u.seq = s.seq),
-             EXISTS (SELECT 1 FROM used_quotes q WHERE q.seq = s.seq)
+             EXISTS (SELECT 1 FROM used_quotes q WHERE q.seq = s.seq), s.insurance_type, s.clearing_type,
+             s.delegated
          FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq ORDER BY s.seq",
     )?;
     let mut rows = statement.query([])?;
@@ -518,6 +548,9 @@ fn dump_into(
                 total_fen: r.get(10)?,
                 created_at: r.get(11)?,
                 sealed_request: r.get(12)?,
+                insurance_type: r.get(26)?,
+                clearing_type: r.get(27)?,
+                delegated: r.get(28)?,
             },
             state: state.as_deref().map_or(State::Pending, |s| State::parse(s).unwrap_or(State::Unknown)),
             status: r.get::<_, Option<u16>>(14)?.unwrap_or(0),
@@ -574,6 +607,12 @@ fn dump_into(
             sealed: r.get(3)?,
             settled_by: None,
         }))?;
+    }
+    let mut statement = c.prepare("SELECT institution, day, closed_at, totals FROM closed_days")?;
+    let mut rows = statement.query([])?;
+    while let Some(r) = rows.next()? {
+        let closed = super::ClosedDay { closed_at: r.get(2)?, totals: r.get(3)? };
+        visit(super::DumpItem::Closed(r.get(0)?, r.get(1)?, closed))?;
     }
     Ok(())
 }
@@ -678,20 +717,30 @@ const DAY_SETTLED: Rows = (
 const DAY_REVERSED: Rows =
     ("FROM outcomes o JOIN settlements s ON s.seq = o.seq", "WHERE o.reversed_day = ?2 AND s.institution = ?1");
 
-fn totals(conn: &Connection, institution: &str, date: &str, (from, filter): Rows) -> rusqlite::Result<super::Totals> {
+/// Totals per insurance type and clearing type.
+fn type_sums(
+    conn: &Connection,
+    institution: &str,
+    date: &str,
+    (from, filter): Rows,
+) -> rusqlite::Result<super::TypeSums> {
     let sql = format!(
-        "SELECT count(*), coalesce(sum(s.total_fen), 0), coalesce(sum(o.fund_fen), 0),
-             coalesce(sum(o.account_fen), 0), coalesce(sum(o.cash_fen), 0) {from} {filter}"
+        "SELECT s.insurance_type, s.clearing_type, count(*), sum(s.total_fen), sum(o.fund_fen), sum(o.account_fen),
+             sum(o.cash_fen), sum(CASE WHEN s.delegated THEN o.account_fen ELSE 0 END) {from} {filter} GROUP BY 1, 2"
     );
-    conn.prepare_cached(&sql)?.query_row(params![institution, date], |r| {
-        Ok(super::Totals {
-            count: r.get::<_, i64>(0)? as u64,
-            total_fen: r.get(1)?,
-            fund_pay_fen: r.get(2)?,
-            account_pay_fen: r.get(3)?,
-            cash_pay_fen: r.get(4)?,
-        })
-    })
+    let mut statement = conn.prepare_cached(&sql)?;
+    let rows = statement.query_map(params![institution, date], |r| {
+        let totals = super::Totals {
+            count: r.get::<_, i64>(2)? as u64,
+            total_fen: r.get(3)?,
+            fund_pay_fen: r.get(4)?,
+            account_pay_fen: r.get(5)?,
+            cash_pay_fen: r.get(6)?,
+            mutual_aid_pay_fen: r.get(7)?,
+        };
+        Ok(((r.get(0)?, r.get(1)?), totals))
+    })?;
+    rows.collect()
 }
 
 /// Per payer: count, fund and account over the settlements (or reversals) of `join`.
@@ -719,8 +768,10 @@ fn reconcile(
     page: u32,
     page_size: u32,
 ) -> rusqlite::Result<super::Reconciliation> {
-    let settled = totals(conn, institution, date, DAY_SETTLED)?;
-    let reversed = totals(conn, institution, date, DAY_REVERSED)?;
+    let (settled, reversed, by_type) = super::by_type(
+        &type_sums(conn, institution, date, DAY_SETTLED)?,
+        &type_sums(conn, institution, date, DAY_REVERSED)?,
+    );
     let gross = payer_sums(conn, institution, date, DAY_SETTLED)?;
     let back = payer_sums(conn, institution, date, DAY_REVERSED)?;
     let (net, payers) = super::net_and_payers(&settled, &reversed, &gross, back);
@@ -728,10 +779,10 @@ fn reconcile(
     let mut details = conn.prepare_cached(&format!(
         "SELECT * FROM (
              SELECT 'settled' AS event, s.seq AS seq, s.created_at AS at, s.id, o.state, s.terminal, s.card_masked,
-                 s.total_fen, o.fund_fen, o.account_fen, o.cash_fen {} {}
+                 s.total_fen, o.fund_fen, o.account_fen, o.cash_fen, s.insurance_type, s.clearing_type {} {}
              UNION ALL
              SELECT 'reversed', s.seq, o.updated_at, s.id, o.state, s.terminal, s.card_masked, s.total_fen,
-                 o.fund_fen, o.account_fen, o.cash_fen {} {})
+                 o.fund_fen, o.account_fen, o.cash_fen, s.insurance_type, s.clearing_type {} {})
          ORDER BY at, seq, event DESC LIMIT ?3 OFFSET ?4",
         DAY_SETTLED.0, DAY_SETTLED.1, DAY_REVERSED.0, DAY_REVERSED.1
     ))?;
@@ -750,6 +801,8 @@ fn reconcile(
                 fund_pay_fen: r.get(8)?,
                 account_pay_fen: r.get(9)?,
                 cash_pay_fen: r.get(10)?,
+                insurance_type: r.get(11)?,
+                clearing_type: r.get(12)?,
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -763,7 +816,15 @@ fn reconcile(
         details,
         page,
         page_size,
+        by_type,
+        closed_at: None,
     })
+}
+
+fn closed_day(conn: &Connection, institution: &str, date: &str) -> rusqlite::Result<Option<super::ClosedDay>> {
+    conn.prepare_cached("SELECT closed_at, totals FROM closed_days WHERE institution = ?1 AND day = ?2")?
+        .query_row(params![institution, date], |r| Ok(super::ClosedDay { closed_at: r.get(0)?, totals: r.get(1)? }))
+        .optional()
 }
 
 /// Maps a unique-constraint failure to what was taken.
@@ -789,8 +850,9 @@ fn taken(e: rusqlite::Error) -> LedgerError {
 fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
     conn.prepare_cached(
         "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
-             card_hash, card_masked, total_fen, day, created_at, sealed_request)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             card_hash, card_masked, total_fen, day, created_at, sealed_request, insurance_type, clearing_type,
+             delegated)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         i.id,
@@ -806,6 +868,9 @@ fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
         super::business_day(i.created_at),
         i.created_at,
         i.sealed_request,
+        i.insurance_type,
+        i.clearing_type,
+        i.delegated,
     ])
     .map_err(taken)?;
     let seq = conn.last_insert_rowid();
@@ -921,6 +986,24 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    fn close_day<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
+        closed: super::ClosedDay,
+    ) -> LedgerFuture<'a, super::ClosedDay> {
+        let (institution, date) = (institution.to_owned(), date.to_owned());
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO closed_days (institution, day, closed_at, totals) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (institution, day) DO NOTHING",
+            )?
+            .execute(params![institution, date, closed.closed_at, closed.totals])
+            .map_err(storage)?;
+            closed_day(c, &institution, &date)?.ok_or(LedgerError::NotFound)
+        })
+    }
+
     fn save_quote(&self, q: StoredQuote) -> LedgerFuture<'_, ()> {
         self.write(move |c| {
             c.prepare_cached("INSERT INTO quotes (id, institution, expires_at, sealed) VALUES (?1, ?2, ?3, ?4)")?
@@ -1032,6 +1115,10 @@ impl super::ReadsNow for SqliteLedger {
         page_size: u32,
     ) -> Result<super::Reconciliation, LedgerError> {
         self.read(|c| reconcile(c, institution, date, page, page_size))
+    }
+
+    fn closed_day(&self, institution: &str, date: &str) -> Result<Option<super::ClosedDay>, LedgerError> {
+        self.read(|c| closed_day(c, institution, date))
     }
 
     fn list(&self, q: &super::ListQuery) -> Result<Vec<super::Listed>, LedgerError> {

@@ -309,6 +309,9 @@ fn stage_settlement(task: u64, n: u64) -> (cardgate::ledger::Intent, cardgate::l
         total_fen: 170_000,
         created_at: 1_764_547_200,
         sealed_request: vec![7; 800],
+        insurance_type: "310".into(),
+        clearing_type: "41".into(),
+        delegated: false,
     };
     let outcome = Outcome {
         id,
