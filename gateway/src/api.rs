@@ -5,11 +5,15 @@
 //! - [`problem`]: error classes -> status and stable code.
 //! - [`flow`]: inquiries, quotes, settlements, reversals.
 //! - [`reconciliation`]: an institution's business day, and closing it.
+//! - [`encounters`]: a hospital's visits and stays settled in steps (it lives under `flow`,
+//!   whose settlement machinery its settlements run through).
 
 pub mod flow;
 pub mod model;
 pub mod problem;
 pub mod reconciliation;
+
+pub use flow::encounters;
 
 use http::{Method, StatusCode};
 
@@ -106,7 +110,11 @@ fn allowed(segments: &[&str]) -> Option<&'static str> {
         | ["v1", "settlements", _, "reversal"]
         | ["v1", "reconciliation", "closures"] => Some("POST"),
         ["v1", "settlements"] => Some("GET, HEAD, POST"),
-        ["v1", "settlements", _] | ["v1", "reconciliation"] => Some("GET, HEAD"),
+        ["v1", "settlements", _] | ["v1", "reconciliation"] | ["v1", "encounters", _] => Some("GET, HEAD"),
+        ["v1", "encounters"]
+        | ["v1", "encounters", _, "fees" | "quotes" | "settlements" | "discharge"]
+        | ["v1", "encounters", _, "settlements", _, "withdrawal"] => Some("POST"),
+        ["v1", "encounters", _, "fees", _] => Some("DELETE"),
         _ => None,
     }
 }
@@ -167,21 +175,30 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
         (&Method::POST, ["v1", "inquiries"]) => flow::inquire(gateway, identity, parse(r.body)?).await,
         (&Method::POST, ["v1", "quotes"]) => flow::quote(gateway, identity, parse(r.body)?).await,
         (&Method::POST, ["v1", "settlements"]) => {
-            let key = match r.idempotency_key {
-                IdempotencyKey::Missing => {
-                    return Err(ApiError::client(
-                        StatusCode::BAD_REQUEST,
-                        "idempotency_key_required",
-                        "send an Idempotency-Key header",
-                    ));
-                }
-                IdempotencyKey::NotText => {
-                    return Err(ApiError::invalid(model::ID_RULE.replace("{field}", "Idempotency-Key")));
-                }
-                IdempotencyKey::Given(key) => key,
-            };
-            model::check_id("Idempotency-Key", key)?;
-            flow::settle(gateway, identity, key, parse(r.body)?, r.request_id).await
+            flow::settle(gateway, identity, idempotency_key(r)?, parse(r.body)?, r.request_id).await
+        }
+        (&Method::POST, ["v1", "encounters"]) => {
+            encounters::register(gateway, identity, idempotency_key(r)?, parse(r.body)?).await
+        }
+        (&Method::GET | &Method::HEAD, ["v1", "encounters", id]) => encounters::get(gateway, identity, id).await,
+        (&Method::POST, ["v1", "encounters", id, "fees"]) => {
+            encounters::upload(gateway, identity, id, parse(r.body)?).await
+        }
+        (&Method::DELETE, ["v1", "encounters", id, "fees", serial]) => {
+            encounters::withdraw_fee(gateway, identity, id, serial).await
+        }
+        (&Method::POST, ["v1", "encounters", id, "discharge"]) => {
+            encounters::discharge(gateway, identity, id, parse(r.body)?).await
+        }
+        (&Method::POST, ["v1", "encounters", id, "quotes"]) => {
+            encounters::quote(gateway, identity, id, parse_or_default(r.body)?).await
+        }
+        (&Method::POST, ["v1", "encounters", id, "settlements"]) => {
+            let key = idempotency_key(r)?;
+            encounters::settle(gateway, identity, id, key, parse_or_default(r.body)?, r.request_id).await
+        }
+        (&Method::POST, ["v1", "encounters", id, "settlements", sid, "withdrawal"]) => {
+            encounters::withdraw_settlement(gateway, identity, id, sid, parse_or_default(r.body)?).await
         }
         (&Method::GET | &Method::HEAD, ["v1", "settlements"]) => flow::list(gateway, identity, r.query).await,
         (&Method::GET | &Method::HEAD, ["v1", "settlements", id]) => flow::get(gateway, identity, id).await,
@@ -192,11 +209,32 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
             reconciliation::close(gateway, identity, parse(r.body)?).await
         }
         (&Method::POST, ["v1", "settlements", id, "reversal"]) => {
-            let body = if r.body.iter().all(u8::is_ascii_whitespace) { Default::default() } else { parse(r.body)? };
-            flow::reverse(gateway, identity, id, body).await
+            flow::reverse(gateway, identity, id, parse_or_default(r.body)?).await
         }
         _ => Err(ApiError::MethodNotAllowed { method: method.to_string(), allow }),
     }
+}
+
+/// The request's `Idempotency-Key`, required and well-formed.
+fn idempotency_key<'r>(r: &ApiRequest<'r>) -> Result<&'r str, ApiError> {
+    let key = match r.idempotency_key {
+        IdempotencyKey::Missing => {
+            return Err(ApiError::client(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "send an Idempotency-Key header",
+            ));
+        }
+        IdempotencyKey::NotText => return Err(ApiError::invalid(model::ID_RULE.replace("{field}", "Idempotency-Key"))),
+        IdempotencyKey::Given(key) => key,
+    };
+    model::check_id("Idempotency-Key", key)?;
+    Ok(key)
+}
+
+/// A body that may be empty (then the defaults).
+fn parse_or_default<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) { Ok(T::default()) } else { parse(body) }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -215,6 +253,14 @@ pub fn endpoint(method: &Method, path: &str) -> &'static str {
         (&Method::POST, ["v1", "settlements", _, "reversal"]) => "reversal",
         (&Method::GET, ["v1", "reconciliation"]) => "reconciliation",
         (&Method::POST, ["v1", "reconciliation", "closures"]) => "reconciliation_closure",
+        (&Method::POST, ["v1", "encounters"]) => "encounters",
+        (&Method::GET, ["v1", "encounters", _]) => "encounter",
+        (&Method::POST, ["v1", "encounters", _, "fees"]) => "encounter_fees",
+        (&Method::DELETE, ["v1", "encounters", _, "fees", _]) => "encounter_fee_withdrawal",
+        (&Method::POST, ["v1", "encounters", _, "discharge"]) => "encounter_discharge",
+        (&Method::POST, ["v1", "encounters", _, "quotes"]) => "encounter_quote",
+        (&Method::POST, ["v1", "encounters", _, "settlements"]) => "encounter_settlement",
+        (&Method::POST, ["v1", "encounters", _, "settlements", _, "withdrawal"]) => "encounter_withdrawal",
         _ => "other",
     }
 }

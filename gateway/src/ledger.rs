@@ -598,6 +598,32 @@ pub struct StoredQuote {
     pub settled_by: Option<String>,
 }
 
+/// An encounter (a hospital's visit or stay, settled in steps) as a ledger holds it: its
+/// content sealed (it names the patient), and a version every change raises by one, so that
+/// two changes made on the same version cannot both be stored ([`Ledger::update_encounter`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEncounter {
+    /// Encounter id.
+    pub id: String,
+    /// Owning institution.
+    pub institution: String,
+    /// The registration's idempotency key.
+    pub idempotency_key: String,
+    /// SHA-256 of the registration request.
+    pub request_hash: Vec<u8>,
+    /// The credential's token id, spent by the registration: unique forever, like a
+    /// settlement's.
+    pub token_id: Option<Vec<u8>>,
+    /// Keyed hash of the card id (an engine sharded by card keeps it with the card).
+    pub card_hash: Vec<u8>,
+    /// When it was registered.
+    pub created_at: i64,
+    /// 1 when registered, one more with every change.
+    pub version: i64,
+    /// The content, sealed with the ledger key.
+    pub sealed: Vec<u8>,
+}
+
 /// A settlement as a ledger holds it, whole: for moving a ledger to another engine.
 #[derive(Debug, Clone)]
 pub struct Dumped {
@@ -643,6 +669,8 @@ pub enum DumpItem {
     Quote(StoredQuote),
     /// A closed day (institution, date).
     Closed(String, String, ClosedDay),
+    /// An encounter.
+    Encounter(StoredEncounter),
 }
 
 /// A settlement's card hash and the accumulator changes it made.
@@ -713,6 +741,17 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         page: u32,
         page_size: u32,
     ) -> LedgerFuture<'a, Reconciliation>;
+    /// Registers an encounter at version 1 (durably), spending its token: refused with
+    /// [`LedgerError::TokenUsed`] for a token already spent (by a settlement or an encounter),
+    /// [`LedgerError::IdempotencyTaken`] for a registration key already used.
+    fn open_encounter(&self, encounter: StoredEncounter) -> LedgerFuture<'_, ()>;
+    /// An encounter of an institution, by id.
+    fn encounter<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<StoredEncounter>>;
+    /// The encounter an institution registered with an idempotency key.
+    fn encounter_by_key<'a>(&'a self, institution: &'a str, key: &'a str) -> LedgerFuture<'a, Option<StoredEncounter>>;
+    /// Stores a changed encounter (`version` one more than the stored one): if the stored one
+    /// is still at `version - 1`; else nothing, and [`LedgerError::Stale`].
+    fn update_encounter(&self, encounter: StoredEncounter) -> LedgerFuture<'_, ()>;
     /// Whether an institution's day is closed: when, and its totals then.
     fn closed_day<'a>(&'a self, institution: &'a str, date: &'a str) -> LedgerFuture<'a, Option<ClosedDay>>;
     /// Closes an institution's day with its totals (durably); a day closed already keeps its
@@ -769,6 +808,8 @@ pub(crate) trait ReadsNow {
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
     fn list(&self, query: &ListQuery) -> Result<Vec<Listed>, LedgerError>;
     fn closed_day(&self, institution: &str, date: &str) -> Result<Option<ClosedDay>, LedgerError>;
+    fn encounter(&self, institution: &str, id: &str) -> Result<Option<StoredEncounter>, LedgerError>;
+    fn encounter_by_key(&self, institution: &str, key: &str) -> Result<Option<StoredEncounter>, LedgerError>;
 }
 
 /// A read answered already, as a ledger future.
@@ -833,6 +874,20 @@ macro_rules! reads_now {
             date: &'a str,
         ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::ClosedDay>> {
             $crate::ledger::ready($crate::ledger::ReadsNow::closed_day(self, institution, date))
+        }
+        fn encounter<'a>(
+            &'a self,
+            institution: &'a str,
+            id: &'a str,
+        ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::StoredEncounter>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::encounter(self, institution, id))
+        }
+        fn encounter_by_key<'a>(
+            &'a self,
+            institution: &'a str,
+            key: &'a str,
+        ) -> $crate::ledger::LedgerFuture<'a, Option<$crate::ledger::StoredEncounter>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::encounter_by_key(self, institution, key))
         }
         fn settled_deltas<'a>(
             &'a self,

@@ -23,7 +23,7 @@ fn plugin_inspect_prints_the_declaration() {
     assert_eq!(code, 0, "stderr: {stderr}");
     assert!(stdout.contains("plugin:      basic-medical 0.1.0"), "{stdout}");
     assert!(stdout.contains(&format!("sdk:         {}", cardgate_sdk::abi::SDK_VERSION)), "{stdout}");
-    assert!(stdout.contains("abi:         1.2 (gateway 1.2)"), "{stdout}");
+    assert!(stdout.contains("abi:         1.3 (gateway 1.3)"), "{stdout}");
     assert!(stdout.contains("unwinding:   yes"), "{stdout}");
 }
 
@@ -34,8 +34,8 @@ fn plugin_inspect_json_carries_every_field() {
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(v["name"], "basic-medical");
-    assert_eq!(v["abi"], "1.2");
-    assert_eq!(v["gateway_abi"], "1.2");
+    assert_eq!(v["abi"], "1.3");
+    assert_eq!(v["gateway_abi"], "1.3");
     assert_eq!(v["sha256"].as_str().map(str::len), Some(64));
 }
 
@@ -46,7 +46,7 @@ fn plugin_inspect_of_wrong_abi_fails_naming_both_versions() {
     assert_eq!(code, 1);
     assert!(stdout.is_empty());
     assert!(stderr.contains("ABI major version mismatch"), "{stderr}");
-    assert!(stderr.contains("plugin built for ABI 2.2, this gateway runs ABI 1.2"), "{stderr}");
+    assert!(stderr.contains("plugin built for ABI 2.3, this gateway runs ABI 1.3"), "{stderr}");
     assert!(stderr.contains(library.to_str().expect("UTF-8 path")), "the path is named: {stderr}");
 }
 

@@ -108,7 +108,55 @@ on_every_engine!(
     an_idempotency_key_is_unique_whatever_the_card,
     a_listing_pages_through_every_card_once_in_time_order,
     a_day_has_totals_per_insurance_and_clearing_type_and_closes_once,
+    an_encounter_spends_its_token_once_and_changes_only_over_the_version_it_read,
 );
+
+fn stored_encounter(id: &str, key: &str, token: &[u8]) -> cardgate::ledger::StoredEncounter {
+    cardgate::ledger::StoredEncounter {
+        id: id.into(),
+        institution: "H1".into(),
+        idempotency_key: key.into(),
+        request_hash: vec![4, 5, 6],
+        token_id: Some(token.to_vec()),
+        card_hash: vec![9; 32],
+        created_at: 1_700_000_000,
+        version: 1,
+        sealed: vec![1; 100],
+    }
+}
+
+async fn an_encounter_spends_its_token_once_and_changes_only_over_the_version_it_read(engine: Engine) {
+    let dir = engine.place();
+    {
+        let ledger = engine.open(&dir);
+        ledger.open_encounter(stored_encounter("E1", "reg-1", b"tok-e1")).await.expect("open");
+        // Its token settles nothing else, and a settlement's token opens no encounter.
+        assert_eq!(ledger.begin(intent("S1", "k1", b"tok-e1")).await, Err(LedgerError::TokenUsed));
+        ledger.begin(intent("S2", "k2", b"tok-s2")).await.expect("begin");
+        let reused = stored_encounter("E2", "reg-2", b"tok-s2");
+        assert_eq!(ledger.open_encounter(reused).await, Err(LedgerError::TokenUsed));
+        let again = stored_encounter("E3", "reg-1", b"tok-e3");
+        assert_eq!(ledger.open_encounter(again).await, Err(LedgerError::IdempotencyTaken));
+        // A registration key and a settlement key are apart: the same text may be both.
+        ledger.open_encounter(stored_encounter("E4", "k2", b"tok-e4")).await.expect("keys apart");
+        // Changed over version 1 once; a second change made from version 1 is refused.
+        let changed = cardgate::ledger::StoredEncounter {
+            version: 2,
+            sealed: vec![2; 100],
+            ..stored_encounter("E1", "reg-1", b"tok-e1")
+        };
+        ledger.update_encounter(changed.clone()).await.expect("update");
+        assert_eq!(ledger.update_encounter(changed).await, Err(LedgerError::Stale));
+    }
+    let ledger = engine.open(&dir);
+    let e1 = ledger.encounter("H1", "E1").await.expect("read").expect("kept");
+    assert_eq!((e1.version, e1.sealed[0], e1.token_id.as_deref()), (2, 2, Some(&b"tok-e1"[..])));
+    assert_eq!(ledger.encounter("H2", "E1").await.expect("read"), None, "another institution's");
+    assert_eq!(ledger.encounter_by_key("H1", "reg-1").await.expect("read").map(|e| e.id), Some("E1".into()));
+    assert_eq!(ledger.encounter_by_key("H1", "k2").await.expect("read").map(|e| e.id), Some("E4".into()));
+    assert_eq!(ledger.encounter_by_key("H1", "reg-9").await.expect("read"), None);
+    assert_eq!(ledger.by_idempotency_key("H1", "reg-1").await.expect("read"), None, "not a settlement's key");
+}
 
 fn intent(id: &str, key: &str, token: &[u8]) -> Intent {
     Intent {
@@ -388,13 +436,13 @@ async fn a_version_3_ledger_gets_the_day_of_each_reversal() {
     let version: i64 = rusqlite::Connection::open(&path)
         .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
         .expect("version");
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
 }
 
 /// What version 5 added, taken away: a ledger as version 4 left it.
 const AS_VERSION_4: &str = "ALTER TABLE settlements DROP COLUMN insurance_type; \
     ALTER TABLE settlements DROP COLUMN clearing_type; ALTER TABLE settlements DROP COLUMN delegated; \
-    DROP TABLE closed_days; PRAGMA user_version = 4;";
+    DROP TABLE closed_days; DROP TABLE encounters; PRAGMA user_version = 4;";
 
 #[tokio::test]
 async fn a_version_4_ledger_gets_types_and_closed_days() {

@@ -1,6 +1,6 @@
 /*
- * cardgate plugin ABI, version 1.2 (1.1 added `description` to the declaration; 1.2 the
- * CARDGATE_FLAG_EFFECT_FREE flag).
+ * cardgate plugin ABI, version 1.3 (1.1 added `description` to the declaration; 1.2 the
+ * CARDGATE_FLAG_EFFECT_FREE flag; 1.3 the optional `encounter` of a SettlementRequest).
  *
  * A cardgate plugin is a shared library exporting one function, CARDGATE_ENTRY_SYMBOL, that
  * returns a pointer to a static cardgate_declaration. The gateway checks the magic bytes, the
@@ -47,7 +47,7 @@ extern "C" {
 
 #define CARDGATE_MAGIC "CARDGATE" /* 8 bytes, no NUL in the declaration */
 #define CARDGATE_ABI_MAJOR 1
-#define CARDGATE_ABI_MINOR 2
+#define CARDGATE_ABI_MINOR 3
 #define CARDGATE_ENTRY_SYMBOL "cardgate_plugin_declaration"
 
 /* cardgate_declaration.flags */

@@ -27,7 +27,7 @@ pub const MAGIC: [u8; 8] = *b"CARDGATE";
 /// The ABI major version: a host loads only plugins with the same major version.
 pub const ABI_MAJOR: u16 = 1;
 /// The ABI minor version: a host loads plugins whose minor version is at most its own.
-pub const ABI_MINOR: u16 = 2;
+pub const ABI_MINOR: u16 = 3;
 /// The name of the exported entry function.
 pub const ENTRY_SYMBOL: &str = "cardgate_plugin_declaration";
 /// The version of this SDK, recorded in every declaration.

@@ -213,6 +213,7 @@ impl RequestBuilder {
                 prior: Vec::new(),
                 year_to_date: crate::YearToDate { year: 2026, ..crate::YearToDate::default() },
                 use_account: true,
+                encounter: None,
             },
             due: None,
         }
@@ -298,6 +299,12 @@ impl RequestBuilder {
     /// Whether the patient agrees to pay from the personal account.
     pub fn use_account(mut self, yes: bool) -> Self {
         self.request.use_account = yes;
+        self
+    }
+
+    /// The encounter the bill is settled in (a hospital's visit or stay).
+    pub fn encounter(mut self, encounter: crate::EncounterInfo) -> Self {
+        self.request.encounter = Some(encounter);
         self
     }
 

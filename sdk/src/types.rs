@@ -339,6 +339,72 @@ pub struct SettlementRequest {
     /// Whether the patient agrees to pay from the personal account.
     #[serde(default = "default_true")]
     pub use_account: bool,
+    /// The encounter a hospital settles in steps (ABI 1.3): the visit or admission, its
+    /// medical type and diagnoses, whether this settlement is interim or final, and what its
+    /// earlier settlements covered. Absent for a one-call settlement (a pharmacy's sale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encounter: Option<EncounterInfo>,
+}
+
+/// An outpatient visit or an inpatient stay (the national `mdtrt_id`), settled in steps.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncounterInfo {
+    /// The gateway's encounter id.
+    pub id: String,
+    /// Outpatient visit or inpatient stay.
+    pub kind: EncounterKind,
+    /// The national medical type (`med_type`), for example `11` general outpatient, `14`
+    /// outpatient chronic or special disease, `21` general inpatient.
+    pub med_type: String,
+    /// Diagnoses (ICD-10), the primary one first.
+    #[serde(default)]
+    pub diagnoses: Vec<Diagnosis>,
+    /// The department (`dept_code`), where given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub department: Option<String>,
+    /// Registration or admission (`begntime`), RFC 3339.
+    pub admitted_at: String,
+    /// Discharge (`endtime`), RFC 3339; absent while the patient is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discharged_at: Option<String>,
+    /// Whether this is an interim settlement of a long stay (`mid_setl_flag`); false for the
+    /// final one.
+    #[serde(default)]
+    pub interim: bool,
+    /// The lines this encounter's earlier settlements (still settled: not withdrawn) covered,
+    /// as the payers saw them; empty for its first settlement. A per-admission rule (an
+    /// inpatient deductible met once per stay) counts them.
+    #[serde(default)]
+    pub settled_lines: Vec<BillLine>,
+    /// How many earlier settlements of this encounter are settled.
+    #[serde(default)]
+    pub settled_count: u32,
+}
+
+/// Whether an encounter is an outpatient visit or an inpatient stay.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncounterKind {
+    /// An outpatient visit (national 2201-2208).
+    Outpatient,
+    /// An inpatient stay, from admission to discharge (national 2301-2305, 2401-2405).
+    Inpatient,
+}
+
+/// A diagnosis (the national `diseinfo`).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diagnosis {
+    /// ICD-10 code (`diag_code`), for example `I10` or `E11.9`.
+    pub code: String,
+    /// Readable name (`diag_name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Whether it is the primary diagnosis (`maindiag_flag`).
+    #[serde(default)]
+    pub primary: bool,
 }
 
 fn default_true() -> bool {

@@ -115,5 +115,6 @@ pub fn settlement_request(lines: Vec<BillLine>) -> SettlementRequest {
         prior: vec![],
         year_to_date: YearToDate { year: 2026, ..YearToDate::default() },
         use_account: true,
+        encounter: None,
     }
 }

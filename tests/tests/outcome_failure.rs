@@ -14,7 +14,7 @@ use cardgate::config::Config;
 use cardgate::dev::PHARMACY;
 use cardgate::ledger::{
     AccumulatorDelta, ClosedDay, Intent, Ledger, LedgerError, LedgerFuture, Outcome, Reconciliation, Record,
-    SettledDeltas, State, StoredQuote, Unresolved,
+    SettledDeltas, State, StoredEncounter, StoredQuote, Unresolved,
 };
 use cardgate::service::{Clock, Gateway};
 use cardgate_sdk::YearToDate;
@@ -38,6 +38,8 @@ struct FailingOutcome {
     fail_next: AtomicBool,
     /// The next read of a card's figures fails (the database went away for a moment).
     fail_read: AtomicBool,
+    /// The next change of an encounter fails likewise.
+    fail_encounter: AtomicBool,
 }
 
 impl Ledger for FailingOutcome {
@@ -110,6 +112,21 @@ impl Ledger for FailingOutcome {
     fn close_day<'a>(&'a self, institution: &'a str, date: &'a str, closed: ClosedDay) -> LedgerFuture<'a, ClosedDay> {
         self.inner.close_day(institution, date, closed)
     }
+    fn open_encounter(&self, encounter: StoredEncounter) -> LedgerFuture<'_, ()> {
+        self.inner.open_encounter(encounter)
+    }
+    fn encounter<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<StoredEncounter>> {
+        self.inner.encounter(institution, id)
+    }
+    fn encounter_by_key<'a>(&'a self, institution: &'a str, key: &'a str) -> LedgerFuture<'a, Option<StoredEncounter>> {
+        self.inner.encounter_by_key(institution, key)
+    }
+    fn update_encounter(&self, encounter: StoredEncounter) -> LedgerFuture<'_, ()> {
+        if self.fail_encounter.swap(false, Ordering::Relaxed) {
+            return Box::pin(async { Err(LedgerError::Storage("connection closed".into())) });
+        }
+        self.inner.update_encounter(encounter)
+    }
 }
 
 fn status(answer: &Result<cardgate::api::ApiResponse, ApiError>) -> (StatusCode, String) {
@@ -133,6 +150,7 @@ fn failing_gateway(fail_next: bool, fail_read: bool) -> (Setup, Gateway, Arc<Tes
         inner: Arc::clone(&gateway.ledger),
         fail_next: AtomicBool::new(fail_next),
         fail_read: AtomicBool::new(fail_read),
+        fail_encounter: AtomicBool::new(false),
     });
     (setup, gateway, clock)
 }
@@ -292,4 +310,63 @@ async fn a_closed_day_keeps_its_totals_and_a_later_reversal_lands_on_its_own_day
     assert_eq!(serde_json::from_str::<serde_json::Value>(&answer).expect("json")["closed_at"], closed["closed_at"]);
     let (code, answer) = close("2026-02-30").await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{answer}");
+}
+
+/// An encounter's settlement whose claim on its lines could not be written (the database went
+/// away): it answers 503 and stays pending; completed later it settles nothing (its lines were
+/// never claimed) and is recorded failed; the lines settle with the next settlement, once.
+#[tokio::test]
+async fn an_encounter_settlement_whose_claim_did_not_land_settles_nothing() {
+    use cardgate::api::encounters::{self, EncounterSettleBody, RegisterBody};
+    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
+    let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
+    let clock = Arc::new(TestClock(AtomicI64::new(now())));
+    let mut gateway = Gateway::build(config, Arc::clone(&clock) as Arc<dyn Clock>).expect("gateway");
+    let failing = Arc::new(FailingOutcome {
+        inner: Arc::clone(&gateway.ledger),
+        fail_next: AtomicBool::new(false),
+        fail_read: AtomicBool::new(false),
+        fail_encounter: AtomicBool::new(false),
+    });
+    gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
+    let identity = Identity { institution: cardgate::dev::HOSPITAL.into() };
+    let register: RegisterBody = serde_json::from_value(json!({
+        "token": setup.token(&Card::in_region("310104"), 300), "terminal_id": "ADM", "med_type": "21",
+        "diagnoses": [{ "code": "K35.8", "primary": true }], "admitted_at": "2026-12-01T08:00:00+08:00"
+    }))
+    .expect("body");
+    let registered = status(&encounters::register(&gateway, &identity, "adm-1", register).await);
+    assert_eq!(registered.0, StatusCode::CREATED, "{}", registered.1);
+    let id = serde_json::from_str::<serde_json::Value>(&registered.1).expect("json")["encounter_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let fees = json!({ "fees": [{ "feedetl_sn": "1", "code": "A", "name": "a", "category": "class_a",
+        "quantity": 1, "unit_price_fen": 200000, "amount_fen": 200000 }] });
+    assert_eq!(status(&encounters::upload(&gateway, &identity, &id, fees).await).0, StatusCode::OK);
+    let body = EncounterSettleBody { interim: true, use_account: Some(false) };
+
+    failing.fail_encounter.store(true, Ordering::Relaxed);
+    let first = status(&encounters::settle(&gateway, &identity, &id, "set-1", body.clone(), "r1").await);
+    assert_eq!(first.0, StatusCode::SERVICE_UNAVAILABLE, "{}", first.1);
+    let record = gateway.ledger.by_idempotency_key(cardgate::dev::HOSPITAL, "set-1").await.expect("read");
+    assert_eq!(record.as_ref().map(|r| r.state), Some(State::Pending));
+    // Past the payers' timeouts, its retry completes it: failed, nothing settled, nothing moved.
+    clock.0.fetch_add(2 * 2 + 10 + 1, Ordering::Relaxed);
+    let retry = status(&encounters::settle(&gateway, &identity, &id, "set-1", body.clone(), "r2").await);
+    assert_eq!(retry.0, StatusCode::CONFLICT, "{}", retry.1);
+    assert!(retry.1.contains("encounter_busy"), "{}", retry.1);
+    let view = status(&encounters::get(&gateway, &identity, &id).await);
+    let view: serde_json::Value = serde_json::from_str(&view.1).expect("json");
+    assert_eq!(
+        (view["fees"]["unsettled_fen"].as_i64(), view["settlements"].as_array().map(Vec::len)),
+        (Some(200_000), Some(0))
+    );
+    // The next settlement takes the line, once: 200,000 less the stay's 90,000, 85%: 93,500.
+    let settled = status(&encounters::settle(&gateway, &identity, &id, "set-2", body, "r3").await);
+    assert_eq!(settled.0, StatusCode::CREATED, "{}", settled.1);
+    let receipt: serde_json::Value = serde_json::from_str(&settled.1).expect("json");
+    assert_eq!(receipt["fund_pay_fen"], 93_500);
+    let view = status(&encounters::get(&gateway, &identity, &id).await);
+    assert!(view.1.contains("\"settled_fen\":200000"), "{}", view.1);
 }

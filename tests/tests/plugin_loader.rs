@@ -57,7 +57,7 @@ fn wrong_abi_major_is_refused_naming_both_versions() {
     );
     let message = error.to_string();
     assert!(message.contains("fixture-wrong-major") && message.contains(&path.display().to_string()), "{message}");
-    assert!(message.contains("ABI 2.2") && message.contains("ABI 1.2"), "{message}");
+    assert!(message.contains("ABI 2.3") && message.contains("ABI 1.3"), "{message}");
 }
 
 #[test]
@@ -66,7 +66,7 @@ fn newer_abi_minor_is_refused() {
     let error = result.expect_err("refused");
     let newer = AbiVersion { major: AbiVersion::HOST.major, minor: AbiVersion::HOST.minor + 1 };
     assert!(matches!(&error, LoadError::AbiMinorNewer { found, .. } if *found == newer), "{error:?}");
-    assert!(error.to_string().contains("ABI 1.3, this gateway runs ABI 1.2"), "{error}");
+    assert!(error.to_string().contains("ABI 1.4, this gateway runs ABI 1.3"), "{error}");
 }
 
 #[test]

@@ -26,6 +26,8 @@ use crate::route::RouteQuery;
 use crate::service::{Gateway, PluginSet};
 use crate::token::{DelegateClaim, ECardClaim, ReplayStore, TokenError};
 
+pub mod encounters;
+
 /// What a bill is settled for: the card, and the token or quote that vouched for it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Subject {
@@ -209,6 +211,8 @@ struct Bill<'a> {
     lines: &'a [cardgate_sdk::BillLine],
     use_account: bool,
     total_fen: i64,
+    /// The encounter, for a hospital's settlement in steps.
+    encounter: Option<&'a cardgate_sdk::EncounterInfo>,
 }
 
 /// A payer the chain passed over: it answered that it does not insure this person for this
@@ -254,6 +258,7 @@ async fn run_chain<'g>(
             prior: prior.clone(),
             year_to_date,
             use_account: bill.use_account,
+            encounter: bill.encounter.cloned(),
         };
         let answer: Result<Split, CallError> = plugin.call(operation, &request).await;
         let split = match answer {
@@ -479,6 +484,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         lines: &lines,
         use_account: body.use_account.unwrap_or(true),
         total_fen,
+        encounter: None,
     };
     let card_hash = gateway.card_key.hash(&subject.card_id);
     let Chained { results, skipped, .. } =
@@ -528,6 +534,17 @@ struct Prepared {
     /// The lines the catalogue reclassified.
     #[serde(default)]
     reclassified: Vec<Reclassified>,
+    /// A settlement of an encounter: which, and the fee lines (serial numbers) it claims.
+    #[serde(default)]
+    encounter: Option<EncounterClaim>,
+}
+
+/// What an encounter's settlement settles: the encounter as its payers see it and the serial
+/// numbers of the fee lines it claimed (see `encounters`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct EncounterClaim {
+    pub(super) info: cardgate_sdk::EncounterInfo,
+    pub(super) serials: Vec<String>,
 }
 
 impl Prepared {
@@ -549,7 +566,16 @@ async fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: 
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
     let mut lines = body.lines.clone();
     let reclassified = classify_lines(gateway, &mut lines, now)?;
-    Ok(Prepared { subject, insurance_type, bill: body.clone(), total_fen, quote_id: None, lines, reclassified })
+    Ok(Prepared {
+        subject,
+        insurance_type,
+        bill: body.clone(),
+        total_fen,
+        quote_id: None,
+        lines,
+        reclassified,
+        encounter: None,
+    })
 }
 
 async fn prepare_by_quote(
@@ -602,6 +628,7 @@ async fn prepare_by_quote(
         quote_id: Some(quote_id.to_owned()),
         lines,
         reclassified,
+        encounter: None,
     })
 }
 
@@ -782,6 +809,15 @@ async fn complete(
     // One settlement or reversal of a card at a time, from reading its accumulators to the
     // durable outcome (crate::cardlock); the ledger's conditional commit covers other processes.
     let _card = gateway.card_locks.lock(&card_hash).await;
+    // An encounter's settlement settles only the lines it claimed: one left pending before its
+    // claim landed (a crash, a change of the encounter meanwhile) settles nothing.
+    if unrecorded.is_none()
+        && let Some(claim) = &prepared.encounter
+        && !encounters::claim_holds(gateway, institution.0, claim, id).await?
+    {
+        let busy = ApiError::client(StatusCode::CONFLICT, "encounter_busy", "the encounter changed meanwhile; retry");
+        return encounters::fail_unclaimed(gateway, settlement, &card_hash, busy).await;
+    }
     let (mut attempt, mut retry_after) = (0, None);
     let (state, status, answer) = loop {
         attempt += 1;
@@ -806,6 +842,7 @@ async fn complete(
                     lines: prepared.lines(),
                     use_account: prepared.bill.use_account.unwrap_or(true),
                     total_fen: prepared.total_fen,
+                    encounter: prepared.encounter.as_ref().map(|e| &e.info),
                 };
                 run_chain(gateway, &chain, Operation::Settle, &bill, &card_hash, year).await
             }
@@ -975,6 +1012,11 @@ struct Receipt<'a> {
     lines: usize,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     reclassified: &'a [Reclassified],
+    /// The encounter settled (a hospital's settlement in steps), and whether in the interim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encounter_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interim: Option<bool>,
     settled_at: String,
     #[serde(flatten)]
     split: SplitView<'a>,
@@ -1000,8 +1042,10 @@ fn receipt(
         insured_region: &p.subject.insured_region,
         insurance_type: &p.insurance_type,
         quote_id: p.quote_id.as_deref(),
-        lines: p.bill.lines.len(),
+        lines: p.lines().len(),
         reclassified: &p.reclassified,
+        encounter_id: p.encounter.as_ref().map(|e| e.info.id.as_str()),
+        interim: p.encounter.as_ref().map(|e| e.info.interim),
         settled_at: rfc3339(now),
         split: split_view(results, skipped, p.total_fen),
     };

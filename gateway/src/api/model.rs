@@ -119,6 +119,17 @@ pub fn yuan_to_fen(field: &str, raw: &str) -> Result<Fen, String> {
     exact_decimal(raw, 2).ok_or_else(|| format!("{field}: {raw} is not an amount in yuan with at most two decimals"))
 }
 
+/// Bill lines (a JSON array) read as [`BillBody`]'s are: exactly the SDK's fields, the
+/// national names and units accepted.
+pub fn parse_lines(value: serde_json::Value) -> Result<Vec<BillLine>, String> {
+    #[derive(Deserialize)]
+    struct Lines {
+        #[serde(deserialize_with = "strict_lines")]
+        lines: Vec<BillLine>,
+    }
+    serde_json::from_value::<Lines>(serde_json::json!({ "lines": value })).map(|l| l.lines).map_err(|e| e.to_string())
+}
+
 /// Bill lines as the API takes them: exactly the SDK's fields, no others (a misspelt or
 /// invented field, `vat_fen` say, is refused, not ignored). The SDK's own type stays open so
 /// that plugins accept lines a later gateway extends.

@@ -89,9 +89,13 @@ enum Space {
     ReversalDays,
     /// Small facts about the ledger itself: its format, the next seq.
     Meta,
+    /// encounter id -> the encounter ([`encounter_bytes`]), in its card's shard; its
+    /// registration key is in [`Space::Keys`] ([`encounter_key`]), its token in
+    /// [`Space::Tokens`].
+    Encounters,
 }
 
-const SPACE_NAMES: [&str; 10] = [
+const SPACE_NAMES: [&str; 11] = [
     "settlements",
     "idempotency_keys",
     "tokens",
@@ -102,6 +106,7 @@ const SPACE_NAMES: [&str; 10] = [
     "days",
     "reversal_days",
     "meta",
+    "encounters",
 ];
 
 /// The engine and its keyspaces.
@@ -914,6 +919,7 @@ const KEY: u8 = b'k';
 const QUOTE: u8 = b'q';
 const CARD: u8 = b'c';
 const SETTLEMENT: u8 = b's';
+const ENCOUNTER: u8 = b'e';
 
 // --- Plans ----------------------------------------------------------------------------------
 
@@ -1231,6 +1237,10 @@ impl Importer {
                 let n = self.shard_index(self.ledger.quote_shard(&q.id));
                 (n, vec![(Space::Quotes, q.id.into_bytes(), quote_bytes(&q.institution, q.expires_at, &q.sealed))])
             }
+            super::DumpItem::Encounter(e) => {
+                let n = self.shard_index(self.ledger.shard_of(&e.card_hash));
+                (n, encounter_entries(&e))
+            }
             super::DumpItem::Closed(institution, date, closed) => {
                 (0, vec![(Space::Meta, closed_key(&institution, &date), closed_bytes(&closed))])
             }
@@ -1301,6 +1311,58 @@ fn settlement_entries(d: &super::Dumped) -> Vec<(Space, Vec<u8>, Vec<u8>)> {
     }
     if let Some(day) = &d.reversed_day {
         entries.push((Space::ReversalDays, [day_prefix(&d.intent.institution, day), seq.to_vec()].concat(), id));
+    }
+    entries
+}
+
+/// An encounter's registration key in [`Space::Keys`]: apart from settlements' keys (a
+/// client's key is printable ASCII, never `\x01`).
+fn encounter_key(institution: &str, key: &str) -> Vec<u8> {
+    key_of(institution, &format!("\x01encounter\x01{key}"))
+}
+
+fn encounter_bytes(e: &super::StoredEncounter) -> Vec<u8> {
+    let mut enc = Enc(Vec::with_capacity(128 + e.sealed.len()));
+    for text in [&e.id, &e.institution, &e.idempotency_key] {
+        enc.bytes(text.as_bytes());
+    }
+    enc.bytes(&e.request_hash);
+    enc.opt(e.token_id.as_deref());
+    enc.bytes(&e.card_hash);
+    enc.int(e.created_at);
+    enc.int(e.version);
+    enc.bytes(&e.sealed);
+    enc.0
+}
+
+fn read_encounter(store: &Store, id: &[u8]) -> Result<Option<super::StoredEncounter>, LedgerError> {
+    let Some(value) = store.get(Space::Encounters, id)? else { return Ok(None) };
+    let mut d = Dec(&value);
+    let decoded = (|| {
+        Some(super::StoredEncounter {
+            id: d.text()?,
+            institution: d.text()?,
+            idempotency_key: d.text()?,
+            request_hash: d.bytes()?.to_vec(),
+            token_id: d.opt()?.map(<[u8]>::to_vec),
+            card_hash: d.bytes()?.to_vec(),
+            created_at: d.int()?,
+            version: d.int()?,
+            sealed: d.bytes()?.to_vec(),
+        })
+    })();
+    decoded.map(Some).ok_or_else(|| LedgerError::Storage("an encounter's entry does not decode".into()))
+}
+
+/// An encounter's entries, as its shard stores them.
+fn encounter_entries(e: &super::StoredEncounter) -> Vec<(Space, Vec<u8>, Vec<u8>)> {
+    let id = e.id.as_bytes().to_vec();
+    let mut entries = vec![
+        (Space::Encounters, id.clone(), encounter_bytes(e)),
+        (Space::Keys, encounter_key(&e.institution, &e.idempotency_key), id.clone()),
+    ];
+    if let Some(token) = &e.token_id {
+        entries.push((Space::Tokens, token.clone(), id));
     }
     entries
 }
@@ -1452,6 +1514,58 @@ impl Ledger for LsmLedger {
         })
     }
 
+    fn open_encounter(&self, e: super::StoredEncounter) -> LedgerFuture<'_, ()> {
+        let key = encounter_key(&e.institution, &e.idempotency_key);
+        let home = self.shard_of(&e.card_hash);
+        let claim = &self.claims[(fnv(&key) % CLAIMS as u64) as usize];
+        let mut keys = vec![(KEY, key.clone()), (ENCOUNTER, e.id.as_bytes().to_vec())];
+        if let Some(token) = &e.token_id {
+            keys.push((TOKEN, token.clone()));
+        }
+        Box::pin(async move {
+            let _claim = claim.lock().await;
+            for shard in self.shards.iter().filter(|s| !std::ptr::eq(*s, home)) {
+                if shard.read(|s| s.get(Space::Keys, &key))?.is_some() {
+                    return Err(LedgerError::IdempotencyTaken);
+                }
+            }
+            home.write(&borrowed(&keys), move |store| {
+                if store.get(Space::Keys, &key)?.is_some() {
+                    return Err(LedgerError::IdempotencyTaken);
+                }
+                if let Some(token) = &e.token_id
+                    && store.get(Space::Tokens, token)?.is_some()
+                {
+                    return Err(LedgerError::TokenUsed);
+                }
+                if store.get(Space::Encounters, e.id.as_bytes())?.is_some() {
+                    return Err(storage("encounter id already recorded"));
+                }
+                let ops = encounter_entries(&e)
+                    .into_iter()
+                    .map(|(space, key, value)| Op::Put(space, bytes(key), bytes(value)))
+                    .collect();
+                Ok(Plan { ops, new_settlement: false })
+            })
+            .await
+        })
+    }
+
+    fn update_encounter(&self, e: super::StoredEncounter) -> LedgerFuture<'_, ()> {
+        let keys = [(ENCOUNTER, e.id.as_bytes().to_vec())];
+        let value = encounter_bytes(&e);
+        self.shard_of(&e.card_hash).write(&borrowed(&keys), move |store| {
+            match read_encounter(store, e.id.as_bytes())? {
+                Some(stored) if stored.version == e.version - 1 => Ok(Plan {
+                    ops: vec![Op::Put(Space::Encounters, bytes(e.id.as_bytes()), bytes(value.clone()))],
+                    new_settlement: false,
+                }),
+                Some(_) => Err(LedgerError::Stale),
+                None => Err(LedgerError::NotFound),
+            }
+        })
+    }
+
     fn close_day<'a>(
         &'a self,
         institution: &'a str,
@@ -1596,6 +1710,18 @@ impl super::ReadsNow for LsmLedger {
 
     fn closed_day(&self, institution: &str, date: &str) -> Result<Option<super::ClosedDay>, LedgerError> {
         self.shards[0].read(|store| read_closed(store, &closed_key(institution, date)))
+    }
+
+    fn encounter(&self, institution: &str, id: &str) -> Result<Option<super::StoredEncounter>, LedgerError> {
+        self.find(|s| Ok(read_encounter(s, id.as_bytes())?.filter(|e| e.institution == institution)))
+    }
+
+    fn encounter_by_key(&self, institution: &str, key: &str) -> Result<Option<super::StoredEncounter>, LedgerError> {
+        let key = encounter_key(institution, key);
+        self.find(|s| match s.get(Space::Keys, &key)? {
+            Some(id) => read_encounter(s, &id),
+            None => Ok(None),
+        })
     }
 
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError> {

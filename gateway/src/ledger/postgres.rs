@@ -67,7 +67,9 @@ fn db(e: tokio_postgres::Error) -> LedgerError {
         match error.constraint() {
             Some("used_tokens_pkey") => return LedgerError::TokenUsed,
             Some("used_quotes_pkey") => return LedgerError::QuoteUsed,
-            Some("settlements_idempotency_key") => return LedgerError::IdempotencyTaken,
+            Some("settlements_idempotency_key" | "encounters_idempotency_key") => {
+                return LedgerError::IdempotencyTaken;
+            }
             _ => {}
         }
     }
@@ -379,6 +381,40 @@ fn intent_values<'a>(i: &'a Intent, day: &'a String) -> Vec<Param<'a>> {
         &i.clearing_type,
         &i.delegated,
     ]
+}
+
+const INSERT_ENCOUNTER: &str = "INSERT INTO encounters (id, institution, idempotency_key, request_hash, token_id,
+    card_hash, created_at, version, sealed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+const ENCOUNTER_SELECT: &str = "SELECT id, institution, idempotency_key, request_hash, token_id, card_hash,
+    created_at, version, sealed FROM encounters";
+
+fn encounter_values(e: &super::StoredEncounter) -> [Param<'_>; 9] {
+    [
+        &e.id,
+        &e.institution,
+        &e.idempotency_key,
+        &e.request_hash,
+        &e.token_id,
+        &e.card_hash,
+        &e.created_at,
+        &e.version,
+        &e.sealed,
+    ]
+}
+
+fn encounter_row(r: &tokio_postgres::Row) -> Result<super::StoredEncounter, LedgerError> {
+    Ok(super::StoredEncounter {
+        id: r.try_get(0).map_err(db)?,
+        institution: r.try_get(1).map_err(db)?,
+        idempotency_key: r.try_get(2).map_err(db)?,
+        request_hash: r.try_get(3).map_err(db)?,
+        token_id: r.try_get(4).map_err(db)?,
+        card_hash: r.try_get(5).map_err(db)?,
+        created_at: r.try_get(6).map_err(db)?,
+        version: r.try_get(7).map_err(db)?,
+        sealed: r.try_get(8).map_err(db)?,
+    })
 }
 
 /// Marks a token (`$1`) used by a settlement (`$2`); a quote likewise.
@@ -828,6 +864,53 @@ impl Ledger for PgLedger {
         }))
     }
 
+    fn open_encounter(&self, e: super::StoredEncounter) -> LedgerFuture<'_, ()> {
+        Box::pin(self.transaction(async move |tx| {
+            let statement = tx.prepare_cached(INSERT_ENCOUNTER).await.map_err(db)?;
+            tx.execute(&statement, &encounter_values(&e)).await.map_err(db)?;
+            if let Some(token_id) = &e.token_id {
+                let statement = tx.prepare_cached(INSERT_TOKEN).await.map_err(db)?;
+                tx.execute(&statement, &[token_id, &e.id]).await.map_err(db)?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn encounter<'a>(&'a self, institution: &'a str, id: &'a str) -> LedgerFuture<'a, Option<super::StoredEncounter>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached(&format!("{ENCOUNTER_SELECT} WHERE institution = $1 AND id = $2"))
+                .await
+                .map_err(db)?;
+            c.query_opt(&statement, &[&institution, &id]).await.map_err(db)?.as_ref().map(encounter_row).transpose()
+        }))
+    }
+
+    fn encounter_by_key<'a>(
+        &'a self,
+        institution: &'a str,
+        key: &'a str,
+    ) -> LedgerFuture<'a, Option<super::StoredEncounter>> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached(&format!("{ENCOUNTER_SELECT} WHERE institution = $1 AND idempotency_key = $2"))
+                .await
+                .map_err(db)?;
+            c.query_opt(&statement, &[&institution, &key]).await.map_err(db)?.as_ref().map(encounter_row).transpose()
+        }))
+    }
+
+    fn update_encounter(&self, e: super::StoredEncounter) -> LedgerFuture<'_, ()> {
+        Box::pin(self.with(async move |c| {
+            let statement = c
+                .prepare_cached("UPDATE encounters SET version = $2::bigint, sealed = $3 WHERE id = $1 AND version = $2::bigint - 1")
+                .await
+                .map_err(db)?;
+            let changed = c.execute(&statement, &[&e.id, &e.version, &e.sealed]).await.map_err(db)?;
+            if changed == 1 { Ok(()) } else { Err(LedgerError::Stale) }
+        }))
+    }
+
     fn closed_day<'a>(&'a self, institution: &'a str, date: &'a str) -> LedgerFuture<'a, Option<super::ClosedDay>> {
         Box::pin(self.with(async move |c| {
             let statement = c
@@ -1112,6 +1195,7 @@ struct Statements {
     year: tokio_postgres::Statement,
     quote: tokio_postgres::Statement,
     closed: tokio_postgres::Statement,
+    encounter: tokio_postgres::Statement,
 }
 
 impl Statements {
@@ -1142,6 +1226,7 @@ impl Statements {
                 .prepare("INSERT INTO closed_days (institution, day, closed_at, totals) VALUES ($1, $2, $3, $4)")
                 .await
                 .map_err(db)?,
+            encounter: tx.prepare(INSERT_ENCOUNTER).await.map_err(db)?,
         })
     }
 }
@@ -1209,6 +1294,12 @@ async fn copy(
         DumpItem::Quote(q) => {
             tx.execute(&statements.quote, &[&q.id, &q.institution, &q.expires_at, &q.sealed]).await.map_err(db)?;
             counts.2 += 1;
+        }
+        DumpItem::Encounter(e) => {
+            tx.execute(&statements.encounter, &encounter_values(&e)).await.map_err(db)?;
+            if let Some(token_id) = &e.token_id {
+                tx.execute(&statements.token, &[token_id, &e.id]).await.map_err(db)?;
+            }
         }
         DumpItem::Closed(institution, date, closed) => {
             tx.execute(&statements.closed, &[&institution, &date, &closed.closed_at, &closed.totals])

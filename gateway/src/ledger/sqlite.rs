@@ -87,6 +87,19 @@ CREATE TABLE IF NOT EXISTS closed_days (
     totals      TEXT NOT NULL,
     PRIMARY KEY (institution, day)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS encounters (
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
+    institution     TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    request_hash    BLOB NOT NULL,
+    token_id        BLOB,
+    card_hash       BLOB NOT NULL,
+    created_at      INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    sealed          BLOB NOT NULL,
+    UNIQUE (institution, idempotency_key)
+);
 ";
 
 /// Moves a version 2 ledger (one wide settlement row updated in place, payers in a table of
@@ -140,12 +153,28 @@ CREATE TABLE IF NOT EXISTS closed_days (
 ) WITHOUT ROWID;
 ";
 
+/// Moves a version 5 ledger to version 6: encounters (a token an encounter spent is in
+/// `used_tokens` under the encounter's seq, negated).
+const MIGRATE_5_TO_6: &str = "CREATE TABLE IF NOT EXISTS encounters (
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
+    institution     TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    request_hash    BLOB NOT NULL,
+    token_id        BLOB,
+    card_hash       BLOB NOT NULL,
+    created_at      INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    sealed          BLOB NOT NULL,
+    UNIQUE (institution, idempotency_key)
+);";
+
 /// Fills `reversed_day` for reversals recorded before version 4 (from their time).
 const FILL_REVERSED_DAY: &str =
     "UPDATE outcomes SET reversed_day = date(updated_at + 28800, 'unixepoch') WHERE state = 'reversed';";
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Most writes committed together.
 const MAX_BATCH: usize = 512;
@@ -315,11 +344,12 @@ impl SqliteLedger {
                 writer.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(storage)?;
             }
             (true, SCHEMA_VERSION) => {}
-            (true, 2..=4) => {
+            (true, 2..=5) => {
                 let migration = match version {
                     2 => MIGRATE_2_TO_3.replace("{SCHEMA}", SCHEMA),
-                    3 => format!("{MIGRATE_3_TO_4} {MIGRATE_4_TO_5}"),
-                    _ => MIGRATE_4_TO_5.to_owned(),
+                    3 => format!("{MIGRATE_3_TO_4} {MIGRATE_4_TO_5} {MIGRATE_5_TO_6}"),
+                    4 => format!("{MIGRATE_4_TO_5} {MIGRATE_5_TO_6}"),
+                    _ => MIGRATE_5_TO_6.to_owned(),
                 };
                 writer
                     .execute_batch(&format!(
@@ -608,6 +638,11 @@ fn dump_into(
             settled_by: None,
         }))?;
     }
+    let mut statement = c.prepare(&format!("{ENCOUNTER_SELECT} ORDER BY seq"))?;
+    let mut rows = statement.query([])?;
+    while let Some(r) = rows.next()? {
+        visit(super::DumpItem::Encounter(encounter_row(r)?))?;
+    }
     let mut statement = c.prepare("SELECT institution, day, closed_at, totals FROM closed_days")?;
     let mut rows = statement.query([])?;
     while let Some(r) = rows.next()? {
@@ -821,6 +856,50 @@ fn reconcile(
     })
 }
 
+const ENCOUNTER_SELECT: &str = "SELECT id, institution, idempotency_key, request_hash, token_id, card_hash,
+    created_at, version, sealed FROM encounters";
+
+fn encounter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<super::StoredEncounter> {
+    Ok(super::StoredEncounter {
+        id: r.get(0)?,
+        institution: r.get(1)?,
+        idempotency_key: r.get(2)?,
+        request_hash: r.get(3)?,
+        token_id: r.get(4)?,
+        card_hash: r.get(5)?,
+        created_at: r.get(6)?,
+        version: r.get(7)?,
+        sealed: r.get(8)?,
+    })
+}
+
+/// Inserts an encounter and spends its token (under the encounter's seq, negated).
+fn insert_encounter(conn: &Connection, e: &super::StoredEncounter) -> Result<(), LedgerError> {
+    conn.prepare_cached(
+        "INSERT INTO encounters (id, institution, idempotency_key, request_hash, token_id, card_hash, created_at,
+             version, sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        e.id,
+        e.institution,
+        e.idempotency_key,
+        e.request_hash,
+        e.token_id,
+        e.card_hash,
+        e.created_at,
+        e.version,
+        e.sealed
+    ])
+    .map_err(taken)?;
+    if let Some(token_id) = &e.token_id {
+        let seq = -conn.last_insert_rowid();
+        conn.prepare_cached("INSERT INTO used_tokens (token_id, seq) VALUES (?1, ?2)")?
+            .execute(params![token_id, seq])
+            .map_err(taken)?;
+    }
+    Ok(())
+}
+
 fn closed_day(conn: &Connection, institution: &str, date: &str) -> rusqlite::Result<Option<super::ClosedDay>> {
     conn.prepare_cached("SELECT closed_at, totals FROM closed_days WHERE institution = ?1 AND day = ?2")?
         .query_row(params![institution, date], |r| Ok(super::ClosedDay { closed_at: r.get(0)?, totals: r.get(1)? }))
@@ -1004,6 +1083,20 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    fn open_encounter(&self, encounter: super::StoredEncounter) -> LedgerFuture<'_, ()> {
+        self.write(move |c| insert_encounter(c, &encounter))
+    }
+
+    fn update_encounter(&self, e: super::StoredEncounter) -> LedgerFuture<'_, ()> {
+        self.write(move |c| {
+            let changed = c
+                .prepare_cached("UPDATE encounters SET version = ?2, sealed = ?3 WHERE id = ?1 AND version = ?2 - 1")?
+                .execute(params![e.id, e.version, e.sealed])
+                .map_err(storage)?;
+            if changed == 1 { Ok(()) } else { Err(LedgerError::Stale) }
+        })
+    }
+
     fn save_quote(&self, q: StoredQuote) -> LedgerFuture<'_, ()> {
         self.write(move |c| {
             c.prepare_cached("INSERT INTO quotes (id, institution, expires_at, sealed) VALUES (?1, ?2, ?3, ?4)")?
@@ -1119,6 +1212,22 @@ impl super::ReadsNow for SqliteLedger {
 
     fn closed_day(&self, institution: &str, date: &str) -> Result<Option<super::ClosedDay>, LedgerError> {
         self.read(|c| closed_day(c, institution, date))
+    }
+
+    fn encounter(&self, institution: &str, id: &str) -> Result<Option<super::StoredEncounter>, LedgerError> {
+        self.read(|c| {
+            c.prepare_cached(&format!("{ENCOUNTER_SELECT} WHERE institution = ?1 AND id = ?2"))?
+                .query_row(params![institution, id], encounter_row)
+                .optional()
+        })
+    }
+
+    fn encounter_by_key(&self, institution: &str, key: &str) -> Result<Option<super::StoredEncounter>, LedgerError> {
+        self.read(|c| {
+            c.prepare_cached(&format!("{ENCOUNTER_SELECT} WHERE institution = ?1 AND idempotency_key = ?2"))?
+                .query_row(params![institution, key], encounter_row)
+                .optional()
+        })
     }
 
     fn list(&self, q: &super::ListQuery) -> Result<Vec<super::Listed>, LedgerError> {

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use cardgate_sdk::{
-    BillLine, BreakdownItem, Fen, FundPayment, InstitutionLevel, ItemCategory, PluginError, SettlementRequest, Split,
-    YearToDate,
+    BillLine, BreakdownItem, EncounterKind, Fen, FundPayment, InstitutionLevel, ItemCategory, PluginError,
+    SettlementRequest, Split, YearToDate,
 };
 use serde::Deserialize;
 
@@ -48,6 +48,48 @@ pub struct Scheme {
     /// The personal account, where the scheme has one.
     #[serde(default)]
     pub account: Option<AccountPolicy>,
+    /// Inpatient stays (an encounter of kind `inpatient`), where they have rules of their own:
+    /// a deductible per admission by hospital level instead of the yearly one. Absent: a stay
+    /// is settled like any bill.
+    #[serde(default)]
+    pub inpatient: Option<Inpatient>,
+}
+
+/// How a scheme settles an inpatient stay.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inpatient {
+    /// The deductible of one stay (起付线), by hospital level: eligible cost the patient bears
+    /// once per admission, over the stay's interim and final settlements together. It does
+    /// not count toward the yearly (outpatient) deductible.
+    pub deductible_fen: Levels,
+    /// The fund's share above it, by hospital level; absent: the scheme's `ratio_bp`.
+    #[serde(default)]
+    pub ratio_bp: Option<Ratios>,
+}
+
+/// An amount by hospital level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Levels {
+    /// Grade 1 hospitals.
+    pub primary: Fen,
+    /// Grade 2 hospitals.
+    pub secondary: Fen,
+    /// Grade 3 hospitals.
+    pub tertiary: Fen,
+}
+
+impl Levels {
+    /// The amount for a hospital level; `None` for a pharmacy (no stays) or a level unknown.
+    pub fn for_level(&self, level: InstitutionLevel) -> Option<Fen> {
+        match level {
+            InstitutionLevel::Primary => Some(self.primary),
+            InstitutionLevel::Secondary => Some(self.secondary),
+            InstitutionLevel::Tertiary => Some(self.tertiary),
+            _ => None,
+        }
+    }
 }
 
 /// Reimbursement ratios by institution level, in basis points.
@@ -158,6 +200,19 @@ impl Scheme {
         {
             problems.push(format!("{path}.account.mutual_aid.per_settlement_limit_fen: {limit} is negative"));
         }
+        if let Some(inpatient) = &self.inpatient {
+            let d = inpatient.deductible_fen;
+            for (level, value) in [("primary", d.primary), ("secondary", d.secondary), ("tertiary", d.tertiary)] {
+                if value < 0 {
+                    problems.push(format!("{path}.inpatient.deductible_fen.{level}: {value} is negative"));
+                }
+            }
+            for (level, bp) in inpatient.ratio_bp.iter().flat_map(Ratios::all) {
+                if bp > FULL_BP {
+                    problems.push(format!("{path}.inpatient.ratio_bp.{level}: {bp} is above {FULL_BP}"));
+                }
+            }
+        }
     }
 }
 
@@ -254,17 +309,34 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
         return family_split(config, scheme, request, &delegate.relation);
     }
     let level = request.institution.level;
-    let ratio = scheme
-        .ratio_bp
-        .for_level(level)
-        .ok_or_else(|| PluginError::not_covered(format!("institution level {level:?} is not covered")))?;
+    let not_covered = || PluginError::not_covered(format!("institution level {level:?} is not covered"));
     let (bill, due) = checked_bill(config, request)?;
     let ytd = &request.year_to_date;
-
-    // Eligible cost first meets what is left of the yearly deductible; the fund pays its ratio
-    // of the rest, up to what is left under the annual ceiling, and never more than is due.
+    let stay = request
+        .encounter
+        .as_ref()
+        .filter(|e| e.kind == EncounterKind::Inpatient)
+        .and_then(|e| Some((e, scheme.inpatient.as_ref()?)));
     let eligible = bill.eligible.min(due);
-    let deductible = eligible.min(scheme.deductible_fen.saturating_sub(ytd.deductible_fen).max(0));
+
+    // Eligible cost first meets what is left of the deductible — a stay's own (per admission,
+    // less what the stay's earlier settlements met) or the yearly one; the fund pays its ratio
+    // of the rest, up to what is left under the annual ceiling, and never more than is due.
+    let (ratio, deductible, yearly_deductible) = match stay {
+        Some((encounter, inpatient)) => {
+            let ratio =
+                inpatient.ratio_bp.as_ref().unwrap_or(&scheme.ratio_bp).for_level(level).ok_or_else(not_covered)?;
+            let per_stay = inpatient.deductible_fen.for_level(level).ok_or_else(not_covered)?;
+            let met = classify(&encounter.settled_lines, config.class_b_self_pay_bp)?.eligible;
+            let deductible = eligible.min(per_stay.saturating_sub(met).max(0));
+            (ratio, deductible, 0)
+        }
+        None => {
+            let ratio = scheme.ratio_bp.for_level(level).ok_or_else(not_covered)?;
+            let deductible = eligible.min(scheme.deductible_fen.saturating_sub(ytd.deductible_fen).max(0));
+            (ratio, deductible, deductible)
+        }
+    };
     let coinsured = eligible - deductible;
     let by_ratio = share(coinsured, ratio);
     let fund = by_ratio.min(scheme.annual_ceiling_fen.saturating_sub(ytd.fund_paid_fen).max(0));
@@ -278,7 +350,11 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
         ("class_b_first_self_pay", bill.class_b_first_self_pay, "first self-pay share of class B items"),
         ("class_c_self_pay", bill.class_c, "class C items, not covered"),
         ("over_price_cap", bill.over_price_cap, "above the catalogue's price cap, not covered"),
-        ("deductible", deductible, "toward the yearly deductible"),
+        (
+            if stay.is_some() { "stay_deductible" } else { "deductible" },
+            deductible,
+            if stay.is_some() { "toward this stay's deductible" } else { "toward the yearly deductible" },
+        ),
         ("co_insurance", coinsured - by_ratio, "patient's share above the deductible"),
         ("above_ceiling", by_ratio - fund, "beyond the annual ceiling"),
     ];
@@ -292,7 +368,7 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
         eligible_borne_fen: eligible_self_pay,
         year_to_date_delta: YearToDate {
             year: ytd.year,
-            deductible_fen: deductible,
+            deductible_fen: yearly_deductible,
             fund_paid_fen: fund,
             eligible_fen: eligible,
             account_paid_fen: account,

@@ -50,5 +50,6 @@ pub fn request(
         prior: vec![],
         year_to_date: ytd,
         use_account: true,
+        encounter: None,
     }
 }

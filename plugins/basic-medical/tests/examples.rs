@@ -206,3 +206,50 @@ fn example_7_a_family_member_s_bill_is_paid_from_the_holder_s_account() {
     resident.card.insurance_types = vec!["390".into()];
     assert_eq!(plugin().settle(&resident).expect_err("no account").code, ErrorCode::NotInsured);
 }
+
+#[test]
+fn example_8_an_inpatient_stay_meets_its_deductible_once_over_interim_and_final_settlements() {
+    use cardgate_sdk::{EncounterInfo, EncounterKind};
+    let stay = |settled_lines: Vec<cardgate_sdk::BillLine>, interim: bool| EncounterInfo {
+        id: "E1".into(),
+        kind: EncounterKind::Inpatient,
+        med_type: "21".into(),
+        diagnoses: vec![],
+        department: None,
+        admitted_at: "2026-12-01T08:00:00+08:00".into(),
+        discharged_at: (!interim).then(|| "2026-12-06T10:00:00+08:00".into()),
+        interim,
+        settled_count: u32::from(!settled_lines.is_empty()),
+        settled_lines,
+    };
+    let bill = |level, lines: Vec<cardgate_sdk::BillLine>, encounter: EncounterInfo| {
+        let mut req = request("310", level, lines, YearToDate::default());
+        req.use_account = false;
+        req.encounter = Some(encounter);
+        req
+    };
+    let interim_lines = vec![line(ClassA, 50_000), line(ClassB, 100_000)];
+    let interim = plugin().settle(&bill(Tertiary, interim_lines.clone(), stay(vec![], true))).expect("settles");
+    assert_eq!((interim.fund_pay_fen(), interim.cash_pay_fen), (42_500, 107_500));
+    assert_eq!(breakdown(&interim, "stay_deductible"), 90_000);
+    assert_eq!(breakdown(&interim, "deductible"), 0);
+    assert_eq!(interim.year_to_date_delta.deductible_fen, 0, "the yearly deductible is not the stay's");
+    assert_eq!(interim.year_to_date_delta.fund_paid_fen, 42_500, "the annual ceiling counts stays");
+
+    let final_lines = vec![line(ClassA, 200_000)];
+    let settled = plugin().settle(&bill(Tertiary, final_lines.clone(), stay(interim_lines.clone(), false)));
+    let settled = settled.expect("settles");
+    assert_eq!((settled.fund_pay_fen(), settled.cash_pay_fen), (170_000, 30_000));
+    assert_eq!(breakdown(&settled, "stay_deductible"), 0);
+    // The interim withdrawn: the final settlement meets the deductible itself.
+    let alone = plugin().settle(&bill(Tertiary, final_lines, stay(vec![], false))).expect("settles");
+    assert_eq!(alone.fund_pay_fen(), 93_500);
+    // A grade 2 hospital: its own deductible and ratio.
+    let secondary = plugin().settle(&bill(Secondary, interim_lines.clone(), stay(vec![], true))).expect("settles");
+    assert_eq!(secondary.fund_pay_fen(), 72_000);
+    // The same lines without an encounter: the yearly deductible (800) and the scheme's ratio.
+    let mut visit = request("310", Tertiary, interim_lines, YearToDate::default());
+    visit.use_account = false;
+    let visit = plugin().settle(&visit).expect("settles");
+    assert_eq!((visit.fund_pay_fen(), visit.year_to_date_delta.deductible_fen), (48_000, 80_000));
+}

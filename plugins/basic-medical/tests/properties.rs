@@ -51,6 +51,7 @@ fn config() -> impl Strategy<Value = Config> {
                         covers_class_c: c,
                         mutual_aid: None,
                     }),
+                    inpatient: None,
                 },
             )]
             .into(),

@@ -34,6 +34,7 @@ fn after_basic(due: i64, eligible: i64, ytd: YearToDate) -> SettlementRequest {
         }],
         year_to_date: ytd,
         use_account: true,
+        encounter: None,
     }
 }
 
