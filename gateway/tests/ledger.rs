@@ -436,13 +436,14 @@ async fn a_version_3_ledger_gets_the_day_of_each_reversal() {
     let version: i64 = rusqlite::Connection::open(&path)
         .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
         .expect("version");
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
 }
 
 /// What version 5 added, taken away: a ledger as version 4 left it.
 const AS_VERSION_4: &str = "ALTER TABLE settlements DROP COLUMN insurance_type; \
     ALTER TABLE settlements DROP COLUMN clearing_type; ALTER TABLE settlements DROP COLUMN delegated; \
-    DROP TABLE closed_days; DROP TABLE encounters; PRAGMA user_version = 4;";
+    DROP TABLE closed_days; DROP TABLE encounters; \
+    ALTER TABLE accumulators DROP COLUMN outpatient_fund_paid_fen; PRAGMA user_version = 4;";
 
 #[tokio::test]
 async fn a_version_4_ledger_gets_types_and_closed_days() {

@@ -278,6 +278,9 @@ pub struct YearToDate {
     pub account_paid_fen: Fen,
     /// In-policy self-pay (what the patient bore of eligible cost) so far this year.
     pub eligible_self_pay_fen: Fen,
+    /// Of `fund_paid_fen`, what the funds paid for outpatient care this year, where the
+    /// payer's outpatient pooling has a ceiling of its own (ABI 1.3).
+    pub outpatient_fund_paid_fen: Fen,
 }
 
 impl YearToDate {
@@ -288,6 +291,7 @@ impl YearToDate {
         self.eligible_fen += delta.eligible_fen;
         self.account_paid_fen += delta.account_paid_fen;
         self.eligible_self_pay_fen += delta.eligible_self_pay_fen;
+        self.outpatient_fund_paid_fen += delta.outpatient_fund_paid_fen;
     }
 }
 

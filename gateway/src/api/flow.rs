@@ -1184,6 +1184,7 @@ fn negate(d: YearToDate) -> YearToDate {
         eligible_fen: -d.eligible_fen,
         account_paid_fen: -d.account_paid_fen,
         eligible_self_pay_fen: -d.eligible_self_pay_fen,
+        outpatient_fund_paid_fen: -d.outpatient_fund_paid_fen,
     }
 }
 

@@ -877,7 +877,12 @@ type Year = super::PayerYears;
 
 fn read_year(store: &Store, card_hash: &[u8], year: i32) -> Result<Year, LedgerError> {
     let Some(value) = store.get(Space::Accumulators, &accumulator_key(card_hash, year))? else { return Ok(Vec::new()) };
-    let mut d = Dec(&value);
+    // Version 2 starts with YEAR_V2 (a length never does: it would be 4 GiB) and has the
+    // outpatient figure; version 1 does not.
+    let (mut d, v2) = match value.split_first() {
+        Some((&YEAR_V2, rest)) => (Dec(rest), true),
+        _ => (Dec(&value), false),
+    };
     let mut found = Vec::new();
     while !d.0.is_empty() {
         let entry = (|| {
@@ -889,6 +894,7 @@ fn read_year(store: &Store, card_hash: &[u8], year: i32) -> Result<Year, LedgerE
                 eligible_fen: d.int()?,
                 account_paid_fen: d.int()?,
                 eligible_self_pay_fen: d.int()?,
+                outpatient_fund_paid_fen: if v2 { d.int()? } else { 0 },
             };
             Some((payer, figures))
         })();
@@ -897,11 +903,22 @@ fn read_year(store: &Store, card_hash: &[u8], year: i32) -> Result<Year, LedgerE
     Ok(found)
 }
 
+/// The first byte of a card's year in its second encoding.
+const YEAR_V2: u8 = 0xff;
+
 fn year_bytes(year: &Year) -> Vec<u8> {
-    let mut e = Enc(Vec::with_capacity(year.len() * 64));
+    let mut e = Enc(Vec::with_capacity(1 + year.len() * 72));
+    e.0.push(YEAR_V2);
     for (payer, y) in year {
         e.bytes(payer.as_bytes());
-        for v in [y.deductible_fen, y.fund_paid_fen, y.eligible_fen, y.account_paid_fen, y.eligible_self_pay_fen] {
+        for v in [
+            y.deductible_fen,
+            y.fund_paid_fen,
+            y.eligible_fen,
+            y.account_paid_fen,
+            y.eligible_self_pay_fen,
+            y.outpatient_fund_paid_fen,
+        ] {
             e.int(v);
         }
     }
@@ -909,8 +926,7 @@ fn year_bytes(year: &Year) -> Vec<u8> {
 }
 
 fn same_figures(a: &YearToDate, b: &YearToDate) -> bool {
-    (a.deductible_fen, a.fund_paid_fen, a.eligible_fen, a.account_paid_fen, a.eligible_self_pay_fen)
-        == (b.deductible_fen, b.fund_paid_fen, b.eligible_fen, b.account_paid_fen, b.eligible_self_pay_fen)
+    YearToDate { year: 0, ..*a } == YearToDate { year: 0, ..*b }
 }
 
 /// Stripe kinds.
@@ -999,6 +1015,7 @@ fn plan_accumulators(
             now.eligible_fen += d.eligible_fen;
             now.account_paid_fen += d.account_paid_fen;
             now.eligible_self_pay_fen += d.eligible_self_pay_fen;
+            now.outpatient_fund_paid_fen += d.outpatient_fund_paid_fen;
         }
         plan.ops.push(Op::Put(
             Space::Accumulators,

@@ -469,7 +469,7 @@ async fn record_pipelined(
     row.extend([&state as Param<'_>, &status, &o.body, &deltas, &payers, &fund, &account, &cash, &o.at]);
     let read = if o.state == State::Settled { &o.read[..] } else { &[] };
     let figures: Vec<Figures> = o.deltas.iter().map(|d| Figures::of(d, read)).collect();
-    let upserts: Vec<[Param<'_>; 14]> =
+    let upserts: Vec<[Param<'_>; 16]> =
         o.deltas.iter().zip(&figures).map(|(d, f)| f.params(&o.card_hash, &d.payer)).collect();
     // A refused settlement holds neither its token nor its quote: the patient may try again.
     let holds = matches!(o.state, State::Settled | State::Unknown);
@@ -518,7 +518,7 @@ impl Figures {
         &'p self,
         card_hash: Param<'p>,
         payer: &'p String,
-    ) -> [&'p (dyn tokio_postgres::types::ToSql + Sync); 14] {
+    ) -> [&'p (dyn tokio_postgres::types::ToSql + Sync); 16] {
         let (d, g) = (&self.delta, &self.expected);
         [
             card_hash,
@@ -535,22 +535,26 @@ impl Figures {
             &g.eligible_fen,
             &g.account_paid_fen,
             &g.eligible_self_pay_fen,
+            &d.outpatient_fund_paid_fen,
+            &g.outpatient_fund_paid_fen,
         ]
     }
 }
 
-/// Adds a payer's change to a card's year; with $9, only if the row still holds $10..$14.
+/// Adds a payer's change to a card's year; with $9, only if the row still holds $10..$14 and $16.
 const UPSERT_ACCUMULATORS: &str =
     "INSERT INTO accumulators AS a (card_hash, year, payer, deductible_fen, fund_paid_fen,
-         eligible_fen, account_paid_fen, eligible_self_pay_fen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         eligible_fen, account_paid_fen, eligible_self_pay_fen, outpatient_fund_paid_fen)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $15)
      ON CONFLICT (card_hash, year, payer) DO UPDATE SET
          deductible_fen = a.deductible_fen + excluded.deductible_fen,
          fund_paid_fen = a.fund_paid_fen + excluded.fund_paid_fen,
          eligible_fen = a.eligible_fen + excluded.eligible_fen,
          account_paid_fen = a.account_paid_fen + excluded.account_paid_fen,
-         eligible_self_pay_fen = a.eligible_self_pay_fen + excluded.eligible_self_pay_fen
+         eligible_self_pay_fen = a.eligible_self_pay_fen + excluded.eligible_self_pay_fen,
+         outpatient_fund_paid_fen = a.outpatient_fund_paid_fen + excluded.outpatient_fund_paid_fen
      WHERE NOT $9 OR (a.deductible_fen = $10 AND a.fund_paid_fen = $11 AND a.eligible_fen = $12
-         AND a.account_paid_fen = $13 AND a.eligible_self_pay_fen = $14)";
+         AND a.account_paid_fen = $13 AND a.eligible_self_pay_fen = $14 AND a.outpatient_fund_paid_fen = $16)";
 
 /// Records an outcome over a pending (or unknown) intent, in the caller's transaction.
 async fn write_outcome(tx: &impl GenericClient, o: &Outcome, deltas: &str, payers: &str) -> Result<(), LedgerError> {
@@ -766,8 +770,8 @@ impl Ledger for PgLedger {
         Box::pin(self.with(async move |c| {
             let statement = c
                 .prepare_cached(
-                    "SELECT payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
-                     FROM accumulators WHERE card_hash = $1 AND year = $2",
+                    "SELECT payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen,
+                         outpatient_fund_paid_fen FROM accumulators WHERE card_hash = $1 AND year = $2",
                 )
                 .await
                 .map_err(db)?;
@@ -783,6 +787,7 @@ impl Ledger for PgLedger {
                         eligible_fen: r.try_get(3).map_err(db)?,
                         account_paid_fen: r.try_get(4).map_err(db)?,
                         eligible_self_pay_fen: r.try_get(5).map_err(db)?,
+                        outpatient_fund_paid_fen: r.try_get(6).map_err(db)?,
                     };
                 }
             }
@@ -1214,7 +1219,8 @@ impl Statements {
             year: tx
                 .prepare(
                     "INSERT INTO accumulators (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
-                         account_paid_fen, eligible_self_pay_fen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                         account_paid_fen, eligible_self_pay_fen, outpatient_fund_paid_fen)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 )
                 .await
                 .map_err(db)?,
@@ -1284,6 +1290,7 @@ async fn copy(
                         &y.eligible_fen,
                         &y.account_paid_fen,
                         &y.eligible_self_pay_fen,
+                        &y.outpatient_fund_paid_fen,
                     ],
                 )
                 .await

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS accumulators (
     eligible_fen          INTEGER NOT NULL DEFAULT 0,
     account_paid_fen      INTEGER NOT NULL DEFAULT 0,
     eligible_self_pay_fen INTEGER NOT NULL DEFAULT 0,
+    outpatient_fund_paid_fen INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (card_hash, year, payer)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quotes (
@@ -123,7 +124,8 @@ INSERT INTO outcomes (seq, state, status, body, reversal, deltas, payers, fund_f
                   FROM settlement_payers p WHERE p.settlement_id = s.id), '[]'),
         s.fund_fen, s.account_fen, s.cash_fen, s.updated_at
     FROM settlements_v2 s WHERE s.state <> 'pending';
-INSERT INTO accumulators SELECT card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
+INSERT INTO accumulators (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen,
+    eligible_self_pay_fen) SELECT card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
     account_paid_fen, eligible_self_pay_fen FROM accumulators_v2;
 DROP TABLE settlements_v2;
 DROP TABLE settlement_payers;
@@ -169,12 +171,15 @@ const MIGRATE_5_TO_6: &str = "CREATE TABLE IF NOT EXISTS encounters (
     UNIQUE (institution, idempotency_key)
 );";
 
+/// Moves a version 6 ledger to version 7: the outpatient pooling's own year-to-date figure.
+const MIGRATE_6_TO_7: &str = "ALTER TABLE accumulators ADD COLUMN outpatient_fund_paid_fen INTEGER NOT NULL DEFAULT 0;";
+
 /// Fills `reversed_day` for reversals recorded before version 4 (from their time).
 const FILL_REVERSED_DAY: &str =
     "UPDATE outcomes SET reversed_day = date(updated_at + 28800, 'unixepoch') WHERE state = 'reversed';";
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Most writes committed together.
 const MAX_BATCH: usize = 512;
@@ -344,12 +349,13 @@ impl SqliteLedger {
                 writer.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(storage)?;
             }
             (true, SCHEMA_VERSION) => {}
-            (true, 2..=5) => {
+            (true, 2..=6) => {
                 let migration = match version {
                     2 => MIGRATE_2_TO_3.replace("{SCHEMA}", SCHEMA),
-                    3 => format!("{MIGRATE_3_TO_4} {MIGRATE_4_TO_5} {MIGRATE_5_TO_6}"),
-                    4 => format!("{MIGRATE_4_TO_5} {MIGRATE_5_TO_6}"),
-                    _ => MIGRATE_5_TO_6.to_owned(),
+                    3 => format!("{MIGRATE_3_TO_4} {MIGRATE_4_TO_5} {MIGRATE_5_TO_6} {MIGRATE_6_TO_7}"),
+                    4 => format!("{MIGRATE_4_TO_5} {MIGRATE_5_TO_6} {MIGRATE_6_TO_7}"),
+                    5 => format!("{MIGRATE_5_TO_6} {MIGRATE_6_TO_7}"),
+                    _ => MIGRATE_6_TO_7.to_owned(),
                 };
                 writer
                     .execute_batch(&format!(
@@ -601,7 +607,7 @@ fn dump_into(
     // A card's year is its rows together (the primary key's order).
     let mut statement = c.prepare(
         "SELECT card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen,
-             eligible_self_pay_fen FROM accumulators ORDER BY card_hash, year",
+             eligible_self_pay_fen, outpatient_fund_paid_fen FROM accumulators ORDER BY card_hash, year",
     )?;
     let mut rows = statement.query([])?;
     let mut year: Option<(Vec<u8>, i32, super::PayerYears)> = None;
@@ -614,6 +620,7 @@ fn dump_into(
             eligible_fen: r.get(5)?,
             account_paid_fen: r.get(6)?,
             eligible_self_pay_fen: r.get(7)?,
+            outpatient_fund_paid_fen: r.get(8)?,
         };
         match &mut year {
             Some((c, y, payers)) if *c == card && *y == number => payers.push((r.get(2)?, figures)),
@@ -685,15 +692,17 @@ fn add_accumulators(
         let changed = conn
             .prepare_cached(
                 "INSERT INTO accumulators (card_hash, year, payer, deductible_fen, fund_paid_fen, eligible_fen,
-                     account_paid_fen, eligible_self_pay_fen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     account_paid_fen, eligible_self_pay_fen, outpatient_fund_paid_fen)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?15)
                  ON CONFLICT (card_hash, year, payer) DO UPDATE SET
                      deductible_fen = deductible_fen + excluded.deductible_fen,
                      fund_paid_fen = fund_paid_fen + excluded.fund_paid_fen,
                      eligible_fen = eligible_fen + excluded.eligible_fen,
                      account_paid_fen = account_paid_fen + excluded.account_paid_fen,
-                     eligible_self_pay_fen = eligible_self_pay_fen + excluded.eligible_self_pay_fen
+                     eligible_self_pay_fen = eligible_self_pay_fen + excluded.eligible_self_pay_fen,
+                     outpatient_fund_paid_fen = outpatient_fund_paid_fen + excluded.outpatient_fund_paid_fen
                  WHERE ?9 = 0 OR (deductible_fen = ?10 AND fund_paid_fen = ?11 AND eligible_fen = ?12
-                     AND account_paid_fen = ?13 AND eligible_self_pay_fen = ?14)",
+                     AND account_paid_fen = ?13 AND eligible_self_pay_fen = ?14 AND outpatient_fund_paid_fen = ?16)",
             )?
             .execute(params![
                 card_hash,
@@ -710,6 +719,8 @@ fn add_accumulators(
                 given.map_or(0, |g| g.eligible_fen),
                 given.map_or(0, |g| g.account_paid_fen),
                 given.map_or(0, |g| g.eligible_self_pay_fen),
+                d.outpatient_fund_paid_fen,
+                given.map_or(0, |g| g.outpatient_fund_paid_fen),
             ])?;
         // No row inserted or updated: it exists and holds other figures than were read. (A
         // missing row was read as zeros; one inserted since is caught here too.)
@@ -1139,8 +1150,8 @@ impl super::ReadsNow for SqliteLedger {
         let mut found: Vec<YearToDate> = payers.iter().map(|_| YearToDate { year, ..YearToDate::default() }).collect();
         self.read(|c| {
             let mut statement = c.prepare_cached(
-                "SELECT payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen
-                 FROM accumulators WHERE card_hash = ?1 AND year = ?2",
+                "SELECT payer, deductible_fen, fund_paid_fen, eligible_fen, account_paid_fen, eligible_self_pay_fen,
+                     outpatient_fund_paid_fen FROM accumulators WHERE card_hash = ?1 AND year = ?2",
             )?;
             let mut rows = statement.query(params![card_hash, year])?;
             while let Some(r) = rows.next()? {
@@ -1153,6 +1164,7 @@ impl super::ReadsNow for SqliteLedger {
                         eligible_fen: r.get(3)?,
                         account_paid_fen: r.get(4)?,
                         eligible_self_pay_fen: r.get(5)?,
+                        outpatient_fund_paid_fen: r.get(6)?,
                     };
                 }
             }

@@ -53,6 +53,37 @@ pub struct Scheme {
     /// is settled like any bill.
     #[serde(default)]
     pub inpatient: Option<Inpatient>,
+    /// Outpatient pooling (门诊统筹), where it has rules of its own: a ceiling of its own within
+    /// the annual one, its own share, and chronic and special diseases. It applies to every bill
+    /// that is not an inpatient stay's. Absent: such bills are settled by the scheme's numbers.
+    #[serde(default)]
+    pub outpatient: Option<Outpatient>,
+}
+
+/// How a scheme's outpatient pooling settles.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outpatient {
+    /// The most the funds pay for one person's outpatient care in a year (counted in the
+    /// annual ceiling too).
+    pub annual_ceiling_fen: Fen,
+    /// Its share above the yearly deductible, by level; absent: the scheme's `ratio_bp`.
+    #[serde(default)]
+    pub ratio_bp: Option<Ratios>,
+    /// Outpatient chronic and special diseases (门诊慢特病): visits of these medical types are
+    /// paid without the yearly deductible at their own share, within the outpatient ceiling.
+    #[serde(default)]
+    pub chronic: Option<Chronic>,
+}
+
+/// The rules of outpatient chronic and special diseases.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chronic {
+    /// The national medical types (`med_type`) they cover, for example `["14"]`.
+    pub med_types: Vec<String>,
+    /// Their share, by level.
+    pub ratio_bp: Ratios,
 }
 
 /// How a scheme settles an inpatient stay.
@@ -200,6 +231,25 @@ impl Scheme {
         {
             problems.push(format!("{path}.account.mutual_aid.per_settlement_limit_fen: {limit} is negative"));
         }
+        if let Some(outpatient) = &self.outpatient {
+            if outpatient.annual_ceiling_fen < 0 {
+                problems.push(format!(
+                    "{path}.outpatient.annual_ceiling_fen: {} is negative",
+                    outpatient.annual_ceiling_fen
+                ));
+            }
+            let chronic = outpatient.chronic.as_ref().map(|c| ("chronic.ratio_bp", &c.ratio_bp));
+            for (key, ratios) in outpatient.ratio_bp.as_ref().map(|r| ("ratio_bp", r)).into_iter().chain(chronic) {
+                for (level, bp) in ratios.all() {
+                    if bp > FULL_BP {
+                        problems.push(format!("{path}.outpatient.{key}.{level}: {bp} is above {FULL_BP}"));
+                    }
+                }
+            }
+            if outpatient.chronic.as_ref().is_some_and(|c| c.med_types.is_empty()) {
+                problems.push(format!("{path}.outpatient.chronic.med_types: at least one"));
+            }
+        }
         if let Some(inpatient) = &self.inpatient {
             let d = inpatient.deductible_fen;
             for (level, value) in [("primary", d.primary), ("secondary", d.secondary), ("tertiary", d.tertiary)] {
@@ -320,8 +370,15 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
     let eligible = bill.eligible.min(due);
 
     // Eligible cost first meets what is left of the deductible — a stay's own (per admission,
-    // less what the stay's earlier settlements met) or the yearly one; the fund pays its ratio
-    // of the rest, up to what is left under the annual ceiling, and never more than is due.
+    // less what the stay's earlier settlements met), none for a chronic disease's visit, or
+    // the yearly one; the fund pays its ratio of the rest, up to what is left under the annual
+    // ceiling (and the outpatient pooling's), and never more than is due.
+    let inpatient_bill = request.encounter.as_ref().is_some_and(|e| e.kind == EncounterKind::Inpatient);
+    let outpatient = scheme.outpatient.as_ref().filter(|_| !inpatient_bill);
+    let med_type = request.encounter.as_ref().map(|e| e.med_type.as_str());
+    let chronic = outpatient
+        .and_then(|o| o.chronic.as_ref())
+        .filter(|c| med_type.is_some_and(|m| c.med_types.iter().any(|t| t == m)));
     let (ratio, deductible, yearly_deductible) = match stay {
         Some((encounter, inpatient)) => {
             let ratio =
@@ -331,15 +388,21 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
             let deductible = eligible.min(per_stay.saturating_sub(met).max(0));
             (ratio, deductible, 0)
         }
+        None if chronic.is_some() => {
+            (chronic.map(|c| c.ratio_bp).unwrap_or(scheme.ratio_bp).for_level(level).ok_or_else(not_covered)?, 0, 0)
+        }
         None => {
-            let ratio = scheme.ratio_bp.for_level(level).ok_or_else(not_covered)?;
+            let ratios = outpatient.and_then(|o| o.ratio_bp.as_ref()).unwrap_or(&scheme.ratio_bp);
+            let ratio = ratios.for_level(level).ok_or_else(not_covered)?;
             let deductible = eligible.min(scheme.deductible_fen.saturating_sub(ytd.deductible_fen).max(0));
             (ratio, deductible, deductible)
         }
     };
     let coinsured = eligible - deductible;
     let by_ratio = share(coinsured, ratio);
-    let fund = by_ratio.min(scheme.annual_ceiling_fen.saturating_sub(ytd.fund_paid_fen).max(0));
+    let outpatient_left =
+        outpatient.map_or(Fen::MAX, |o| o.annual_ceiling_fen.saturating_sub(ytd.outpatient_fund_paid_fen).max(0));
+    let fund = by_ratio.min(scheme.annual_ceiling_fen.saturating_sub(ytd.fund_paid_fen).max(0)).min(outpatient_left);
     let patient = due - fund;
     let eligible_self_pay = eligible - fund;
 
@@ -356,7 +419,7 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
             if stay.is_some() { "toward this stay's deductible" } else { "toward the yearly deductible" },
         ),
         ("co_insurance", coinsured - by_ratio, "patient's share above the deductible"),
-        ("above_ceiling", by_ratio - fund, "beyond the annual ceiling"),
+        ("above_ceiling", by_ratio - fund, "beyond the annual ceiling, or the outpatient pooling's"),
     ];
     Ok(Split {
         funds: vec![FundPayment { fund: config.fund.clone(), amount_fen: fund }],
@@ -373,6 +436,7 @@ pub fn split(config: &Config, scheme: &Scheme, request: &SettlementRequest) -> R
             eligible_fen: eligible,
             account_paid_fen: account,
             eligible_self_pay_fen: eligible_self_pay,
+            outpatient_fund_paid_fen: if inpatient_bill { 0 } else { fund },
         },
         breakdown: breakdown
             .into_iter()

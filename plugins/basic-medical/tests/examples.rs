@@ -253,3 +253,45 @@ fn example_8_an_inpatient_stay_meets_its_deductible_once_over_interim_and_final_
     let visit = plugin().settle(&visit).expect("settles");
     assert_eq!((visit.fund_pay_fen(), visit.year_to_date_delta.deductible_fen), (48_000, 80_000));
 }
+
+#[test]
+fn example_9_outpatient_pooling_has_its_own_ceiling_and_chronic_diseases_no_deductible() {
+    use cardgate_sdk::{EncounterInfo, EncounterKind};
+    let visit = |med_type: &str, kind: EncounterKind| EncounterInfo {
+        id: "E2".into(),
+        kind,
+        med_type: med_type.into(),
+        diagnoses: vec![],
+        department: None,
+        admitted_at: "2026-12-01T08:00:00+08:00".into(),
+        discharged_at: None,
+        interim: kind == EncounterKind::Inpatient,
+        settled_lines: vec![],
+        settled_count: 0,
+    };
+    let bill = |ytd: YearToDate, encounter: Option<EncounterInfo>| {
+        let mut req = request("310", Tertiary, vec![line(ClassA, 100_000)], ytd);
+        req.use_account = false;
+        req.encounter = encounter;
+        req
+    };
+    // 49,900 of the outpatient pooling's 50,000 yuan used: 100 yuan left of the 800 due.
+    let used = YearToDate { deductible_fen: 80_000, outpatient_fund_paid_fen: 4_990_000, ..YearToDate::default() };
+    let capped = plugin().settle(&bill(used, None)).expect("settles");
+    assert_eq!((capped.fund_pay_fen(), capped.cash_pay_fen), (10_000, 90_000));
+    assert_eq!(breakdown(&capped, "above_ceiling"), 70_000);
+    assert_eq!(capped.year_to_date_delta.outpatient_fund_paid_fen, 10_000);
+    // A chronic disease's visit (med_type 14): no yearly deductible, 80% at a tertiary hospital.
+    let chronic = plugin().settle(&bill(YearToDate::default(), Some(visit("14", EncounterKind::Outpatient))));
+    let chronic = chronic.expect("settles");
+    assert_eq!((chronic.fund_pay_fen(), chronic.year_to_date_delta.deductible_fen), (80_000, 0));
+    assert_eq!(chronic.year_to_date_delta.outpatient_fund_paid_fen, 80_000);
+    // A general visit (med_type 11) meets the yearly deductible first: 80% of 20,000.
+    let general = plugin().settle(&bill(YearToDate::default(), Some(visit("11", EncounterKind::Outpatient))));
+    assert_eq!(general.expect("settles").fund_pay_fen(), 16_000);
+    // A stay is not outpatient care: the outpatient ceiling reached does not limit it, and it
+    // does not count toward it.
+    let full = YearToDate { outpatient_fund_paid_fen: 5_000_000, ..YearToDate::default() };
+    let stay = plugin().settle(&bill(full, Some(visit("21", EncounterKind::Inpatient)))).expect("settles");
+    assert_eq!((stay.fund_pay_fen(), stay.year_to_date_delta.outpatient_fund_paid_fen), (8_500, 0));
+}

@@ -52,6 +52,7 @@ fn config() -> impl Strategy<Value = Config> {
                         mutual_aid: None,
                     }),
                     inpatient: None,
+                    outpatient: None,
                 },
             )]
             .into(),
