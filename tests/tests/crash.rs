@@ -195,3 +195,134 @@ async fn acknowledged_settlements_survive_sigkill_and_none_settles_twice() {
         assert_eq!(day["settled"][field].as_i64(), Some(sum), "ledger {field} equals the receipts'");
     }
 }
+
+/// One step of an encounter as a hospital's system sends it: the path, its body, and the
+/// idempotency key it is sent under (a step that settles or registers has one).
+fn encounter_step(step: usize, id: &str, token: &str, key: &str) -> (String, Option<String>, Value) {
+    let fees = |first: usize| {
+        let lines: Vec<Value> = (first..first + 100)
+            .map(|sn| {
+                json!({ "feedetl_sn": sn.to_string(), "code": "XA01", "name": "drug", "category": "class_a",
+                "quantity": 1, "unit_price_fen": 100, "amount_fen": 100 })
+            })
+            .collect();
+        json!({ "fees": lines })
+    };
+    match step {
+        0 => (
+            "/v1/encounters".into(),
+            Some(format!("{key}-adm")),
+            json!({ "token": token, "terminal_id": "ADM", "med_type": "21", "begntime": "2026-12-01T08:00:00+08:00",
+                "diagnoses": [{ "code": "J18.9", "primary": true }] }),
+        ),
+        1 => (format!("/v1/encounters/{id}/fees"), None, fees(1)),
+        2 => (format!("/v1/encounters/{id}/settlements"), Some(format!("{key}-interim")), json!({ "interim": true })),
+        3 => (format!("/v1/encounters/{id}/fees"), None, fees(101)),
+        4 => (format!("/v1/encounters/{id}/discharge"), None, json!({ "endtime": "2026-12-03T10:00:00+08:00" })),
+        _ => (format!("/v1/encounters/{id}/settlements"), Some(format!("{key}-final")), json!({})),
+    }
+}
+
+/// Stays settled in steps (admission, fees, interim settlement, more fees, discharge, final
+/// settlement) while the real daemon is killed with SIGKILL and restarted; each step not yet
+/// acknowledged is sent again (with its key where it has one). Then every stay has its 200
+/// lines settled exactly once, by exactly one interim and one final settlement, each
+/// acknowledged receipt is what the ledger holds, and the day's totals are the receipts'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encounters_settled_in_steps_survive_sigkill_and_none_settles_twice() {
+    let stays = env_number("CRASH_STAYS", 16);
+    let addr = free_port();
+    let setup = Setup::create(&Options::default(), &addr.to_string());
+    let client = setup.client(addr, 0);
+    let tokens: Vec<String> = (0..stays).map(|_| setup.token(&Card::in_region("310104"), 600)).collect();
+    let mut daemon = Daemon { setup, child: None };
+    daemon.start();
+    daemon.wait_ready(&client).await;
+    let steps_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let receipts: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let workers: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(n, token)| {
+            let (client, steps_done, receipts) = (client.clone(), steps_done.clone(), receipts.clone());
+            tokio::spawn(async move {
+                let (mut id, mut step, mut attempt) = (String::new(), 0, 0);
+                while step < 6 {
+                    let (path, key, body) = encounter_step(step, &id, &token, &format!("stay-{n}-{attempt}"));
+                    let headers: Vec<(&str, &str)> = key.iter().map(|k| ("idempotency-key", k.as_str())).collect();
+                    let sent = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        client.send(Method::POST, &path, &headers, Some(&body.to_string())),
+                    )
+                    .await;
+                    match sent {
+                        Ok(Ok(reply)) if reply.status.is_success() => {
+                            let answer = reply.json();
+                            if step == 0 {
+                                id = answer["encounter_id"].as_str().expect("id").to_owned();
+                            }
+                            if step == 2 || step == 5 {
+                                receipts.lock().expect("receipts").push(answer);
+                            }
+                            step += 1;
+                            steps_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(Ok(reply)) if reply.status == StatusCode::CONFLICT => match reply.json()["code"].as_str() {
+                            // Still running (or pending since the kill): the same key later.
+                            Some("request_in_progress") => tokio::time::sleep(Duration::from_millis(200)).await,
+                            // Took nothing: a new key.
+                            Some("encounter_busy") => attempt += 1,
+                            _ => panic!("stay {n} step {step}: {} {}", reply.status, reply.body),
+                        },
+                        Ok(Ok(reply)) if reply.status == StatusCode::SERVICE_UNAVAILABLE => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Ok(Ok(reply)) => panic!("stay {n} step {step}: {} {}", reply.status, reply.body),
+                        Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                id
+            })
+        })
+        .collect();
+    let mut seed = 0xe4c0_u64 ^ u64::from(std::process::id());
+    let total_steps = stays * 6;
+    for cycle in 0..3 {
+        let threshold = total_steps * (cycle + 1) / 4 + (next(&mut seed) as usize % (total_steps / 8).max(1));
+        while steps_done.load(std::sync::atomic::Ordering::Relaxed) < threshold.min(total_steps - 1) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_micros(next(&mut seed) % 5000)).await;
+        daemon.kill();
+        println!("cycle {}: SIGKILL after {} steps", cycle + 1, steps_done.load(std::sync::atomic::Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        daemon.start();
+        daemon.wait_ready(&client).await;
+    }
+    let mut ids = Vec::new();
+    for worker in workers {
+        ids.push(worker.await.expect("worker"));
+    }
+    let receipts = receipts.lock().expect("receipts").clone();
+    assert_eq!(receipts.len(), stays * 2, "an interim and a final receipt per stay");
+    for id in &ids {
+        let view = get(&client, &format!("/v1/encounters/{id}")).await.json();
+        assert_eq!((view["fees"]["count"].as_u64(), view["fees"]["settled_fen"].as_i64()), (Some(200), Some(20_000)));
+        let settled: Vec<&Value> =
+            view["settlements"].as_array().expect("settlements").iter().filter(|s| s["state"] == "settled").collect();
+        assert_eq!(settled.len(), 2, "{view}");
+        assert_eq!((settled[0]["interim"].as_bool(), settled[1]["interim"].as_bool()), (Some(true), Some(false)));
+    }
+    for receipt in &receipts {
+        let sid = receipt["settlement_id"].as_str().expect("sid");
+        assert_eq!(get(&client, &format!("/v1/settlements/{sid}")).await.json(), *receipt, "{sid}");
+    }
+    let now = time::OffsetDateTime::now_utc() + time::Duration::hours(8);
+    let date = format!("{:04}-{:02}-{:02}", now.year(), u8::from(now.month()), now.day());
+    let day = get(&client, &format!("/v1/reconciliation?date={date}&page_size=1000")).await.json();
+    assert_eq!(day["settled"]["count"].as_u64(), Some(stays as u64 * 2), "one settlement per step, none twice");
+    for field in ["total_fen", "fund_pay_fen", "cash_pay_fen"] {
+        let sum: i64 = receipts.iter().map(|r| r[field].as_i64().expect("amount")).sum();
+        assert_eq!(day["settled"][field].as_i64(), Some(sum), "{field}");
+    }
+}

@@ -236,7 +236,9 @@ async fn an_outpatient_visit_settles_under_the_yearly_rules_and_refuses_what_a_v
     let by_token = post(&gw.hospital, "/v1/settlements", Some("tok-again"), &settled_with_it).await;
     assert_eq!(by_token.json()["code"], "token_replayed");
     // Bad input: a clear error, nothing stored.
-    for (field, value) in [("med_type", json!("")), ("admitted_at", json!("yesterday"))] {
+    for (field, value) in
+        [("med_type", json!("")), ("admitted_at", json!("yesterday")), ("admitted_at", json!("2099-01-01T00:00:00Z"))]
+    {
         let mut bad = body.clone();
         bad[field] = value;
         bad["token"] = json!(gw.token(&card, 120));

@@ -336,6 +336,9 @@ pub async fn register(
     }
     let now = gateway.clock.now();
     let admitted_at = rfc3339_moment("admitted_at", &body.admitted_at)?;
+    if admitted_at > now + gateway.config.tokens.clock_skew_secs {
+        return Err(ApiError::invalid("admitted_at: in the future"));
+    }
     if !(2..=4).contains(&body.med_type.len()) || !body.med_type.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(ApiError::invalid("med_type: the national medical type, 2 to 4 letters or digits (11, 14, 21)"));
     }
@@ -570,6 +573,9 @@ pub async fn discharge(
 ) -> Result<ApiResponse, ApiError> {
     let institution = identity.institution.as_str();
     let at = rfc3339_moment("discharged_at", &body.discharged_at)?;
+    if at > gateway.clock.now() + gateway.config.tokens.clock_skew_secs {
+        return Err(ApiError::invalid("discharged_at: in the future"));
+    }
     if let Some(diagnoses) = &body.diagnoses {
         check_diagnoses(diagnoses)?;
     }
