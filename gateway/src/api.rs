@@ -5,15 +5,14 @@
 //! - [`problem`]: error classes -> status and stable code.
 //! - [`flow`]: inquiries, quotes, settlements, reversals.
 //! - [`reconciliation`]: an institution's business day, and closing it.
-//! - [`encounters`]: a hospital's visits and stays settled in steps (it lives under `flow`,
-//!   whose settlement machinery its settlements run through).
+//! - [`encounters`]: a hospital's visits and stays settled in steps (its settlements run
+//!   through `flow`'s settlement machinery).
 
+pub mod encounters;
 pub mod flow;
 pub mod model;
 pub mod problem;
 pub mod reconciliation;
-
-pub use flow::encounters;
 
 use http::{Method, StatusCode};
 

@@ -26,22 +26,20 @@ use crate::route::RouteQuery;
 use crate::service::{Gateway, PluginSet};
 use crate::token::{DelegateClaim, ECardClaim, ReplayStore, TokenError};
 
-pub mod encounters;
-
 /// What a bill is settled for: the card, and the token or quote that vouched for it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Subject {
-    card_id: String,
-    holder_name: String,
-    insured_region: String,
-    insurance_types: Vec<String>,
-    delegate: Option<(String, Option<String>, String)>,
-    token_id: Option<Vec<u8>>,
-    token_expires_at: Option<i64>,
+pub(super) struct Subject {
+    pub(super) card_id: String,
+    pub(super) holder_name: String,
+    pub(super) insured_region: String,
+    pub(super) insurance_types: Vec<String>,
+    pub(super) delegate: Option<(String, Option<String>, String)>,
+    pub(super) token_id: Option<Vec<u8>>,
+    pub(super) token_expires_at: Option<i64>,
 }
 
 impl Subject {
-    fn from_claim(ecard: ECardClaim, token_id: Option<Vec<u8>>, token_expires_at: Option<i64>) -> Self {
+    pub(super) fn from_claim(ecard: ECardClaim, token_id: Option<Vec<u8>>, token_expires_at: Option<i64>) -> Self {
         Self {
             card_id: ecard.card_id,
             holder_name: ecard.holder_name,
@@ -53,7 +51,7 @@ impl Subject {
         }
     }
 
-    fn card(&self) -> CardClaims {
+    pub(super) fn card(&self) -> CardClaims {
         CardClaims {
             card_id: self.card_id.clone(),
             holder_name: self.holder_name.clone(),
@@ -67,7 +65,7 @@ impl Subject {
         }
     }
 
-    fn delegate_json(&self) -> Value {
+    pub(super) fn delegate_json(&self) -> Value {
         self.delegate.as_ref().map_or(
             Value::Null,
             |(card_id, name, relation)| json!({ "card": mask_card(card_id), "name": name, "relation": relation }),
@@ -84,7 +82,7 @@ struct QuoteContent {
     bill: BillBody,
 }
 
-fn institution<'g>(
+pub(super) fn institution<'g>(
     gateway: &'g Gateway,
     identity: &Identity,
     named: Option<&str>,
@@ -106,7 +104,7 @@ fn institution<'g>(
 
 /// What every request that names a terminal goes through first: the institution must be the
 /// certificate's, the terminal id well-formed and within its rate limit.
-async fn admit<'g>(
+pub(super) async fn admit<'g>(
     gateway: &'g Gateway,
     identity: &Identity,
     named: Option<&str>,
@@ -118,11 +116,11 @@ async fn admit<'g>(
     Ok(institution)
 }
 
-fn sdk_institution(id: &str, config: &InstitutionConfig) -> Institution {
+pub(super) fn sdk_institution(id: &str, config: &InstitutionConfig) -> Institution {
     Institution { id: id.to_owned(), level: config.level, region: config.region.clone() }
 }
 
-fn insurance_type(subject: &Subject, requested: Option<&str>) -> Result<String, ApiError> {
+pub(super) fn insurance_type(subject: &Subject, requested: Option<&str>) -> Result<String, ApiError> {
     match requested {
         None => subject
             .insurance_types
@@ -138,7 +136,7 @@ fn insurance_type(subject: &Subject, requested: Option<&str>) -> Result<String, 
     }
 }
 
-fn payer_chain<'g>(
+pub(super) fn payer_chain<'g>(
     gateway: &'g Gateway,
     plugins: &'g PluginSet,
     subject: &Subject,
@@ -181,11 +179,11 @@ fn route_names(
     gateway.router.route(&query).map_or_else(|| "-".to_owned(), |names| names.join(">"))
 }
 
-fn year_of(now: i64) -> i32 {
+pub(super) fn year_of(now: i64) -> i32 {
     time::OffsetDateTime::from_unix_timestamp(now + UTC_OFFSET_SECS).map_or(1970, |t| t.year())
 }
 
-fn new_id(prefix: char) -> String {
+pub(super) fn new_id(prefix: char) -> String {
     use ring::rand::SecureRandom;
     let mut random = [0u8; 10];
     let _ = ring::rand::SystemRandom::new().fill(&mut random);
@@ -195,40 +193,40 @@ fn new_id(prefix: char) -> String {
 }
 
 /// One payer's answer in a chain.
-struct PayerSplit<'g> {
-    name: &'g str,
-    version: String,
-    split: Split,
+pub(super) struct PayerSplit<'g> {
+    pub(super) name: &'g str,
+    pub(super) version: String,
+    pub(super) split: Split,
 }
 
 /// What a chain of payers needs to know about the bill.
-struct Bill<'a> {
-    id: &'a str,
-    subject: &'a Subject,
-    institution: Institution,
-    insurance_type: &'a str,
+pub(super) struct Bill<'a> {
+    pub(super) id: &'a str,
+    pub(super) subject: &'a Subject,
+    pub(super) institution: Institution,
+    pub(super) insurance_type: &'a str,
     /// The lines as the payers see them (classified by the catalogue, where there is one).
-    lines: &'a [cardgate_sdk::BillLine],
-    use_account: bool,
-    total_fen: i64,
+    pub(super) lines: &'a [cardgate_sdk::BillLine],
+    pub(super) use_account: bool,
+    pub(super) total_fen: i64,
     /// The encounter, for a hospital's settlement in steps.
-    encounter: Option<&'a cardgate_sdk::EncounterInfo>,
+    pub(super) encounter: Option<&'a cardgate_sdk::EncounterInfo>,
 }
 
 /// A payer the chain passed over: it answered that it does not insure this person for this
 /// insurance type (`not_insured`). Shown on the quote and the receipt; nothing of it moves.
 #[derive(Debug, Serialize)]
-struct Skipped<'g> {
-    payer: &'g str,
-    reason: &'static str,
-    detail: String,
+pub(super) struct Skipped<'g> {
+    pub(super) payer: &'g str,
+    pub(super) reason: &'static str,
+    pub(super) detail: String,
 }
 
 /// Calls each payer with what the earlier ones left; checks every answer balances. A payer
 /// that answers `not_insured` does not apply to this person and is skipped (the next is asked
 /// for the same amount); any other refusal stops the chain. When no payer applies, the first
 /// one's refusal is the answer.
-async fn run_chain<'g>(
+pub(super) async fn run_chain<'g>(
     gateway: &'g Gateway,
     chain: &[(&'g str, &'g PluginHandle)],
     operation: Operation,
@@ -292,10 +290,10 @@ async fn run_chain<'g>(
 }
 
 /// A chain's answers, the payers it skipped and the accumulators its payers were given.
-struct Chained<'g> {
-    results: Vec<PayerSplit<'g>>,
-    skipped: Vec<Skipped<'g>>,
-    read: Vec<AccumulatorDelta>,
+pub(super) struct Chained<'g> {
+    pub(super) results: Vec<PayerSplit<'g>>,
+    pub(super) skipped: Vec<Skipped<'g>>,
+    pub(super) read: Vec<AccumulatorDelta>,
 }
 
 /// A delegate as answers show it: the card masked.
@@ -311,14 +309,14 @@ fn delegate_view(subject: &Subject) -> Option<DelegateView<'_>> {
 }
 
 #[derive(Serialize)]
-struct FundLine<'a> {
+pub(super) struct FundLine<'a> {
     payer: &'a str,
     fund: &'a str,
     amount_fen: i64,
 }
 
 #[derive(Serialize)]
-struct PayerView<'a> {
+pub(super) struct PayerView<'a> {
     payer: &'a str,
     version: &'a str,
     funds: &'a [cardgate_sdk::FundPayment],
@@ -331,7 +329,7 @@ struct PayerView<'a> {
 
 /// The split part shared by quotes and receipts, serialised straight from the payers' answers.
 #[derive(Serialize)]
-struct SplitView<'a> {
+pub(super) struct SplitView<'a> {
     total_fen: i64,
     fund_pay_fen: i64,
     account_pay_fen: i64,
@@ -342,7 +340,11 @@ struct SplitView<'a> {
     skipped: &'a [Skipped<'a>],
 }
 
-fn split_view<'a>(results: &'a [PayerSplit<'_>], skipped: &'a [Skipped<'a>], total_fen: i64) -> SplitView<'a> {
+pub(super) fn split_view<'a>(
+    results: &'a [PayerSplit<'_>],
+    skipped: &'a [Skipped<'a>],
+    total_fen: i64,
+) -> SplitView<'a> {
     SplitView {
         skipped,
         total_fen,
@@ -446,7 +448,7 @@ struct QuoteView<'a> {
 /// The bureau's catalogue applied to a bill's lines on the business day of `now` (nothing
 /// without a catalogue): each line takes the catalogue's entry and class, or the bill is
 /// refused (`422 item_not_in_catalogue`, `item_class_mismatch`) as configured.
-fn classify_lines(
+pub(super) fn classify_lines(
     gateway: &Gateway,
     lines: &mut [cardgate_sdk::BillLine],
     now: i64,
@@ -521,22 +523,22 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
 /// What a settlement request resolves to before any money moves; sealed into the intent so an
 /// interrupted settlement can be completed exactly as it was asked.
 #[derive(Debug, Serialize, Deserialize)]
-struct Prepared {
-    subject: Subject,
-    insurance_type: String,
-    bill: BillBody,
-    total_fen: i64,
-    quote_id: Option<String>,
+pub(super) struct Prepared {
+    pub(super) subject: Subject,
+    pub(super) insurance_type: String,
+    pub(super) bill: BillBody,
+    pub(super) total_fen: i64,
+    pub(super) quote_id: Option<String>,
     /// The lines as the payers see them: `bill`'s, classified by the catalogue (each with its
     /// entry). Kept apart from `bill`, which is the request as sent and is read back as one.
     #[serde(default)]
-    lines: Vec<cardgate_sdk::BillLine>,
+    pub(super) lines: Vec<cardgate_sdk::BillLine>,
     /// The lines the catalogue reclassified.
     #[serde(default)]
-    reclassified: Vec<Reclassified>,
+    pub(super) reclassified: Vec<Reclassified>,
     /// A settlement of an encounter: which, and the fee lines (serial numbers) it claims.
     #[serde(default)]
-    encounter: Option<EncounterClaim>,
+    pub(super) encounter: Option<EncounterClaim>,
 }
 
 /// What an encounter's settlement settles: the encounter as its payers see it and the serial
@@ -639,7 +641,7 @@ fn request_hash(body: &BillBody) -> Vec<u8> {
 
 /// The answer for a repeated idempotency key: the stored one; for an `unknown` outcome, the
 /// settlement is completed first (never twice).
-async fn replay(gateway: &Gateway, record: Record, hash: &[u8]) -> Result<ApiResponse, ApiError> {
+pub(super) async fn replay(gateway: &Gateway, record: Record, hash: &[u8]) -> Result<ApiResponse, ApiError> {
     if record.request_hash != hash {
         return Err(ApiError::client(
             StatusCode::CONFLICT,
@@ -686,7 +688,7 @@ fn lease_secs(gateway: &Gateway) -> i64 {
     gateway.ledger.lease_secs().unwrap_or_else(|| stale_pending_secs(gateway))
 }
 
-fn stored_answer(gateway: &Gateway, record: Record) -> Result<ApiResponse, ApiError> {
+pub(super) fn stored_answer(gateway: &Gateway, record: Record) -> Result<ApiResponse, ApiError> {
     Ok(match record.state {
         State::Pending | State::Unknown => {
             let error = ApiError::client(StatusCode::CONFLICT, "request_in_progress", "still being processed; retry");
@@ -791,7 +793,7 @@ pub async fn settle(
 /// Runs the payer chain and records its outcome; answers what was recorded. Used for new
 /// settlements (`unrecorded`: their intent, not yet written), retries of `unknown` ones and
 /// the start-up recovery.
-async fn complete(
+pub(super) async fn complete(
     gateway: &Gateway,
     settlement: Settlement<'_>,
     prepared: &Prepared,
@@ -813,10 +815,10 @@ async fn complete(
     // claim landed (a crash, a change of the encounter meanwhile) settles nothing.
     if unrecorded.is_none()
         && let Some(claim) = &prepared.encounter
-        && !encounters::claim_holds(gateway, institution.0, claim, id).await?
+        && !super::encounters::claim_holds(gateway, institution.0, claim, id).await?
     {
         let busy = ApiError::client(StatusCode::CONFLICT, "encounter_busy", "the encounter changed meanwhile; retry");
-        return encounters::fail_unclaimed(gateway, settlement, &card_hash, busy).await;
+        return super::encounters::fail_unclaimed(gateway, settlement, &card_hash, busy).await;
     }
     let (mut attempt, mut retry_after) = (0, None);
     let (state, status, answer) = loop {
@@ -944,12 +946,12 @@ async fn complete(
 
 /// Which settlement [`complete`] completes.
 #[derive(Debug, Clone, Copy)]
-struct Settlement<'a> {
-    id: &'a str,
-    institution: &'a str,
+pub(super) struct Settlement<'a> {
+    pub(super) id: &'a str,
+    pub(super) institution: &'a str,
     /// When its intent was made (its accumulator year).
-    created_at: i64,
-    request_id: &'a str,
+    pub(super) created_at: i64,
+    pub(super) request_id: &'a str,
 }
 
 /// How often a settlement is asked again when the card's figures changed under it.

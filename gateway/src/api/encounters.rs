@@ -20,10 +20,20 @@
 //! settlement left pending by a crash before its claim landed is completed as failed (its
 //! lines were never claimed), never settled.
 
-use cardgate_sdk::{BillLine, Diagnosis, EncounterInfo, EncounterKind};
+use cardgate_sdk::{BillLine, Diagnosis, EncounterInfo, EncounterKind, Operation};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
-use super::*;
-use crate::ledger::StoredEncounter;
+use super::flow::{
+    Bill, Chained, EncounterClaim, Prepared, Settlement, Subject, admit, classify_lines, complete, institution,
+    insurance_type, new_id, payer_chain, replay, run_chain, sdk_institution, split_view, stored_answer, year_of,
+};
+use super::model::{BillBody, ReversalBody, check_bill, check_id};
+use super::{ApiError, ApiResponse, Identity};
+use crate::ledger::{Intent, LedgerError, Outcome, State, StoredEncounter, mask_card, rfc3339};
+use crate::service::Gateway;
+use crate::token::{ReplayStore, TokenError};
 
 /// Most fee lines over one encounter's stay (a 30-day stay has a few thousand).
 pub const MAX_ENCOUNTER_LINES: usize = 20_000;
@@ -467,7 +477,7 @@ pub async fn upload(gateway: &Gateway, identity: &Identity, id: &str, body: Valu
         serials.push(serial);
         raw_lines.push(Value::Object(fields));
     }
-    let lines = super::super::model::parse_lines(Value::Array(raw_lines)).map_err(ApiError::invalid)?;
+    let lines = super::model::parse_lines(Value::Array(raw_lines)).map_err(ApiError::invalid)?;
     let total = lines.iter().try_fold(0i64, |sum, l| sum.checked_add(l.amount_fen));
     check_bill(&lines, total)?;
     let mut classified = lines.clone();
@@ -861,5 +871,5 @@ pub async fn withdraw_settlement(
     if !loaded.content.settlements.iter().any(|c| c.settlement_id == settlement_id) {
         return Err(refused(StatusCode::NOT_FOUND, "not_found", "no such settlement of this encounter"));
     }
-    super::reverse(gateway, identity, settlement_id, body).await
+    super::flow::reverse(gateway, identity, settlement_id, body).await
 }
