@@ -111,8 +111,9 @@ fn allowed(segments: &[&str]) -> Option<&'static str> {
         ["v1", "settlements"] => Some("GET, HEAD, POST"),
         ["v1", "settlements", _] | ["v1", "reconciliation"] | ["v1", "encounters", _] => Some("GET, HEAD"),
         ["v1", "encounters"]
-        | ["v1", "encounters", _, "fees" | "quotes" | "settlements" | "discharge"]
+        | ["v1", "encounters", _, "fees" | "quotes" | "settlements" | "admission"]
         | ["v1", "encounters", _, "settlements", _, "withdrawal"] => Some("POST"),
+        ["v1", "encounters", _, "discharge"] => Some("POST, DELETE"),
         ["v1", "encounters", _, "fees", _] => Some("DELETE"),
         _ => None,
     }
@@ -189,6 +190,12 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
         (&Method::POST, ["v1", "encounters", id, "discharge"]) => {
             encounters::discharge(gateway, identity, id, parse(r.body)?).await
         }
+        (&Method::DELETE, ["v1", "encounters", id, "discharge"]) => {
+            encounters::withdraw_discharge(gateway, identity, id).await
+        }
+        (&Method::POST, ["v1", "encounters", id, "admission"]) => {
+            encounters::change_admission(gateway, identity, id, parse(r.body)?).await
+        }
         (&Method::POST, ["v1", "encounters", id, "quotes"]) => {
             encounters::quote(gateway, identity, id, parse_or_default(r.body)?).await
         }
@@ -257,6 +264,8 @@ pub fn endpoint(method: &Method, path: &str) -> &'static str {
         (&Method::POST, ["v1", "encounters", _, "fees"]) => "encounter_fees",
         (&Method::DELETE, ["v1", "encounters", _, "fees", _]) => "encounter_fee_withdrawal",
         (&Method::POST, ["v1", "encounters", _, "discharge"]) => "encounter_discharge",
+        (&Method::DELETE, ["v1", "encounters", _, "discharge"]) => "encounter_discharge_withdrawal",
+        (&Method::POST, ["v1", "encounters", _, "admission"]) => "encounter_admission_change",
         (&Method::POST, ["v1", "encounters", _, "quotes"]) => "encounter_quote",
         (&Method::POST, ["v1", "encounters", _, "settlements"]) => "encounter_settlement",
         (&Method::POST, ["v1", "encounters", _, "settlements", _, "withdrawal"]) => "encounter_withdrawal",

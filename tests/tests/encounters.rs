@@ -142,6 +142,29 @@ async fn a_five_day_stay_settles_in_steps_and_a_partial_refund_is_withdraw_corre
     .await;
     assert_eq!(discharged.status, StatusCode::OK, "{}", discharged.body);
     assert_eq!(discharged.json()["state"], "discharged");
+    // Discharged in error, withdrawn (2405), the diagnoses corrected (2403), discharged again.
+    let undone = gw.hospital.send(Method::DELETE, &format!("/v1/encounters/{id}/discharge"), &[], None).await;
+    assert_eq!(undone.expect("answer").json()["state"], "open");
+    let corrected = post(
+        &gw.hospital,
+        &format!("/v1/encounters/{id}/admission"),
+        None,
+        &json!({ "diagnoses": [{ "code": "I10" }, { "code": "I21.9", "primary": true }] }),
+    )
+    .await;
+    assert_eq!(corrected.status, StatusCode::OK, "{}", corrected.body);
+    let corrected = corrected.json();
+    let codes: Vec<&str> =
+        corrected["diagnoses"].as_array().expect("diagnoses").iter().filter_map(|d| d["code"].as_str()).collect();
+    assert_eq!(codes, ["I21.9", "I10"], "the primary first");
+    let again = post(
+        &gw.hospital,
+        &format!("/v1/encounters/{id}/discharge"),
+        None,
+        &json!({ "endtime": "2026-12-01T10:00:00+08:00" }),
+    )
+    .await;
+    assert_eq!(again.json()["state"], "discharged");
 
     // Pre-settlement, then the final settlement: the interim's lines met the deductible, so the
     // fund pays 85% of the 140,000.
@@ -157,6 +180,8 @@ async fn a_five_day_stay_settles_in_steps_and_a_partial_refund_is_withdraw_corre
     // Settled finally: no more fees.
     let late = post(&gw.hospital, &fees_path, None, &fees(3000, 1, "class_a", 100)).await;
     assert_eq!(late.json()["code"], "encounter_settled");
+    let undo = gw.hospital.send(Method::DELETE, &format!("/v1/encounters/{id}/discharge"), &[], None).await;
+    assert_eq!(undo.expect("answer").json()["code"], "encounter_settled");
 
     // A partial refund: 100 of the day-5 lines (20,000) were not given. Withdraw the final
     // settlement, withdraw the lines, settle again: 600 x 200 = 120,000, fund 102,000.

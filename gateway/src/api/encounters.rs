@@ -616,6 +616,79 @@ pub async fn discharge(
     Ok(json_response(StatusCode::OK, &view(id, institution, &content, &claims)))
 }
 
+/// `DELETE /v1/encounters/{id}/discharge` (2405): withdraws a discharge recorded in error,
+/// while no final settlement stands (withdraw that first). The stay is in again.
+pub async fn withdraw_discharge(gateway: &Gateway, identity: &Identity, id: &str) -> Result<ApiResponse, ApiError> {
+    let institution = identity.institution.as_str();
+    let ((), content, claims) = change(gateway, institution, id, |content, claims| {
+        if let Some(settlement) = claims.final_settlement() {
+            return Err(refused(
+                StatusCode::CONFLICT,
+                "encounter_settled",
+                format!("the stay's final settlement {settlement} stands: withdraw it first"),
+            ));
+        }
+        if content.kind != EncounterKind::Inpatient {
+            return Err(refused(StatusCode::CONFLICT, "not_inpatient", "only an inpatient stay is discharged"));
+        }
+        content.discharged_at = None;
+        Ok(Some(()))
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &view(id, institution, &content, &claims)))
+}
+
+/// `POST /v1/encounters/{id}/admission` (2403): corrects the registration's diagnoses and
+/// department while no final settlement stands; later settlements' payers see the new ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionChange {
+    /// The diagnoses, replacing the registration's.
+    #[serde(default)]
+    pub diagnoses: Option<Vec<Diagnosis>>,
+    /// The department (`dept_code`).
+    #[serde(default, alias = "dept_code")]
+    pub department: Option<String>,
+}
+
+/// `POST /v1/encounters/{id}/admission`: see [`AdmissionChange`].
+pub async fn change_admission(
+    gateway: &Gateway,
+    identity: &Identity,
+    id: &str,
+    body: AdmissionChange,
+) -> Result<ApiResponse, ApiError> {
+    let institution = identity.institution.as_str();
+    if let Some(diagnoses) = &body.diagnoses {
+        check_diagnoses(diagnoses)?;
+    }
+    if let Some(department) = &body.department {
+        check_id("department", department)?;
+    }
+    let ((), content, claims) = change(gateway, institution, id, |content, claims| {
+        if let Some(settlement) = claims.final_settlement() {
+            return Err(refused(
+                StatusCode::CONFLICT,
+                "encounter_settled",
+                format!("the encounter's final settlement {settlement} stands: withdraw it first"),
+            ));
+        }
+        if let Some(diagnoses) = &body.diagnoses {
+            if content.kind == EncounterKind::Inpatient && diagnoses.is_empty() {
+                return Err(ApiError::invalid("diagnoses: a stay needs at least one"));
+            }
+            content.diagnoses.clone_from(diagnoses);
+            content.diagnoses.sort_by_key(|d| !d.primary);
+        }
+        if let Some(department) = &body.department {
+            content.department = Some(department.clone());
+        }
+        Ok(Some(()))
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &view(id, institution, &content, &claims)))
+}
+
 /// What an encounter's settlement (or pre-settlement) would settle now: its free lines, and
 /// the encounter as its payers see it. Checks the step is allowed.
 fn next_settlement(
