@@ -107,7 +107,18 @@ async fn every_documented_operation_behaves_as_documented() {
         ("/v1/settlements", "get"),
         ("/v1/reconciliation", "get"),
         ("/v1/reconciliation/closures", "post"),
+        ("/v1/encounters", "post"),
+        ("/v1/encounters/{encounter_id}", "get"),
+        ("/v1/encounters/{encounter_id}/fees", "post"),
+        ("/v1/encounters/{encounter_id}/fees/{feedetl_sn}", "delete"),
+        ("/v1/encounters/{encounter_id}/admission", "post"),
+        ("/v1/encounters/{encounter_id}/quotes", "post"),
+        ("/v1/encounters/{encounter_id}/settlements", "post"),
+        ("/v1/encounters/{encounter_id}/discharge", "post"),
+        ("/v1/encounters/{encounter_id}/discharge", "delete"),
+        ("/v1/encounters/{encounter_id}/settlements/{settlement_id}/withdrawal", "post"),
     ];
+    let (mut encounter_id, mut encounter_settlement) = (String::new(), String::new());
     let documented: BTreeSet<(String, String)> = doc["paths"]
         .as_object()
         .expect("paths")
@@ -118,7 +129,13 @@ async fn every_documented_operation_behaves_as_documented() {
     assert_eq!(documented, driven, "the document and this test cover the same operations");
     for (template, method) in order {
         let operation = &doc["paths"][template][method];
-        let path = template.replace("{id}", &settlement_id);
+        let path = template
+            .replace("{id}", &settlement_id)
+            .replace("{encounter_id}", &encounter_id)
+            .replace("{feedetl_sn}", "2")
+            .replace("{settlement_id}", &encounter_settlement);
+        // A hospital's encounters; the rest as the pharmacy's till.
+        let client = if template.starts_with("/v1/encounters") { &gw.hospital } else { &gw.pharmacy };
         let token = gw.token(&card, 120);
         let example = operation["requestBody"]["content"]["application/json"]["example"].to_string();
         let body = example.replace("{{token}}", &token);
@@ -137,15 +154,20 @@ async fn every_documented_operation_behaves_as_documented() {
             .collect::<Vec<_>>()
             .join("&");
         let uri = if query.is_empty() { path.clone() } else { format!("{path}?{query}") };
-        let http_method = if method == "post" { Method::POST } else { Method::GET };
+        let http_method = match method {
+            "post" => Method::POST,
+            "delete" => Method::DELETE,
+            _ => Method::GET,
+        };
         let key = format!("openapi-{template}");
-        let headers: Vec<(&str, &str)> = if template == "/v1/settlements" && method == "post" {
+        let keyed = ["/v1/settlements", "/v1/encounters", "/v1/encounters/{encounter_id}/settlements"];
+        let headers: Vec<(&str, &str)> = if keyed.contains(&template) && method == "post" {
             vec![("idempotency-key", key.as_str())]
         } else {
             vec![]
         };
         let request_body = (method == "post").then_some(body.as_str());
-        let reply = gw.pharmacy.send(http_method.clone(), &uri, &headers, request_body).await.expect("answer");
+        let reply = client.send(http_method.clone(), &uri, &headers, request_body).await.expect("answer");
         assert!(reply.status.is_success(), "{method} {template}: {} {}", reply.status, reply.body);
         assert_documented(
             &doc,
@@ -158,9 +180,15 @@ async fn every_documented_operation_behaves_as_documented() {
         if template == "/v1/settlements" && method == "post" {
             settlement_id = reply.json()["settlement_id"].as_str().expect("id").to_owned();
         }
+        if template == "/v1/encounters" {
+            encounter_id = reply.json()["encounter_id"].as_str().expect("id").to_owned();
+        }
+        if template == "/v1/encounters/{encounter_id}/settlements" {
+            encounter_settlement = reply.json()["settlement_id"].as_str().expect("id").to_owned();
+        }
         // Refusals are documented too: a bad body, or an unknown id.
         let bad_uri = if settlement_id.is_empty() { uri.clone() } else { uri.replace(&settlement_id, "S-none") };
-        let bad = gw.pharmacy.send(http_method, &bad_uri, &headers, Some("{}")).await.expect("answer");
+        let bad = client.send(http_method, &bad_uri, &headers, Some("{}")).await.expect("answer");
         if !bad.status.is_success() {
             assert_documented(
                 &doc,
@@ -183,8 +211,13 @@ fn every_served_endpoint_is_documented() {
         .iter()
         .flat_map(|(path, ops)| {
             ops.as_object().expect("operations").keys().map(move |m| {
-                let method = if m == "post" { Method::POST } else { Method::GET };
-                cardgate::api::endpoint(&method, &path.replace("{id}", "S1"))
+                let method = match m.as_str() {
+                    "post" => Method::POST,
+                    "delete" => Method::DELETE,
+                    _ => Method::GET,
+                };
+                let path = path.replace("{id}", "S1").replace("{encounter_id}", "E1").replace("{settlement_id}", "S1");
+                cardgate::api::endpoint(&method, &path.replace("{feedetl_sn}", "1"))
             })
         })
         .collect();
@@ -197,6 +230,16 @@ fn every_served_endpoint_is_documented() {
         "reversal",
         "reconciliation",
         "reconciliation_closure",
+        "encounters",
+        "encounter",
+        "encounter_fees",
+        "encounter_fee_withdrawal",
+        "encounter_admission_change",
+        "encounter_quote",
+        "encounter_settlement",
+        "encounter_discharge",
+        "encounter_discharge_withdrawal",
+        "encounter_withdrawal",
     ]
     .into();
     assert_eq!(labels, served);
