@@ -355,14 +355,8 @@ pub fn by_type(settled: &TypeSums, reversed: &TypeSums) -> (Totals, Totals, Vec<
         .map(|key| {
             let s = settled.get(key).cloned().unwrap_or_default();
             let r = reversed.get(key).cloned().unwrap_or_default();
-            for (all, one) in [(&mut all_settled, &s), (&mut all_reversed, &r)] {
-                all.count += one.count;
-                all.total_fen += one.total_fen;
-                all.fund_pay_fen += one.fund_pay_fen;
-                all.account_pay_fen += one.account_pay_fen;
-                all.cash_pay_fen += one.cash_pay_fen;
-                all.mutual_aid_pay_fen += one.mutual_aid_pay_fen;
-            }
+            all_settled.add(&s);
+            all_reversed.add(&r);
             TypeTotals {
                 insurance_type: key.0.clone(),
                 clearing_type: key.1.clone(),
@@ -439,6 +433,18 @@ pub struct Totals {
     /// mutual aid, the national `acct_mulaid_pay`).
     #[serde(default)]
     pub mutual_aid_pay_fen: i64,
+}
+
+impl Totals {
+    /// Adds `other`'s counts and sums.
+    pub fn add(&mut self, other: &Totals) {
+        self.count += other.count;
+        self.total_fen += other.total_fen;
+        self.fund_pay_fen += other.fund_pay_fen;
+        self.account_pay_fen += other.account_pay_fen;
+        self.cash_pay_fen += other.cash_pay_fen;
+        self.mutual_aid_pay_fen += other.mutual_aid_pay_fen;
+    }
 }
 
 /// One payer's sums.

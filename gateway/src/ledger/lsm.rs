@@ -1010,12 +1010,7 @@ fn plan_accumulators(
             {
                 return Err(LedgerError::Stale);
             }
-            now.deductible_fen += d.deductible_fen;
-            now.fund_paid_fen += d.fund_paid_fen;
-            now.eligible_fen += d.eligible_fen;
-            now.account_paid_fen += d.account_paid_fen;
-            now.eligible_self_pay_fen += d.eligible_self_pay_fen;
-            now.outpatient_fund_paid_fen += d.outpatient_fund_paid_fen;
+            now.apply(d);
         }
         plan.ops.push(Op::Put(
             Space::Accumulators,
