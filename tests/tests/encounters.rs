@@ -127,8 +127,12 @@ async fn a_five_day_stay_settles_in_steps_and_a_partial_refund_is_withdraw_corre
 
     // Day 5: 700 class A lines of 2 yuan (140,000); 2,500 lines uploaded in all. Not
     // discharged yet: no final settlement.
-    let day5 = upload(&gw, &fees_path, 1801, 700, "class_a", 200).await;
-    assert_eq!(day5["lines"].as_array().map(Vec::len), Some(2500));
+    upload(&gw, &fees_path, 1801, 700, "class_a", 200).await;
+    let view = get(&gw.hospital, &format!("/v1/encounters/{id}")).await.json();
+    assert_eq!(view["lines"].as_array().map(Vec::len), Some(2500));
+    let withdrawn_line = view["lines"].as_array().and_then(|l| l.iter().find(|l| l["feedetl_sn"] == "1800")).cloned();
+    assert_eq!(withdrawn_line.map(|l| l["state"].clone()), Some(json!("withdrawn")));
+    assert_eq!(view["lines"][0]["state"], "settled");
     let early =
         post(&gw.hospital, &format!("/v1/encounters/{id}/settlements"), Some("early"), &json!({ "interim": false }))
             .await;

@@ -263,8 +263,17 @@ impl Claims {
     }
 }
 
-/// The encounter as answered.
+/// The encounter as answered: `GET` with every fee line; the answers to changes with the
+/// summary alone (a stay has thousands of lines, sent again with every batch otherwise).
 fn view(id: &str, institution: &str, content: &Content, claims: &Claims) -> Value {
+    let mut answer = view_with_lines(id, institution, content, claims);
+    if let Some(object) = answer.as_object_mut() {
+        object.remove("lines");
+    }
+    answer
+}
+
+fn view_with_lines(id: &str, institution: &str, content: &Content, claims: &Claims) -> Value {
     let state = match (claims.final_settlement(), content.discharged_at) {
         (Some(_), _) => "settled",
         (None, Some(_)) => "discharged",
@@ -439,12 +448,12 @@ async fn again(
     Ok(json_response(StatusCode::CREATED, &view(&existing.id, institution, &content, &claims)))
 }
 
-/// `GET /v1/encounters/{id}`.
+/// `GET /v1/encounters/{id}`: with every fee line and its state.
 pub async fn get(gateway: &Gateway, identity: &Identity, id: &str) -> Result<ApiResponse, ApiError> {
     let institution = identity.institution.as_str();
     let loaded = load(gateway, institution, id).await?;
     let claims = Claims::of(gateway, institution, &loaded.content).await?;
-    Ok(json_response(StatusCode::OK, &view(id, institution, &loaded.content, &claims)))
+    Ok(json_response(StatusCode::OK, &view_with_lines(id, institution, &loaded.content, &claims)))
 }
 
 /// `POST /v1/encounters/{id}/fees` with `{"fees": [{"feedetl_sn": "...", ...line}]}`: up to
