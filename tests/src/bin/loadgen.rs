@@ -31,6 +31,10 @@
 //! (`target/release/cardgate serve`, a process of its own) idle, with CONNECTIONS mutual-TLS
 //! keep-alive connections open (each has settled one bill), and at its peak while all of them
 //! settle for SECONDS.
+//!
+//! `loadgen stay [LINES]` is a hospital's stay: one encounter of LINES fee lines (20,000 by
+//! default) uploaded in batches, each batch's time as the stay grows, then its interim
+//! settlement and the `GET` of the whole stay.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -658,6 +662,60 @@ fn plugin_dispatch_us(lines: usize) -> f64 {
     rounds[rounds.len() / 2]
 }
 
+/// `loadgen stay LINES`: one inpatient stay of `LINES` fee lines uploaded in batches of 300
+/// (the harness's 64 KiB body limit) through the real gateway over TLS: each batch's time as
+/// the stay grows (the encounter is read, changed and sealed whole at every change), then the
+/// interim settlement of every line and the `GET` of the whole stay.
+async fn stay(lines: usize) {
+    let options = harness_options();
+    let setup = Setup::create(&options, "127.0.0.1:0");
+    choose_engine(&setup);
+    let (addr, _stop) = serve_setup(&setup).await;
+    let client = setup.client(addr, 0);
+    let admission = json!({
+        "token": setup.token(&Card::in_region("310104"), 600), "terminal_id": "ADM", "med_type": "21",
+        "diagnoses": [{ "code": "I21.9", "primary": true }], "begntime": "2026-11-01T08:00:00+08:00"
+    })
+    .to_string();
+    let reply = client
+        .send(Method::POST, "/v1/encounters", &[("idempotency-key", "stay")], Some(&admission))
+        .await
+        .expect("admit");
+    let id = reply.json()["encounter_id"].as_str().expect("encounter id").to_owned();
+    let path = format!("/v1/encounters/{id}/fees");
+    println!("one stay, {lines} fee lines in batches of 300 (ms per batch, as the stay grows):");
+    println!("| lines before | batch ms |\n|---|---|");
+    let mut uploaded = 0;
+    while uploaded < lines {
+        let count = 300.min(lines - uploaded);
+        let fees: Vec<serde_json::Value> = (uploaded..uploaded + count)
+            .map(|sn| {
+                json!({ "feedetl_sn": sn.to_string(), "code": "XA01", "name": "drug", "category": "class_a",
+                "quantity": 1, "unit_price_fen": 100, "amount_fen": 100 })
+            })
+            .collect();
+        let body = json!({ "fees": fees }).to_string();
+        let started = Instant::now();
+        let reply = client.send(Method::POST, &path, &[], Some(&body)).await.expect("upload");
+        assert!(reply.status.is_success(), "{}: {}", reply.status, reply.body);
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if uploaded == 0 || (uploaded + count) % 5_000 < 300 || uploaded + count == lines {
+            println!("| {uploaded} | {ms:.1} |");
+        }
+        uploaded += count;
+    }
+    let body = json!({ "interim": true, "use_account": false }).to_string();
+    let started = Instant::now();
+    let settlement = format!("/v1/encounters/{id}/settlements");
+    let reply = client.send(Method::POST, &settlement, &[("idempotency-key", "settle")], Some(&body)).await;
+    let reply = reply.expect("settle");
+    assert!(reply.status.is_success(), "{}: {}", reply.status, reply.body);
+    println!("interim settlement of {lines} lines: {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    let started = Instant::now();
+    let view = client.send(Method::GET, &format!("/v1/encounters/{id}"), &[], None).await.expect("get");
+    println!("GET of the stay: {:.1} ms, {} KiB", started.elapsed().as_secs_f64() * 1e3, view.body.len() / 1024);
+}
+
 fn main() {
     pin_to_cores();
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime").block_on(run());
@@ -672,6 +730,11 @@ async fn run() {
         let connections = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
         let seconds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
         rss(connections, seconds).await;
+        return;
+    }
+    if args.get(1).is_some_and(|a| a == "stay") {
+        let lines = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20_000);
+        stay(lines).await;
         return;
     }
     if args.get(1).is_some_and(|a| a == "ledger") {
