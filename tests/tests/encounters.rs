@@ -258,6 +258,19 @@ async fn an_outpatient_visit_settles_under_the_yearly_rules_and_refuses_what_a_v
         post(&gw.hospital, "/v1/encounters", Some("reg-x"), &other).await.json()["code"],
         "idempotency_conflict"
     );
+    // A maternity stay (52) is a stay; a bureau's own type says its kind.
+    for (med_type, kind, expected) in [("52", None, "inpatient"), ("9901", Some("inpatient"), "inpatient")] {
+        let mut typed = body.clone();
+        typed["token"] = json!(gw.token(&card, 120));
+        typed["med_type"] = json!(med_type);
+        typed["diagnoses"] = json!([{ "code": "O80", "primary": true }]);
+        if let Some(kind) = kind {
+            typed["kind"] = json!(kind);
+        }
+        let reply = post(&gw.hospital, "/v1/encounters", Some(&unique_key("typed")), &typed).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        assert_eq!(reply.json()["kind"], expected);
+    }
     let reused = post(&gw.hospital, "/v1/encounters", Some("reg-y"), &body).await;
     assert_eq!((reused.status, reused.json()["code"].as_str()), (StatusCode::CONFLICT, Some("token_replayed")));
     let settled_with_it = json!({ "token": token, "terminal_id": "T", "total_fen": 100,

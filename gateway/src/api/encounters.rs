@@ -88,7 +88,8 @@ pub struct RegisterBody {
     /// The national medical type (`med_type`): `11` general outpatient, `14` outpatient
     /// chronic or special disease, `21` general inpatient, ...
     pub med_type: String,
-    /// Outpatient or inpatient; default: by `med_type` (`2x` inpatient, else outpatient).
+    /// Outpatient or inpatient; default: by `med_type` (`2x` and `52` inpatient, else
+    /// outpatient).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<EncounterKind>,
     /// Department (`dept_code`).
@@ -139,6 +140,13 @@ fn rfc3339_moment(field: &str, value: &str) -> Result<i64, ApiError> {
     time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
         .map(time::OffsetDateTime::unix_timestamp)
         .map_err(|_| ApiError::invalid(format!("{field}: an RFC 3339 time, e.g. 2026-12-01T08:00:00+08:00")))
+}
+
+/// The kind of encounter a national medical type is, where the client does not say: the `2x`
+/// types (general, injury, referral, emergency admission ...) and `52` (maternity) are stays,
+/// the rest visits. A type of the bureau's own is sent with its `kind`.
+fn kind_of(med_type: &str) -> EncounterKind {
+    if med_type.starts_with('2') || med_type == "52" { EncounterKind::Inpatient } else { EncounterKind::Outpatient }
 }
 
 /// An ICD-10 code as the national platform writes them: a letter, two digits, optionally a
@@ -361,11 +369,7 @@ pub async fn register(
     if !(2..=4).contains(&body.med_type.len()) || !body.med_type.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(ApiError::invalid("med_type: the national medical type, 2 to 4 letters or digits (11, 14, 21)"));
     }
-    let by_type = if body.med_type.starts_with('2') { EncounterKind::Inpatient } else { EncounterKind::Outpatient };
-    let kind = body.kind.unwrap_or(by_type);
-    if kind != by_type {
-        return Err(ApiError::invalid(format!("kind: med_type {} is not {kind:?}", body.med_type).to_lowercase()));
-    }
+    let kind = body.kind.unwrap_or_else(|| kind_of(&body.med_type));
     check_diagnoses(&body.diagnoses)?;
     if kind == EncounterKind::Inpatient && body.diagnoses.is_empty() {
         return Err(ApiError::invalid("diagnoses: an admission needs at least one"));
