@@ -344,3 +344,49 @@ async fn two_encounters_of_one_card_settling_at_once_never_overspend_its_account
     let accounts = a["account_pay_fen"].as_i64().unwrap_or(-1) + b["account_pay_fen"].as_i64().unwrap_or(-1);
     assert_eq!(accounts, 200_000, "{a} {b}");
 }
+
+/// One stay settled from eight connections at once (eight keys: cashiers pressing at once,
+/// a client retrying without its key): the lines are settled once, by one settlement; every
+/// other attempt settles nothing — refused `encounter_busy` (recorded failed) or, after the
+/// winner, `no_fees` — and the fund pays once.
+#[tokio::test]
+async fn one_stay_settled_from_many_connections_at_once_is_settled_once() {
+    let gw = TestGateway::start(Options::default()).await;
+    let card = Card::in_region("310104");
+    let id = admit(&gw, &card, "21").await;
+    let upload = post(&gw.hospital, &format!("/v1/encounters/{id}/fees"), None, &fees(1, 100, "class_a", 2_000)).await;
+    assert_eq!(upload.status, StatusCode::OK, "{}", upload.body);
+    let attempts: Vec<_> = (0..8)
+        .map(|n| {
+            let (client, path) = (gw.hospital.clone(), format!("/v1/encounters/{id}/settlements"));
+            tokio::spawn(async move {
+                let body = json!({ "interim": true, "use_account": false });
+                post(&client, &path, Some(&unique_key(&format!("race-{n}"))), &body).await
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for attempt in attempts {
+        let reply = attempt.await.expect("attempt");
+        match reply.status {
+            StatusCode::CREATED => created.push(reply.json()),
+            StatusCode::CONFLICT => {
+                let code = reply.json()["code"].as_str().map(str::to_owned);
+                assert!(matches!(code.as_deref(), Some("encounter_busy" | "no_fees")), "{}", reply.body);
+            }
+            other => panic!("{other}: {}", reply.body),
+        }
+    }
+    assert_eq!(created.len(), 1, "one settlement takes the lines");
+    // 200,000 eligible less the stay's 90,000, 85%: 93,500, once.
+    assert_eq!(split(&created[0]), (200_000, 93_500, 0, 106_500));
+    let view = get(&gw.hospital, &format!("/v1/encounters/{id}")).await.json();
+    let settled: Vec<&Value> =
+        view["settlements"].as_array().expect("settlements").iter().filter(|s| s["state"] == "settled").collect();
+    assert_eq!(settled.len(), 1, "{view}");
+    assert_eq!(
+        (view["fees"]["settled_fen"].as_i64(), view["fees"]["unsettled_count"].as_u64()),
+        (Some(200_000), Some(0))
+    );
+    assert_eq!(year(&gw, &card).await.0, CEILING - 93_500);
+}

@@ -27,7 +27,8 @@ use serde_json::{Value, json};
 
 use super::flow::{
     Bill, Chained, EncounterClaim, Prepared, Settlement, Subject, admit, classify_lines, complete, institution,
-    insurance_type, new_id, payer_chain, replay, run_chain, sdk_institution, split_view, stored_answer, year_of,
+    insurance_type, moment, new_id, payer_chain, replay, request_hash, run_chain, sdk_institution, split_view,
+    stored_answer, year_of,
 };
 use super::model::{BillBody, ReversalBody, check_bill, check_id};
 use super::{ApiError, ApiResponse, Identity};
@@ -136,12 +137,6 @@ fn not_found() -> ApiError {
     refused(StatusCode::NOT_FOUND, "not_found", "no such encounter for this institution")
 }
 
-fn rfc3339_moment(field: &str, value: &str) -> Result<i64, ApiError> {
-    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
-        .map(time::OffsetDateTime::unix_timestamp)
-        .map_err(|_| ApiError::invalid(format!("{field}: an RFC 3339 time, e.g. 2026-12-01T08:00:00+08:00")))
-}
-
 /// The kind of encounter a national medical type is, where the client does not say: the `2x`
 /// types (general, injury, referral, emergency admission ...) and `52` (maternity) are stays,
 /// the rest visits. A type of the bureau's own is sent with its `kind`.
@@ -170,11 +165,6 @@ fn check_diagnoses(diagnoses: &[Diagnosis]) -> Result<(), ApiError> {
         return Err(ApiError::invalid("diagnoses: at most one primary"));
     }
     Ok(())
-}
-
-fn hash_of<T: Serialize>(body: &T) -> Vec<u8> {
-    let canonical = serde_json::to_vec(body).unwrap_or_default();
-    ring::digest::digest(&ring::digest::SHA256, &canonical).as_ref().to_vec()
 }
 
 /// An encounter read from the ledger, opened.
@@ -211,15 +201,13 @@ async fn change<T>(
     gateway: &Gateway,
     institution: &str,
     id: &str,
-    mut change: impl FnMut(&mut Content, &Claims) -> Result<Option<T>, ApiError>,
+    mut change: impl FnMut(&mut Content, &Claims) -> Result<T, ApiError>,
 ) -> Result<(T, Content, Claims), ApiError> {
     for _ in 0..8 {
         let loaded = load(gateway, institution, id).await?;
         let claims = Claims::of(gateway, institution, &loaded.content).await?;
         let mut content = loaded.content.clone();
-        let Some(answer) = change(&mut content, &claims)? else {
-            return Err(ApiError::Storage(LedgerError::Storage("nothing to change".into())));
-        };
+        let answer = change(&mut content, &claims)?;
         match store(gateway, &loaded, &content).await {
             Ok(()) => return Ok((answer, content, claims)),
             Err(ApiError::Storage(LedgerError::Stale)) => continue,
@@ -271,43 +259,43 @@ impl Claims {
     }
 }
 
-/// The encounter as answered: `GET` with every fee line; the answers to changes with the
-/// summary alone (a stay has thousands of lines, sent again with every batch otherwise).
+/// The encounter as the answers to changes show it: its summary, without the lines (a stay has
+/// thousands, sent again with every batch otherwise).
 fn view(id: &str, institution: &str, content: &Content, claims: &Claims) -> Value {
-    let mut answer = view_with_lines(id, institution, content, claims);
-    if let Some(object) = answer.as_object_mut() {
-        object.remove("lines");
-    }
-    answer
+    view_of(id, institution, content, claims, false)
 }
 
+/// The encounter as `GET` shows it: with every fee line and its state.
 fn view_with_lines(id: &str, institution: &str, content: &Content, claims: &Claims) -> Value {
+    view_of(id, institution, content, claims, true)
+}
+
+fn view_of(id: &str, institution: &str, content: &Content, claims: &Claims, with_lines: bool) -> Value {
     let state = match (claims.final_settlement(), content.discharged_at) {
         (Some(_), _) => "settled",
         (None, Some(_)) => "discharged",
         (None, None) => "open",
     };
     let (mut unsettled, mut unsettled_fen, mut settled_fen) = (0usize, 0i64, 0i64);
-    let lines: Vec<Value> = content
-        .lines
-        .iter()
-        .map(|fee| {
-            let line_state = claims.line_state(fee);
-            match line_state {
-                "unsettled" => {
-                    unsettled += 1;
-                    unsettled_fen += fee.line.amount_fen;
-                }
-                "settled" => settled_fen += fee.line.amount_fen,
-                _ => {}
+    let mut lines = Vec::with_capacity(if with_lines { content.lines.len() } else { 0 });
+    for fee in &content.lines {
+        let line_state = claims.line_state(fee);
+        match line_state {
+            "unsettled" => {
+                unsettled += 1;
+                unsettled_fen += fee.line.amount_fen;
             }
-            json!({
+            "settled" => settled_fen += fee.line.amount_fen,
+            _ => {}
+        }
+        if with_lines {
+            lines.push(json!({
                 "feedetl_sn": fee.serial, "code": fee.line.code, "category": fee.classified.category,
                 "amount_fen": fee.line.amount_fen, "state": line_state,
                 "settlement_id": claims.held.get(&fee.serial).map(|(sid, _)| sid),
-            })
-        })
-        .collect();
+            }));
+        }
+    }
     let settlements: Vec<Value> = claims
         .states
         .iter()
@@ -316,7 +304,7 @@ fn view_with_lines(id: &str, institution: &str, content: &Content, claims: &Clai
             json!({ "settlement_id": sid, "state": state.as_str(), "interim": interim, "lines": claim.serials.len() })
         })
         .collect();
-    json!({
+    let mut answer = json!({
         "encounter_id": id,
         "state": state,
         "institution_id": institution,
@@ -339,8 +327,11 @@ fn view_with_lines(id: &str, institution: &str, content: &Content, claims: &Clai
             "settled_fen": settled_fen,
         },
         "settlements": settlements,
-        "lines": lines,
-    })
+    });
+    if with_lines {
+        answer["lines"] = json!(lines);
+    }
+    answer
 }
 
 fn json_response(status: StatusCode, value: &Value) -> ApiResponse {
@@ -357,12 +348,12 @@ pub async fn register(
     body: RegisterBody,
 ) -> Result<ApiResponse, ApiError> {
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id).await?;
-    let hash = hash_of(&body);
+    let hash = request_hash(&body);
     if let Some(existing) = gateway.ledger.encounter_by_key(institution.0, key).await? {
         return again(gateway, institution.0, existing, &hash).await;
     }
     let now = gateway.clock.now();
-    let admitted_at = rfc3339_moment("admitted_at", &body.admitted_at)?;
+    let admitted_at = moment("admitted_at", &body.admitted_at)?;
     if admitted_at > now + gateway.config.tokens.clock_skew_secs {
         return Err(ApiError::invalid("admitted_at: in the future"));
     }
@@ -503,9 +494,13 @@ pub async fn upload(gateway: &Gateway, identity: &Identity, id: &str, body: Valu
                 format!("the encounter's final settlement {settlement} stands: withdraw it to add fees"),
             ));
         }
+        // The stay's lines by serial: looked up once per line sent, not scanned (a stay has
+        // thousands of lines, a batch up to a thousand).
+        let known: std::collections::HashMap<&str, &Fee> =
+            content.lines.iter().map(|f| (f.serial.as_str(), f)).collect();
         let mut results = Vec::with_capacity(lines.len());
         for ((serial, line), classified) in serials.iter().zip(&lines).zip(&classified) {
-            match content.lines.iter().find(|f| f.serial == *serial) {
+            match known.get(serial.as_str()) {
                 Some(fee) if fee.line == *line => results.push((serial.clone(), "duplicate", fee.classified.clone())),
                 Some(_) => {
                     return Err(refused(
@@ -521,8 +516,8 @@ pub async fn upload(gateway: &Gateway, identity: &Identity, id: &str, body: Valu
         if content.lines.len() + added > MAX_ENCOUNTER_LINES {
             return Err(ApiError::invalid(format!("an encounter holds at most {MAX_ENCOUNTER_LINES} fee lines")));
         }
-        for ((serial, line), classified) in serials.iter().zip(&lines).zip(&classified) {
-            if !content.lines.iter().any(|f| f.serial == *serial) {
+        for (((serial, status, _), line), classified) in results.iter().zip(&lines).zip(&classified) {
+            if *status == "accepted" {
                 content.lines.push(Fee {
                     serial: serial.clone(),
                     line: line.clone(),
@@ -531,7 +526,7 @@ pub async fn upload(gateway: &Gateway, identity: &Identity, id: &str, body: Valu
                 });
             }
         }
-        Ok(Some(results))
+        Ok(results)
     })
     .await?;
     let fees: Vec<Value> = results
@@ -580,7 +575,7 @@ pub async fn withdraw_fee(
             ));
         }
         content.lines[position].withdrawn = true;
-        Ok(Some(()))
+        Ok(())
     })
     .await?;
     Ok(json_response(StatusCode::OK, &view(id, institution, &content, &claims)))
@@ -595,7 +590,7 @@ pub async fn discharge(
     body: DischargeBody,
 ) -> Result<ApiResponse, ApiError> {
     let institution = identity.institution.as_str();
-    let at = rfc3339_moment("discharged_at", &body.discharged_at)?;
+    let at = moment("discharged_at", &body.discharged_at)?;
     if at > gateway.clock.now() + gateway.config.tokens.clock_skew_secs {
         return Err(ApiError::invalid("discharged_at: in the future"));
     }
@@ -623,7 +618,7 @@ pub async fn discharge(
             content.diagnoses.clone_from(diagnoses);
             content.diagnoses.sort_by_key(|d| !d.primary);
         }
-        Ok(Some(()))
+        Ok(())
     })
     .await?;
     Ok(json_response(StatusCode::OK, &view(id, institution, &content, &claims)))
@@ -645,7 +640,7 @@ pub async fn withdraw_discharge(gateway: &Gateway, identity: &Identity, id: &str
             return Err(refused(StatusCode::CONFLICT, "not_inpatient", "only an inpatient stay is discharged"));
         }
         content.discharged_at = None;
-        Ok(Some(()))
+        Ok(())
     })
     .await?;
     Ok(json_response(StatusCode::OK, &view(id, institution, &content, &claims)))
@@ -696,7 +691,7 @@ pub async fn change_admission(
         if let Some(department) = &body.department {
             content.department = Some(department.clone());
         }
-        Ok(Some(()))
+        Ok(())
     })
     .await?;
     Ok(json_response(StatusCode::OK, &view(id, institution, &content, &claims)))
@@ -812,7 +807,7 @@ pub async fn settle(
     request_id: &str,
 ) -> Result<ApiResponse, ApiError> {
     let institution = institution(gateway, identity, None)?;
-    let hash = hash_of(&(id, &body));
+    let hash = request_hash(&(id, &body));
     if let Some(record) = gateway.ledger.by_idempotency_key(institution.0, key).await? {
         return replay(gateway, record, &hash).await;
     }

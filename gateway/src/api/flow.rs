@@ -634,7 +634,8 @@ async fn prepare_by_quote(
     })
 }
 
-fn request_hash(body: &BillBody) -> Vec<u8> {
+/// SHA-256 of a request body as parsed (what an idempotency key is bound to).
+pub(super) fn request_hash<T: Serialize>(body: &T) -> Vec<u8> {
     let canonical = serde_json::to_vec(body).unwrap_or_default();
     ring::digest::digest(&ring::digest::SHA256, &canonical).as_ref().to_vec()
 }
@@ -1265,7 +1266,7 @@ pub(super) fn business_date(value: String) -> Result<String, ApiError> {
 }
 
 /// An RFC 3339 moment from a query parameter.
-fn moment(key: &str, value: &str) -> Result<i64, ApiError> {
+pub(super) fn moment(key: &str, value: &str) -> Result<i64, ApiError> {
     time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
         .map(time::OffsetDateTime::unix_timestamp)
         .map_err(|_| ApiError::invalid(format!("{key}: an RFC 3339 time, e.g. 2026-12-01T08:00:00+08:00")))

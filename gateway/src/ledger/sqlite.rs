@@ -18,11 +18,48 @@ use super::{
     AccumulatorDelta, Intent, Ledger, LedgerError, LedgerFuture, Outcome, Record, SettledDeltas, State, StoredQuote,
 };
 
+/// The closed days (schema 5): in the schema and in the migration to it, once.
+macro_rules! closed_days_table {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS closed_days (
+    institution TEXT NOT NULL,
+    day         TEXT NOT NULL,
+    closed_at   INTEGER NOT NULL,
+    totals      TEXT NOT NULL,
+    PRIMARY KEY (institution, day)
+) WITHOUT ROWID;
+"
+    };
+}
+
+/// The encounters (schema 6): in the schema and in the migration to it, once.
+macro_rules! encounters_table {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS encounters (
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
+    institution     TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    request_hash    BLOB NOT NULL,
+    token_id        BLOB,
+    card_hash       BLOB NOT NULL,
+    created_at      INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    sealed          BLOB NOT NULL,
+    UNIQUE (institution, idempotency_key)
+);
+"
+    };
+}
+
 /// Settlement rows are written once (the intent) and never rewritten: the outcome is a row of
 /// its own. Every index but three grows at its right edge (keys in time order), so a group
 /// commit writes few pages; the three random ones (idempotency key, token, accumulators) are
 /// narrow. See docs/BENCHMARKS.md for why pages, not bytes, are the cost.
-const SCHEMA: &str = "
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS settlements (
     seq             INTEGER PRIMARY KEY,
     id              TEXT NOT NULL UNIQUE,
@@ -81,27 +118,10 @@ CREATE TABLE IF NOT EXISTS quotes (
     expires_at  INTEGER NOT NULL,
     sealed      BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS closed_days (
-    institution TEXT NOT NULL,
-    day         TEXT NOT NULL,
-    closed_at   INTEGER NOT NULL,
-    totals      TEXT NOT NULL,
-    PRIMARY KEY (institution, day)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS encounters (
-    seq             INTEGER PRIMARY KEY,
-    id              TEXT NOT NULL UNIQUE,
-    institution     TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL,
-    request_hash    BLOB NOT NULL,
-    token_id        BLOB,
-    card_hash       BLOB NOT NULL,
-    created_at      INTEGER NOT NULL,
-    version         INTEGER NOT NULL,
-    sealed          BLOB NOT NULL,
-    UNIQUE (institution, idempotency_key)
+",
+    closed_days_table!(),
+    encounters_table!()
 );
-";
 
 /// Moves a version 2 ledger (one wide settlement row updated in place, payers in a table of
 /// their own) to version 3, in one transaction.
@@ -142,34 +162,18 @@ CREATE INDEX IF NOT EXISTS outcomes_by_reversed_day ON outcomes (reversed_day) W
 /// Moves a version 4 ledger to version 5: each settlement's insurance type and clearing type
 /// (empty for those recorded before) and whether it was a family member's bill, and the
 /// closed days.
-const MIGRATE_4_TO_5: &str = "
+const MIGRATE_4_TO_5: &str = concat!(
+    "
 ALTER TABLE settlements ADD COLUMN insurance_type TEXT NOT NULL DEFAULT '';
 ALTER TABLE settlements ADD COLUMN clearing_type TEXT NOT NULL DEFAULT '';
 ALTER TABLE settlements ADD COLUMN delegated INTEGER NOT NULL DEFAULT 0;
-CREATE TABLE IF NOT EXISTS closed_days (
-    institution TEXT NOT NULL,
-    day         TEXT NOT NULL,
-    closed_at   INTEGER NOT NULL,
-    totals      TEXT NOT NULL,
-    PRIMARY KEY (institution, day)
-) WITHOUT ROWID;
-";
+",
+    closed_days_table!()
+);
 
 /// Moves a version 5 ledger to version 6: encounters (a token an encounter spent is in
 /// `used_tokens` under the encounter's seq, negated).
-const MIGRATE_5_TO_6: &str = "CREATE TABLE IF NOT EXISTS encounters (
-    seq             INTEGER PRIMARY KEY,
-    id              TEXT NOT NULL UNIQUE,
-    institution     TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL,
-    request_hash    BLOB NOT NULL,
-    token_id        BLOB,
-    card_hash       BLOB NOT NULL,
-    created_at      INTEGER NOT NULL,
-    version         INTEGER NOT NULL,
-    sealed          BLOB NOT NULL,
-    UNIQUE (institution, idempotency_key)
-);";
+const MIGRATE_5_TO_6: &str = encounters_table!();
 
 /// Moves a version 6 ledger to version 7: the outpatient pooling's own year-to-date figure.
 const MIGRATE_6_TO_7: &str = "ALTER TABLE accumulators ADD COLUMN outpatient_fund_paid_fen INTEGER NOT NULL DEFAULT 0;";
