@@ -14,6 +14,7 @@
 //! - [`catalogue`]: the bureau's item catalogue, which decides each bill line's class.
 //! - [`cli`]: the `cardgate` command line.
 
+pub mod allocator;
 pub mod api;
 pub mod cardlock;
 pub mod catalogue;

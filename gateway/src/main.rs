@@ -9,5 +9,6 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    cardgate::allocator::tune();
     cardgate::cli::main()
 }

@@ -717,6 +717,7 @@ async fn stay(lines: usize) {
 }
 
 fn main() {
+    cardgate::allocator::tune();
     pin_to_cores();
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime").block_on(run());
 }
