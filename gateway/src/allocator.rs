@@ -5,8 +5,9 @@
 //! a second before it gives it back and commits arenas eagerly; under
 //! load, with request buffers freed on one thread and memtables or pages freed on another,
 //! the daemon's resident memory peaked well above what it holds (docs/BENCHMARKS.md, issue
-//! #15). [`tune`] makes freed memory go back to the system at once and arenas commit as they
-//! are used. An operator's own `MIMALLOC_PURGE_DELAY` or `MIMALLOC_ARENA_EAGER_COMMIT` in the
+//! #15). [`tune`] has freed memory go back to the system after 100 ms and arenas commit as
+//! they are used. (At once, 0 ms, held a little less but cost about 2% of the CPU: Ed25519
+//! batches allocate their tables afresh, and each fresh huge page is zeroed by the kernel.) An operator's own `MIMALLOC_PURGE_DELAY` or `MIMALLOC_ARENA_EAGER_COMMIT` in the
 //! environment wins.
 
 /// mimalloc's option numbers (`mi_option_t` in mimalloc 3's `mimalloc.h`, the version
@@ -16,7 +17,7 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// What [`tune`] sets, each unless the environment names it: (variable, option, value).
 const SETTINGS: [(&str, libmimalloc_sys::mi_option_t, std::ffi::c_long); 2] =
-    [("MIMALLOC_PURGE_DELAY", PURGE_DELAY, 0), ("MIMALLOC_ARENA_EAGER_COMMIT", ARENA_EAGER_COMMIT, 0)];
+    [("MIMALLOC_PURGE_DELAY", PURGE_DELAY, 100), ("MIMALLOC_ARENA_EAGER_COMMIT", ARENA_EAGER_COMMIT, 0)];
 
 /// Sets mimalloc's options for the daemon; call first thing in `main`, before any thread is
 /// started (mimalloc's option setters are not thread-safe). Harmless where another global
