@@ -20,6 +20,11 @@
 //! number of cores. `LOADGEN_CORES=N loadgen ...` runs pinned to cores 0..N (`taskset`);
 //! `LOADGEN_BATCH=1` checks every token's signature alone (no Ed25519 batches).
 //!
+//! `loadgen scale [SECONDS] [CONNECTIONS] [CORES ...]` redoes the scaling table of issue #15
+//! with one command: for each core count (2, 4, 8, 16 by default, as many as the machine has)
+//! the closed loop of (a), (a') and (b) and the real daemon with 1,000 connections, each
+//! pinned to that many cores, then one table with the busiest writer's µs per settlement.
+//!
 //! `loadgen ledger [SECONDS] [CONCURRENCY ...]` is the ledger's stage benchmark: each engine
 //! alone, CONCURRENCY settlements in flight at once (64 and 512 by default), each one commit
 //! as an effect-free chain makes it (intent, outcome, two payers' accumulators, read first
@@ -386,13 +391,13 @@ impl LedgerCpu {
     }
 }
 
-fn serialized_work(before: &LedgerCpu, run: &Run) {
+fn serialized_work(before: &LedgerCpu, run: &Run) -> Option<f64> {
     if run.completed == 0 {
-        return;
+        return None;
     }
     let (busiest, all, background) = LedgerCpu::now().per_settlement(before, run.completed);
     if all == 0.0 {
-        return; // No ledger writer threads: the ledger is a database server's.
+        return None; // No ledger writer threads: the ledger is a database server's.
     }
     println!(
         "
@@ -402,6 +407,77 @@ serialized work: the busiest ledger writer spent {busiest:.1} µs of CPU per set
         run.completed,
         1e6 / busiest
     );
+    Some(busiest)
+}
+
+/// Marks the line a pinned run of `loadgen SECONDS CONNECTIONS closed` ends with: (a), (a')
+/// and (b) in req/s and the busiest ledger writer's µs per settlement.
+const SCALE_ROW: &str = "scale-row:";
+
+/// `loadgen scale [SECONDS] [CONNECTIONS] [CORES ...]`: the scaling table of issue #15 in one
+/// command. For each core count (2, 4, 8 and 16 by default, those the machine has), this
+/// program runs itself pinned to that many cores twice: the closed loop of (a), (a') and (b)
+/// with CONNECTIONS connections (256 by default), then the real daemon with 1,000
+/// connections (`loadgen rss`, whose settlements/s is the daemon's throughput). The engine
+/// and shards follow `LOADGEN_ENGINE` and `LOADGEN_SHARDS` as in every run.
+fn scale(seconds: u64, connections: usize, mut cores: Vec<usize>) {
+    let have = std::thread::available_parallelism().map_or(1, usize::from);
+    if cores.is_empty() {
+        cores = [2, 4, 8, 16].into_iter().filter(|n| *n <= have).collect();
+        if cores.is_empty() {
+            cores.push(have);
+        }
+    }
+    let exe = std::env::current_exe().expect("own path");
+    let pinned = |n: usize, args: &[String]| -> String {
+        let output = std::process::Command::new(&exe)
+            .args(args)
+            .env("LOADGEN_CORES", n.to_string())
+            .env_remove("LOADGEN_PINNED")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run loadgen pinned");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        print!("{text}");
+        text
+    };
+    let mut rows = Vec::new();
+    for &n in &cores {
+        eprintln!("== {n} cores");
+        let closed = pinned(n, &[seconds.to_string(), connections.to_string(), "closed".into()]);
+        let figures: Vec<f64> = closed
+            .lines()
+            .find_map(|l| l.strip_prefix(SCALE_ROW))
+            .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+            .unwrap_or_default();
+        let daemon = pinned(n, &["rss".into(), "1000".into(), seconds.to_string()]);
+        // "| after S s of all 1000 settling (N settlements, R/s) | ..."
+        let daemon_rate = daemon
+            .lines()
+            .find(|l| l.starts_with("| after "))
+            .and_then(|l| l.split(", ").nth(1))
+            .and_then(|r| r.split('/').next())
+            .and_then(|r| r.parse::<f64>().ok());
+        rows.push((n, figures, daemon_rate));
+    }
+    let engine = std::env::var("LOADGEN_ENGINE").unwrap_or_else(|_| "sqlite".into());
+    println!(
+        "\nscaling, {seconds} s per run, {connections} connections, ledger {engine}; req/s, writer µs per settlement:"
+    );
+    println!(
+        "| cores | (a) bare floor | (a') floor + Ed25519 | (b) full gateway | (b)/(a') | busiest writer µs | daemon, 1,000 connections |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (n, f, daemon) in rows {
+        let cell = |i: usize| f.get(i).map_or("failed".to_string(), |v| format!("{v:.0}"));
+        let ratio = match (f.get(1), f.get(2)) {
+            (Some(a_sig), Some(b)) if *a_sig > 0.0 => format!("{:.2}", b / a_sig),
+            _ => "-".into(),
+        };
+        let writer = f.get(3).filter(|v| v.is_finite()).map_or("-".to_string(), |v| format!("{v:.1}"));
+        let daemon = daemon.map_or("failed".to_string(), |r| format!("{r:.0}"));
+        println!("| {n} | {} | {} | {} | {ratio} | {writer} | {daemon} |", cell(0), cell(1), cell(2));
+    }
 }
 
 /// `LOADGEN_CORES=N`: runs again pinned to cores 0..N (client, servers and the daemon of the
@@ -738,6 +814,13 @@ async fn run() {
         stay(lines).await;
         return;
     }
+    if args.get(1).is_some_and(|a| a == "scale") {
+        let seconds = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+        let connections = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(256);
+        let cores: Vec<usize> = args.iter().skip(4).filter_map(|s| s.parse().ok()).collect();
+        scale(seconds, connections, cores);
+        return;
+    }
     if args.get(1).is_some_and(|a| a == "ledger") {
         let seconds = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
         let mut levels: Vec<usize> = args.iter().skip(3).filter_map(|s| s.parse().ok()).collect();
@@ -782,7 +865,18 @@ async fn run() {
     let (writer, database) = (LedgerCpu::now(), postgres_cpu());
     let b = drive(&setup.client(gateway, 1), Arc::clone(&bodies), connections, duration, None).await;
     row("(b) full gateway", &b);
-    serialized_work(&writer, &b);
+    let busiest = serialized_work(&writer, &b);
+    if args.get(3).is_some_and(|a| a == "closed") {
+        // One line for `loadgen scale`, which runs this pinned to each core count.
+        println!(
+            "{SCALE_ROW} {:.0} {:.0} {:.0} {:.1}",
+            a.throughput(),
+            a_sig.throughput(),
+            b.throughput(),
+            busiest.unwrap_or(f64::NAN)
+        );
+        return;
+    }
     if postgres() && b.completed > 0 {
         let spent = postgres_cpu().saturating_sub(database);
         println!(
