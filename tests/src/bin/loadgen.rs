@@ -18,7 +18,8 @@
 //! Every run of the full gateway also prints its **serialized work**: the CPU the ledger's
 //! single writer thread spent per settlement, the figure that predicts the ceiling on any
 //! number of cores. `LOADGEN_CORES=N loadgen ...` runs pinned to cores 0..N (`taskset`);
-//! `LOADGEN_BATCH=1` checks every token's signature alone (no Ed25519 batches).
+//! `LOADGEN_BATCH=1` checks every token's signature alone (no Ed25519 batches);
+//! `LOADGEN_OPEN_RATE=R` runs the open loop at R req/s instead of half the gateway's maximum.
 //!
 //! `loadgen scale [SECONDS] [CONNECTIONS] [CORES ...]` redoes the scaling table of issue #15
 //! with one command: for each core count (2, 4, 8, 16 by default, as many as the machine has)
@@ -891,7 +892,9 @@ async fn run() {
         b.throughput() / a.throughput()
     );
     // Open loop at half the gateway's maximum, fresh tokens.
-    let rate = (b.throughput() / 2.0).max(1.0);
+    // `LOADGEN_OPEN_RATE=R`: the open loop at R req/s instead (to compare engines at one rate).
+    let rate =
+        std::env::var("LOADGEN_OPEN_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or((b.throughput() / 2.0).max(1.0));
     let fresh: Vec<String> =
         (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
     let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections.max(64), duration, Some(rate)).await;
