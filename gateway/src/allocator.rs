@@ -7,7 +7,8 @@
 //! the daemon's resident memory peaked well above what it holds (docs/BENCHMARKS.md, issue
 //! #15). [`tune`] has freed memory go back to the system after 100 ms and arenas commit as
 //! they are used. (At once, 0 ms, held a little less but cost about 2% of the CPU: Ed25519
-//! batches allocate their tables afresh, and each fresh huge page is zeroed by the kernel.) An operator's own `MIMALLOC_PURGE_DELAY` or `MIMALLOC_ARENA_EAGER_COMMIT` in the
+//! batches allocate their tables afresh, and each fresh huge page is zeroed by the kernel.)
+//! An operator's own `MIMALLOC_PURGE_DELAY` or `MIMALLOC_ARENA_EAGER_COMMIT` in the
 //! environment wins.
 
 /// mimalloc's option numbers (`mi_option_t` in mimalloc 3's `mimalloc.h`, the version
@@ -23,8 +24,13 @@ const SETTINGS: [(&str, libmimalloc_sys::mi_option_t, std::ffi::c_long); 2] =
 /// started (mimalloc's option setters are not thread-safe). Harmless where another global
 /// allocator is in use: the options are mimalloc's alone.
 pub fn tune() {
+    tune_unless(|variable| std::env::var_os(variable).is_some());
+}
+
+/// [`tune`], leaving alone each option whose variable `set` says the environment names.
+fn tune_unless(set: impl Fn(&str) -> bool) {
     for (variable, option, value) in SETTINGS {
-        if std::env::var_os(variable).is_some() {
+        if set(variable) {
             continue;
         }
         // SAFETY: `mi_option_set` stores an integer in mimalloc's option table; the option
@@ -50,16 +56,26 @@ mod tests {
         }
     }
 
+    /// One test, in order, since the options are the process's: the numbers are the linked
+    /// mimalloc's, a variable in the environment keeps its option, the others are set.
     #[test]
-    fn the_option_numbers_are_the_linked_mimallocs() {
+    fn tune_sets_the_linked_mimallocs_options_unless_the_environment_names_them() {
+        let from_environment = |v: &str| std::env::var_os(v).is_some();
+        if from_environment("MIMALLOC_PURGE_DELAY") || from_environment("MIMALLOC_ARENA_EAGER_COMMIT") {
+            return; // The defaults below are not what this process started with.
+        }
         // Defaults of mimalloc 3 (`src/options.c`): eager commit of arenas 2 (on
-        // overcommitting systems), purge delay 1,000 ms. A renumbered option would read something else here.
-        // (Read before `tune` in this process: the test binary does not call it.)
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-            assert_eq!(get(PURGE_DELAY), 1000);
-        }
-        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
-            assert_eq!(get(ARENA_EAGER_COMMIT), 2);
-        }
+        // overcommitting systems), purge delay 1,000 ms. A renumbered option would read
+        // something else here. (Nothing in this test binary calls `tune`.)
+        assert_eq!(get(PURGE_DELAY), 1000);
+        assert_eq!(get(ARENA_EAGER_COMMIT), 2);
+        // The operator named the purge delay: only the arenas' setting changes.
+        tune_unless(|v| v == "MIMALLOC_PURGE_DELAY");
+        assert_eq!(get(PURGE_DELAY), 1000);
+        assert_eq!(get(ARENA_EAGER_COMMIT), 0);
+        // Neither named: both set.
+        tune_unless(|_| false);
+        assert_eq!(get(PURGE_DELAY), 100);
+        assert_eq!(get(ARENA_EAGER_COMMIT), 0);
     }
 }

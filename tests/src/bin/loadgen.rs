@@ -893,8 +893,11 @@ async fn run() {
     );
     // Open loop at half the gateway's maximum, fresh tokens.
     // `LOADGEN_OPEN_RATE=R`: the open loop at R req/s instead (to compare engines at one rate).
-    let rate =
-        std::env::var("LOADGEN_OPEN_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or((b.throughput() / 2.0).max(1.0));
+    let rate = std::env::var("LOADGEN_OPEN_RATE")
+        .ok()
+        .and_then(|r| r.parse::<f64>().ok())
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .unwrap_or((b.throughput() / 2.0).max(1.0));
     let fresh: Vec<String> =
         (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
     let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections.max(64), duration, Some(rate)).await;
