@@ -574,6 +574,56 @@ async fn a_settlement_recorded_in_one_commit_is_refused_whole(engine: Engine) {
     assert!(ledger.unresolved().await.expect("read").is_empty(), "nothing left pending");
 }
 
+/// The lsm engine moves a settlement (over 1 KiB) to a blob file when its memtable is
+/// flushed: read back from there it is whole, its token and key stay taken, and a reversal
+/// rewrites it.
+#[tokio::test]
+async fn an_lsm_settlement_read_back_from_a_blob_file_is_whole() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger");
+    let sealed: Vec<u8> = (0..4096u32).map(|n| (n % 251) as u8).collect();
+    let with_sealed =
+        |id: &str, key: &str, token: &[u8]| Intent { sealed_request: sealed.clone(), ..intent(id, key, token) };
+    {
+        let ledger = LsmLedger::open(&path, 1).expect("open");
+        ledger.record(with_sealed("S1", "k1", b"tok-1"), settled("S1", 700)).await.expect("record");
+        ledger.flush().expect("flush");
+    }
+    let blobs = walkdir(&path).into_iter().filter(|p| p.components().any(|c| c.as_os_str() == "blobs")).count();
+    assert!(blobs > 0, "the settlement went to a blob file");
+    let ledger = LsmLedger::open(&path, 1).expect("reopen");
+    let record = ledger.get("H1", "S1").await.expect("read").expect("present");
+    assert_eq!(
+        (record.state, record.status, record.body.as_str()),
+        (State::Settled, 201, "{\"settlement_id\":\"S1\"}")
+    );
+    let stored = ledger.sealed_request("H1", "S1").await.expect("read").expect("present");
+    assert_eq!(stored.sealed_request, sealed);
+    let again = ledger.record(with_sealed("S2", "k2", b"tok-1"), settled("S2", 700)).await;
+    assert_eq!(again, Err(LedgerError::TokenUsed));
+    let undo = vec![AccumulatorDelta {
+        payer: "basic-medical".into(),
+        delta: YearToDate { year: 2026, fund_paid_fen: -700, deductible_fen: -100, ..YearToDate::default() },
+    }];
+    ledger.reverse("S1".into(), "{}".into(), undo, vec![9; 32], 1_700_000_100).await.expect("reverse");
+    ledger.flush().expect("flush");
+    drop(ledger);
+    let ledger = LsmLedger::open(&path, 1).expect("reopen");
+    assert_eq!(ledger.get("H1", "S1").await.expect("read").map(|r| r.state), Some(State::Reversed));
+    assert_eq!(ledger.sealed_request("H1", "S1").await.expect("read").map(|u| u.sealed_request), Some(sealed));
+    assert_eq!(ledger.accumulators(&[9; 32], "basic-medical", 2026).await.expect("read").fund_paid_fen, 0);
+}
+
+/// Every file under `dir`.
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() { files.extend(walkdir(&path)) } else { files.push(path) }
+    }
+    files
+}
+
 #[tokio::test]
 async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_everything_kept() {
     let dir = tempfile::tempdir().expect("temp dir");

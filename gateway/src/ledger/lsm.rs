@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use cardgate_sdk::YearToDate;
 use crossbeam_channel::{Receiver, Sender};
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 
 use super::{
     AccumulatorDelta, Intent, Ledger, LedgerError, LedgerFuture, Listed, Outcome, Reconciliation, Record,
@@ -307,10 +307,17 @@ impl Store {
             .enumerate()
             .map(|(n, name)| {
                 // The settlements' entries are large; the indexes' small.
-                let memtable =
-                    if n == Space::Settlements as usize { tuning.memtable_bytes } else { tuning.memtable_bytes / 4 };
-                db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable.max(1 << 20)))
-                    .map_err(storage)
+                let settlements = n == Space::Settlements as usize;
+                let memtable = if settlements { tuning.memtable_bytes } else { tuning.memtable_bytes / 4 };
+                db.keyspace(name, || {
+                    let options = KeyspaceCreateOptions::default().max_memtable_size(memtable.max(1 << 20));
+                    // A settlement (~5 KiB) goes to a blob file once, at flush, and its table
+                    // keeps a pointer: compactions move pointers, not settlements (a third of
+                    // the engine's background CPU, docs/BENCHMARKS.md). Fixed at creation: a
+                    // keyspace made without it keeps its own settings.
+                    if settlements { options.with_kv_separation(Some(KvSeparationOptions::default())) } else { options }
+                })
+                .map_err(storage)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let store = Self { db, spaces };
@@ -1127,6 +1134,19 @@ impl LsmLedger {
         Ok(Self { shards, claims, path: path.to_owned() })
     }
 
+    /// Writes every shard's memtables out as tables now, and waits (the engine does it by
+    /// itself when they fill): for tests and tools that need the ledger's rows in their
+    /// on-disk form, the settlements in blob files.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        for shard in &self.shards {
+            let store = shard.slot.current()?;
+            for space in &store.spaces {
+                space.rotate_memtable_and_wait().map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The shard holding a card's settlements, tokens and accumulators (its hash is uniform:
     /// its first bytes are enough).
     fn shard_of(&self, card_hash: &[u8]) -> &Shard {
@@ -1911,5 +1931,34 @@ fn reconcile(
         page_size,
         by_type,
         closed_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A settlement is stored apart from its keys (in a blob file) only in keyspaces made so:
+    /// the setting is kept by the engine from the keyspace's creation, so a ledger made before
+    /// it keeps its settlements as they were, and reads them.
+    #[test]
+    fn the_settlements_are_kept_in_blob_files_only_in_ledgers_made_so() {
+        let earlier = tempfile::tempdir().expect("temp dir");
+        {
+            // What the earlier gateway made: the same keyspace, without the separation.
+            let db = Database::builder(earlier.path()).open().expect("open");
+            let settlements = db
+                .keyspace(SPACE_NAMES[Space::Settlements as usize], KeyspaceCreateOptions::default)
+                .expect("keyspace");
+            settlements.insert("S1", vec![7u8; 4096]).expect("insert");
+            db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        let (store, _) = Store::open(earlier.path(), Tuning::for_shards(1)).expect("reopen");
+        assert!(!store.space(Space::Settlements).is_kv_separated(), "an existing keyspace keeps its settings");
+        assert_eq!(store.get(Space::Settlements, b"S1").expect("read").as_deref(), Some(&[7u8; 4096][..]));
+        let fresh = tempfile::tempdir().expect("temp dir");
+        let (store, _) = Store::open(fresh.path(), Tuning::for_shards(1)).expect("create");
+        assert!(store.space(Space::Settlements).is_kv_separated(), "a new ledger keeps settlements in blob files");
+        assert!(!store.space(Space::Tokens).is_kv_separated(), "the indexes' small entries stay in their tables");
     }
 }
