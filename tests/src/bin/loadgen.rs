@@ -513,6 +513,20 @@ impl Run {
     }
 }
 
+/// The open loop's rate from `LOADGEN_OPEN_RATE`, if it names one the harness can offer: a
+/// positive number of requests per second up to a million (its tokens are made beforehand).
+/// Anything else is said on stderr and the run goes on at half the gateway's maximum.
+fn open_rate() -> Option<f64> {
+    let text = std::env::var("LOADGEN_OPEN_RATE").ok()?;
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 1e6 => Some(rate),
+        _ => {
+            eprintln!("LOADGEN_OPEN_RATE={text:?} is not a positive rate up to 1000000 req/s: using half the maximum");
+            None
+        }
+    }
+}
+
 /// Sends `bodies` over `connections` keep-alive connections; `rate` = None is closed loop,
 /// Some(r) schedules request i at start + i/r and measures from that moment.
 async fn drive(
@@ -893,15 +907,13 @@ async fn run() {
     );
     // Open loop at half the gateway's maximum, fresh tokens.
     // `LOADGEN_OPEN_RATE=R`: the open loop at R req/s instead (to compare engines at one rate).
-    let rate = std::env::var("LOADGEN_OPEN_RATE")
-        .ok()
-        .and_then(|r| r.parse::<f64>().ok())
-        .filter(|r| r.is_finite() && *r > 0.0)
-        .unwrap_or((b.throughput() / 2.0).max(1.0));
+    let half = (b.throughput() / 2.0).max(1.0);
+    let rate = open_rate().unwrap_or(half);
     let fresh: Vec<String> =
         (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
     let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections.max(64), duration, Some(rate)).await;
-    println!("\nopen loop at {rate:.0} req/s (half the gateway's maximum), latency from the scheduled time:");
+    let which = if rate == half { "half the gateway's maximum" } else { "LOADGEN_OPEN_RATE" };
+    println!("\nopen loop at {rate:.0} req/s ({which}), latency from the scheduled time:");
     println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors | CPU µs/req |");
     println!("|---|---|---|---|---|---|---|---|");
     row("(b) full gateway", &open);
@@ -916,7 +928,11 @@ async fn run() {
     println!("|---|---|---|---|");
     println!("| full pipeline / (a') maximum throughput | >= 0.50 | {ratio:.2} | {} |", met(ratio >= 0.5));
     let p99 = open.percentile(0.99);
-    println!("| p99 at half the gateway's maximum, fsync on | <= 10 ms | {p99:.2} ms | {} |", met(p99 <= 10.0));
+    if rate == half {
+        println!("| p99 at half the gateway's maximum, fsync on | <= 10 ms | {p99:.2} ms | {} |", met(p99 <= 10.0));
+    } else {
+        println!("| p99 at half the gateway's maximum, fsync on | <= 10 ms | {p99:.2} ms at {rate:.0} req/s | n/a |");
+    }
     println!(
         "| in-process plugin dispatch (10-line bill; 3-line: {dispatch_3:.2} µs) | < 5 µs | {dispatch_10:.2} µs | {} |",
         met(dispatch_10 < 5.0)
