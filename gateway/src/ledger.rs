@@ -941,25 +941,36 @@ impl CardKey {
         hmac::sign(&self.hash, card_id.as_bytes()).as_ref().to_vec()
     }
 
-    /// Encrypts and authenticates `plain`: nonce || ciphertext || tag.
+    /// Encrypts and authenticates `plain` (JSON, as every caller seals): nonce || ciphertext ||
+    /// tag. What is encrypted is `plain` itself or, where LZ4 makes it smaller (a settlement's
+    /// request, ~3 KiB of JSON whose lines repeat, shrinks to about a third), [`PACKED`], the
+    /// original length (u32, little-endian) and the LZ4 block: the ledger's writers, journals
+    /// and files carry a third of the bytes (docs/BENCHMARKS.md). Compressed before it is
+    /// encrypted, as it must be to gain anything; the length this leaks about a stored request
+    /// is known only to whoever reads the ledger's files, who also sees each row's size.
     pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
         use ring::rand::SecureRandom;
         let mut nonce = [0u8; 12];
         // The system random source failing is not recoverable; a zero nonce is never reused
         // in practice only if this cannot happen, so refuse to continue.
         ring::rand::SystemRandom::new().fill(&mut nonce).expect("system random source");
-        let mut buffer = plain.to_vec();
+        let mut buffer = Vec::with_capacity(12 + plain.len() + 16);
+        buffer.extend_from_slice(&nonce);
+        pack(plain, &mut buffer);
+        let mut body = buffer.split_off(12);
         self.seal
             .seal_in_place_append_tag(
                 ring::aead::Nonce::assume_unique_for_key(nonce),
                 ring::aead::Aad::empty(),
-                &mut buffer,
+                &mut body,
             )
             .expect("sealing a bounded buffer cannot fail");
-        [&nonce[..], &buffer].concat()
+        buffer.extend_from_slice(&body);
+        buffer
     }
 
-    /// Decrypts what [`CardKey::seal`] made; `None` if it was altered or sealed with another key.
+    /// Decrypts what [`CardKey::seal`] made (compressed or not: ledgers written before
+    /// compression hold plain JSON); `None` if it was altered or sealed with another key.
     pub fn open(&self, sealed: &[u8]) -> Option<Vec<u8>> {
         if sealed.len() < 12 {
             return None;
@@ -968,7 +979,57 @@ impl CardKey {
         let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buffer = rest.to_vec();
         let plain = self.seal.open_in_place(nonce, ring::aead::Aad::empty(), &mut buffer).ok()?;
-        Some(plain.to_vec())
+        unpack(plain)
+    }
+}
+
+/// The first byte of a sealed plaintext that is LZ4-compressed: never the first byte of JSON
+/// (nor of any UTF-8 text), which is what was sealed before compression.
+const PACKED: u8 = 0xFF;
+
+/// Below this many bytes a plaintext is sealed as it is: too little to gain.
+const PACK_FROM: usize = 256;
+
+/// The largest plaintext a compressed seal may claim (a long stay's encounter is a few MiB).
+const PACK_MAX: usize = 256 << 20;
+
+/// Appends `plain` to `out`, compressed when that is smaller (and always when it starts with
+/// [`PACKED`], which only a compressed plaintext may).
+fn pack(plain: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    let must = plain.first() == Some(&PACKED);
+    if (plain.len() >= PACK_FROM || must) && plain.len() <= PACK_MAX {
+        let header = 5;
+        out.resize(start + header + lz4_flex::block::get_maximum_output_size(plain.len()), 0);
+        if let Ok(n) = lz4_flex::block::compress_into(plain, &mut out[start + header..])
+            && (header + n < plain.len() || must)
+        {
+            out[start] = PACKED;
+            out[start + 1..start + header].copy_from_slice(&(plain.len() as u32).to_le_bytes());
+            out.truncate(start + header + n);
+            return;
+        }
+        out.truncate(start);
+    }
+    out.extend_from_slice(plain);
+}
+
+/// What [`pack`] made, as it was; `None` for a compressed plaintext that does not decompress
+/// to the length it claims.
+fn unpack(plain: &[u8]) -> Option<Vec<u8>> {
+    match plain.split_first() {
+        Some((&PACKED, rest)) if rest.len() >= 4 => {
+            let length = u32::from_le_bytes(rest[..4].try_into().ok()?) as usize;
+            if length > PACK_MAX {
+                return None;
+            }
+            let mut out = vec![0; length];
+            match lz4_flex::block::decompress_into(&rest[4..], &mut out) {
+                Ok(n) if n == length => Some(out),
+                _ => None,
+            }
+        }
+        _ => Some(plain.to_vec()),
     }
 }
 
@@ -1031,5 +1092,92 @@ mod tests {
         tampered[13] ^= 1;
         assert_eq!(key.open(&tampered), None);
         assert_ne!(key.hash("C1"), CardKey::new(&[8; 32]).hash("C1"));
+    }
+
+    /// Seals as ledgers did before compression: the plaintext as it is.
+    fn seal_uncompressed(key: &CardKey, plain: &[u8]) -> Vec<u8> {
+        let nonce = [3u8; 12];
+        let mut body = plain.to_vec();
+        key.seal
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut body,
+            )
+            .expect("seal");
+        [&nonce[..], &body].concat()
+    }
+
+    /// A settlement's request as the flow seals it: ten lines, each twice (as sent and as the
+    /// payers see them).
+    fn request_json() -> Vec<u8> {
+        let line = |n: usize| {
+            format!(
+                r#"{{"code":"XA{n:02}","name":"Amoxicillin capsules 0.25g","category":"class_a","quantity":2,"unit_price_fen":250,"amount_fen":500}}"#
+            )
+        };
+        let lines: Vec<String> = (0..10).map(line).collect();
+        format!(
+            r#"{{"subject":{{"card_id":"110105199001011234","holder_name":"张三"}},"bill":{{"lines":[{}]}},"lines":[{}]}}"#,
+            lines.join(","),
+            lines.join(",")
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_settlements_request_is_sealed_compressed_and_opens_whole() {
+        let key = CardKey::new(&[7; 32]);
+        let plain = request_json();
+        let sealed = key.seal(&plain);
+        assert!(sealed.len() * 3 < plain.len(), "{} sealed bytes for {} of JSON", sealed.len(), plain.len());
+        assert_eq!(key.open(&sealed).as_deref(), Some(&plain[..]));
+        let text = String::from_utf8(plain.clone()).expect("utf-8");
+        assert_eq!(key.open_text(&key.seal_text(&text)).as_deref(), Some(text.as_str()));
+        // Each bit of the compressed form is authenticated like the rest.
+        for at in [12, 13, 16, sealed.len() / 2, sealed.len() - 1] {
+            let mut tampered = sealed.clone();
+            tampered[at] ^= 0x40;
+            assert_eq!(key.open(&tampered), None, "byte {at} changed");
+        }
+    }
+
+    #[test]
+    fn what_ledgers_sealed_before_compression_still_opens() {
+        let key = CardKey::new(&[7; 32]);
+        let plain = request_json();
+        let old = seal_uncompressed(&key, &plain);
+        assert_eq!(key.open(&old).as_deref(), Some(&plain[..]));
+        assert_eq!(key.open(&seal_uncompressed(&key, b"{}")).as_deref(), Some(&b"{}"[..]));
+    }
+
+    #[test]
+    fn incompressible_short_and_marker_led_plaintexts_round_trip() {
+        let key = CardKey::new(&[7; 32]);
+        // Random bytes do not compress: sealed as they are (nonce and tag only beside them).
+        let mut random = vec![0u8; 4096];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random).expect("random");
+        let sealed = key.seal(&random);
+        assert_eq!(sealed.len(), 12 + random.len() + 16);
+        assert_eq!(key.open(&sealed).as_deref(), Some(&random[..]));
+        for plain in [&b""[..], b"{\"a\":1}", &[PACKED], &[PACKED, 0, 0, 0, 0, 1, 2, 3], &[PACKED; 600]] {
+            assert_eq!(key.open(&key.seal(plain)).as_deref(), Some(plain), "{plain:?}");
+        }
+    }
+
+    #[test]
+    fn a_compressed_plaintext_that_lies_about_its_length_does_not_open() {
+        let key = CardKey::new(&[7; 32]);
+        let plain = request_json();
+        let mut packed = Vec::new();
+        pack(&plain, &mut packed);
+        assert_eq!(packed[0], PACKED);
+        for claimed in [plain.len() as u32 + 1, plain.len() as u32 - 1, u32::MAX] {
+            let mut lying = packed.clone();
+            lying[1..5].copy_from_slice(&claimed.to_le_bytes());
+            assert_eq!(key.open(&seal_uncompressed(&key, &lying)), None, "claims {claimed}");
+        }
+        let cut = &packed[..packed.len() - 3];
+        assert_eq!(key.open(&seal_uncompressed(&key, cut)), None);
     }
 }
