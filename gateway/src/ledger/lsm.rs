@@ -308,7 +308,7 @@ impl Store {
             .map(|(n, name)| {
                 // The settlements' entries are large; the indexes' small.
                 let settlements = n == Space::Settlements as usize;
-                let memtable = if settlements { tuning.memtable_bytes } else { tuning.memtable_bytes / 4 };
+                let memtable = if settlements { tuning.settlements_memtable } else { tuning.index_memtable };
                 db.keyspace(name, || {
                     let options = KeyspaceCreateOptions::default().max_memtable_size(memtable.max(1 << 20));
                     // A settlement (~5 KiB) goes to a blob file once, at flush, and its table
@@ -1453,8 +1453,10 @@ fn write_manifest(path: &Path, shards: usize) -> Result<(), LedgerError> {
 struct Tuning {
     /// Block cache (reads of flushed tables).
     cache_bytes: u64,
-    /// The settlements' memtable (each index's is a quarter of it).
-    memtable_bytes: u64,
+    /// The settlements' memtable.
+    settlements_memtable: u64,
+    /// Each index's memtable.
+    index_memtable: u64,
     /// Table files kept open.
     open_files: usize,
     /// Flush and compaction threads.
@@ -1463,14 +1465,18 @@ struct Tuning {
 
 impl Tuning {
     /// The ledger's whole budget, shared by the shards: 16 MiB of block cache, memtables of
-    /// 32 MiB for the settlements and 8 MiB for each index (at least 8 MiB and 2 MiB a shard),
+    /// 16 MiB for the settlements and 8 MiB for each index (at least 4 MiB and 2 MiB a shard),
     /// 256 open files. Smaller memtables flush more often (the engine's background CPU, beside
-    /// the writers); larger ones cost resident memory (docs/BENCHMARKS.md).
+    /// the writers); larger ones cost resident memory (docs/BENCHMARKS.md: 16 MiB holds as
+    /// many compressed settlements as 37 MiB did before sealing compressed, and took the peak
+    /// with 1,000 connections from about 190 to 150-157 MiB). Fixed when a keyspace is
+    /// created: a ledger made with other sizes keeps its own.
     fn for_shards(shards: usize) -> Self {
         let n = shards.max(1) as u64;
         Self {
             cache_bytes: ((16 << 20) / n).max(2 << 20),
-            memtable_bytes: ((32 << 20) / n).max(8 << 20),
+            settlements_memtable: ((16 << 20) / n).max(4 << 20),
+            index_memtable: ((8 << 20) / n).max(2 << 20),
             open_files: (256 / shards.max(1)).max(32),
             workers: if shards == 1 { 2 } else { 1 },
         }
