@@ -957,15 +957,18 @@ impl CardKey {
         let mut buffer = Vec::with_capacity(12 + plain.len() + 16);
         buffer.extend_from_slice(&nonce);
         pack(plain, &mut buffer);
-        let mut body = buffer.split_off(12);
-        self.seal
-            .seal_in_place_append_tag(
-                ring::aead::Nonce::assume_unique_for_key(nonce),
-                ring::aead::Aad::empty(),
-                &mut body,
-            )
+        self.encrypt(buffer)
+    }
+
+    /// Encrypts `buffer` after its first 12 bytes, the nonce, in place and appends the tag.
+    fn encrypt(&self, mut buffer: Vec<u8>) -> Vec<u8> {
+        let (nonce, body) = buffer.split_at_mut(12);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).expect("12 bytes");
+        let tag = self
+            .seal
+            .seal_in_place_separate_tag(nonce, ring::aead::Aad::empty(), body)
             .expect("sealing a bounded buffer cannot fail");
-        buffer.extend_from_slice(&body);
+        buffer.extend_from_slice(tag.as_ref());
         buffer
     }
 
@@ -978,8 +981,9 @@ impl CardKey {
         let (nonce, rest) = sealed.split_at(12);
         let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buffer = rest.to_vec();
-        let plain = self.seal.open_in_place(nonce, ring::aead::Aad::empty(), &mut buffer).ok()?;
-        unpack(plain)
+        let length = self.seal.open_in_place(nonce, ring::aead::Aad::empty(), &mut buffer).ok()?.len();
+        buffer.truncate(length);
+        unpack(buffer)
     }
 }
 
@@ -1016,7 +1020,7 @@ fn pack(plain: &[u8], out: &mut Vec<u8>) {
 
 /// What [`pack`] made, as it was; `None` for a compressed plaintext that does not decompress
 /// to the length it claims.
-fn unpack(plain: &[u8]) -> Option<Vec<u8>> {
+fn unpack(plain: Vec<u8>) -> Option<Vec<u8>> {
     match plain.split_first() {
         Some((&PACKED, rest)) if rest.len() >= 4 => {
             let length = u32::from_le_bytes(rest[..4].try_into().ok()?) as usize;
@@ -1029,7 +1033,7 @@ fn unpack(plain: &[u8]) -> Option<Vec<u8>> {
                 _ => None,
             }
         }
-        _ => Some(plain.to_vec()),
+        _ => Some(plain),
     }
 }
 
@@ -1096,16 +1100,7 @@ mod tests {
 
     /// Seals as ledgers did before compression: the plaintext as it is.
     fn seal_uncompressed(key: &CardKey, plain: &[u8]) -> Vec<u8> {
-        let nonce = [3u8; 12];
-        let mut body = plain.to_vec();
-        key.seal
-            .seal_in_place_append_tag(
-                ring::aead::Nonce::assume_unique_for_key(nonce),
-                ring::aead::Aad::empty(),
-                &mut body,
-            )
-            .expect("seal");
-        [&nonce[..], &body].concat()
+        key.encrypt([&[3u8; 12][..], plain].concat())
     }
 
     /// A settlement's request as the flow seals it: ten lines, each twice (as sent and as the
