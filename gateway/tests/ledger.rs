@@ -354,10 +354,10 @@ async fn the_write_ahead_log_starts_over_under_back_to_back_commits() {
     use cardgate::ledger::sqlite::SqliteOptions;
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("ledger.db");
-    // 256 frames (1 MiB) instead of 1 GiB, so a short run shows it; and the writer starts the
+    // 1 MiB instead of 1 GiB, so a short run shows it; and the writer starts the
     // log over itself as soon as it passes them, without waiting for the checkpoint thread
     // (whose pace depends on how loaded the machine is): the bound holds however slow it is.
-    let options = SqliteOptions { wal_restart_frames: 256, hurry_at_most: std::time::Duration::ZERO };
+    let options = SqliteOptions { wal_restart_bytes: 1 << 20, hurry_at_most: std::time::Duration::ZERO };
     let ledger = Arc::new(SqliteLedger::open_with(&path, &options).expect("open"));
     let mut writers = Vec::new();
     for w in 0..32 {
@@ -720,6 +720,8 @@ async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_eve
     let dir = tempfile::tempdir().expect("temp dir");
     let ledger = version_3_ledger(dir.path());
     holds_the_version_3_fixture(&ledger).await;
+    // It keeps the page size it was made with (SQLite's default then).
+    assert_eq!(page_size(&dir.path().join("ledger.db")), 4096);
 
     // And moved whole into the log-structured engine (`cardgate ledger migrate`), with a quote
     // and a settlement left pending besides.
@@ -775,6 +777,30 @@ async fn a_version_3_ledger_written_by_the_previous_gateway_is_migrated_with_eve
         lsm.by_idempotency_key(institution, "v3-1").await.expect("read").map(|r| r.id),
         Some(settlements[0].intent.id.clone())
     );
+}
+
+/// The page size of the SQLite ledger at `path`, read by a connection of its own.
+fn page_size(path: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open(path).expect("open");
+    conn.query_row("PRAGMA page_size", [], |r| r.get(0)).expect("page size")
+}
+
+/// A new SQLite ledger is made with 2 KiB pages (less of each random index page to write per
+/// settlement), and reopening it keeps them.
+#[tokio::test]
+async fn a_new_sqlite_ledger_has_small_pages_and_keeps_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ledger.db");
+    {
+        let ledger = SqliteLedger::open(&path).expect("open");
+        ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
+        ledger.finish(settled("S1", 700)).await.expect("finish");
+    }
+    assert_eq!(page_size(&path), 2048);
+    let ledger = SqliteLedger::open(&path).expect("reopen");
+    assert_eq!(page_size(&path), 2048);
+    let record = ledger.get("H1", "S1").await.expect("read").expect("kept");
+    assert_eq!((record.state, record.status), (State::Settled, 201));
 }
 
 /// The version 3 fixture (a ledger the previous gateway wrote), opened (so migrated) in `dir`.
