@@ -572,6 +572,13 @@ async fn a_settlement_recorded_in_one_commit_is_refused_whole(engine: Engine) {
     let ytd = ledger.accumulators(&[9; 32], "basic-medical", 2026).await.expect("read");
     assert_eq!(ytd.fund_paid_fen, 700, "counted once");
     assert!(ledger.unresolved().await.expect("read").is_empty(), "nothing left pending");
+    // A refusal recorded in one commit gives its token back, and its outcome is final.
+    let failed = Outcome { state: State::Failed, status: 422, deltas: vec![], amounts: None, ..settled("S4", 0) };
+    ledger.record(intent("S4", "k4", b"tok-4"), failed).await.expect("one commit");
+    assert_eq!(ledger.get("H1", "S4").await.expect("read").map(|r| (r.state, r.status)), Some((State::Failed, 422)));
+    ledger.record(intent("S5", "k5", b"tok-4"), settled("S5", 100)).await.expect("the token settles another attempt");
+    assert_eq!(ledger.finish(settled("S4", 1)).await, Err(LedgerError::NotFound), "an outcome is written once");
+    assert!(ledger.unresolved().await.expect("read").is_empty(), "nothing left pending");
 }
 
 /// The lsm engine moves a settlement (over 1 KiB) to a blob file when its memtable is

@@ -954,7 +954,15 @@ fn taken(e: rusqlite::Error) -> LedgerError {
     }
 }
 
+/// Records an intent that is pending until its outcome comes ([`finish_outcome`]).
 fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
+    let seq = insert_intent(conn, i)?;
+    conn.prepare_cached("INSERT INTO pending (seq) VALUES (?1)")?.execute(params![seq])?;
+    Ok(())
+}
+
+/// The intent's row, its token and quote marked used; answers its seq.
+fn insert_intent(conn: &Connection, i: &Intent) -> Result<i64, LedgerError> {
     conn.prepare_cached(
         "INSERT INTO settlements (id, institution, terminal, idempotency_key, request_hash, token_id, quote_id,
              card_hash, card_masked, total_fen, day, created_at, sealed_request, insurance_type, clearing_type,
@@ -991,13 +999,15 @@ fn begin_intent(conn: &Connection, i: &Intent) -> Result<(), LedgerError> {
             .execute(params![quote_id, seq])
             .map_err(taken)?;
     }
-    conn.prepare_cached("INSERT INTO pending (seq) VALUES (?1)")?.execute(params![seq])?;
-    Ok(())
+    Ok(seq)
 }
+
+/// What an outcome is recorded against: the intent's seq, token, quote, and the state it has
+/// so far (`None`: pending).
+type Found = (i64, Option<Vec<u8>>, Option<String>, Option<String>);
 
 /// Records an outcome: the intent must be pending, or unknown (a retry completing it).
 fn finish_outcome(conn: &Connection, o: &Outcome, deltas: &str, payers: &str) -> Result<(), LedgerError> {
-    type Found = (i64, Option<Vec<u8>>, Option<String>, Option<String>);
     let found: Option<Found> = conn
         .prepare_cached(
             "SELECT s.seq, s.token_id, s.quote_id, o.state FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq
@@ -1005,7 +1015,20 @@ fn finish_outcome(conn: &Connection, o: &Outcome, deltas: &str, payers: &str) ->
         )?
         .query_row(params![o.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
-    let Some((seq, token_id, quote_id, state)) = found else { return Err(LedgerError::NotFound) };
+    let Some(found) = found else { return Err(LedgerError::NotFound) };
+    write_outcome(conn, o, deltas, payers, found, true)
+}
+
+/// [`finish_outcome`] once the intent is found; `listed`: the intent is in `pending` (an
+/// intent recorded in the same commit as its outcome never is).
+fn write_outcome(
+    conn: &Connection,
+    o: &Outcome,
+    deltas: &str,
+    payers: &str,
+    (seq, token_id, quote_id, state): Found,
+    listed: bool,
+) -> Result<(), LedgerError> {
     let amounts = o.amounts.as_ref();
     let values = params![
         seq,
@@ -1026,7 +1049,9 @@ fn finish_outcome(conn: &Connection, o: &Outcome, deltas: &str, payers: &str) ->
                      updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(values)?;
-            conn.prepare_cached("DELETE FROM pending WHERE seq = ?1")?.execute(params![seq])?;
+            if listed {
+                conn.prepare_cached("DELETE FROM pending WHERE seq = ?1")?.execute(params![seq])?;
+            }
         }
         Some("unknown") => {
             conn.prepare_cached(
@@ -1058,10 +1083,16 @@ impl Ledger for SqliteLedger {
 
     fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
         let (deltas, payers) = o.encoded();
-        // One job, one savepoint: a refusal of either part undoes both.
+        // One job, one savepoint: a refusal of either part undoes both. The intent just written
+        // is the one the outcome is for: it is neither looked up again nor listed as pending.
         self.write(move |c| {
-            begin_intent(c, &intent)?;
-            finish_outcome(c, &o, &deltas, &payers)
+            if o.id != intent.id {
+                begin_intent(c, &intent)?;
+                return finish_outcome(c, &o, &deltas, &payers);
+            }
+            let seq = insert_intent(c, &intent)?;
+            let found = (seq, intent.token_id.clone(), intent.quote_id.clone(), None);
+            write_outcome(c, &o, &deltas, &payers, found, false)
         })
     }
 
