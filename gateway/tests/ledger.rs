@@ -798,11 +798,9 @@ fn page_size(path: &std::path::Path) -> i64 {
 async fn a_new_sqlite_ledger_has_small_pages_and_keeps_them() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("ledger.db");
-    {
-        let ledger = SqliteLedger::open(&path).expect("open");
-        ledger.begin(intent("S1", "k1", b"tok-1")).await.expect("begin");
-        ledger.finish(settled("S1", 700)).await.expect("finish");
-    }
+    let first = SqliteLedger::open(&path).expect("open");
+    first.record(intent("S1", "k1", b"tok-1"), settled("S1", 700)).await.expect("one commit");
+    drop(first);
     assert_eq!(page_size(&path), 2048);
     let ledger = SqliteLedger::open(&path).expect("reopen");
     assert_eq!(page_size(&path), 2048);
