@@ -1083,13 +1083,9 @@ impl Ledger for SqliteLedger {
 
     fn record(&self, intent: Intent, o: Outcome) -> LedgerFuture<'_, ()> {
         let (deltas, payers) = o.encoded();
-        // One job, one savepoint: a refusal of either part undoes both. The intent just written
-        // is the one the outcome is for: it is neither looked up again nor listed as pending.
+        // One job, one savepoint: a refusal of either part undoes both. The outcome is the
+        // intent's (as in the other engines): it is neither looked up again nor listed as pending.
         self.write(move |c| {
-            if o.id != intent.id {
-                begin_intent(c, &intent)?;
-                return finish_outcome(c, &o, &deltas, &payers);
-            }
             let seq = insert_intent(c, &intent)?;
             let found = (seq, intent.token_id.clone(), intent.quote_id.clone(), None);
             write_outcome(c, &o, &deltas, &payers, found, false)
