@@ -712,8 +712,10 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// Records an intent and its outcome in one durable commit — for a settlement whose payers
     /// are all effect-free, asked before anything was written: refused like [`Ledger::begin`]
     /// (a used token, quote or idempotency key) or like [`Ledger::finish`] (figures moved),
-    /// and then nothing is recorded. `outcome` is the intent's: engines record it against the
-    /// intent just written, not by its id. Default: the two commits, for ledgers that cannot do one.
+    /// and then nothing is recorded. A refusal (an outcome that is neither settled nor unknown)
+    /// leaves its token and quote unspent, but one carrying a token or quote spent already is
+    /// refused as [`Ledger::begin`] would. `outcome` is the intent's: engines record it against
+    /// the intent just written, not by its id. Default: the two commits, for ledgers that cannot do one.
     fn record(&self, intent: Intent, outcome: Outcome) -> LedgerFuture<'_, ()> {
         Box::pin(async move {
             self.begin(intent).await?;

@@ -579,6 +579,19 @@ async fn a_settlement_recorded_in_one_commit_is_refused_whole(engine: Engine) {
     ledger.record(intent("S5", "k5", b"tok-4"), settled("S5", 100)).await.expect("the token settles another attempt");
     assert_eq!(ledger.finish(settled("S4", 1)).await, Err(LedgerError::NotFound), "an outcome is written once");
     assert!(ledger.unresolved().await.expect("read").is_empty(), "nothing left pending");
+    // A refusal carrying a token already spent is a replay, not a refusal of its own: refused
+    // as such in every engine, and nothing of it is recorded (a retry with its key is new).
+    let failed = Outcome { state: State::Failed, status: 422, deltas: vec![], amounts: None, ..settled("S6", 0) };
+    assert_eq!(ledger.record(intent("S6", "k6", b"tok-1"), failed).await, Err(LedgerError::TokenUsed));
+    assert!(ledger.get("H1", "S6").await.expect("read").is_none());
+    assert!(ledger.by_idempotency_key("H1", "k6").await.expect("read").is_none());
+    let quoted = |id: &str, key: &str| Intent { token_id: None, quote_id: Some("Q1".into()), ..intent(id, key, b"") };
+    ledger.record(quoted("S7", "k7"), settled("S7", 100)).await.expect("the quote settles once");
+    let failed = Outcome { state: State::Failed, status: 422, deltas: vec![], amounts: None, ..settled("S8", 0) };
+    assert_eq!(ledger.record(quoted("S8", "k8"), failed).await, Err(LedgerError::QuoteUsed));
+    assert!(ledger.get("H1", "S8").await.expect("read").is_none());
+    let ytd = ledger.accumulators(&[9; 32], "basic-medical", 2026).await.expect("read");
+    assert_eq!(ytd.fund_paid_fen, 900, "S1, S5 and S7, each once");
 }
 
 /// The lsm engine moves a settlement (over 1 KiB) to a blob file when its memtable is

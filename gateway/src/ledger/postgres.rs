@@ -420,6 +420,9 @@ fn encounter_row(r: &tokio_postgres::Row) -> Result<super::StoredEncounter, Ledg
 /// Marks a token (`$1`) used by a settlement (`$2`); a quote likewise.
 const INSERT_TOKEN: &str = "INSERT INTO used_tokens (token_id, settlement) VALUES ($1, $2)";
 const INSERT_QUOTE: &str = "INSERT INTO used_quotes (quote_id, settlement) VALUES ($1, $2)";
+/// Whether a token (`$1`) is spent; a quote likewise.
+const TOKEN_SPENT: &str = "SELECT 1 FROM used_tokens WHERE token_id = $1";
+const QUOTE_SPENT: &str = "SELECT 1 FROM used_quotes WHERE quote_id = $1";
 
 /// Inserts a pending intent, held by `owner` for `lease_secs`, with its token (or quote).
 async fn begin_intent(tx: &impl GenericClient, i: &Intent, owner: &str, lease_secs: i64) -> Result<(), LedgerError> {
@@ -458,8 +461,6 @@ async fn record_pipelined(
         ))
         .await
         .map_err(db)?;
-    let token = tx.prepare_cached(INSERT_TOKEN).await.map_err(db)?;
-    let quote = tx.prepare_cached(INSERT_QUOTE).await.map_err(db)?;
     let upsert = tx.prepare_cached(UPSERT_ACCUMULATORS).await.map_err(db)?;
     let (day, state, status) = (super::business_day(i.created_at), o.state.as_str(), i32::from(o.status));
     let amounts = o.amounts.as_ref();
@@ -472,15 +473,34 @@ async fn record_pipelined(
     let upserts: Vec<[Param<'_>; 16]> =
         o.deltas.iter().zip(&figures).map(|(d, f)| f.params(&o.card_hash, &d.payer)).collect();
     // A refused settlement holds neither its token nor its quote: the patient may try again.
+    // It is still refused when its token or quote is spent already — a replay, answered as
+    // such, as by the other engines — so then they are only looked up (`execute` answers a
+    // SELECT's row count).
     let holds = matches!(o.state, State::Settled | State::Unknown);
+    let (token, quote) = if holds {
+        (tx.prepare_cached(INSERT_TOKEN).await.map_err(db)?, tx.prepare_cached(INSERT_QUOTE).await.map_err(db)?)
+    } else {
+        (tx.prepare_cached(TOKEN_SPENT).await.map_err(db)?, tx.prepare_cached(QUOTE_SPENT).await.map_err(db)?)
+    };
     let token_row: [Param<'_>; 2] = [&i.token_id, &i.id];
     let quote_row: [Param<'_>; 2] = [&i.quote_id, &i.id];
     let mut sent: Vec<Sent<'_>> = vec![Box::pin(tx.execute(&insert, &row))];
-    if holds && i.token_id.is_some() {
-        sent.push(Box::pin(tx.execute(&token, &token_row)));
+    let mut spent = [None, None];
+    if i.token_id.is_some() {
+        spent[0] = Some((sent.len(), LedgerError::TokenUsed));
+        sent.push(if holds {
+            Box::pin(tx.execute(&token, &token_row))
+        } else {
+            Box::pin(tx.execute(&token, &token_row[..1]))
+        });
     }
-    if holds && i.quote_id.is_some() {
-        sent.push(Box::pin(tx.execute(&quote, &quote_row)));
+    if i.quote_id.is_some() {
+        spent[1] = Some((sent.len(), LedgerError::QuoteUsed));
+        sent.push(if holds {
+            Box::pin(tx.execute(&quote, &quote_row))
+        } else {
+            Box::pin(tx.execute(&quote, &quote_row[..1]))
+        });
     }
     let first_upsert = sent.len();
     for params in &upserts {
@@ -491,6 +511,9 @@ async fn record_pipelined(
     // In order: the first refusal is the cause (the statements after it fail as "aborted").
     for answer in answers {
         changed.push(answer.map_err(db)?);
+    }
+    if !holds && let Some((_, used)) = spent.into_iter().flatten().find(|(at, _)| changed[*at] > 0) {
+        return Err(used);
     }
     if changed[first_upsert..].contains(&0) {
         return Err(LedgerError::Stale);
