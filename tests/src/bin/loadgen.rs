@@ -10,7 +10,8 @@
 //! clock starts, each unique, so the replay check is real.
 //!
 //! Run: `cargo run --release -p cardgate-tests --bin loadgen -- [SECONDS] [CONNECTIONS] [gateway]`
-//! (`gateway`: only the full gateway, with fewer tokens — for profiling). Without `gateway`
+//! (`gateway`: only the full gateway, with fewer tokens — for profiling; `open`: only its open
+//! loop, at `LOADGEN_OPEN_RATE` or 2,000 req/s, on a fresh ledger). Without either
 //! the run ends with the four targets measured side by side: the throughput ratio,
 //! p99 at half load, the in-process plugin call, and the daemon's memory with 1,000
 //! connections (this needs `target/release/cardgate`: `cargo build --release -p cardgate`).
@@ -856,6 +857,24 @@ async fn run() {
     let (floor, floor_sig) = (bare(&setup, false).await, bare(&setup, true).await);
 
     let only_gateway = args.get(3).is_some_and(|a| a == "gateway");
+    if args.get(3).is_some_and(|a| a == "open") {
+        // Only the open loop against the full gateway, on a fresh ledger (for profiling it, and
+        // for finding where its latency goes): at LOADGEN_OPEN_RATE, else 2,000 req/s.
+        let rate = open_rate().unwrap_or(2000.0);
+        let fresh: Vec<String> =
+            (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
+        eprintln!("profiling window starts");
+        let writer = LedgerCpu::now();
+        let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections, duration, Some(rate)).await;
+        println!(
+            "open loop at {rate:.0} req/s, {connections} connections, {seconds} s; latency in ms from the scheduled time"
+        );
+        println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors | CPU µs/req |");
+        println!("|---|---|---|---|---|---|---|---|");
+        row("(b) full gateway", &open);
+        serialized_work(&writer, &open);
+        return;
+    }
     let budget = (seconds as usize) * if only_gateway { 15_000 } else { 60_000 };
     eprintln!("minting {budget} tokens ...");
     let minted = Instant::now();
