@@ -1465,18 +1465,19 @@ struct Tuning {
 
 impl Tuning {
     /// The ledger's whole budget, shared by the shards: 16 MiB of block cache, memtables of
-    /// 16 MiB for the settlements and 8 MiB for each index (at least 4 MiB and 2 MiB a shard),
+    /// 8 MiB for the settlements and 4 MiB for each index (at least 4 MiB and 2 MiB a shard),
     /// 256 open files. Smaller memtables flush more often (the engine's background CPU, beside
-    /// the writers); larger ones cost resident memory (docs/BENCHMARKS.md: 16 MiB holds as
-    /// many compressed settlements as 37 MiB did before sealing compressed, and took the peak
-    /// with 1,000 connections from about 190 to 150-157 MiB). Fixed when a keyspace is
-    /// created: a ledger made with other sizes keeps its own.
+    /// the writers); larger ones cost resident memory (docs/BENCHMARKS.md, seventh round: 16 and
+    /// 8 MiB peaked at 158-165 MiB with 1,000 connections, 8 and 4 MiB at 133-137 MiB, for
+    /// ~4 µs more background CPU per settlement and no change in throughput or latency beyond
+    /// the spread). Fixed when a keyspace is created: a ledger made with other sizes keeps its
+    /// own.
     fn for_shards(shards: usize) -> Self {
         let n = shards.max(1) as u64;
         Self {
             cache_bytes: ((16 << 20) / n).max(2 << 20),
-            settlements_memtable: ((16 << 20) / n).max(4 << 20),
-            index_memtable: ((8 << 20) / n).max(2 << 20),
+            settlements_memtable: ((8 << 20) / n).max(4 << 20),
+            index_memtable: ((4 << 20) / n).max(2 << 20),
             open_files: (256 / shards.max(1)).max(32),
             workers: if shards == 1 { 2 } else { 1 },
         }
