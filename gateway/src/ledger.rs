@@ -13,6 +13,7 @@
 //!   serialized work per settlement, more memory; see docs/decisions/0001.
 //! - [`postgres`]: the cluster's (`backend = "postgres"`): several nodes on one database.
 
+pub mod export;
 pub mod lsm;
 pub mod postgres;
 pub mod sqlite;

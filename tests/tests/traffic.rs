@@ -237,8 +237,43 @@ async fn reconciliation_totals_equal_the_sum_of_the_details() {
     assert_eq!(get(&gw.pharmacy, "/v1/reconciliation?date=2026-13-01").await.status, StatusCode::BAD_REQUEST);
     assert_eq!(reconciliation(&gw, "2020-01-01", "").await["settled"]["count"], 0);
 
+    // The running gateway exports the day itself, on its admin listener: what the command
+    // writes once it is stopped, line for line.
+    use cardgate_tests::harness::admin_text;
+    let path = format!("/admin/ledger/export?date={}", today());
+    let (status, live) = admin_text(gw.admin, http::Method::GET, &path).await;
+    assert_eq!(status, StatusCode::OK, "{live}");
+    let (status, one) =
+        admin_text(gw.admin, http::Method::GET, &format!("{path}&institution={}", cardgate::dev::PHARMACY)).await;
+    assert_eq!((status, one.lines().count()), (StatusCode::OK, 5), "one institution's:\n{one}");
+    let (status, other) =
+        admin_text(gw.admin, http::Method::GET, &format!("{path}&institution={}", cardgate::dev::HOSPITAL)).await;
+    assert_eq!((status, other.lines().count()), (StatusCode::OK, 1), "the header alone:\n{other}");
+    for (query, expected, code) in [
+        ("", StatusCode::BAD_REQUEST, "invalid_request"),
+        ("?date=2026-13-01", StatusCode::BAD_REQUEST, "invalid_request"),
+        ("?date=2020-01-01&page=2", StatusCode::BAD_REQUEST, "invalid_request"),
+        ("?date=2020-01-01&institution=NOPE", StatusCode::NOT_FOUND, "unknown_institution"),
+    ] {
+        let (status, answer) =
+            cardgate_tests::harness::admin(gw.admin, http::Method::GET, &format!("/admin/ledger/export{query}")).await;
+        assert_eq!((status, answer["code"].as_str()), (expected, Some(code)), "{query}: {answer}");
+    }
+    if cardgate_tests::harness::test_engine() == "lsm" {
+        // One process holds that engine: the command says where the export is meanwhile.
+        use clap::Parser;
+        let config = gw.dir.path().join("cardgate.toml");
+        let args =
+            ["cardgate", "ledger", "export", "--config", config.to_str().expect("UTF-8"), "--date", "2020-01-01"];
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = cardgate::cli::run(cardgate::cli::Cli::try_parse_from(args).expect("arguments"), &mut out, &mut err);
+        let err = String::from_utf8_lossy(&err);
+        assert!(code != 0 && err.contains("GET /admin/ledger/export?date=2020-01-01"), "{err}");
+    }
+
     gw.stop().await;
     let csv = export_csv(gw.dir.path(), &today());
+    assert_eq!(live, csv, "the admin listener's export and the command's");
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 5, "header, three settlements and a reversal:\n{csv}");
     assert!(lines[0].starts_with("institution_id,event,settlement_id,state"));

@@ -1252,7 +1252,7 @@ pub async fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -
 }
 
 /// A query string's `key=value` pairs, values percent-decoded.
-pub(super) fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&str, String), ApiError>> {
+pub(crate) fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&str, String), ApiError>> {
     query.unwrap_or_default().split('&').filter(|p| !p.is_empty()).map(|pair| {
         let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(raw).ok_or_else(|| ApiError::invalid(format!("{key}: bad percent-encoding")))?;
@@ -1261,7 +1261,7 @@ pub(super) fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&
 }
 
 /// A `date` parameter: a business day, `YYYY-MM-DD`.
-pub(super) fn business_date(value: String) -> Result<String, ApiError> {
+pub(crate) fn business_date(value: String) -> Result<String, ApiError> {
     if crate::ledger::is_business_day(&value) { Ok(value) } else { Err(ApiError::invalid("date: YYYY-MM-DD")) }
 }
 

@@ -8,6 +8,7 @@ use clap::Subcommand;
 
 use super::Failure;
 use crate::config::Config;
+use crate::ledger::LedgerError;
 
 /// Ledger commands.
 #[derive(Debug, Subcommand)]
@@ -135,8 +136,23 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
             .spawn(|| {
                 let runtime =
                     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::new)?;
-                let ledger = crate::ledger::open(&config.ledger).map_err(Failure::new)?;
-                runtime.block_on(day_csv(&*ledger, &institutions, &date))
+                let ledger = crate::ledger::open(&config.ledger).map_err(|e| match e {
+                    // An engine one process holds at a time (the log-structured one) is the
+                    // running gateway's: it exports the day itself.
+                    LedgerError::Storage(m) if m.contains(crate::ledger::lsm::LOCKED) => Failure::new(format!(
+                        "{m}\nwhile the gateway runs, take the export from its admin listener: \
+                         GET /admin/ledger/export?date={date} (docs/OPERATIONS.md)"
+                    )),
+                    e => Failure::new(e),
+                })?;
+                let mut csv = String::from(crate::ledger::export::HEADER);
+                let lines = runtime
+                    .block_on(crate::ledger::export::day_csv(&*ledger, &institutions, &date, |page| {
+                        csv += &page;
+                        std::future::ready(true)
+                    }))
+                    .map_err(Failure::new)?;
+                Ok((csv, lines))
             })
             .join()
             .unwrap_or_else(|_| Err(Failure::new("the export thread failed")))
@@ -147,53 +163,4 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
     }
     tracing::info!(lines, %date, "ledger exported");
     Ok(0)
-}
-
-/// The day's events of every institution of `institutions`, as CSV, and how many lines.
-async fn day_csv(
-    ledger: &dyn crate::ledger::Ledger,
-    institutions: &[String],
-    date: &str,
-) -> Result<(String, u64), Failure> {
-    let mut csv = String::from(
-        "institution_id,event,settlement_id,state,terminal_id,card,created_at,total_fen,fund_pay_fen,account_pay_fen,cash_pay_fen,insurance_type,clearing_type\n",
-    );
-    let mut lines = 0u64;
-    for id in institutions {
-        for page in 1.. {
-            let day = ledger.reconciliation(id, date, page, 1000).await.map_err(Failure::new)?;
-            for d in &day.details {
-                csv += &format!(
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-                    field(id),
-                    d.event,
-                    field(&d.settlement_id),
-                    d.state,
-                    field(&d.terminal_id),
-                    field(&d.card),
-                    d.created_at,
-                    d.total_fen,
-                    d.fund_pay_fen,
-                    d.account_pay_fen,
-                    d.cash_pay_fen,
-                    field(&d.insurance_type),
-                    field(&d.clearing_type)
-                );
-            }
-            lines += day.details.len() as u64;
-            if u64::from(page) * 1000 >= day.detail_count {
-                break;
-            }
-        }
-    }
-    Ok((csv, lines))
-}
-
-/// Quotes a CSV field when it needs it.
-fn field(value: &str) -> String {
-    if value.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", value.replace('"', "\"\""))
-    } else {
-        value.to_owned()
-    }
 }

@@ -56,7 +56,7 @@ const NEXT_SEQ: &str = "next_seq";
 pub const WRITER_THREAD: &str = "cardgate-ledger";
 
 /// What a ledger already open elsewhere is refused with.
-const LOCKED: &str = "the ledger is open in another process";
+pub const LOCKED: &str = "the ledger is open in another process";
 
 /// Most writes committed together.
 const MAX_GROUP: usize = 512;

@@ -1,5 +1,5 @@
 //! The admin listener: health, readiness, the loaded plugins and their reload, the routing
-//! table. Plain HTTP on a loopback address only (validated at load), or mutual TLS. At most
+//! table, a business day's export for finance. Plain HTTP on a loopback address only (validated at load), or mutual TLS. At most
 //! [`MAX_CONNECTIONS`] connections, each closed when a request's head is slow; requests a web
 //! page could forge are refused (see [`browser_refusal`]).
 
@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -29,6 +30,9 @@ pub async fn run(
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let plain = acceptor.is_none();
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Told to every connection when the listener stops: each finishes the answer it is sending
+    // and closes, so none keeps the gateway (and its ledger) alive after a stop.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -41,7 +45,7 @@ pub async fn run(
                 // Past the cap a new connection is closed at once: idle admin sockets can never
                 // take the descriptors the TLS listener needs.
                 let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else { continue };
-                let (live, acceptor) = (Arc::clone(&live), acceptor.clone());
+                let (live, acceptor, stop) = (Arc::clone(&live), acceptor.clone(), stop.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
                     let service = hyper::service::service_fn(move |request| {
@@ -55,19 +59,45 @@ pub async fn run(
                     match acceptor {
                         None => {
                             let serving = http.serve_connection(TokioIo::new(stream), service);
-                            let _ = tokio::time::timeout(CONNECTION_LIFETIME, serving).await;
+                            let _ = tokio::time::timeout(CONNECTION_LIFETIME, until_stopped(serving, stop)).await;
                         }
                         Some(acceptor) => {
                             let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream));
                             if let Ok(Ok(tls)) = handshake.await {
                                 let serving = http.serve_connection(TokioIo::new(tls), service);
-                                let _ = tokio::time::timeout(CONNECTION_LIFETIME, serving).await;
+                                let _ = tokio::time::timeout(CONNECTION_LIFETIME, until_stopped(serving, stop)).await;
                             }
                         }
                     }
                 });
             }
             () = &mut shutdown => break,
+        }
+    }
+    let _ = stopping.send(true);
+}
+
+/// Serves one connection until it ends, or until the listener stops: then the answer being
+/// sent is finished and the connection closed.
+async fn until_stopped<I, S>(
+    serving: hyper::server::conn::http1::Connection<I, S>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // Told, or the listener gone without telling: either way it has stopped.
+    let stopped = async move {
+        let _ = stop.wait_for(|stopped| *stopped).await.is_ok();
+    };
+    tokio::pin!(serving);
+    tokio::select! {
+        _ = serving.as_mut() => {}
+        () = stopped => {
+            serving.as_mut().graceful_shutdown();
+            let _ = serving.await;
         }
     }
 }
@@ -110,14 +140,21 @@ fn browser_refusal(request: &Request<Incoming>, plain: bool) -> Option<&'static 
     None
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+/// An answer's body: whole, or streamed (an export), which may end in an error.
+type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn whole(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Body> {
+    let mut response = Response::new(whole(body.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
     response
 }
 
-async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>, plain: bool) -> Response<Full<Bytes>> {
+async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>, plain: bool) -> Response<Body> {
     if let Some(reason) = browser_refusal(&request, plain) {
         return reply(StatusCode::FORBIDDEN, json!({ "code": "forbidden", "detail": reason }));
     }
@@ -127,8 +164,9 @@ async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>, plain: bool
         (&Method::GET, "/admin/plugins") => reply(StatusCode::OK, plugins(gateway)),
         (&Method::POST, "/admin/plugins/reload") => reload(gateway).await,
         (&Method::GET, "/admin/routes") => reply(StatusCode::OK, routes(gateway)),
+        (&Method::GET, "/admin/ledger/export") => export(gateway, request.uri().query()).await,
         (&Method::GET, "/metrics") => {
-            let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render())));
+            let mut response = Response::new(whole(crate::metrics::render()));
             response.headers_mut().insert("content-type", http::HeaderValue::from_static("text/plain; version=0.0.4"));
             response
         }
@@ -138,7 +176,7 @@ async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>, plain: bool
 
 /// Ready: the ledger reads and takes writes (after a failed commit, a probe must commit within
 /// two seconds), every plugin is loaded, and the gateway is not draining.
-async fn readiness(gateway: &Gateway) -> Response<Full<Bytes>> {
+async fn readiness(gateway: &Gateway) -> Response<Body> {
     let writable =
         matches!(tokio::time::timeout(std::time::Duration::from_secs(2), gateway.ledger.probe()).await, Ok(Ok(())));
     let ledger = writable && gateway.ledger.unresolved().await.is_ok();
@@ -188,7 +226,7 @@ pub fn plugins(gateway: &Gateway) -> Value {
     json!({ "generation": set.generation, "plugins": list })
 }
 
-async fn reload(gateway: &Arc<Gateway>) -> Response<Full<Bytes>> {
+async fn reload(gateway: &Arc<Gateway>) -> Response<Body> {
     let worker = Arc::clone(gateway);
     match tokio::task::spawn_blocking(move || worker.reload_plugins()).await {
         Ok(Ok(_)) => reply(StatusCode::OK, plugins(gateway)),
@@ -213,4 +251,88 @@ fn routes(gateway: &Gateway) -> Value {
         })
         .collect();
     json!({ "routes": routes })
+}
+
+/// `GET /admin/ledger/export?date=YYYY-MM-DD[&institution=ID]`: the day's events as CSV, the
+/// same lines as `cardgate ledger export`, from the running gateway's ledger (an engine one
+/// process holds at a time cannot be opened by the command meanwhile). Streamed a page of
+/// events at a time, so a day of any size costs the gateway one page of memory; a ledger that
+/// fails midway ends the answer without its last chunk, so a client never takes a cut-short
+/// export for a whole one.
+async fn export(gateway: &Arc<Gateway>, query: Option<&str>) -> Response<Body> {
+    let invalid =
+        |detail: String| reply(StatusCode::BAD_REQUEST, json!({ "code": "invalid_request", "detail": detail }));
+    let (mut date, mut institution) = (None, None);
+    for pair in crate::api::flow::query_pairs(query) {
+        match pair {
+            Ok(("date", value)) => date = Some(value),
+            Ok(("institution", value)) => institution = Some(value),
+            Ok((key, _)) => return invalid(format!("unknown parameter `{key}` (date, institution)")),
+            Err(_) => return invalid("bad percent-encoding".into()),
+        }
+    }
+    let Some(date) = date.filter(|d| crate::ledger::is_business_day(d)) else {
+        return invalid("date: YYYY-MM-DD, required".into());
+    };
+    let institutions: Vec<String> = match institution {
+        Some(id) if gateway.config.institutions.contains_key(&id) => vec![id],
+        Some(id) => {
+            let detail = format!("no institution `{id}` in the configuration");
+            return reply(StatusCode::NOT_FOUND, json!({ "code": "unknown_institution", "detail": detail }));
+        }
+        None => {
+            let mut all: Vec<String> = gateway.config.institutions.keys().cloned().collect();
+            all.sort();
+            all
+        }
+    };
+    // A ledger that cannot answer now is a 503 before anything is sent.
+    if let Some(first) = institutions.first()
+        && let Err(e) = gateway.ledger.reconciliation(first, &date, 1, 1).await
+    {
+        let detail = e.to_string();
+        return reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "code": "storage_unavailable", "detail": detail }));
+    }
+    let filename = format!("attachment; filename=\"cardgate-{date}.csv\"");
+    let (pages, chunks) = tokio::sync::mpsc::channel::<Result<Bytes, crate::ledger::LedgerError>>(2);
+    let worker = Arc::clone(gateway);
+    tokio::spawn(async move {
+        if pages.send(Ok(Bytes::from_static(crate::ledger::export::HEADER.as_bytes()))).await.is_err() {
+            return;
+        }
+        let sent = crate::ledger::export::day_csv(&*worker.ledger, &institutions, &date, |page| {
+            let pages = pages.clone();
+            async move { pages.send(Ok(Bytes::from(page))).await.is_ok() }
+        })
+        .await;
+        match sent {
+            Ok(lines) => tracing::info!(lines, %date, "ledger exported (admin listener)"),
+            Err(e) => {
+                tracing::warn!(error = %e, %date, "ledger export failed midway; the answer ends cut short");
+                let _ = pages.send(Err(e)).await;
+            }
+        }
+    });
+    let mut response = Response::new(Chunks(chunks).boxed());
+    let headers = response.headers_mut();
+    headers.insert("content-type", http::HeaderValue::from_static("text/csv; charset=utf-8"));
+    if let Ok(disposition) = http::HeaderValue::from_str(&filename) {
+        headers.insert("content-disposition", disposition);
+    }
+    response
+}
+
+/// An export's pages as they come; an error ends the body without its last chunk.
+struct Chunks(tokio::sync::mpsc::Receiver<Result<Bytes, crate::ledger::LedgerError>>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| c.map(Frame::data).map_err(Into::into)))
+    }
 }
