@@ -1,7 +1,8 @@
 //! The admin listener: health, readiness, the loaded plugins and their reload, the routing
-//! table, a business day's export for finance. Plain HTTP on a loopback address only (validated at load), or mutual TLS. At most
-//! [`MAX_CONNECTIONS`] connections, each closed when a request's head is slow; requests a web
-//! page could forge are refused (see [`browser_refusal`]).
+//! table, a business day's export for finance. Plain HTTP on a loopback address only
+//! (validated at load), or mutual TLS. At most [`MAX_CONNECTIONS`] connections, each closed
+//! when a request's head is slow or when the listener stops; requests a web page could forge
+//! are refused (see [`browser_refusal`]).
 
 use std::future::Future;
 use std::sync::Arc;
