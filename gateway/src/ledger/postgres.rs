@@ -485,22 +485,17 @@ async fn record_pipelined(
     let token_row: [Param<'_>; 2] = [&i.token_id, &i.id];
     let quote_row: [Param<'_>; 2] = [&i.quote_id, &i.id];
     let mut sent: Vec<Sent<'_>> = vec![Box::pin(tx.execute(&insert, &row))];
-    let mut spent = [None, None];
-    if i.token_id.is_some() {
-        spent[0] = Some((sent.len(), LedgerError::TokenUsed));
-        sent.push(if holds {
-            Box::pin(tx.execute(&token, &token_row))
-        } else {
-            Box::pin(tx.execute(&token, &token_row[..1]))
-        });
-    }
-    if i.quote_id.is_some() {
-        spent[1] = Some((sent.len(), LedgerError::QuoteUsed));
-        sent.push(if holds {
-            Box::pin(tx.execute(&quote, &quote_row))
-        } else {
-            Box::pin(tx.execute(&quote, &quote_row[..1]))
-        });
+    // Where each lookup's answer will be, and what a spent one is refused as.
+    let mut spent = Vec::with_capacity(2);
+    let width = if holds { 2 } else { 1 };
+    for (present, statement, values, used) in [
+        (i.token_id.is_some(), &token, &token_row, LedgerError::TokenUsed),
+        (i.quote_id.is_some(), &quote, &quote_row, LedgerError::QuoteUsed),
+    ] {
+        if present {
+            spent.push((sent.len(), used));
+            sent.push(Box::pin(tx.execute(statement, &values[..width])));
+        }
     }
     let first_upsert = sent.len();
     for params in &upserts {
@@ -512,7 +507,7 @@ async fn record_pipelined(
     for answer in answers {
         changed.push(answer.map_err(db)?);
     }
-    if !holds && let Some((_, used)) = spent.into_iter().flatten().find(|(at, _)| changed[*at] > 0) {
+    if !holds && let Some((_, used)) = spent.into_iter().find(|(at, _)| changed[*at] > 0) {
         return Err(used);
     }
     if changed[first_upsert..].contains(&0) {
