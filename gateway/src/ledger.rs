@@ -716,7 +716,8 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// and then nothing is recorded. A refusal (an outcome that is neither settled nor unknown)
     /// leaves its token and quote unspent, but one carrying a token or quote spent already is
     /// refused as [`Ledger::begin`] would. `outcome` is the intent's: engines record it against
-    /// the intent just written, not by its id. Default: the two commits, for ledgers that cannot do one.
+    /// the intent just written, not by its id. Default: the two commits, for ledgers that
+    /// cannot do one.
     fn record(&self, intent: Intent, outcome: Outcome) -> LedgerFuture<'_, ()> {
         Box::pin(async move {
             self.begin(intent).await?;

@@ -1261,7 +1261,7 @@ pub(crate) fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&
 }
 
 /// A `date` parameter: a business day, `YYYY-MM-DD`.
-pub(crate) fn business_date(value: String) -> Result<String, ApiError> {
+pub(super) fn business_date(value: String) -> Result<String, ApiError> {
     if crate::ledger::is_business_day(&value) { Ok(value) } else { Err(ApiError::invalid("date: YYYY-MM-DD")) }
 }
 

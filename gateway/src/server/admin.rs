@@ -257,9 +257,10 @@ fn routes(gateway: &Gateway) -> Value {
 /// `GET /admin/ledger/export?date=YYYY-MM-DD[&institution=ID]`: the day's events as CSV, the
 /// same lines as `cardgate ledger export`, from the running gateway's ledger (an engine one
 /// process holds at a time cannot be opened by the command meanwhile). Streamed a page of
-/// events at a time, so a day of any size costs the gateway one page of memory; a ledger that
-/// fails midway ends the answer without its last chunk, so a client never takes a cut-short
-/// export for a whole one.
+/// events at a time, so a day of any size costs the gateway one page of memory. The answer
+/// waits for the first page: a ledger that cannot be read is a 503 before anything is sent;
+/// one that fails later ends the answer without its last chunk, so a client never takes a
+/// cut-short export for a whole one.
 async fn export(gateway: &Arc<Gateway>, query: Option<&str>) -> Response<Body> {
     let invalid =
         |detail: String| reply(StatusCode::BAD_REQUEST, json!({ "code": "invalid_request", "detail": detail }));
@@ -281,40 +282,55 @@ async fn export(gateway: &Arc<Gateway>, query: Option<&str>) -> Response<Body> {
             let detail = format!("no institution `{id}` in the configuration");
             return reply(StatusCode::NOT_FOUND, json!({ "code": "unknown_institution", "detail": detail }));
         }
-        None => {
-            let mut all: Vec<String> = gateway.config.institutions.keys().cloned().collect();
-            all.sort();
-            all
-        }
+        // In the configuration's (sorted) order, as the command writes them.
+        None => gateway.config.institutions.keys().cloned().collect(),
     };
-    // A ledger that cannot answer now is a 503 before anything is sent.
-    if let Some(first) = institutions.first()
-        && let Err(e) = gateway.ledger.reconciliation(first, &date, 1, 1).await
-    {
-        let detail = e.to_string();
-        return reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "code": "storage_unavailable", "detail": detail }));
-    }
     let filename = format!("attachment; filename=\"cardgate-{date}.csv\"");
-    let (pages, chunks) = tokio::sync::mpsc::channel::<Result<Bytes, crate::ledger::LedgerError>>(2);
+    let (pages, mut chunks) = tokio::sync::mpsc::channel::<Result<Bytes, crate::ledger::LedgerError>>(2);
     let worker = Arc::clone(gateway);
     tokio::spawn(async move {
-        if pages.send(Ok(Bytes::from_static(crate::ledger::export::HEADER.as_bytes()))).await.is_err() {
-            return;
-        }
+        // The header goes out with the first page (or alone, for a day without events).
+        let mut header = Some(crate::ledger::export::HEADER);
         let sent = crate::ledger::export::day_csv(&*worker.ledger, &institutions, &date, |page| {
             let pages = pages.clone();
-            async move { pages.send(Ok(Bytes::from(page))).await.is_ok() }
+            let chunk = match header.take() {
+                Some(h) => format!("{h}{page}"),
+                None => page,
+            };
+            async move { pages.send(Ok(Bytes::from(chunk))).await.is_ok() }
         })
         .await;
         match sent {
-            Ok(lines) => tracing::info!(lines, %date, "ledger exported (admin listener)"),
+            Ok(lines) => {
+                if let Some(h) = header {
+                    let _ = pages.send(Ok(Bytes::from_static(h.as_bytes()))).await;
+                }
+                if pages.is_closed() {
+                    tracing::info!(lines, %date, "ledger export left off: its reader went away");
+                } else {
+                    tracing::info!(lines, %date, "ledger exported (admin listener)");
+                }
+            }
             Err(e) => {
-                tracing::warn!(error = %e, %date, "ledger export failed midway; the answer ends cut short");
+                if header.is_none() {
+                    tracing::warn!(error = %e, %date, "ledger export failed midway; the answer ends cut short");
+                }
                 let _ = pages.send(Err(e)).await;
             }
         }
     });
-    let mut response = Response::new(Chunks(chunks).boxed());
+    let first = match chunks.recv().await {
+        Some(Ok(first)) => first,
+        Some(Err(e)) => {
+            let detail = e.to_string();
+            return reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "code": "storage_unavailable", "detail": detail }));
+        }
+        None => {
+            let detail = "the export stopped before its first page";
+            return reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "code": "storage_unavailable", "detail": detail }));
+        }
+    };
+    let mut response = Response::new(Chunks { first: Some(first), rest: chunks }.boxed());
     let headers = response.headers_mut();
     headers.insert("content-type", http::HeaderValue::from_static("text/csv; charset=utf-8"));
     if let Ok(disposition) = http::HeaderValue::from_str(&filename) {
@@ -324,7 +340,11 @@ async fn export(gateway: &Arc<Gateway>, query: Option<&str>) -> Response<Body> {
 }
 
 /// An export's pages as they come; an error ends the body without its last chunk.
-struct Chunks(tokio::sync::mpsc::Receiver<Result<Bytes, crate::ledger::LedgerError>>);
+struct Chunks {
+    /// The first page, already read.
+    first: Option<Bytes>,
+    rest: tokio::sync::mpsc::Receiver<Result<Bytes, crate::ledger::LedgerError>>,
+}
 
 impl hyper::body::Body for Chunks {
     type Data = Bytes;
@@ -334,6 +354,9 @@ impl hyper::body::Body for Chunks {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| c.map(Frame::data).map_err(Into::into)))
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        self.rest.poll_recv(cx).map(|chunk| chunk.map(|c| c.map(Frame::data).map_err(Into::into)))
     }
 }

@@ -514,6 +514,11 @@ impl Run {
     }
 }
 
+/// Bills with fresh tokens for an open loop of `seconds` at `rate` (and a few over).
+fn open_loop_bills(setup: &Setup, rate: f64, seconds: u64) -> Vec<String> {
+    (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect()
+}
+
 /// The open loop's rate from `LOADGEN_OPEN_RATE`, if it names one the harness can offer: a
 /// positive number of requests per second up to a million (its tokens are made beforehand).
 /// Anything else is said on stderr and the run goes on at half the gateway's maximum.
@@ -861,8 +866,7 @@ async fn run() {
         // Only the open loop against the full gateway, on a fresh ledger (for profiling it, and
         // for finding where its latency goes): at LOADGEN_OPEN_RATE, else 2,000 req/s.
         let rate = open_rate().unwrap_or(2000.0);
-        let fresh: Vec<String> =
-            (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
+        let fresh = open_loop_bills(&setup, rate, seconds);
         eprintln!("profiling window starts");
         let writer = LedgerCpu::now();
         let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections, duration, Some(rate)).await;
@@ -928,8 +932,7 @@ async fn run() {
     // `LOADGEN_OPEN_RATE=R`: the open loop at R req/s instead (to compare engines at one rate).
     let half = (b.throughput() / 2.0).max(1.0);
     let rate = open_rate().unwrap_or(half);
-    let fresh: Vec<String> =
-        (0..(rate as usize * seconds as usize + 100)).map(|_| bill(&setup.token(&Card::beijing(), 600))).collect();
+    let fresh = open_loop_bills(&setup, rate, seconds);
     let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections.max(64), duration, Some(rate)).await;
     let which = if rate == half { "half the gateway's maximum" } else { "LOADGEN_OPEN_RATE" };
     println!("\nopen loop at {rate:.0} req/s ({which}), latency from the scheduled time:");
