@@ -103,6 +103,7 @@ on_every_engine!(
     reversal_undoes_the_accumulators_once,
     unresolved_settlements_are_listed_and_an_unknown_one_can_complete_once,
     a_reversal_counts_on_the_day_it_is_made_and_a_closed_day_never_changes,
+    a_day_is_read_in_pages_each_event_once_in_time_order,
     an_outcome_computed_on_figures_that_moved_since_is_not_recorded,
     a_settlement_recorded_in_one_commit_is_refused_whole,
     an_idempotency_key_is_unique_whatever_the_card,
@@ -409,6 +410,59 @@ async fn a_reversal_counts_on_the_day_it_is_made_and_a_closed_day_never_changes(
     assert_eq!((tuesday.payers[0].reversed_count, tuesday.payers[0].reversed_fund_pay_fen), (1, 700));
     let events: Vec<_> = tuesday.details.iter().map(|d| (d.event.as_str(), d.state.as_str())).collect();
     assert_eq!(events, vec![("reversed", "reversed")]);
+}
+
+/// Pages of a day hold its events in time order (a settlement before its reversal at the same
+/// moment, settlements of one moment in the order they were recorded), each once, whatever
+/// shard each card's settlements are in; the totals are the whole day's on every page.
+async fn a_day_is_read_in_pages_each_event_once_in_time_order(engine: Engine) {
+    let dir = engine.place();
+    let ledger = engine.open(&dir);
+    let at = 1_700_000_000;
+    let card = |n: usize| format!("card-{n}").into_bytes();
+    for (n, offset) in [0, 10, 20, 30, 40, 40].into_iter().enumerate() {
+        let id = format!("S{n}");
+        let key = format!("k{n}");
+        let token = format!("tok-{n}");
+        let begun = Intent { card_hash: card(n), created_at: at + offset, ..intent(&id, &key, token.as_bytes()) };
+        ledger.begin(begun).await.expect("begin");
+        let outcome = Outcome { card_hash: card(n), at: at + offset, ..settled(&id, 100 + n as i64) };
+        ledger.finish(outcome).await.expect("finish");
+    }
+    // Still pending: not an event of the day.
+    ledger
+        .begin(Intent { card_hash: card(6), created_at: at + 15, ..intent("S6", "k6", b"tok-6") })
+        .await
+        .expect("begin");
+    ledger.reverse("S1".into(), "{}".into(), vec![], card(1), at + 25).await.expect("reverse");
+    ledger.reverse("S3".into(), "{}".into(), vec![], card(3), at + 30).await.expect("reverse");
+
+    let day = cardgate::ledger::business_day(at);
+    let mut lines = Vec::new();
+    for page in 1..=4 {
+        let read = ledger.reconciliation("H1", &day, page, 3).await.expect("read");
+        assert_eq!((read.detail_count, read.settled.count, read.reversed.count), (8, 6, 2), "page {page}");
+        assert_eq!((read.settled.fund_pay_fen, read.reversed.fund_pay_fen), (615, 204), "page {page}");
+        assert_eq!(read.details.len(), [3, 3, 2, 0][page as usize - 1], "page {page}");
+        lines.extend(read.details);
+    }
+    let events: Vec<_> =
+        lines.iter().map(|d| (d.event.as_str(), d.settlement_id.as_str(), d.state.as_str(), d.fund_pay_fen)).collect();
+    assert_eq!(
+        events,
+        vec![
+            ("settled", "S0", "settled", 100),
+            ("settled", "S1", "reversed", 101),
+            ("settled", "S2", "settled", 102),
+            ("reversed", "S1", "reversed", 101),
+            ("settled", "S3", "reversed", 103),
+            ("reversed", "S3", "reversed", 103),
+            ("settled", "S4", "settled", 104),
+            ("settled", "S5", "settled", 105),
+        ]
+    );
+    let whole = ledger.reconciliation("H1", &day, 1, 100).await.expect("read").details;
+    assert_eq!(whole, lines, "one page of the whole day");
 }
 
 #[tokio::test]
