@@ -1874,7 +1874,7 @@ fn shard_listing(s: &Store, q: &super::ListQuery, after: u64) -> Result<Vec<(u64
         if rows.len() >= q.limit as usize {
             break;
         }
-        let Some((_, row)) = s.row_by_id_bytes(&id)? else { continue };
+        let Some((_, row)) = s.decode_row(&id, Row::decode_summary)? else { continue };
         if q.from.is_some_and(|from| row.created_at < from)
             || q.to.is_some_and(|to| row.created_at >= to)
             || q.terminal.as_ref().is_some_and(|t| *t != row.terminal)
