@@ -780,9 +780,11 @@ const DAY_SETTLED: Rows = (
     "WHERE s.institution = ?1 AND s.day = ?2 AND o.state IN ('settled', 'reversed')",
 );
 
-/// The reversals an institution made on a day, whatever day their settlements were.
+/// The reversals an institution made on a day, whatever day their settlements were: found
+/// from the day's reversals (`CROSS JOIN` keeps that order; left to choose, SQLite walked every
+/// settlement the institution ever made).
 const DAY_REVERSED: Rows =
-    ("FROM outcomes o JOIN settlements s ON s.seq = o.seq", "WHERE o.reversed_day = ?2 AND s.institution = ?1");
+    ("FROM outcomes o CROSS JOIN settlements s ON s.seq = o.seq", "WHERE o.reversed_day = ?2 AND s.institution = ?1");
 
 /// Totals per insurance type and clearing type.
 fn type_sums(
@@ -1362,6 +1364,33 @@ mod tests {
         for table in ["u", "q"] {
             assert!(plan.iter().any(|step| step.starts_with(&format!("SEARCH {table} USING PRIMARY KEY"))), "{plan:?}");
             assert!(!plan.iter().any(|step| step.starts_with(&format!("SCAN {table}"))), "{plan:?}");
+        }
+    }
+
+    /// A day's reversals are read from the index of reversal days, whatever else the
+    /// institution settled: the sums and the details alike.
+    #[test]
+    fn a_days_reversals_are_found_from_that_day() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ledger.db");
+        drop(SqliteLedger::open(&path).expect("create"));
+        let conn = open(&path).expect("open");
+        let (from, filter) = DAY_REVERSED;
+        for query in [
+            format!("SELECT s.insurance_type, count(*) {from} {filter} GROUP BY 1"),
+            format!("SELECT p.value ->> 0, count(*) {from}, json_each(o.payers) p {filter} GROUP BY 1"),
+            format!("SELECT s.id, o.updated_at {from} {filter}"),
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {query}"))
+                .and_then(|mut s| s.query_map(params!["H1", "2026-12-01"], |r| r.get::<_, String>(3))?.collect())
+                .expect("plan");
+            let first = &plan[0];
+            assert!(first.starts_with("SEARCH o ") && first.contains("outcomes_by_reversed_day"), "{query}: {plan:?}");
+            assert!(
+                plan.iter().any(|step| step.starts_with("SEARCH s USING INTEGER PRIMARY KEY")),
+                "{query}: {plan:?}"
+            );
         }
     }
 }
