@@ -694,6 +694,23 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     })
 }
 
+/// A listing's page: `?1` institution, `?2`..`?3` days, after seq `?4`, `?5`..`?6` times,
+/// `?7` terminal, `?8` state, `?9` rows. One day walks that day's index in seq order from the
+/// cursor and stops at the page's end; a range of days is read whole and sorted (one day of
+/// 100,000 settlements read so: 0.3 s a page, whichever page).
+fn listing(one_day: bool) -> String {
+    let days = if one_day { "s.day = ?2" } else { "s.day BETWEEN ?2 AND ?3" };
+    format!(
+        "SELECT s.seq, s.id, coalesce(o.state, 'pending'), s.terminal, s.card_masked, s.created_at,
+             s.total_fen, o.fund_fen, o.account_fen, o.cash_fen
+         FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq
+         WHERE s.institution = ?1 AND {days} AND s.seq > ?4
+             AND (?5 IS NULL OR s.created_at >= ?5) AND (?6 IS NULL OR s.created_at < ?6)
+             AND (?7 IS NULL OR s.terminal = ?7) AND (?8 IS NULL OR coalesce(o.state, 'pending') = ?8)
+         ORDER BY s.seq LIMIT ?9"
+    )
+}
+
 /// A settlement with its outcome, if any (none: still pending).
 const RECORD_SELECT: &str = "SELECT s.id, s.institution, s.request_hash, o.state, o.status, o.body, o.reversal,
     s.created_at FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq";
@@ -1293,16 +1310,9 @@ impl super::ReadsNow for SqliteLedger {
     }
 
     fn list(&self, q: &super::ListQuery) -> Result<Vec<super::Listed>, LedgerError> {
+        let one_day = q.days.0 == q.days.1;
         self.read(|c| {
-            let mut statement = c.prepare_cached(
-                "SELECT s.seq, s.id, coalesce(o.state, 'pending'), s.terminal, s.card_masked, s.created_at,
-                     s.total_fen, o.fund_fen, o.account_fen, o.cash_fen
-                 FROM settlements s LEFT JOIN outcomes o ON o.seq = s.seq
-                 WHERE s.institution = ?1 AND s.day BETWEEN ?2 AND ?3 AND s.seq > ?4
-                     AND (?5 IS NULL OR s.created_at >= ?5) AND (?6 IS NULL OR s.created_at < ?6)
-                     AND (?7 IS NULL OR s.terminal = ?7) AND (?8 IS NULL OR coalesce(o.state, 'pending') = ?8)
-                 ORDER BY s.seq LIMIT ?9",
-            )?;
+            let mut statement = c.prepare_cached(&listing(one_day))?;
             let state = q.state.map(State::as_str);
             let after = q.after.first().map_or(0, |&seq| i64::try_from(seq).unwrap_or(i64::MAX));
             let rows = statement.query_map(
@@ -1365,6 +1375,27 @@ mod tests {
             assert!(plan.iter().any(|step| step.starts_with(&format!("SEARCH {table} USING PRIMARY KEY"))), "{plan:?}");
             assert!(!plan.iter().any(|step| step.starts_with(&format!("SCAN {table}"))), "{plan:?}");
         }
+    }
+
+    /// A day's listing reads that day's settlements from the cursor on, in the index's order:
+    /// nothing sorted, a page as long as its rows.
+    #[test]
+    fn a_days_listing_walks_its_index_from_the_cursor() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ledger.db");
+        drop(SqliteLedger::open(&path).expect("create"));
+        let conn = open(&path).expect("open");
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", listing(true)))
+            .and_then(|mut s| {
+                let none = None::<i64>;
+                let day = "2026-12-01";
+                s.query_map(params!["H1", day, day, 0, none, none, none, none, 100], |r| r.get::<_, String>(3))?
+                    .collect()
+            })
+            .expect("plan");
+        assert!(plan[0].contains("settlements_by_day (institution=? AND day=? AND rowid>?)"), "{plan:?}");
+        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "{plan:?}");
     }
 
     /// A day's reversals are read from the index of reversal days, whatever else the
