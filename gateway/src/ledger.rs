@@ -752,6 +752,17 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         page: u32,
         page_size: u32,
     ) -> LedgerFuture<'a, Reconciliation>;
+    /// One page of a day's detail lines, as [`Ledger::reconciliation`] pages them, without the
+    /// day's sums: the export's pages (on SQLite the sums were two thirds of each page).
+    fn day_details<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
+        page: u32,
+        page_size: u32,
+    ) -> LedgerFuture<'a, Vec<DetailLine>> {
+        Box::pin(async move { Ok(self.reconciliation(institution, date, page, page_size).await?.details) })
+    }
     /// Registers an encounter at version 1 (durably), spending its token: refused with
     /// [`LedgerError::TokenUsed`] for a token already spent (by a settlement or an encounter),
     /// [`LedgerError::IdempotencyTaken`] for a registration key already used.
@@ -816,6 +827,15 @@ pub(crate) trait ReadsNow {
         page: u32,
         page_size: u32,
     ) -> Result<Reconciliation, LedgerError>;
+    fn day_details(
+        &self,
+        institution: &str,
+        date: &str,
+        page: u32,
+        page_size: u32,
+    ) -> Result<Vec<DetailLine>, LedgerError> {
+        Ok(self.reconciliation(institution, date, page, page_size)?.details)
+    }
     fn settled_deltas(&self, id: &str) -> Result<Option<SettledDeltas>, LedgerError>;
     fn list(&self, query: &ListQuery) -> Result<Vec<Listed>, LedgerError>;
     fn closed_day(&self, institution: &str, date: &str) -> Result<Option<ClosedDay>, LedgerError>;
@@ -878,6 +898,15 @@ macro_rules! reads_now {
             page_size: u32,
         ) -> $crate::ledger::LedgerFuture<'a, $crate::ledger::Reconciliation> {
             $crate::ledger::ready($crate::ledger::ReadsNow::reconciliation(self, institution, date, page, page_size))
+        }
+        fn day_details<'a>(
+            &'a self,
+            institution: &'a str,
+            date: &'a str,
+            page: u32,
+            page_size: u32,
+        ) -> $crate::ledger::LedgerFuture<'a, Vec<$crate::ledger::DetailLine>> {
+            $crate::ledger::ready($crate::ledger::ReadsNow::day_details(self, institution, date, page, page_size))
         }
         fn closed_day<'a>(
             &'a self,

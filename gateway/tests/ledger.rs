@@ -414,7 +414,8 @@ async fn a_reversal_counts_on_the_day_it_is_made_and_a_closed_day_never_changes(
 
 /// Pages of a day hold its events in time order (a settlement before its reversal at the same
 /// moment, settlements of one moment in the order they were recorded), each once, whatever
-/// shard each card's settlements are in; the totals are the whole day's on every page.
+/// shard each card's settlements are in; the totals are the whole day's on every page, and the
+/// export's pages (the lines alone) are the same.
 async fn a_day_is_read_in_pages_each_event_once_in_time_order(engine: Engine) {
     let dir = engine.place();
     let ledger = engine.open(&dir);
@@ -444,6 +445,8 @@ async fn a_day_is_read_in_pages_each_event_once_in_time_order(engine: Engine) {
         assert_eq!((read.detail_count, read.settled.count, read.reversed.count), (8, 6, 2), "page {page}");
         assert_eq!((read.settled.fund_pay_fen, read.reversed.fund_pay_fen), (615, 204), "page {page}");
         assert_eq!(read.details.len(), [3, 3, 2, 0][page as usize - 1], "page {page}");
+        // The export's pages: the same lines without the sums.
+        assert_eq!(ledger.day_details("H1", &day, page, 3).await.expect("read"), read.details, "page {page}");
         lines.extend(read.details);
     }
     let events: Vec<_> =

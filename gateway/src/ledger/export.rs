@@ -9,9 +9,9 @@ pub const HEADER: &str = "institution_id,event,settlement_id,state,terminal_id,c
 account_pay_fen,cash_pay_fen,insurance_type,clearing_type\n";
 
 /// Events read from the ledger at a time: each page is handed on as one piece of CSV. Each
-/// page of `reconciliation` reads the whole day again (its sums, its order), so fewer, larger
-/// pages: a day of 100,000 events took 23.5 s in pages of 1,000 and 3.1 s in pages of 10,000
-/// (SQLite, docs/BENCHMARKS.md), a page a few MiB while it is written out.
+/// page reads the whole day again (its order), so fewer, larger pages: a day of 100,000 events
+/// took 23.5 s in pages of 1,000 and 3.1 s in pages of 10,000 (SQLite, docs/BENCHMARKS.md), a
+/// page a few MiB while it is written out.
 const PAGE: u32 = 10_000;
 
 /// Each institution's events of `date` (settlements made that day and reversals made that
@@ -26,9 +26,9 @@ pub async fn day_csv<F: Future<Output = bool>>(
     let mut lines = 0u64;
     for id in institutions {
         for page in 1.. {
-            let day = ledger.reconciliation(id, date, page, PAGE).await?;
-            let mut csv = String::with_capacity(day.details.len() * 160);
-            for d in &day.details {
+            let details = ledger.day_details(id, date, page, PAGE).await?;
+            let mut csv = String::with_capacity(details.len() * 160);
+            for d in &details {
                 csv += &format!(
                     "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                     field(id),
@@ -46,11 +46,11 @@ pub async fn day_csv<F: Future<Output = bool>>(
                     field(&d.clearing_type)
                 );
             }
-            lines += day.details.len() as u64;
+            lines += details.len() as u64;
             if !csv.is_empty() && !sink(csv).await {
                 return Ok(lines);
             }
-            if u64::from(page) * u64::from(PAGE) >= day.detail_count {
+            if details.len() < PAGE as usize {
                 break;
             }
         }

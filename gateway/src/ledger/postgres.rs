@@ -717,6 +717,31 @@ async fn reconcile(
     let gross = payer_sums(c, institution, date, DAY_SETTLED).await?;
     let back = payer_sums(c, institution, date, DAY_REVERSED).await?;
     let (net, payers) = super::net_and_payers(&settled, &reversed, &gross, back);
+    let details = day_details(c, institution, date, page, page_size).await?;
+    Ok(Reconciliation {
+        date: date.to_owned(),
+        detail_count: settled.count + reversed.count,
+        settled,
+        reversed,
+        net,
+        payers,
+        details,
+        page,
+        page_size,
+        by_type,
+        closed_at: None,
+    })
+}
+
+/// One page of the day's events in the order they happened: its settlements, then its
+/// reversals.
+async fn day_details(
+    c: &impl GenericClient,
+    institution: &str,
+    date: &str,
+    page: u32,
+    page_size: u32,
+) -> Result<Vec<super::DetailLine>, LedgerError> {
     let sql = format!(
         "SELECT * FROM (
              SELECT 'settled' AS event, seq, created_at AS at, id, state, terminal, card_masked, total_fen,
@@ -745,19 +770,7 @@ async fn reconcile(
             clearing_type: r.try_get(12).map_err(db)?,
         });
     }
-    Ok(Reconciliation {
-        date: date.to_owned(),
-        detail_count: settled.count + reversed.count,
-        settled,
-        reversed,
-        net,
-        payers,
-        details,
-        page,
-        page_size,
-        by_type,
-        closed_at: None,
-    })
+    Ok(details)
 }
 
 impl Ledger for PgLedger {
@@ -1019,6 +1032,16 @@ impl Ledger for PgLedger {
             tx.commit().await.map_err(db)?;
             Ok(day)
         }))
+    }
+
+    fn day_details<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
+        page: u32,
+        page_size: u32,
+    ) -> LedgerFuture<'a, Vec<super::DetailLine>> {
+        Box::pin(self.with(async move |c| day_details(&*c, institution, date, page, page_size).await))
     }
 
     fn settled_deltas<'a>(&'a self, id: &'a str) -> LedgerFuture<'a, Option<SettledDeltas>> {

@@ -861,7 +861,31 @@ fn reconcile(
     let gross = payer_sums(conn, institution, date, DAY_SETTLED)?;
     let back = payer_sums(conn, institution, date, DAY_REVERSED)?;
     let (net, payers) = super::net_and_payers(&settled, &reversed, &gross, back);
-    // The day's events in the order they happened: its settlements, then its reversals.
+    let details = day_details(conn, institution, date, page, page_size)?;
+    Ok(super::Reconciliation {
+        date: date.to_owned(),
+        detail_count: settled.count + reversed.count,
+        settled,
+        reversed,
+        net,
+        payers,
+        details,
+        page,
+        page_size,
+        by_type,
+        closed_at: None,
+    })
+}
+
+/// One page of the day's events in the order they happened: its settlements, then its
+/// reversals.
+fn day_details(
+    conn: &Connection,
+    institution: &str,
+    date: &str,
+    page: u32,
+    page_size: u32,
+) -> rusqlite::Result<Vec<super::DetailLine>> {
     let mut details = conn.prepare_cached(&format!(
         "SELECT * FROM (
              SELECT 'settled' AS event, s.seq AS seq, s.created_at AS at, s.id, o.state, s.terminal, s.card_masked,
@@ -873,7 +897,7 @@ fn reconcile(
         DAY_SETTLED.0, DAY_SETTLED.1, DAY_REVERSED.0, DAY_REVERSED.1
     ))?;
     let offset = i64::from(page.saturating_sub(1)) * i64::from(page_size);
-    let details = details
+    details
         .query_map(params![institution, date, page_size, offset], |r| {
             let at: i64 = r.get(2)?;
             Ok(super::DetailLine {
@@ -891,20 +915,7 @@ fn reconcile(
                 clearing_type: r.get(12)?,
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(super::Reconciliation {
-        date: date.to_owned(),
-        detail_count: settled.count + reversed.count,
-        settled,
-        reversed,
-        net,
-        payers,
-        details,
-        page,
-        page_size,
-        by_type,
-        closed_at: None,
-    })
+        .collect::<rusqlite::Result<Vec<_>>>()
 }
 
 const ENCOUNTER_SELECT: &str = "SELECT id, institution, idempotency_key, request_hash, token_id, card_hash,
@@ -1287,6 +1298,16 @@ impl super::ReadsNow for SqliteLedger {
         page_size: u32,
     ) -> Result<super::Reconciliation, LedgerError> {
         self.read(|c| reconcile(c, institution, date, page, page_size))
+    }
+
+    fn day_details(
+        &self,
+        institution: &str,
+        date: &str,
+        page: u32,
+        page_size: u32,
+    ) -> Result<Vec<super::DetailLine>, LedgerError> {
+        self.read(|c| day_details(c, institution, date, page, page_size))
     }
 
     fn closed_day(&self, institution: &str, date: &str) -> Result<Option<super::ClosedDay>, LedgerError> {
