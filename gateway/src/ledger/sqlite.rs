@@ -1380,18 +1380,23 @@ impl super::ReadsNow for SqliteLedger {
 mod tests {
     use super::*;
 
-    /// Moving a ledger reads each settlement once: its held token and quote are found by
-    /// their keys, not by scanning those tables for each settlement.
-    #[test]
-    fn the_dump_finds_held_tokens_and_quotes_by_their_keys() {
+    /// The steps of `sql`'s plan on a new ledger (schema and indexes as the gateway makes
+    /// them), given `values`.
+    fn plan(sql: &str, values: impl rusqlite::Params) -> Vec<String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("ledger.db");
         drop(SqliteLedger::open(&path).expect("create"));
         let conn = open(&path).expect("open");
-        let plan: Vec<String> = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {DUMP_SETTLEMENTS}"))
-            .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(3))?.collect())
-            .expect("plan");
+        conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .and_then(|mut s| s.query_map(values, |r| r.get::<_, String>(3))?.collect())
+            .expect("plan")
+    }
+
+    /// Moving a ledger reads each settlement once: its held token and quote are found by
+    /// their keys, not by scanning those tables for each settlement.
+    #[test]
+    fn the_dump_finds_held_tokens_and_quotes_by_their_keys() {
+        let plan = plan(DUMP_SETTLEMENTS, []);
         for table in ["u", "q"] {
             assert!(plan.iter().any(|step| step.starts_with(&format!("SEARCH {table} USING PRIMARY KEY"))), "{plan:?}");
             assert!(!plan.iter().any(|step| step.starts_with(&format!("SCAN {table}"))), "{plan:?}");
@@ -1402,19 +1407,8 @@ mod tests {
     /// nothing sorted, a page as long as its rows.
     #[test]
     fn a_days_listing_walks_its_index_from_the_cursor() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("ledger.db");
-        drop(SqliteLedger::open(&path).expect("create"));
-        let conn = open(&path).expect("open");
-        let plan: Vec<String> = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {}", listing(true)))
-            .and_then(|mut s| {
-                let none = None::<i64>;
-                let day = "2026-12-01";
-                s.query_map(params!["H1", day, day, 0, none, none, none, none, 100], |r| r.get::<_, String>(3))?
-                    .collect()
-            })
-            .expect("plan");
+        let (none, day) = (None::<i64>, "2026-12-01");
+        let plan = plan(&listing(true), params!["H1", day, day, 0, none, none, none, none, 100]);
         assert!(plan[0].contains("settlements_by_day (institution=? AND day=? AND rowid>?)"), "{plan:?}");
         assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "{plan:?}");
     }
@@ -1423,20 +1417,13 @@ mod tests {
     /// institution settled: the sums and the details alike.
     #[test]
     fn a_days_reversals_are_found_from_that_day() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("ledger.db");
-        drop(SqliteLedger::open(&path).expect("create"));
-        let conn = open(&path).expect("open");
         let (from, filter) = DAY_REVERSED;
         for query in [
             format!("SELECT s.insurance_type, count(*) {from} {filter} GROUP BY 1"),
             format!("SELECT p.value ->> 0, count(*) {from}, json_each(o.payers) p {filter} GROUP BY 1"),
             format!("SELECT s.id, o.updated_at {from} {filter}"),
         ] {
-            let plan: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {query}"))
-                .and_then(|mut s| s.query_map(params!["H1", "2026-12-01"], |r| r.get::<_, String>(3))?.collect())
-                .expect("plan");
+            let plan = plan(&query, params!["H1", "2026-12-01"]);
             let first = &plan[0];
             assert!(first.starts_with("SEARCH o ") && first.contains("outcomes_by_reversed_day"), "{query}: {plan:?}");
             assert!(
