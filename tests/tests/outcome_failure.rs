@@ -296,6 +296,16 @@ async fn a_closed_day_keeps_its_totals_and_a_later_reversal_lands_on_its_own_day
         assert_eq!(again[key], closed[key], "{key}");
     }
     assert_eq!(again["reversed"]["count"], 0);
+    // Its lines are read as they are now: the settlement, reversed since.
+    assert_eq!(
+        (again["date"].as_str(), again["detail_count"].as_u64(), again["page"].as_u64(), again["page_size"].as_u64()),
+        (Some(date.as_str()), Some(1), Some(1), Some(100)),
+        "{again}"
+    );
+    assert_eq!(
+        (again["details"][0]["event"].as_str(), again["details"][0]["state"].as_str()),
+        (Some("settled"), Some("reversed"))
+    );
     let next = day(&cardgate::ledger::business_day(day_end + CLOSE_GRACE_SECS + 60)).await;
     assert_eq!(next["reversed"]["count"], 1);
     assert_eq!(next["reversed"]["total_fen"], 10000);
