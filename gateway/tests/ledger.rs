@@ -1069,6 +1069,26 @@ async fn a_version_3_ledger_moves_whole_into_postgres() {
         })
     });
     assert!(failing.is_err());
+    // A statement the database refuses midway (the first settlement sent twice): the error named
+    // is that refusal, not the aborted transaction the statements after it meet — some of them
+    // are earlier items' (a group's statements are sent together).
+    let twice = ScratchDatabase::create(&server).expect("database");
+    let refused = cardgate::ledger::postgres::import(&postgres(&twice, 60), &|visit| {
+        let mut first = None;
+        ledger.dump(&mut |item| {
+            if first.is_none() && matches!(item, cardgate::ledger::DumpItem::Settlement(_)) {
+                first = Some(item.clone());
+            }
+            if matches!(item, cardgate::ledger::DumpItem::Quote(_))
+                && let Some(again) = first.take()
+            {
+                visit(again)?;
+            }
+            visit(item)
+        })
+    });
+    let message = refused.expect_err("a settlement sent twice is refused").to_string();
+    assert!(message.contains("duplicate key") && !message.contains("aborted"), "{message}");
     let fresh = PgLedger::open(&into_empty).expect("open");
     assert!(fresh.unresolved().await.expect("read").is_empty());
     assert_eq!(fresh.get("H1", "S-pending").await.expect("read"), None, "rolled back whole");

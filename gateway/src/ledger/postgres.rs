@@ -59,11 +59,12 @@ fn storage(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Storage(format!("postgres: {e}"))
 }
 
-/// A database error as the ledger reports it: a unique key says what was taken.
+/// A database error as the ledger reports it: a unique key says what was taken; anything
+/// else says what the server said (its code and message — not its detail, which may quote the
+/// row's values), where the driver's own text would be only "db error".
 fn db(e: tokio_postgres::Error) -> LedgerError {
-    if let Some(error) = e.as_db_error()
-        && *error.code() == SqlState::UNIQUE_VIOLATION
-    {
+    let Some(error) = e.as_db_error() else { return storage(e) };
+    if *error.code() == SqlState::UNIQUE_VIOLATION {
         match error.constraint() {
             Some("used_tokens_pkey") => return LedgerError::TokenUsed,
             Some("used_quotes_pkey") => return LedgerError::QuoteUsed,
@@ -73,7 +74,7 @@ fn db(e: tokio_postgres::Error) -> LedgerError {
             _ => {}
         }
     }
-    storage(e)
+    storage(format!("db error {}: {}", error.code().code(), error.message()))
 }
 
 impl PgLedger {
@@ -1220,22 +1221,21 @@ async fn write_all(
     let mut group = Vec::with_capacity(COPY_GROUP);
     while inbox.recv_many(&mut group, COPY_GROUP).await > 0 {
         let copied = futures_util::future::join_all(group.drain(..).map(|item| copy(&tx, &statements, item))).await;
-        let mut failed: Option<LedgerError> = None;
+        let mut failed: Option<CopyFailure> = None;
         for kind in copied {
             match kind {
                 Ok(Copied::Settlement) => counts.0 += 1,
                 Ok(Copied::Year) => counts.1 += 1,
                 Ok(Copied::Quote) => counts.2 += 1,
                 Ok(Copied::Other) => {}
-                // The statements after a failed one fail as the transaction's abort: name the cause.
-                Err(e) if failed.as_ref().is_none_or(|f| f.to_string().contains("transaction is aborted")) => {
-                    failed = Some(e);
-                }
+                // The statements after a failed one fail as the transaction's abort (and may
+                // be of items before it): name the cause.
+                Err(e) if failed.as_ref().is_none_or(|f| f.after_another) => failed = Some(e),
                 Err(_) => {}
             }
         }
-        if let Some(e) = failed {
-            return Err(e);
+        if let Some(failure) = failed {
+            return Err(failure.error);
         }
     }
     // Everything read: the source's own verdict decides.
@@ -1298,7 +1298,6 @@ impl Statements {
     }
 }
 
-/// One item of a dump, inserted in the copy's transaction.
 /// Items copied at a time.
 const COPY_GROUP: usize = 256;
 
@@ -1310,11 +1309,31 @@ enum Copied {
     Other,
 }
 
+/// Why an item was not copied, and whether only because an earlier statement of the
+/// transaction had failed (SQLSTATE 25P02, whatever language the server answers in).
+struct CopyFailure {
+    after_another: bool,
+    error: LedgerError,
+}
+
+impl From<tokio_postgres::Error> for CopyFailure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self { after_another: e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION), error: db(e) }
+    }
+}
+
+impl From<LedgerError> for CopyFailure {
+    fn from(error: LedgerError) -> Self {
+        Self { after_another: false, error }
+    }
+}
+
+/// One item of a dump, inserted in the copy's transaction.
 async fn copy(
     tx: &tokio_postgres::Transaction<'_>,
     statements: &Statements,
     item: DumpItem,
-) -> Result<Copied, LedgerError> {
+) -> Result<Copied, CopyFailure> {
     Ok(match item {
         DumpItem::Settlement(d) => {
             let i = &d.intent;
@@ -1335,16 +1354,16 @@ async fn copy(
                 &d.updated_at,
                 &d.reversed_day,
             ]);
-            tx.execute(&statements.settlement, &values).await.map_err(db)?;
+            tx.execute(&statements.settlement, &values).await?;
             if d.holds.0
                 && let Some(token_id) = &i.token_id
             {
-                tx.execute(&statements.token, &[token_id, &i.id]).await.map_err(db)?;
+                tx.execute(&statements.token, &[token_id, &i.id]).await?;
             }
             if d.holds.1
                 && let Some(quote_id) = &i.quote_id
             {
-                tx.execute(&statements.quote_used, &[quote_id, &i.id]).await.map_err(db)?;
+                tx.execute(&statements.quote_used, &[quote_id, &i.id]).await?;
             }
             Copied::Settlement
         }
@@ -1364,26 +1383,23 @@ async fn copy(
                         &y.outpatient_fund_paid_fen,
                     ],
                 )
-                .await
-                .map_err(db)?;
+                .await?;
             }
             Copied::Year
         }
         DumpItem::Quote(q) => {
-            tx.execute(&statements.quote, &[&q.id, &q.institution, &q.expires_at, &q.sealed]).await.map_err(db)?;
+            tx.execute(&statements.quote, &[&q.id, &q.institution, &q.expires_at, &q.sealed]).await?;
             Copied::Quote
         }
         DumpItem::Encounter(e) => {
-            tx.execute(&statements.encounter, &encounter_values(&e)).await.map_err(db)?;
+            tx.execute(&statements.encounter, &encounter_values(&e)).await?;
             if let Some(token_id) = &e.token_id {
-                tx.execute(&statements.token, &[token_id, &e.id]).await.map_err(db)?;
+                tx.execute(&statements.token, &[token_id, &e.id]).await?;
             }
             Copied::Other
         }
         DumpItem::Closed(institution, date, closed) => {
-            tx.execute(&statements.closed, &[&institution, &date, &closed.closed_at, &closed.totals])
-                .await
-                .map_err(db)?;
+            tx.execute(&statements.closed, &[&institution, &date, &closed.closed_at, &closed.totals]).await?;
             Copied::Other
         }
     })

@@ -314,6 +314,8 @@ async fn export(gateway: &Arc<Gateway>, query: Option<&str>) -> Response<Body> {
             Err(e) => {
                 if header.is_none() {
                     tracing::warn!(error = %e, %date, "ledger export failed midway; the answer ends cut short");
+                } else {
+                    tracing::warn!(error = %e, %date, "ledger export failed before its first page; answered 503");
                 }
                 let _ = pages.send(Err(e)).await;
             }
