@@ -82,9 +82,20 @@ pub struct TestGateway {
     task: Option<JoinHandle<()>>,
 }
 
+/// Writes a file readable by its owner alone, as an operator keeps keys and configuration (the
+/// gateway warns about a private key others can read).
 fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| file.write_all(contents.as_bytes()))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     path
 }
 

@@ -55,6 +55,13 @@ const NEXT_SEQ: &str = "next_seq";
 /// Every shard's writer thread has this name (the load harness sums their CPU).
 pub const WRITER_THREAD: &str = "cardgate-ledger";
 
+/// Every shard's memtable keeper has this name ([`keep_memtables`]; the load harness counts its
+/// CPU with the engine's background threads).
+pub const KEEPER_THREAD: &str = "cardgate-keeper";
+
+/// How often the keeper looks for new memtables and frees the ones only it still holds.
+const KEEPER_TICK: Duration = Duration::from_millis(10);
+
 /// What a ledger already open elsewhere is refused with.
 pub const LOCKED: &str = "the ledger is open in another process";
 
@@ -273,12 +280,22 @@ struct Shard {
     /// Taken on drop: closing the channel stops the writer, which commits what it holds.
     jobs: Option<Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Taken on drop: closing the channel stops the memtable keeper.
+    keeping: Option<Sender<()>>,
+    keeper: Option<std::thread::JoinHandle<()>>,
+    /// Memtables the keeper freed.
+    #[cfg_attr(not(test), expect(dead_code, reason = "what the tests watch the keeper by"))]
+    freed: Arc<AtomicU64>,
 }
 
 impl Drop for Shard {
     /// Stops the writer and waits for it, so the engine (and its directory lock) is released
     /// when this returns: the ledger can be opened again at once.
     fn drop(&mut self) {
+        drop(self.keeping.take());
+        if let Some(keeper) = self.keeper.take() {
+            let _ = keeper.join();
+        }
         drop(self.jobs.take());
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -409,7 +426,30 @@ impl Shard {
             .name(WRITER_THREAD.into())
             .spawn(move || writer.run(&queue))
             .map_err(storage)?;
-        Ok(Self { slot, versions, durable, jobs: Some(jobs), writer: Some(writer) })
+        let (keeping, stop) = crossbeam_channel::bounded::<()>(0);
+        let watched = Arc::clone(&slot);
+        let freed = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&freed);
+        let keeper = std::thread::Builder::new()
+            .name(KEEPER_THREAD.into())
+            .spawn(move || keep_memtables(&watched, &counted, &stop));
+        let mut shard = Self {
+            slot,
+            versions,
+            durable,
+            jobs: Some(jobs),
+            writer: Some(writer),
+            keeping: None,
+            keeper: None,
+            freed,
+        };
+        // Without it the engine works as before (its stalls aside): a failed spawn is no reason
+        // to refuse the ledger.
+        match keeper {
+            Ok(keeper) => (shard.keeping, shard.keeper) = (Some(keeping), Some(keeper)),
+            Err(e) => tracing::warn!(error = %e, "lsm ledger: memtable keeper not started"),
+        }
+        Ok(shard)
     }
 
     /// Runs `prepare` here (reads under the stripes of `keys`), then queues its plan for the
@@ -449,6 +489,44 @@ impl Shard {
             self.durable.wait(self.durable.applied.load(Ordering::Acquire))?;
         }
         Ok(found)
+    }
+}
+
+/// Holds a reference to every memtable of the shard's engine and frees each once nobody else
+/// does, so that its memory is never freed under the engine's locks.
+///
+/// Why: lsm-tree drops the versions of a keyspace that no reader needs any more while it holds
+/// that keyspace's version lock, which every read and every write of the keyspace takes. When
+/// a dropped version was the last holder of a flushed memtable, the memtable (thousands of
+/// skiplist nodes) was freed right there — milliseconds, and on two busy cores the thread
+/// doing it was preempted with the lock held: reads and the writer waited 10-20 ms (a
+/// scheduler trace with user stacks, docs/BENCHMARKS.md "Issue #15, ninth round"). Here each
+/// memtable is picked up while it is active (it stays active far longer than a tick) and held
+/// until this thread's reference is the only one left, then freed on this thread with no lock
+/// held. The engine's own lifetimes do not change: a memtable lives at most a tick longer.
+///
+/// Uses the engine's hidden `tree` field (fjall 3.1; the upstream report in
+/// docs/upstream/lsm-tree-unlink-under-version-lock.md asks for the drop outside the lock).
+fn keep_memtables(slot: &Slot, freed: &AtomicU64, stop: &Receiver<()>) {
+    use fjall::AbstractTree;
+    let mut held = Vec::new();
+    loop {
+        if let Ok(store) = slot.current() {
+            for space in &store.spaces {
+                let memtable = space.tree.active_memtable();
+                if !held.iter().any(|h| Arc::ptr_eq(h, &memtable)) {
+                    held.push(memtable);
+                }
+            }
+        }
+        // Nobody can take a new reference from ours: one alone is the last.
+        let before = held.len();
+        held.retain(|memtable| Arc::strong_count(memtable) > 1);
+        freed.fetch_add((before - held.len()) as u64, Ordering::Relaxed);
+        match stop.recv_timeout(KEEPER_TICK) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
     }
 }
 
@@ -2013,5 +2091,34 @@ mod tests {
         let (store, _) = Store::open(fresh.path(), Tuning::for_shards(1)).expect("create");
         assert!(store.space(Space::Settlements).is_kv_separated(), "a new ledger keeps settlements in blob files");
         assert!(!store.space(Space::Tokens).is_kv_separated(), "the indexes' small entries stay in their tables");
+    }
+
+    /// Each memtable the engine flushed and no longer needs is freed — by the shard's keeper,
+    /// which held it meanwhile, so that the engine's own last reference (dropped under its
+    /// version lock) was not the last — and none is kept for ever.
+    #[test]
+    fn the_keeper_frees_each_flushed_memtable_once_the_engine_lets_go() {
+        use fjall::AbstractTree;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let shard = Shard::open(dir.path(), &Arc::new(AtomicU64::new(1)), Tuning::for_shards(1)).expect("open");
+        let store = shard.slot.current().expect("engine");
+        let tokens = store.space(Space::Tokens);
+        tokens.insert("T0", "S0").expect("insert");
+        let first = Arc::downgrade(&tokens.tree.active_memtable());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        // Each flush seals the memtable and starts another; the engine lets go of a flushed
+        // one at a later rotation (its version GC).
+        let mut round = 1;
+        while first.strong_count() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the first memtable is still held after {round} flushes");
+            std::thread::sleep(KEEPER_TICK * 3);
+            tokens.insert(format!("T{round}"), format!("S{round}")).expect("insert");
+            tokens.rotate_memtable_and_wait().expect("flush");
+            round += 1;
+        }
+        assert!(shard.freed.load(Ordering::Relaxed) >= 1, "the keeper freed the memtables it held");
+        for n in 0..round {
+            assert_eq!(tokens.get(format!("T{n}")).expect("read").as_deref(), Some(format!("S{n}").as_bytes()));
+        }
     }
 }

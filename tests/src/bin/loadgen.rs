@@ -367,7 +367,8 @@ fn threads_cpu_ns(name: &str) -> std::collections::HashMap<String, u64> {
 
 /// The ledger's threads' CPU at a moment: its writers (`cardgate-ledger`, one per shard: each
 /// runs its shard's settlements one at a time) and the storage engine's background threads
-/// (`fjall:worker`: memtable flushes and compactions, beside the writers).
+/// (`fjall:worker`: memtable flushes and compactions, beside the writers; and the lsm
+/// engine's memtable keepers, which free what the flushes left).
 struct LedgerCpu {
     writers: std::collections::HashMap<String, u64>,
     background: std::collections::HashMap<String, u64>,
@@ -375,7 +376,9 @@ struct LedgerCpu {
 
 impl LedgerCpu {
     fn now() -> Self {
-        Self { writers: threads_cpu_ns("cardgate-ledger"), background: threads_cpu_ns("fjall:worker") }
+        let mut background = threads_cpu_ns("fjall:worker");
+        background.extend(threads_cpu_ns(cardgate::ledger::lsm::KEEPER_THREAD));
+        Self { writers: threads_cpu_ns(cardgate::ledger::lsm::WRITER_THREAD), background }
     }
 
     /// Since `before`, per settlement (µs): the busiest writer's CPU (the serialized work: what
