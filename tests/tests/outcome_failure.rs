@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 
 use cardgate::api::flow;
 use cardgate::api::model::BillBody;
@@ -13,8 +13,8 @@ use cardgate::api::{ApiError, Identity};
 use cardgate::config::Config;
 use cardgate::dev::PHARMACY;
 use cardgate::ledger::{
-    AccumulatorDelta, ClosedDay, Intent, Ledger, LedgerError, LedgerFuture, Outcome, Reconciliation, Record,
-    SettledDeltas, State, StoredEncounter, StoredQuote, Unresolved,
+    AccumulatorDelta, ClosedDay, DetailLine, Intent, Ledger, LedgerError, LedgerFuture, Outcome, Reconciliation,
+    Record, SettledDeltas, State, StoredEncounter, StoredQuote, Unresolved,
 };
 use cardgate::service::{Clock, Gateway};
 use cardgate_sdk::YearToDate;
@@ -40,6 +40,9 @@ struct FailingOutcome {
     fail_read: AtomicBool,
     /// The next change of an encounter fails likewise.
     fail_encounter: AtomicBool,
+    /// A day's lines fail from this page on (0: never); the pages before it are full pages of
+    /// made-up lines, so that an export goes on to the failing one.
+    fail_export_from: AtomicU32,
 }
 
 impl Ledger for FailingOutcome {
@@ -103,6 +106,28 @@ impl Ledger for FailingOutcome {
     ) -> LedgerFuture<'a, Reconciliation> {
         self.inner.reconciliation(institution, date, page, size)
     }
+    fn day_details<'a>(
+        &'a self,
+        institution: &'a str,
+        date: &'a str,
+        page: u32,
+        size: u32,
+    ) -> LedgerFuture<'a, Vec<DetailLine>> {
+        match self.fail_export_from.load(Ordering::Relaxed) {
+            0 => self.inner.day_details(institution, date, page, size),
+            from if page >= from => Box::pin(async move {
+                if page > 1 {
+                    // Later than the pages before it are sent, as a database going away midway.
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(LedgerError::Storage("connection closed".into()))
+            }),
+            _ => {
+                let line = DetailLine { event: "settled".into(), settlement_id: "S".into(), ..DetailLine::default() };
+                Box::pin(async move { Ok(vec![line; size as usize]) })
+            }
+        }
+    }
     fn settled_deltas<'a>(&'a self, id: &'a str) -> LedgerFuture<'a, Option<SettledDeltas>> {
         self.inner.settled_deltas(id)
     }
@@ -151,6 +176,7 @@ fn failing_gateway(fail_next: bool, fail_read: bool) -> (Setup, Gateway, Arc<Tes
         fail_next: AtomicBool::new(fail_next),
         fail_read: AtomicBool::new(fail_read),
         fail_encounter: AtomicBool::new(false),
+        fail_export_from: AtomicU32::new(0),
     });
     (setup, gateway, clock)
 }
@@ -337,6 +363,7 @@ async fn an_encounter_settlement_whose_claim_did_not_land_settles_nothing() {
         fail_next: AtomicBool::new(false),
         fail_read: AtomicBool::new(false),
         fail_encounter: AtomicBool::new(false),
+        fail_export_from: AtomicU32::new(0),
     });
     gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
     let identity = Identity { institution: cardgate::dev::HOSPITAL.into() };
@@ -379,4 +406,74 @@ async fn an_encounter_settlement_whose_claim_did_not_land_settles_nothing() {
     assert_eq!(receipt["fund_pay_fen"], 93_500);
     let view = status(&encounters::get(&gateway, &identity, &id).await);
     assert!(view.1.contains("\"settled_fen\":200000"), "{}", view.1);
+}
+
+/// The admin listener's export of a day the ledger cannot read: failing before the first page,
+/// a 503 with its code and no CSV; failing after it, the answer's body ends without its last
+/// chunk, so the client reading it gets an error — never a short file that looks whole.
+#[tokio::test]
+async fn an_export_the_ledger_fails_is_refused_or_cut_short_never_short_and_whole() {
+    use http_body_util::BodyExt;
+    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
+    let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
+    let mut gateway = Gateway::build(config, Arc::new(cardgate::service::SystemClock)).expect("gateway");
+    let failing = Arc::new(FailingOutcome {
+        inner: Arc::clone(&gateway.ledger),
+        fail_next: AtomicBool::new(false),
+        fail_read: AtomicBool::new(false),
+        fail_encounter: AtomicBool::new(false),
+        fail_export_from: AtomicU32::new(1),
+    });
+    gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
+    let dir = setup.dir.path();
+    let tls = cardgate::server::tls::mutual_tls(
+        "test",
+        &dir.join("server.pem"),
+        &dir.join("server.key"),
+        &dir.join("ca.pem"),
+    )
+    .expect("TLS");
+    let live = cardgate::service::Live::new(gateway, tls);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(cardgate::server::admin::run(listener, live, None, async {
+        let _ = stopped.await;
+    }));
+    let path = format!("/admin/ledger/export?date=2026-12-01&institution={PHARMACY}");
+
+    // The first page fails: nothing sent but the refusal.
+    let (status, answer) = cardgate_tests::harness::admin(addr, http::Method::GET, &path).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["code"], "storage_unavailable", "{answer}");
+
+    // The second page fails: the first is sent (a full page), then the body breaks off.
+    failing.fail_export_from.store(2, Ordering::Relaxed);
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect admin");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri(&path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    let broken = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => received.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..])),
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    let text = String::from_utf8_lossy(&received);
+    assert!(broken, "the body ended as if whole after {} lines", text.lines().count());
+    assert!(text.starts_with(cardgate::ledger::export::HEADER), "{}", &text[..text.len().min(200)]);
+    assert_eq!(text.lines().count(), 1 + 10_000, "the header and the first page, then the break");
+
+    let _ = stop.send(());
+    admin.await.expect("admin listener");
 }
