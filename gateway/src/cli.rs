@@ -127,7 +127,8 @@ const LOG_BUFFER_LINES: usize = 64 * 1024;
 
 /// Logs go to stderr through a thread of their own: a thread that logs (a request, a signal
 /// handler, the ledger writer) only queues the line, and never waits for stderr, even when
-/// whatever reads it is slow or stopped. Lines that find the queue full are dropped.
+/// whatever reads it is slow or stopped. Lines that find the queue full are dropped. Plain
+/// text unless stderr is a terminal.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CARDGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -136,7 +137,10 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .lossy(true)
         .thread_name("cardgate-log")
         .finish(std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    // Colours for a person at a terminal; none for a file, a pipe or the journal, where the
+    // escape codes would land in the text (and `NO_COLOR` turns them off anywhere).
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(colours);
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

@@ -167,6 +167,9 @@ async fn at_the_default_log_level_it_reloads_settles_and_stops_on_sigterm() {
 
     let log = daemon.log();
     assert!(log.contains("cardgate serving") && log.contains("plugins reloaded"), "logging is on:\n{log}");
+    // Its stderr is a pipe (as under systemd or a log shipper): plain text, no colour codes.
+    assert!(!log.contains('\u{1b}'), "terminal escape codes in a piped log:\n{log}");
+    assert!(log.contains(" INFO cardgate::cli::serve: cardgate serving"), "{log}");
     assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
     // Whatever the daemon wrote of its ledger (either engine: a file, or a directory of
     // shards, journals and tables) is its owner's alone, whatever the umask it was run with.
