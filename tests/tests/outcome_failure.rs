@@ -45,6 +45,19 @@ struct FailingOutcome {
     fail_export_from: AtomicU32,
 }
 
+impl FailingOutcome {
+    /// The gateway's own ledger, failing nothing until told to.
+    fn around(gateway: &Gateway) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Arc::clone(&gateway.ledger),
+            fail_next: AtomicBool::new(false),
+            fail_read: AtomicBool::new(false),
+            fail_encounter: AtomicBool::new(false),
+            fail_export_from: AtomicU32::new(0),
+        })
+    }
+}
+
 impl Ledger for FailingOutcome {
     fn by_idempotency_key<'a>(&'a self, institution: &'a str, key: &'a str) -> LedgerFuture<'a, Option<Record>> {
         self.inner.by_idempotency_key(institution, key)
@@ -171,13 +184,10 @@ fn failing_gateway(fail_next: bool, fail_read: bool) -> (Setup, Gateway, Arc<Tes
     let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
     let clock = Arc::new(TestClock(AtomicI64::new(now())));
     let mut gateway = Gateway::build(config, Arc::clone(&clock) as Arc<dyn Clock>).expect("gateway");
-    gateway.ledger = Arc::new(FailingOutcome {
-        inner: Arc::clone(&gateway.ledger),
-        fail_next: AtomicBool::new(fail_next),
-        fail_read: AtomicBool::new(fail_read),
-        fail_encounter: AtomicBool::new(false),
-        fail_export_from: AtomicU32::new(0),
-    });
+    let failing = FailingOutcome::around(&gateway);
+    failing.fail_next.store(fail_next, Ordering::Relaxed);
+    failing.fail_read.store(fail_read, Ordering::Relaxed);
+    gateway.ledger = failing;
     (setup, gateway, clock)
 }
 
@@ -358,13 +368,7 @@ async fn an_encounter_settlement_whose_claim_did_not_land_settles_nothing() {
     let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
     let clock = Arc::new(TestClock(AtomicI64::new(now())));
     let mut gateway = Gateway::build(config, Arc::clone(&clock) as Arc<dyn Clock>).expect("gateway");
-    let failing = Arc::new(FailingOutcome {
-        inner: Arc::clone(&gateway.ledger),
-        fail_next: AtomicBool::new(false),
-        fail_read: AtomicBool::new(false),
-        fail_encounter: AtomicBool::new(false),
-        fail_export_from: AtomicU32::new(0),
-    });
+    let failing = FailingOutcome::around(&gateway);
     gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
     let identity = Identity { institution: cardgate::dev::HOSPITAL.into() };
     let register: RegisterBody = serde_json::from_value(json!({
@@ -417,13 +421,8 @@ async fn an_export_the_ledger_fails_is_refused_or_cut_short_never_short_and_whol
     let setup = Setup::create(&Options::default(), "127.0.0.1:0");
     let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
     let mut gateway = Gateway::build(config, Arc::new(cardgate::service::SystemClock)).expect("gateway");
-    let failing = Arc::new(FailingOutcome {
-        inner: Arc::clone(&gateway.ledger),
-        fail_next: AtomicBool::new(false),
-        fail_read: AtomicBool::new(false),
-        fail_encounter: AtomicBool::new(false),
-        fail_export_from: AtomicU32::new(1),
-    });
+    let failing = FailingOutcome::around(&gateway);
+    failing.fail_export_from.store(1, Ordering::Relaxed);
     gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
     let dir = setup.dir.path();
     let tls = cardgate::server::tls::mutual_tls(
