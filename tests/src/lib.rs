@@ -22,13 +22,15 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the workspace").to_owned()
 }
 
-/// The `cardgate` binary: the one `cargo test --workspace` built next to this test, else a
-/// fresh build in a separate target directory.
+/// The `cardgate` binary: the one `cargo test --workspace` built next to this test, unless a
+/// source of it changed since (`cargo test -p cardgate-tests` alone rebuilds the gateway's
+/// library, not its binary: the tests would run the daemon as it was before the change); else
+/// a fresh build in a separate target directory.
 pub fn cardgate_binary() -> PathBuf {
     let beside = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent()?.parent().map(|dir| dir.join("cardgate")))
-        .filter(|path| path.exists());
+        .filter(|path| path.exists() && !older_than_its_sources(path));
     if let Some(path) = beside {
         return path;
     }
@@ -41,6 +43,25 @@ pub fn cardgate_binary() -> PathBuf {
         .expect("run cargo");
     assert!(status.success(), "building the cardgate binary failed");
     target.join("debug/cardgate")
+}
+
+/// Whether a source of the gateway (its crate's or the SDK's, or the lock file) changed after
+/// `binary` was built.
+fn older_than_its_sources(binary: &Path) -> bool {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let Some(built) = modified(binary) else { return false };
+    let root = workspace_root();
+    let mut places = vec![root.join("gateway"), root.join("sdk"), root.join("Cargo.lock")];
+    while let Some(place) = places.pop() {
+        if place.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&place) {
+                places.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if modified(&place).is_some_and(|m| m > built) {
+            return true;
+        }
+    }
+    false
 }
 
 /// `plugins/<name>/config.example.toml`, as the JSON the gateway hands the plugin.
@@ -116,5 +137,21 @@ pub fn settlement_request(lines: Vec<BillLine>) -> SettlementRequest {
         year_to_date: YearToDate { year: 2026, ..YearToDate::default() },
         use_account: true,
         encounter: None,
+    }
+}
+
+#[cfg(test)]
+mod binary_tests {
+    use super::*;
+
+    /// A daemon built before the gateway's sources last changed is not taken for the current one.
+    #[test]
+    fn a_binary_older_than_the_gateway_sources_is_stale() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let binary = dir.path().join("cardgate");
+        let file = std::fs::File::create(&binary).expect("create");
+        assert!(!older_than_its_sources(&binary), "built now, after every source");
+        file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1)).expect("set mtime");
+        assert!(older_than_its_sources(&binary), "built in 1970, before the sources");
     }
 }
