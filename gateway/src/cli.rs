@@ -138,8 +138,10 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .thread_name("cardgate-log")
         .finish(std::io::stderr());
     // Colours for a person at a terminal; none for a file, a pipe or the journal, where the
-    // escape codes would land in the text (and `NO_COLOR` turns them off anywhere).
-    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    // escape codes would land in the text (and a non-empty `NO_COLOR` turns them off anywhere,
+    // as no-color.org asks).
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(colours);
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
