@@ -43,6 +43,9 @@ struct FailingOutcome {
     /// A day's lines fail from this page on (0: never); the pages before it are full pages of
     /// made-up lines, so that an export goes on to the failing one.
     fail_export_from: AtomicU32,
+    /// A failing page after the first fails only once this is notified (the test has read
+    /// the pages before it), as a database going away midway.
+    export_fails_now: tokio::sync::Notify,
 }
 
 impl FailingOutcome {
@@ -54,6 +57,7 @@ impl FailingOutcome {
             fail_read: AtomicBool::new(false),
             fail_encounter: AtomicBool::new(false),
             fail_export_from: AtomicU32::new(0),
+            export_fails_now: tokio::sync::Notify::new(),
         })
     }
 }
@@ -130,8 +134,7 @@ impl Ledger for FailingOutcome {
             0 => self.inner.day_details(institution, date, page, size),
             from if page >= from => Box::pin(async move {
                 if page > 1 {
-                    // Later than the pages before it are sent, as a database going away midway.
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    self.export_fails_now.notified().await;
                 }
                 Err(LedgerError::Storage("connection closed".into()))
             }),
@@ -461,11 +464,17 @@ async fn an_export_the_ledger_fails_is_refused_or_cut_short_never_short_and_whol
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     let mut received = Vec::new();
+    let mut released = false;
     let broken = loop {
         match body.frame().await {
             Some(Ok(frame)) => received.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..])),
             Some(Err(_)) => break true,
             None => break false,
+        }
+        // The header and the first page are here: now the ledger fails.
+        if !released && received.iter().filter(|&&b| b == b'\n').count() == 1 + 10_000 {
+            failing.export_fails_now.notify_one();
+            released = true;
         }
     };
     let text = String::from_utf8_lossy(&received);
