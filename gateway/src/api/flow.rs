@@ -183,13 +183,30 @@ pub(super) fn year_of(now: i64) -> i32 {
     time::OffsetDateTime::from_unix_timestamp(now + UTC_OFFSET_SECS).map_or(1970, |t| t.year())
 }
 
+/// A new id: `prefix`, the time in milliseconds (12 hex digits, so ids sort by when they were
+/// made) and 80 random bits (20 hex digits).
 pub(super) fn new_id(prefix: char) -> String {
     use ring::rand::SecureRandom;
+    use std::fmt::Write;
     let mut random = [0u8; 10];
-    let _ = ring::rand::SystemRandom::new().fill(&mut random);
+    if ring::rand::SystemRandom::new().fill(&mut random).is_err() {
+        // The system's generator does not fail once the system has booted; if it ever did, the
+        // id must still differ from every other this process makes in the same millisecond
+        // (the ledger would refuse a second settlement with the first one's id).
+        static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = FALLBACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        random[..8].copy_from_slice(&n.to_be_bytes());
+        random[8..].copy_from_slice(&(std::process::id() as u16).to_be_bytes());
+    }
     let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    let tail: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}{millis:012x}{tail}")
+    let mut id = String::with_capacity(1 + 12 + 2 * random.len());
+    id.push(prefix);
+    // Writing to a String cannot fail.
+    let _ = write!(id, "{millis:012x}");
+    for byte in random {
+        let _ = write!(id, "{byte:02x}");
+    }
+    id
 }
 
 /// One payer's answer in a chain.
@@ -1295,4 +1312,26 @@ fn percent_decode(raw: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_ids_are_prefixed_time_ordered_hex_and_distinct() {
+        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+        let ids: Vec<String> = (0..10_000).map(|_| new_id('S')).collect();
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "an id repeated");
+        for id in &ids {
+            assert_eq!(id.len(), 33, "{id}");
+            assert!(id.starts_with('S'), "{id}");
+            assert!(id[1..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
+            let millis = u128::from_str_radix(&id[1..13], 16).expect("time part");
+            assert!(millis >= before && millis < before + 60_000, "{id}: {millis} against {before}");
+        }
+        assert!(ids.windows(2).all(|w| w[0][..13] <= w[1][..13]), "ids made later sort later");
+        assert_eq!(new_id('Q').chars().next(), Some('Q'));
+    }
 }
