@@ -231,6 +231,19 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// A server's mutual TLS on this setup's certificates (the server's, the clients' CA), as a
+    /// listener built outside the gateway's configuration uses it.
+    pub fn server_tls(&self, section: &str) -> Arc<rustls::ServerConfig> {
+        let dir = self.dir.path();
+        cardgate::server::tls::mutual_tls(
+            section,
+            &dir.join("server.pem"),
+            &dir.join("server.key"),
+            &dir.join("ca.pem"),
+        )
+        .unwrap_or_else(|problems| panic!("TLS: {problems:?}"))
+    }
+
     /// Writes a configuration listening on `listen`, with generated PKI and issuer key.
     pub fn create(options: &Options, listen: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -420,6 +420,7 @@ async fn an_encounter_settlement_whose_claim_did_not_land_settles_nothing() {
 /// chunk, so the client reading it gets an error — never a short file that looks whole.
 #[tokio::test]
 async fn an_export_the_ledger_fails_is_refused_or_cut_short_never_short_and_whole() {
+    use cardgate::ledger::export::PAGE;
     use http_body_util::BodyExt;
     let setup = Setup::create(&Options::default(), "127.0.0.1:0");
     let config = Config::load(&setup.dir.path().join("cardgate.toml"), &HashMap::new()).expect("config");
@@ -427,14 +428,7 @@ async fn an_export_the_ledger_fails_is_refused_or_cut_short_never_short_and_whol
     let failing = FailingOutcome::around(&gateway);
     failing.fail_export_from.store(1, Ordering::Relaxed);
     gateway.ledger = Arc::clone(&failing) as Arc<dyn Ledger>;
-    let dir = setup.dir.path();
-    let tls = cardgate::server::tls::mutual_tls(
-        "test",
-        &dir.join("server.pem"),
-        &dir.join("server.key"),
-        &dir.join("ca.pem"),
-    )
-    .expect("TLS");
+    let tls = setup.server_tls("test");
     let live = cardgate::service::Live::new(gateway, tls);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
@@ -472,7 +466,7 @@ async fn an_export_the_ledger_fails_is_refused_or_cut_short_never_short_and_whol
             None => break false,
         }
         // The header and the first page are here: now the ledger fails.
-        if !released && received.iter().filter(|&&b| b == b'\n').count() == 1 + 10_000 {
+        if !released && received.iter().filter(|&&b| b == b'\n').count() == 1 + PAGE as usize {
             failing.export_fails_now.notify_one();
             released = true;
         }
@@ -480,7 +474,7 @@ async fn an_export_the_ledger_fails_is_refused_or_cut_short_never_short_and_whol
     let text = String::from_utf8_lossy(&received);
     assert!(broken, "the body ended as if whole after {} lines", text.lines().count());
     assert!(text.starts_with(cardgate::ledger::export::HEADER), "{}", &text[..text.len().min(200)]);
-    assert_eq!(text.lines().count(), 1 + 10_000, "the header and the first page, then the break");
+    assert_eq!(text.lines().count(), 1 + PAGE as usize, "the header and the first page, then the break");
 
     let _ = stop.send(());
     admin.await.expect("admin listener");

@@ -12,7 +12,7 @@ account_pay_fen,cash_pay_fen,insurance_type,clearing_type\n";
 /// page reads the whole day again (its order), so fewer, larger pages: a day of 100,000 events
 /// took 23.5 s in pages of 1,000 and 3.1 s in pages of 10,000 (SQLite, docs/BENCHMARKS.md), a
 /// page a few MiB while it is written out.
-const PAGE: u32 = 10_000;
+pub const PAGE: u32 = 10_000;
 
 /// Each institution's events of `date` (settlements made that day and reversals made that
 /// day), page by page: each page's lines go to `sink` as one piece of CSV, which answers

@@ -73,14 +73,7 @@ card = { per_minute = 60, burst = 10 }
 
 /// A bare server: reads the body, optionally verifies one Ed25519 signature, answers JSON.
 async fn bare(setup: &Setup, verify: bool) -> SocketAddr {
-    let dir = setup.dir.path();
-    let tls = cardgate::server::tls::mutual_tls(
-        "bare",
-        &dir.join("server.pem"),
-        &dir.join("server.key"),
-        &dir.join("ca.pem"),
-    )
-    .expect("TLS");
+    let tls = setup.server_tls("bare");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let key = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
