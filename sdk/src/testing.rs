@@ -73,6 +73,11 @@ fn target_directory(cargo: &std::ffi::OsStr, workspace: Option<&Path>) -> Result
         .args(["metadata", "--format-version=1", "--no-deps", "--offline"])
         .output()
         .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !output.status.success() {
+        // Outside a workspace (a binary run from elsewhere), cargo says so on stderr.
+        let why = String::from_utf8_lossy(&output.stderr);
+        return Err(format!("cargo metadata ({}): {}", output.status, why.trim()));
+    }
     let metadata: serde_json::Value =
         serde_json::from_slice(&output.stdout).map_err(|e| format!("cargo metadata: {e}"))?;
     metadata["target_directory"].as_str().map(PathBuf::from).ok_or_else(|| "cargo metadata: no target_directory".into())

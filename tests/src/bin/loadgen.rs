@@ -21,6 +21,10 @@
 //! number of cores. `LOADGEN_CORES=N loadgen ...` runs pinned to cores 0..N (`taskset`);
 //! `LOADGEN_BATCH=1` checks every token's signature alone (no Ed25519 batches);
 //! `LOADGEN_OPEN_RATE=R` runs the open loop at R req/s instead of half the gateway's maximum.
+//! Every open loop also prints the ledger's commits during it (the gateway's
+//! `cardgate_ledger_commit_duration_seconds`, fsync included): how many took over 5, 10 and 25
+//! ms — a request waits for the commit in progress and then its own, so a few long commits set
+//! the loop's p99.
 //!
 //! `loadgen scale [SECONDS] [CONNECTIONS] [CORES ...]` redoes the scaling table of issue #15
 //! with one command: for each core count (2, 4, 8, 16 by default, as many as the machine has)
@@ -406,6 +410,67 @@ serialized work: the busiest ledger writer spent {busiest:.1} µs of CPU per set
         1e6 / busiest
     );
     Some(busiest)
+}
+
+/// The ledger's commits as the gateway's own histogram counts them
+/// (`cardgate_ledger_commit_duration_seconds`: a group's entries applied and made durable, its
+/// fsync included), taken before and after a loop to say how much of the loop's tail the
+/// disk sets: a request waits for the commit in progress, then for its own.
+#[derive(Debug, Default, Clone)]
+struct Commits {
+    /// Cumulative counts by upper bound in seconds, as the exporter renders them.
+    buckets: Vec<(f64, u64)>,
+    count: u64,
+    sum: f64,
+}
+
+impl Commits {
+    const NAME: &str = "cardgate_ledger_commit_duration_seconds";
+
+    fn now() -> Self {
+        let mut commits = Self::default();
+        for line in cardgate::metrics::render().lines() {
+            let Some(rest) = line.strip_prefix(Self::NAME) else { continue };
+            let Some((label, value)) = rest.rsplit_once(' ') else { continue };
+            if let Some(bound) = label.strip_prefix("_bucket{le=\"").and_then(|l| l.strip_suffix("\"}")) {
+                if let (Ok(bound), Ok(n)) = (bound.parse::<f64>(), value.parse::<u64>()) {
+                    commits.buckets.push((bound, n));
+                }
+            } else if label == "_count" {
+                commits.count = value.parse().unwrap_or(0);
+            } else if label == "_sum" {
+                commits.sum = value.parse().unwrap_or(0.0);
+            }
+        }
+        commits
+    }
+
+    /// Commits in this loop that took longer than `bound` seconds (a bucket's bound).
+    fn over(&self, before: &Self, bound: f64) -> Option<u64> {
+        let at = |c: &Self| c.buckets.iter().find(|(b, _)| (*b - bound).abs() < 1e-9).map(|(_, n)| *n);
+        let within = at(self)?.saturating_sub(at(before).unwrap_or(0));
+        Some((self.count - before.count).saturating_sub(within))
+    }
+
+    /// One line on the loop's commits since `before`, if the ledger's writer counted any (a
+    /// PostgreSQL ledger commits in the database server, not here).
+    fn report(&self, before: &Self, loop_time: Duration) {
+        let n = self.count.saturating_sub(before.count);
+        if n == 0 {
+            return;
+        }
+        let busy = (self.sum - before.sum) / loop_time.as_secs_f64().max(1e-9);
+        let over = |ms: f64| self.over(before, ms / 1000.0).map_or("?".into(), |k| k.to_string());
+        println!(
+            "ledger commits (fsync included): {n}, {:.2} ms on average, the writer committing {:.0}% of the loop; \
+             over 5 ms: {}, over 10 ms: {}, over 25 ms: {}",
+            (self.sum - before.sum) * 1000.0 / n as f64,
+            busy * 100.0,
+            over(5.0),
+            over(10.0),
+            over(25.0)
+        );
+    }
 }
 
 /// Marks the line a pinned run of `loadgen SECONDS CONNECTIONS closed` ends with: (a), (a')
@@ -864,7 +929,7 @@ async fn run() {
         let rate = open_rate().unwrap_or(2000.0);
         let fresh = open_loop_bills(&setup, rate, seconds);
         eprintln!("profiling window starts");
-        let writer = LedgerCpu::now();
+        let (writer, commits) = (LedgerCpu::now(), Commits::now());
         let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections, duration, Some(rate)).await;
         println!(
             "open loop at {rate:.0} req/s, {connections} connections, {seconds} s; latency in ms from the scheduled time"
@@ -873,6 +938,7 @@ async fn run() {
         println!("|---|---|---|---|---|---|---|---|");
         row("(b) full gateway", &open);
         serialized_work(&writer, &open);
+        Commits::now().report(&commits, duration);
         return;
     }
     let budget = (seconds as usize) * if only_gateway { 15_000 } else { 60_000 };
@@ -929,12 +995,14 @@ async fn run() {
     let half = (b.throughput() / 2.0).max(1.0);
     let rate = open_rate().unwrap_or(half);
     let fresh = open_loop_bills(&setup, rate, seconds);
+    let commits = Commits::now();
     let open = drive(&setup.client(gateway, 1), Arc::new(fresh), connections.max(64), duration, Some(rate)).await;
     let which = if rate == half { "half the gateway's maximum" } else { "LOADGEN_OPEN_RATE" };
     println!("\nopen loop at {rate:.0} req/s ({which}), latency from the scheduled time:");
     println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors | CPU µs/req |");
     println!("|---|---|---|---|---|---|---|---|");
     row("(b) full gateway", &open);
+    Commits::now().report(&commits, duration);
     // The other targets, in the same run.
     let (dispatch_10, dispatch_3) = (plugin_dispatch_us(10), plugin_dispatch_us(3));
     println!();
