@@ -419,7 +419,7 @@ serialized work: the busiest ledger writer spent {busiest:.1} µs of CPU per set
 /// (`cardgate_ledger_commit_duration_seconds`: a group's entries applied and made durable, its
 /// fsync included), taken before and after a loop to say how much of the loop's tail the
 /// disk sets: a request waits for the commit in progress, then for its own.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct Commits {
     /// Cumulative counts by upper bound in seconds, as the exporter renders them.
     buckets: Vec<(f64, u64)>,
@@ -452,11 +452,13 @@ impl Commits {
     fn over(&self, before: &Self, bound: f64) -> Option<u64> {
         let at = |c: &Self| c.buckets.iter().find(|(b, _)| (*b - bound).abs() < 1e-9).map(|(_, n)| *n);
         let within = at(self)?.saturating_sub(at(before).unwrap_or(0));
-        Some((self.count - before.count).saturating_sub(within))
+        Some(self.count.saturating_sub(before.count).saturating_sub(within))
     }
 
-    /// One line on the loop's commits since `before`, if the ledger's writer counted any (a
-    /// PostgreSQL ledger commits in the database server, not here).
+    /// One line on the loop's commits since `before`, if any were counted. Their time is
+    /// summed: one writer's share of the loop, or more than 100% where commits run side by side
+    /// (several shards' writers; PostgreSQL, whose every transaction is counted with its round
+    /// trip).
     fn report(&self, before: &Self, loop_time: Duration) {
         let n = self.count.saturating_sub(before.count);
         if n == 0 {
@@ -465,7 +467,7 @@ impl Commits {
         let busy = (self.sum - before.sum) / loop_time.as_secs_f64().max(1e-9);
         let over = |ms: f64| self.over(before, ms / 1000.0).map_or("?".into(), |k| k.to_string());
         println!(
-            "ledger commits (fsync included): {n}, {:.2} ms on average, the writer committing {:.0}% of the loop; \
+            "ledger commits (fsync included): {n}, {:.2} ms on average, their time summed {:.0}% of the loop; \
              over 5 ms: {}, over 10 ms: {}, over 25 ms: {}",
             (self.sum - before.sum) * 1000.0 / n as f64,
             busy * 100.0,
