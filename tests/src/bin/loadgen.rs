@@ -510,7 +510,7 @@ impl Batches {
         let (groups, settlements) = mean(&self.commits, &before.commits);
         println!(
             "shared work: {batches} Ed25519 batches of {signatures:.1} signatures on average \
-             (a lone signature is checked alone, uncounted); {groups} ledger commits of {settlements:.1} writes on average"
+             (a batch of one is checked alone); {groups} ledger commits of {settlements:.1} writes on average"
         );
     }
 }
