@@ -28,8 +28,8 @@
 //! ms — a request waits for the commit in progress and then its own, so a few long commits set
 //! the loop's p99. Every loop of the full gateway also prints how much work was shared: Ed25519
 //! signatures per batch and writes per ledger commit (the gateway's own histograms) — in a
-//! closed loop of 64 connections about 13 and 9, in an open loop at half load about 2 and 2,
-//! which is much of why a request costs more CPU there.
+//! closed loop of 64 connections about 13 and 9, in an open loop at half load about 2 and 2 (on
+//! a 2-core VM), which is much of why a request costs more CPU there.
 //!
 //! `loadgen scale [SECONDS] [CONNECTIONS] [CORES ...]` redoes the scaling table of issue #15
 //! with one command: for each core count (2, 4, 8, 16 by default, as many as the machine has)
@@ -433,7 +433,26 @@ struct Histogram {
 impl Histogram {
     /// The ledger's commits, fsync included.
     fn commits() -> Self {
-        histogram("cardgate_ledger_commit_duration_seconds")
+        Self::read(&cardgate::metrics::render(), "cardgate_ledger_commit_duration_seconds")
+    }
+
+    /// The histogram `name` in `rendered` (this process's metrics as the exporter renders them).
+    fn read(rendered: &str, name: &str) -> Self {
+        let mut read = Self::default();
+        for line in rendered.lines() {
+            let Some(rest) = line.strip_prefix(name) else { continue };
+            let Some((label, value)) = rest.rsplit_once(' ') else { continue };
+            if let Some(bound) = label.strip_prefix("_bucket{le=\"").and_then(|l| l.strip_suffix("\"}")) {
+                if let (Ok(bound), Ok(n)) = (bound.parse::<f64>(), value.parse::<u64>()) {
+                    read.buckets.push((bound, n));
+                }
+            } else if label == "_count" {
+                read.count = value.parse().unwrap_or(0);
+            } else if label == "_sum" {
+                read.sum = value.parse().unwrap_or(0.0);
+            }
+        }
+        read
     }
 
     /// Commits in this loop that took longer than `bound` seconds (a bucket's bound).
@@ -447,7 +466,7 @@ impl Histogram {
     /// summed: one writer's share of the loop, or more than 100% where commits run side by side
     /// (several shards' writers; PostgreSQL, whose every transaction is counted with its round
     /// trip).
-    fn report(&self, before: &Self, loop_time: Duration) {
+    fn report_commits(&self, before: &Self, loop_time: Duration) {
         let n = self.count.saturating_sub(before.count);
         if n == 0 {
             return;
@@ -466,25 +485,6 @@ impl Histogram {
     }
 }
 
-/// A histogram of this process's metrics as the exporter renders it (buckets, count, sum).
-fn histogram(name: &str) -> Histogram {
-    let mut read = Histogram::default();
-    for line in cardgate::metrics::render().lines() {
-        let Some(rest) = line.strip_prefix(name) else { continue };
-        let Some((label, value)) = rest.rsplit_once(' ') else { continue };
-        if let Some(bound) = label.strip_prefix("_bucket{le=\"").and_then(|l| l.strip_suffix("\"}")) {
-            if let (Ok(bound), Ok(n)) = (bound.parse::<f64>(), value.parse::<u64>()) {
-                read.buckets.push((bound, n));
-            }
-        } else if label == "_count" {
-            read.count = value.parse().unwrap_or(0);
-        } else if label == "_sum" {
-            read.sum = value.parse().unwrap_or(0.0);
-        }
-    }
-    read
-}
-
 /// How many things a loop's work was shared among: Ed25519 signatures checked in one batch,
 /// settlements in one ledger commit (one fsync). Larger in a closed loop than in an open one at
 /// a lower rate, which is much of why an open-loop request costs more CPU.
@@ -495,9 +495,10 @@ struct Batches {
 
 impl Batches {
     fn now() -> Self {
+        let rendered = cardgate::metrics::render();
         Self {
-            signatures: histogram("cardgate_token_signature_batch_size"),
-            commits: histogram("cardgate_ledger_commit_batch_size"),
+            signatures: Histogram::read(&rendered, "cardgate_token_signature_batch_size"),
+            commits: Histogram::read(&rendered, "cardgate_ledger_commit_batch_size"),
         }
     }
 
@@ -1008,7 +1009,7 @@ async fn run() {
         println!("|---|---|---|---|---|---|---|---|");
         row("(b) full gateway", &open);
         serialized_work(&writer, &open);
-        Histogram::commits().report(&commits, duration);
+        Histogram::commits().report_commits(&commits, duration);
         Batches::now().report(&shared);
         return;
     }
@@ -1086,7 +1087,7 @@ async fn run() {
     println!("| server | req/s | p50 | p90 | p99 | p99.9 | errors | CPU µs/req |");
     println!("|---|---|---|---|---|---|---|---|");
     row("(b) full gateway", &open);
-    Histogram::commits().report(&commits, duration);
+    Histogram::commits().report_commits(&commits, duration);
     Batches::now().report(&shared);
     // The other targets, in the same run.
     let (dispatch_10, dispatch_3) = (plugin_dispatch_us(10), plugin_dispatch_us(3));
