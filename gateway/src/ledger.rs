@@ -983,11 +983,10 @@ impl CardKey {
     /// encrypted, as it must be to gain anything; the length this leaks about a stored request
     /// is known only to whoever reads the ledger's files, who also sees each row's size.
     pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
-        use ring::rand::SecureRandom;
         let mut nonce = [0u8; 12];
         // The system random source failing is not recoverable; a zero nonce is never reused
         // in practice only if this cannot happen, so refuse to continue.
-        ring::rand::SystemRandom::new().fill(&mut nonce).expect("system random source");
+        crate::random::fill(&mut nonce).expect("system random source");
         let mut buffer = Vec::with_capacity(12 + plain.len() + 16);
         buffer.extend_from_slice(&nonce);
         pack(plain, &mut buffer);

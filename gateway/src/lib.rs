@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cardlock`]: per-card serialisation of settlements and reversals.
 //! - [`catalogue`]: the bureau's item catalogue, which decides each bill line's class.
+//! - [`random`]: nonces and ids from the system's generator, a block at a time.
 //! - [`cli`]: the `cardgate` command line.
 
 pub mod allocator;
@@ -26,6 +27,7 @@ pub mod ledger;
 pub mod limit;
 pub mod metrics;
 pub mod plugin;
+pub mod random;
 pub mod route;
 pub mod server;
 pub mod service;

@@ -274,9 +274,8 @@ fn request_id(request: &Request<Incoming>) -> String {
 }
 
 fn rand_u64() -> u64 {
-    use ring::rand::SecureRandom;
     let mut bytes = [0u8; 8];
-    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    let _ = crate::random::fill(&mut bytes);
     u64::from_le_bytes(bytes)
 }
 

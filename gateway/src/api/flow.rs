@@ -186,10 +186,9 @@ pub(super) fn year_of(now: i64) -> i32 {
 /// A new id: `prefix`, the time in milliseconds (12 hex digits, so ids sort by when they were
 /// made) and 80 random bits (20 hex digits).
 pub(super) fn new_id(prefix: char) -> String {
-    use ring::rand::SecureRandom;
     use std::fmt::Write;
     let mut random = [0u8; 10];
-    if ring::rand::SystemRandom::new().fill(&mut random).is_err() {
+    if crate::random::fill(&mut random).is_err() {
         // The system's generator does not fail once the system has booted; if it ever did, the
         // id must still differ from every other this process makes in the same millisecond
         // (the ledger would refuse a second settlement with the first one's id).
