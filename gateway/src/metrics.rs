@@ -3,9 +3,11 @@
 //! Names follow `cardgate_<thing>_<unit>`; counters end in `_total`. The recorder is global
 //! (one per process) and installed on first use.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{LazyLock, OnceLock, RwLock};
 use std::time::Duration;
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -50,11 +52,51 @@ pub fn render() -> String {
         .unwrap_or_default()
 }
 
+/// Whether the recorder is installed: a metric's handle made before it would record nowhere,
+/// so handles are kept ([`kept`]) only once it is.
+fn installed() -> bool {
+    matches!(HANDLE.get(), Some(Some(_)))
+}
+
+/// The handles of the metrics every request and every plugin call records, kept once made.
+/// Why: the recorder finds a labelled metric by building its key (the labels copied), hashing
+/// and comparing it — about 2% of a settlement's CPU under load for the three calls a
+/// settlement makes (docs/BENCHMARKS.md, thirteenth round); a kept handle is a map lookup
+/// without allocation. The maps stay small: endpoints, statuses and codes are fixed sets, and
+/// plugins are few.
+type RequestHandles = HashMap<(&'static str, u16, &'static str), (Counter, Histogram)>;
+static REQUESTS: LazyLock<RwLock<RequestHandles>> = LazyLock::new(Default::default);
+
+/// By plugin label, then (operation, outcome).
+type PluginHandles = HashMap<String, Vec<(&'static str, &'static str, Counter, Histogram)>>;
+static PLUGIN_CALLS: LazyLock<RwLock<PluginHandles>> = LazyLock::new(Default::default);
+
+/// By state.
+static SETTLEMENTS: LazyLock<RwLock<HashMap<&'static str, Counter>>> = LazyLock::new(Default::default);
+
+/// The handles kept under `key`, made (and kept, once the recorder is installed) if none are.
+fn kept<K: Eq + std::hash::Hash, V: Clone>(cache: &RwLock<HashMap<K, V>>, key: K, make: impl FnOnce() -> V) -> V {
+    if let Some(handles) = cache.read().ok().and_then(|map| map.get(&key).cloned()) {
+        return handles;
+    }
+    let handles = make();
+    if installed()
+        && let Ok(mut map) = cache.write()
+    {
+        map.insert(key, handles.clone());
+    }
+    handles
+}
+
 /// One answered request.
-pub fn request(endpoint: &'static str, status: u16, code: &str, elapsed: Duration) {
-    metrics::counter!("cardgate_requests_total", "endpoint" => endpoint, "status" => status.to_string(), "code" => code.to_owned())
-        .increment(1);
-    metrics::histogram!("cardgate_request_duration_seconds", "endpoint" => endpoint).record(elapsed.as_secs_f64());
+pub fn request(endpoint: &'static str, status: u16, code: &'static str, elapsed: Duration) {
+    let make = || {
+        let counter = metrics::counter!("cardgate_requests_total", "endpoint" => endpoint, "status" => status.to_string(), "code" => code);
+        (counter, metrics::histogram!("cardgate_request_duration_seconds", "endpoint" => endpoint))
+    };
+    let (counter, histogram) = kept(&REQUESTS, (endpoint, status, code), make);
+    counter.increment(1);
+    histogram.record(elapsed.as_secs_f64());
 }
 
 /// A refused token, by reason.
@@ -89,11 +131,29 @@ pub fn plugin_stuck(plugin: &str, calls: usize) {
 
 /// One plugin call.
 pub fn plugin_call(plugin: &str, operation: &'static str, outcome: &'static str, elapsed: Duration) {
-    let plugin = plugin.to_owned();
-    metrics::counter!("cardgate_plugin_calls_total", "plugin" => plugin.clone(), "operation" => operation, "outcome" => outcome)
-        .increment(1);
-    metrics::histogram!("cardgate_plugin_call_duration_seconds", "plugin" => plugin, "operation" => operation)
-        .record(elapsed.as_secs_f64());
+    let kept = PLUGIN_CALLS.read().ok().and_then(|map| {
+        let handles = map.get(plugin)?.iter().find(|(op, out, _, _)| *op == operation && *out == outcome)?;
+        Some((handles.2.clone(), handles.3.clone()))
+    });
+    let (counter, histogram) = match kept {
+        Some(handles) => handles,
+        None => {
+            let label = plugin.to_owned();
+            let counter = metrics::counter!("cardgate_plugin_calls_total", "plugin" => label.clone(), "operation" => operation, "outcome" => outcome);
+            let histogram = metrics::histogram!("cardgate_plugin_call_duration_seconds", "plugin" => label.clone(), "operation" => operation);
+            if installed()
+                && let Ok(mut map) = PLUGIN_CALLS.write()
+            {
+                let entries = map.entry(label).or_default();
+                if !entries.iter().any(|(op, out, _, _)| *op == operation && *out == outcome) {
+                    entries.push((operation, outcome, counter.clone(), histogram.clone()));
+                }
+            }
+            (counter, histogram)
+        }
+    };
+    counter.increment(1);
+    histogram.record(elapsed.as_secs_f64());
 }
 
 /// A plugin's breaker state: 1 for the current state (`closed`, `half_open`, `open`), 0 for
@@ -132,7 +192,7 @@ pub fn ledger_wal(frames: i64, copied: i64) {
 
 /// A settlement outcome.
 pub fn settlement(state: &'static str) {
-    metrics::counter!("cardgate_settlements_total", "state" => state).increment(1);
+    kept(&SETTLEMENTS, state, || metrics::counter!("cardgate_settlements_total", "state" => state)).increment(1);
 }
 
 /// Connections opened (+1) or closed (-1).
@@ -143,4 +203,45 @@ pub fn connections(delta: f64) {
 /// A failed TLS handshake.
 pub fn handshake_failed(reason: &'static str) {
     metrics::counter!("cardgate_tls_handshake_failures_total", "reason" => reason).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The count of a rendered counter line that holds every one of `labels`.
+    fn count(rendered: &str, name: &str, labels: &[&str]) -> Option<u64> {
+        rendered
+            .lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+            .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+    }
+
+    #[test]
+    fn kept_handles_count_every_call_under_its_own_labels() {
+        install().expect("recorder");
+        let before = render();
+        let of = |rendered: &str, labels: &[&str]| count(rendered, "cardgate_plugin_calls_total", labels).unwrap_or(0);
+        let ok = ["plugin=\"kept-handles\"", "operation=\"settle\"", "outcome=\"ok\""];
+        let refused = ["plugin=\"kept-handles\"", "operation=\"settle\"", "outcome=\"refused\""];
+        let other = ["plugin=\"kept-handles-2\"", "operation=\"settle\"", "outcome=\"ok\""];
+        for _ in 0..3 {
+            plugin_call("kept-handles", "settle", "ok", Duration::from_micros(5));
+        }
+        plugin_call("kept-handles", "settle", "refused", Duration::from_micros(5));
+        plugin_call("kept-handles-2", "settle", "ok", Duration::from_micros(5));
+        for _ in 0..2 {
+            request("kept_handles_test", 201, "-", Duration::from_micros(50));
+        }
+        request("kept_handles_test", 409, "token_used", Duration::from_micros(50));
+        let after = render();
+        assert_eq!(of(&after, &ok) - of(&before, &ok), 3);
+        assert_eq!(of(&after, &refused) - of(&before, &refused), 1);
+        assert_eq!(of(&after, &other) - of(&before, &other), 1);
+        let requests = |labels: &[&str]| count(&after, "cardgate_requests_total", labels);
+        assert_eq!(requests(&["endpoint=\"kept_handles_test\"", "status=\"201\"", "code=\"-\""]), Some(2));
+        assert_eq!(requests(&["endpoint=\"kept_handles_test\"", "status=\"409\"", "code=\"token_used\""]), Some(1));
+        let durations = count(&after, "cardgate_request_duration_seconds_count", &["endpoint=\"kept_handles_test\""]);
+        assert_eq!(durations, Some(3));
+    }
 }
