@@ -95,6 +95,17 @@ fn stages(c: &mut Criterion) {
         })
     });
 
+    // What every settlement seals twice before it is recorded: the prepared request (the card's
+    // claims and the bill, ~1.3 KiB of JSON here) and the receipt. LZ4, then AES-256-GCM under a
+    // fresh random nonce.
+    let key = cardgate::ledger::CardKey::new(&[7u8; 32]);
+    let prepared = format!(
+        r#"{{"subject":{{"card_id":"110105199001011234","holder_name":"张三","insured_region":"110105","insurance_types":["310"],"token_id":"{}","token_expires_at":1780000300,"issuer":"dev-issuer"}},"insurance_type":"310","bill":{BODY},"total_fen":170000,"quote_id":null,"lines":{},"reclassified":[]}}"#,
+        "7".repeat(43),
+        &BODY[BODY.find("[{").expect("lines")..BODY.len() - 1]
+    );
+    group.bench_function("seal_prepared_request", |b| b.iter(|| key.seal(black_box(prepared.as_bytes()))));
+
     // A settlement's durable commits — two (intent, outcome), or one (an effect-free chain) —
     // 64 settlements at once, as the group commit sees them under load; per batch of 64.
     let dir = tempfile::tempdir().expect("temp dir");
