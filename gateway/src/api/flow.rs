@@ -6,8 +6,8 @@
 //! with the accumulator changes -> answer. The stored answer is what a retry gets back.
 
 use cardgate_sdk::{
-    CardClaims, Delegate, Inquiry, InquiryRequest, Institution, Operation, PriorPayment, ReversalRequest,
-    SettlementRequest, Split, YearToDate,
+    CardClaims, Delegate, Inquiry, InquiryRequest, Institution, Operation, PriorPayment, ReversalRequest, Split,
+    YearToDate,
 };
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -229,6 +229,26 @@ pub(super) struct Bill<'a> {
     pub(super) encounter: Option<&'a cardgate_sdk::EncounterInfo>,
 }
 
+/// A [`SettlementRequest`] as the host encodes it for one payer of a chain: it borrows what
+/// every payer is sent alike (the card, the institution, the lines, the earlier payers) instead
+/// of a copy of each for each payer. Encodes exactly as [`SettlementRequest`] does (a test
+/// compares the two): its fields, in its order, under its serde attributes.
+#[derive(Serialize)]
+struct PayerRequest<'a> {
+    settlement_id: &'a str,
+    card: &'a CardClaims,
+    institution: &'a Institution,
+    insurance_type: &'a str,
+    lines: &'a [cardgate_sdk::BillLine],
+    total_fen: i64,
+    due_fen: i64,
+    prior: &'a [PriorPayment],
+    year_to_date: &'a YearToDate,
+    use_account: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encounter: Option<&'a cardgate_sdk::EncounterInfo>,
+}
+
 /// A payer the chain passed over: it answered that it does not insure this person for this
 /// insurance type (`not_insured`). Shown on the quote and the receipt; nothing of it moves.
 #[derive(Debug, Serialize)]
@@ -258,21 +278,22 @@ pub(super) async fn run_chain<'g>(
     let mut read = Vec::with_capacity(chain.len());
     let names: Vec<&str> = chain.iter().map(|(name, _)| *name).collect();
     let mut years = gateway.ledger.year_to_date(card_hash, year, &names).await?.into_iter();
+    let card = bill.subject.card();
     for (name, plugin) in chain {
         let year_to_date = years.next().unwrap_or(YearToDate { year, ..YearToDate::default() });
         read.push(AccumulatorDelta { payer: (*name).to_owned(), delta: year_to_date });
-        let request = SettlementRequest {
-            settlement_id: bill.id.to_owned(),
-            card: bill.subject.card(),
-            institution: bill.institution.clone(),
-            insurance_type: bill.insurance_type.to_owned(),
-            lines: bill.lines.to_vec(),
+        let request = PayerRequest {
+            settlement_id: bill.id,
+            card: &card,
+            institution: &bill.institution,
+            insurance_type: bill.insurance_type,
+            lines: bill.lines,
             total_fen: bill.total_fen,
             due_fen: due,
-            prior: prior.clone(),
-            year_to_date,
+            prior: &prior,
+            year_to_date: &year_to_date,
             use_account: bill.use_account,
-            encounter: bill.encounter.cloned(),
+            encounter: bill.encounter,
         };
         let answer: Result<Split, CallError> = plugin.call(operation, &request).await;
         let split = match answer {
@@ -475,6 +496,26 @@ pub(super) fn classify_lines(
         .map_err(|r| ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, r.code, r.detail))
 }
 
+/// A settlement's lines as its payers see them ([`Prepared::lines`]) and those the catalogue
+/// reclassified. No lines where the catalogue changed none (where there is no catalogue, say):
+/// [`Prepared::lines`] answers the bill's own then, and the sealed request, stored with every
+/// settlement, does not carry the lines twice.
+fn classified(
+    gateway: &Gateway,
+    bill_lines: &[cardgate_sdk::BillLine],
+    now: i64,
+) -> Result<(Vec<cardgate_sdk::BillLine>, Vec<Reclassified>), ApiError> {
+    if gateway.catalogue.is_none() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let mut lines = bill_lines.to_vec();
+    let reclassified = classify_lines(gateway, &mut lines, now)?;
+    if lines == bill_lines {
+        lines.clear();
+    }
+    Ok((lines, reclassified))
+}
+
 /// `POST /v1/quotes`.
 pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Result<ApiResponse, ApiError> {
     let institution = admit(gateway, identity, body.institution_id.as_deref(), &body.terminal_id).await?;
@@ -546,11 +587,12 @@ pub(super) struct Prepared {
     pub(super) total_fen: i64,
     pub(super) quote_id: Option<String>,
     /// The lines as the payers see them: `bill`'s, classified by the catalogue (each with its
-    /// entry). Kept apart from `bill`, which is the request as sent and is read back as one.
-    #[serde(default)]
+    /// entry). Kept apart from `bill`, which is the request as sent and is read back as one;
+    /// empty where they would be `bill`'s as they are (see [`Prepared::lines`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) lines: Vec<cardgate_sdk::BillLine>,
     /// The lines the catalogue reclassified.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) reclassified: Vec<Reclassified>,
     /// A settlement of an encounter: which, and the fee lines (serial numbers) it claims.
     #[serde(default)]
@@ -566,8 +608,8 @@ pub(super) struct EncounterClaim {
 }
 
 impl Prepared {
-    /// The lines the payers are asked about (an intent written before the catalogue holds
-    /// only `bill`).
+    /// The lines the payers are asked about: the classified ones, or `bill`'s where the
+    /// catalogue changed nothing (or an intent was written before the catalogue existed).
     fn lines(&self) -> &[cardgate_sdk::BillLine] {
         if self.lines.is_empty() { &self.bill.lines } else { &self.lines }
     }
@@ -582,8 +624,7 @@ async fn prepare_by_token(gateway: &Gateway, body: &BillBody, token: &str, now: 
         return Err(TokenError::Replayed.into());
     }
     let insurance_type = insurance_type(&subject, body.insurance_type.as_deref())?;
-    let mut lines = body.lines.clone();
-    let reclassified = classify_lines(gateway, &mut lines, now)?;
+    let (lines, reclassified) = classified(gateway, &body.lines, now)?;
     Ok(Prepared {
         subject,
         insurance_type,
@@ -636,8 +677,7 @@ async fn prepare_by_quote(
         bill.use_account = body.use_account;
     }
     // Classified as of the settlement, like the accumulators: a quote reserves neither.
-    let mut lines = bill.lines.clone();
-    let reclassified = classify_lines(gateway, &mut lines, now)?;
+    let (lines, reclassified) = classified(gateway, &bill.lines, now)?;
     Ok(Prepared {
         subject: content.subject,
         insurance_type: content.insurance_type,
@@ -1316,6 +1356,53 @@ fn percent_decode(raw: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a payer is sent is what the SDK's own type encodes: the same bytes, with and
+    /// without an encounter, with and without earlier payers.
+    #[test]
+    fn a_payer_request_encodes_as_the_sdks_settlement_request() {
+        let full = json!({
+            "settlement_id": "S0001", "insurance_type": "310", "total_fen": 170000, "due_fen": 52000,
+            "card": { "card_id": "110105199001011234", "holder_name": "张三", "insured_region": "110105",
+                      "insurance_types": ["310", "390"],
+                      "delegate": { "card_id": "110105196501011234", "holder_name": "李四", "relation": "parent" } },
+            "institution": { "id": "H110105001", "level": "tertiary", "region": "110105" },
+            "lines": [
+                { "code": "XA01", "name": "Amoxicillin \"500\"", "category": "class_a", "quantity": "2.5", "unit_price_fen": 100, "amount_fen": 250 },
+                { "code": "XB02", "name": "CT", "category": "class_b", "quantity": 1, "unit_price_fen": "0.3333", "amount_fen": 169750 }
+            ],
+            "prior": [{ "payer": "basic-medical", "fund_pay_fen": 118000, "account_pay_fen": 0,
+                        "eligible_self_pay_fen": 1000, "eligible_borne_fen": 2000 }],
+            "year_to_date": { "year": 2026, "deductible_fen": 80000, "fund_paid_fen": 52000 },
+            "use_account": false,
+            "encounter": { "id": "E0001", "kind": "inpatient", "med_type": "21", "admitted_at": "2026-11-01T08:00:00+08:00",
+                           "diagnoses": [{ "code": "I21.9", "primary": true }], "interim": true, "settled_count": 2 }
+        });
+        let mut bare = full.clone();
+        for field in ["encounter", "prior"] {
+            bare.as_object_mut().expect("object").remove(field);
+        }
+        bare["card"].as_object_mut().expect("card").remove("delegate");
+        for value in [full, bare] {
+            let request: cardgate_sdk::SettlementRequest = serde_json::from_value(value).expect("a settlement request");
+            let ours = PayerRequest {
+                settlement_id: &request.settlement_id,
+                card: &request.card,
+                institution: &request.institution,
+                insurance_type: &request.insurance_type,
+                lines: &request.lines,
+                total_fen: request.total_fen,
+                due_fen: request.due_fen,
+                prior: &request.prior,
+                year_to_date: &request.year_to_date,
+                use_account: request.use_account,
+                encounter: request.encounter.as_ref(),
+            };
+            let (ours, theirs) =
+                (serde_json::to_string(&ours).expect("ours"), serde_json::to_string(&request).expect("sdk's"));
+            assert_eq!(ours, theirs);
+        }
+    }
 
     #[test]
     fn new_ids_are_prefixed_time_ordered_hex_and_distinct() {
