@@ -1,7 +1,8 @@
 //! One criterion bench per stage of the request flow that is not measured elsewhere (token
 //! verification: `benches/token.rs`; plugin calls: `tests/benches/plugin_call.rs`):
-//! body parse, limiter checks, routing, ledger commits (batched by concurrency), and the
-//! bureau's catalogue (loading 50,000 items, classifying a 1,000-line bill).
+//! body parse, limiter checks, routing, sealing a prepared request, ledger commits (batched by
+//! concurrency), and the bureau's catalogue (loading 50,000 items, classifying a 1,000-line
+//! bill).
 //!
 //! Run: `cargo bench -p cardgate --bench stages`.
 
