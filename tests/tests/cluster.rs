@@ -33,16 +33,14 @@ impl Cluster {
             return None;
         }
         let options = Options { engine: Some("postgres"), extra_toml: extra, ..Options::default() };
-        let ports: Vec<SocketAddr> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port"))
-            .collect();
-        let setup = Setup::create(&options, &ports[0].to_string());
-        let text = std::fs::read_to_string(setup.dir.path().join("cardgate.toml")).expect("config");
+        // Each node binds a port of the system's choosing and says which in its log.
+        let setup = Setup::create(&options, "127.0.0.1:0");
+        let config = setup.dir.path().join("cardgate.toml");
         let mut nodes = Vec::new();
-        for (n, port) in ports.iter().enumerate() {
-            let config = setup.dir.path().join(format!("node{n}.toml"));
-            std::fs::write(&config, text.replace(&ports[0].to_string(), &port.to_string())).expect("config");
-            nodes.push((*port, Node::start(&config, &setup.dir.path().join(format!("node{n}.log")))));
+        for n in 0..3 {
+            let log = setup.dir.path().join(format!("node{n}.log"));
+            let mut node = Node::start(&config, &log);
+            nodes.push((serving(&mut node, &log).await, node));
         }
         // Probed as the hospital: the pharmacy's rate limit is the tests' to spend.
         for (port, _) in &nodes {
@@ -390,6 +388,28 @@ impl Drop for Node {
     }
 }
 
+/// The address a node serves on, from its log's `cardgate serving` line. Nodes bind port 0:
+/// a port found free beforehand may be taken by another socket (an outgoing connection of a
+/// test running beside) before the node binds it, and the node would never come up.
+async fn serving(node: &mut Node, log: &std::path::Path) -> SocketAddr {
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(address) = text
+            .lines()
+            .find_map(|l| l.split_once("cardgate serving listen=").map(|(_, rest)| rest.trim()))
+            .and_then(|a| a.parse().ok())
+        {
+            return address;
+        }
+        if let Ok(Some(status)) = node.0.try_wait() {
+            panic!("the node exited ({status}) before it served; its log:\n{text}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the node did not serve; its log:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn until_up(client: &Client) {
     let started = std::time::Instant::now();
     while client.send(http::Method::GET, "/v1/settlements/ready", &[], None).await.is_err() {
@@ -405,8 +425,6 @@ async fn a_node_killed_mid_traffic_loses_nothing_and_a_survivor_completes_what_i
         eprintln!("SKIPPED (set CARDGATE_TEST_POSTGRES=postgres://user@host/db to run): cluster::{test}");
         return;
     }
-    let listen = |()| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
-    let (first, second) = (listen(()), listen(()));
     // Region 12: a payer that is not effect-free (its intent is written before it is asked)
     // and takes 300 ms: a kill lands while settlements are pending on the first node.
     let extra = format!(
@@ -414,15 +432,15 @@ async fn a_node_killed_mid_traffic_loses_nothing_and_a_survivor_completes_what_i
         cardgate_sdk::testing::build_cdylib("fixture-configurable").display()
     );
     let options = Options { engine: Some("postgres"), extra_toml: extra, ..Options::default() };
-    let setup = Setup::create(&options, &first.to_string());
+    let setup = Setup::create(&options, "127.0.0.1:0");
     // Three plugins of 2 s: a chain takes at most 16 s; the shortest lease allowed.
     let text = std::fs::read_to_string(setup.dir.path().join("cardgate.toml")).expect("config");
-    let text = text.replace("lease_secs = 30", "lease_secs = 17");
-    let (a_config, b_config) = (setup.dir.path().join("a.toml"), setup.dir.path().join("b.toml"));
-    std::fs::write(&a_config, &text).expect("config");
-    std::fs::write(&b_config, text.replace(&first.to_string(), &second.to_string())).expect("config");
-    let mut a = Node::start(&a_config, &setup.dir.path().join("a.log"));
-    let _b = Node::start(&b_config, &setup.dir.path().join("b.log"));
+    let config = setup.dir.path().join("nodes.toml");
+    std::fs::write(&config, text.replace("lease_secs = 30", "lease_secs = 17")).expect("config");
+    let (a_log, b_log) = (setup.dir.path().join("a.log"), setup.dir.path().join("b.log"));
+    let mut a = Node::start(&config, &a_log);
+    let mut b = Node::start(&config, &b_log);
+    let (first, second) = (serving(&mut a, &a_log).await, serving(&mut b, &b_log).await);
     let (to_a, to_b) = (setup.client(first, 1), setup.client(second, 1));
     until_up(&to_a).await;
     until_up(&to_b).await;

@@ -164,6 +164,8 @@ fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
         if let Some(address) = admin {
             let admin_listener =
                 tokio::net::TcpListener::bind(address).await.map_err(|e| Failure::new(format!("{address}: {e}")))?;
+            // The address bound: the configured one, with its port where that was 0.
+            let address = admin_listener.local_addr().unwrap_or(address);
             tracing::info!(%address, "admin listener");
             tokio::spawn(server::admin::run(
                 admin_listener,
@@ -180,6 +182,8 @@ fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
             shutdown_signal().await;
             let _ = stop.send(true);
         });
+        // The address bound, as clients reach it (a configured port 0 is the system's pick).
+        let listen = listener.local_addr().unwrap_or(listen);
         tracing::info!(%listen, "cardgate serving");
         server::run(listener, live, until_stopped(stopped)).await;
         tracing::info!("cardgate stopped");
