@@ -4,7 +4,7 @@
 //! (one per process) and installed on first use.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, OnceLock, RwLock};
+use std::sync::{Arc, LazyLock, OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram};
@@ -67,8 +67,8 @@ fn installed() -> bool {
 type RequestHandles = HashMap<(&'static str, u16, &'static str), (Counter, Histogram)>;
 static REQUESTS: LazyLock<RwLock<RequestHandles>> = LazyLock::new(Default::default);
 
-/// By plugin label, then (operation, outcome).
-type PluginHandles = HashMap<String, Vec<(&'static str, &'static str, Counter, Histogram)>>;
+/// By plugin label (the handle's own `Arc`: a key made without allocating), operation, outcome.
+type PluginHandles = HashMap<(Arc<str>, &'static str, &'static str), (Counter, Histogram)>;
 static PLUGIN_CALLS: LazyLock<RwLock<PluginHandles>> = LazyLock::new(Default::default);
 
 /// By state.
@@ -130,28 +130,16 @@ pub fn plugin_stuck(plugin: &str, calls: usize) {
 }
 
 /// One plugin call.
-pub fn plugin_call(plugin: &str, operation: &'static str, outcome: &'static str, elapsed: Duration) {
-    let kept = PLUGIN_CALLS.read().ok().and_then(|map| {
-        let handles = map.get(plugin)?.iter().find(|(op, out, _, _)| *op == operation && *out == outcome)?;
-        Some((handles.2.clone(), handles.3.clone()))
-    });
-    let (counter, histogram) = match kept {
-        Some(handles) => handles,
-        None => {
-            let label = plugin.to_owned();
-            let counter = metrics::counter!("cardgate_plugin_calls_total", "plugin" => label.clone(), "operation" => operation, "outcome" => outcome);
-            let histogram = metrics::histogram!("cardgate_plugin_call_duration_seconds", "plugin" => label.clone(), "operation" => operation);
-            if installed()
-                && let Ok(mut map) = PLUGIN_CALLS.write()
-            {
-                let entries = map.entry(label).or_default();
-                if !entries.iter().any(|(op, out, _, _)| *op == operation && *out == outcome) {
-                    entries.push((operation, outcome, counter.clone(), histogram.clone()));
-                }
-            }
-            (counter, histogram)
-        }
+pub fn plugin_call(plugin: &Arc<str>, operation: &'static str, outcome: &'static str, elapsed: Duration) {
+    let make = || {
+        let label = plugin.to_string();
+        let counter = metrics::counter!("cardgate_plugin_calls_total", "plugin" => label.clone(), "operation" => operation, "outcome" => outcome);
+        (
+            counter,
+            metrics::histogram!("cardgate_plugin_call_duration_seconds", "plugin" => label, "operation" => operation),
+        )
     };
+    let (counter, histogram) = kept(&PLUGIN_CALLS, (Arc::clone(plugin), operation, outcome), make);
     counter.increment(1);
     histogram.record(elapsed.as_secs_f64());
 }
@@ -225,11 +213,13 @@ mod tests {
         let ok = ["plugin=\"kept-handles\"", "operation=\"settle\"", "outcome=\"ok\""];
         let refused = ["plugin=\"kept-handles\"", "operation=\"settle\"", "outcome=\"refused\""];
         let other = ["plugin=\"kept-handles-2\"", "operation=\"settle\"", "outcome=\"ok\""];
+        let (first, second): (Arc<str>, Arc<str>) = (Arc::from("kept-handles"), Arc::from("kept-handles-2"));
         for _ in 0..3 {
-            plugin_call("kept-handles", "settle", "ok", Duration::from_micros(5));
+            // A label equal to a kept one but not the same allocation finds the kept handles.
+            plugin_call(&Arc::from("kept-handles"), "settle", "ok", Duration::from_micros(5));
         }
-        plugin_call("kept-handles", "settle", "refused", Duration::from_micros(5));
-        plugin_call("kept-handles-2", "settle", "ok", Duration::from_micros(5));
+        plugin_call(&first, "settle", "refused", Duration::from_micros(5));
+        plugin_call(&second, "settle", "ok", Duration::from_micros(5));
         for _ in 0..2 {
             request("kept_handles_test", 201, "-", Duration::from_micros(50));
         }

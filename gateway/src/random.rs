@@ -74,8 +74,15 @@ mod tests {
 
     #[test]
     fn large_requests_go_to_the_system_directly() {
+        let used = || POOL.with(|pool| pool.borrow().used);
+        let mut nonce = [0u8; 12];
+        fill(&mut nonce).expect("random");
+        let before = used();
         let mut key = [0u8; 256];
         fill(&mut key).expect("random");
         assert_ne!(key, [0u8; 256]);
+        assert_eq!(used(), before, "a large request took bytes from the block");
+        fill(&mut nonce).expect("random");
+        assert_eq!(used(), before + 12, "a small one takes them from the block");
     }
 }

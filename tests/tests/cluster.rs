@@ -36,11 +36,13 @@ impl Cluster {
         // Each node binds a port of the system's choosing and says which in its log.
         let setup = Setup::create(&options, "127.0.0.1:0");
         let config = setup.dir.path().join("cardgate.toml");
+        // Started together, as a cluster's nodes often are (the schema's migration is theirs to
+        // agree on), then asked where they serve.
+        let logs: Vec<_> = (0..3).map(|n| setup.dir.path().join(format!("node{n}.log"))).collect();
+        let started: Vec<Node> = logs.iter().map(|log| Node::start(&config, log)).collect();
         let mut nodes = Vec::new();
-        for n in 0..3 {
-            let log = setup.dir.path().join(format!("node{n}.log"));
-            let mut node = Node::start(&config, &log);
-            nodes.push((serving(&mut node, &log).await, node));
+        for (mut node, log) in started.into_iter().zip(&logs) {
+            nodes.push((serving(&mut node, log).await, node));
         }
         // Probed as the hospital: the pharmacy's rate limit is the tests' to spend.
         for (port, _) in &nodes {
@@ -397,7 +399,7 @@ async fn serving(node: &mut Node, log: &std::path::Path) -> SocketAddr {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         if let Some(address) = text
             .lines()
-            .find_map(|l| l.split_once("cardgate serving listen=").map(|(_, rest)| rest.trim()))
+            .find_map(|l| l.split_once("cardgate serving listen=").and_then(|(_, rest)| rest.split_whitespace().next()))
             .and_then(|a| a.parse().ok())
         {
             return address;
