@@ -293,10 +293,11 @@ impl Setup {
 }
 
 impl TestGateway {
-    /// Sets up a directory and starts a gateway on it.
+    /// Sets up a directory and starts a gateway on it, on a port [`restart`](Self::restart)
+    /// finds free again ([`crate::listen_addr`]).
     pub async fn start(options: Options) -> Self {
         let setup = Setup::create(&options, "127.0.0.1:0");
-        let (addr, admin, live, stop, task) = serve(setup.dir.path()).await;
+        let (addr, admin, live, stop, task) = serve_on(setup.dir.path(), Some(crate::listen_addr())).await;
         Self {
             admin,
             live: Some(live),

@@ -11,7 +11,11 @@
 
 pub mod harness;
 
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use cardgate_sdk::{
     BillLine, CardClaims, Fen, Institution, InstitutionLevel, ItemCategory, SettlementRequest, YearToDate,
@@ -62,6 +66,37 @@ fn older_than_its_sources(binary: &Path) -> bool {
         }
     }
     false
+}
+
+/// An address on 127.0.0.1 for a daemon a test starts as its own process, and may kill and
+/// restart on the same address: a port below the kernel's ephemeral range, free when chosen,
+/// never handed out twice by this process. A port from the ephemeral range (`127.0.0.1:0`,
+/// released before the daemon binds it) can be given to an outgoing connection of another
+/// test in between, or while the daemon is down between a kill and its restart: the daemon
+/// then cannot bind it and the test fails for nothing it tests.
+pub fn listen_addr() -> SocketAddr {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    const FIRST: u32 = 10_000;
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).and_then(|l| l.local_addr()).ok();
+    if ephemeral_from <= FIRST + 1_000 {
+        // A system whose ephemeral range starts low: no range to keep to, only the check.
+        return free(0).expect("a free port");
+    }
+    let span = ephemeral_from - FIRST;
+    let start = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32 % span;
+    let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    (0..span)
+        .map(|i| (FIRST + (start + i) % span) as u16)
+        .find_map(|port| if given.contains(&port) { None } else { free(port) })
+        .inspect(|addr| {
+            given.insert(addr.port());
+        })
+        .expect("a free port below the ephemeral range")
 }
 
 /// `plugins/<name>/config.example.toml`, as the JSON the gateway hands the plugin.
@@ -153,5 +188,29 @@ mod binary_tests {
         assert!(!older_than_its_sources(&binary), "built now, after every source");
         file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1)).expect("set mtime");
         assert!(older_than_its_sources(&binary), "built in 1970, before the sources");
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    /// Ports for daemons come from below the ephemeral range, each once, and are free.
+    #[test]
+    fn listen_addresses_are_distinct_free_and_below_the_ephemeral_range() {
+        let ephemeral_from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| text.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let addresses: Vec<SocketAddr> = (0..200).map(|_| listen_addr()).collect();
+        let ports: HashSet<u16> = addresses.iter().map(SocketAddr::port).collect();
+        assert_eq!(ports.len(), 200, "a port handed out twice");
+        for addr in &addresses {
+            assert!(addr.ip().is_loopback());
+            if ephemeral_from > 11_000 {
+                assert!((10_000..ephemeral_from).contains(&addr.port()), "{addr} is in the ephemeral range");
+            }
+        }
+        TcpListener::bind(addresses[0]).expect("the first address is still free");
     }
 }

@@ -7,23 +7,18 @@
 //! cardgate-tests --test crash -- --nocapture`.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cardgate::client::Client;
-use cardgate_tests::cardgate_binary;
 use cardgate_tests::harness::{Card, Options, Setup, get};
+use cardgate_tests::{cardgate_binary, listen_addr};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
 }
 
 struct Daemon {
@@ -89,7 +84,7 @@ fn next(seed: &mut u64) -> u64 {
 async fn acknowledged_settlements_survive_sigkill_and_none_settles_twice() {
     let cycles = env_number("CRASH_CYCLES", 3);
     let bills = env_number("CRASH_BILLS", 240);
-    let addr = free_port();
+    let addr = listen_addr();
     let setup = Setup::create(&Options::default(), &addr.to_string());
     let client = setup.client(addr, 1);
     let queue: Vec<Bill> = (0..bills)
@@ -231,7 +226,7 @@ fn encounter_step(step: usize, id: &str, token: &str, key: &str) -> (String, Opt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encounters_settled_in_steps_survive_sigkill_and_none_settles_twice() {
     let stays = env_number("CRASH_STAYS", 16);
-    let addr = free_port();
+    let addr = listen_addr();
     let setup = Setup::create(&Options::default(), &addr.to_string());
     let client = setup.client(addr, 0);
     let tokens: Vec<String> = (0..stays).map(|_| setup.token(&Card::in_region("310104"), 600)).collect();

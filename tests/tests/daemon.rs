@@ -4,7 +4,7 @@
 //! hang it.
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -13,14 +13,10 @@ use std::time::{Duration, Instant};
 
 use cardgate::client::{Client, Reply};
 use cardgate_sdk::testing::build_cdylib;
-use cardgate_tests::cardgate_binary;
 use cardgate_tests::harness::{Card, Options, Setup, admin};
+use cardgate_tests::{cardgate_binary, listen_addr};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
-}
 
 /// A daemon child whose stderr is read into `log` (unless `drain` is false: then nobody reads it).
 struct Daemon {
@@ -132,7 +128,7 @@ async fn running_on(
     level: Option<&str>,
     drain: bool,
 ) -> (Setup, Daemon, Client, SocketAddr) {
-    let (addr, admin_addr) = (free_port(), free_port());
+    let (addr, admin_addr) = (listen_addr(), listen_addr());
     let options =
         Options { extra_toml: format!("\n[admin]\nlisten = \"{admin_addr}\"\n"), engine, ..Options::default() };
     let setup = Setup::create(&options, &addr.to_string());
@@ -273,7 +269,7 @@ async fn dev_mode_keeps_keys_the_secret_and_the_ledger_to_their_owner() {
     }
     let root = tempfile::tempdir().expect("temp dir");
     let dir = root.path().join("dev");
-    let addr = free_port();
+    let addr = listen_addr();
     let mut child = Command::new(cardgate_binary())
         .args(["dev", "--listen", &addr.to_string(), "--dir"])
         .arg(&dir)

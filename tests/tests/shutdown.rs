@@ -1,19 +1,18 @@
 //! Graceful shutdown of the real daemon: SIGTERM with 50 requests in flight answers all 50, then
 //! the process exits 0.
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cardgate_sdk::testing::build_cdylib;
-use cardgate_tests::cardgate_binary;
 use cardgate_tests::harness::{Card, Options, Setup};
+use cardgate_tests::{cardgate_binary, listen_addr};
 use http::{Method, StatusCode};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_every_request_in_flight_then_exits_zero() {
-    let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+    let addr = listen_addr();
     let slow = format!(
         "\n[plugins.slow]\nlibrary = \"{}\"\ntimeout_ms = 5000\nconfig = {{ delay_ms = 300, fund_bp = 5000 }}\n\n[[routes]]\nregions = [\"12\"]\npayers = [\"slow\"]\n",
         build_cdylib("fixture-configurable").display()

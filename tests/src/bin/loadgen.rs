@@ -769,7 +769,7 @@ fn resident_mib(pid: u32) -> (f64, f64) {
 
 /// The daemon's resident memory with many terminals connected.
 async fn rss(connections: usize, seconds: u64) -> f64 {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+    let addr = cardgate_tests::listen_addr();
     let options = harness_options();
     let setup = Setup::create(&options, &addr.to_string());
     choose_engine(&setup);
