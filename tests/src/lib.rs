@@ -77,10 +77,7 @@ fn older_than_its_sources(binary: &Path) -> bool {
 pub fn listen_addr() -> SocketAddr {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     const FIRST: u32 = 10_000;
-    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
+    let ephemeral_from = ephemeral_ports_from();
     let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).and_then(|l| l.local_addr()).ok();
     if ephemeral_from <= FIRST + 1_000 {
         // A system whose ephemeral range starts low: no range to keep to, only the check.
@@ -97,6 +94,14 @@ pub fn listen_addr() -> SocketAddr {
             given.insert(addr.port());
         })
         .expect("a free port below the ephemeral range")
+}
+
+/// The first port the kernel hands outgoing connections (Linux's default where it cannot be read).
+fn ephemeral_ports_from() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// `plugins/<name>/config.example.toml`, as the JSON the gateway hands the plugin.
@@ -198,17 +203,14 @@ mod port_tests {
     /// Ports for daemons come from below the ephemeral range, each once, and are free.
     #[test]
     fn listen_addresses_are_distinct_free_and_below_the_ephemeral_range() {
-        let ephemeral_from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|text| text.split_whitespace().next()?.parse().ok())
-            .unwrap_or(32_768);
+        let ephemeral_from = ephemeral_ports_from();
         let addresses: Vec<SocketAddr> = (0..200).map(|_| listen_addr()).collect();
         let ports: HashSet<u16> = addresses.iter().map(SocketAddr::port).collect();
         assert_eq!(ports.len(), 200, "a port handed out twice");
         for addr in &addresses {
             assert!(addr.ip().is_loopback());
             if ephemeral_from > 11_000 {
-                assert!((10_000..ephemeral_from).contains(&addr.port()), "{addr} is in the ephemeral range");
+                assert!((10_000..ephemeral_from).contains(&u32::from(addr.port())), "{addr} is in the ephemeral range");
             }
         }
         TcpListener::bind(addresses[0]).expect("the first address is still free");
