@@ -1,5 +1,6 @@
 //! A small HTTPS client with a client certificate, for the example POS/HIS client, the
-//! end-to-end tests and the load harness: keep-alive HTTP/1.1 connections over rustls.
+//! end-to-end tests and the load harness: keep-alive HTTP/1.1 connections over rustls, or
+//! HTTP/2 (ALPN `h2`) connections whose requests share one connection as streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -18,6 +19,8 @@ use tokio_rustls::TlsConnector;
 pub struct Client {
     addr: SocketAddr,
     connector: TlsConnector,
+    /// The same TLS settings offering only `h2`.
+    connector_h2: TlsConnector,
     server_name: ServerName<'static>,
 }
 
@@ -68,9 +71,12 @@ impl Client {
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
             .map_err(|e| format!("client certificate: {e}"))?;
+        let mut h2 = config.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
             addr,
             connector: TlsConnector::from(Arc::new(config)),
+            connector_h2: TlsConnector::from(Arc::new(h2)),
             server_name: ServerName::try_from("localhost").map_err(|e| e.to_string())?,
         })
     }
@@ -85,7 +91,25 @@ impl Client {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        Ok(Connection { sender })
+        Ok(Connection { sender: Sender::Http1(sender) })
+    }
+
+    /// Opens an HTTP/2 connection (fails unless the server agrees to `h2`). Its requests are
+    /// streams of the one connection: [`Connection::stream`] gives another handle on it.
+    pub async fn connect_h2(&self) -> Result<Connection, String> {
+        let tcp = TcpStream::connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self.connector_h2.connect(self.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err("the server did not agree to HTTP/2".into());
+        }
+        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Connection { sender: Sender::Http2(sender) })
     }
 
     /// A bare TLS connection as this institution, for requests written by hand (tests that
@@ -110,10 +134,25 @@ impl Client {
 /// One keep-alive connection.
 #[derive(Debug)]
 pub struct Connection {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    sender: Sender,
+}
+
+#[derive(Debug)]
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Connection {
+    /// Another handle on an HTTP/2 connection, for a request sent alongside this one's (a
+    /// stream of the same connection); `None` on HTTP/1.1, one request at a time.
+    pub fn stream(&self) -> Option<Connection> {
+        match &self.sender {
+            Sender::Http1(_) => None,
+            Sender::Http2(sender) => Some(Connection { sender: Sender::Http2(sender.clone()) }),
+        }
+    }
+
     /// Sends a request (JSON body when given) and reads the whole answer.
     pub async fn send(
         &mut self,
@@ -122,7 +161,12 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Result<Reply, String> {
-        let mut request = Request::builder().method(method).uri(path).header("host", "localhost");
+        let mut request = match self.sender {
+            Sender::Http1(_) => Request::builder().uri(path).header("host", "localhost"),
+            // HTTP/2 carries the authority in the request's URI (`:authority`), not a header.
+            Sender::Http2(_) => Request::builder().uri(format!("https://localhost{path}")),
+        }
+        .method(method);
         if body.is_some() && !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type")) {
             request = request.header("content-type", "application/json");
         }
@@ -131,8 +175,17 @@ impl Connection {
         }
         let request =
             request.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned()))).map_err(|e| e.to_string())?;
-        self.sender.ready().await.map_err(|e| format!("connection: {e}"))?;
-        let response = self.sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+        let response = match &mut self.sender {
+            Sender::Http1(sender) => {
+                sender.ready().await.map_err(|e| format!("connection: {e}"))?;
+                sender.send_request(request).await
+            }
+            Sender::Http2(sender) => {
+                sender.ready().await.map_err(|e| format!("connection: {e}"))?;
+                sender.send_request(request).await
+            }
+        }
+        .map_err(|e| format!("request: {e}"))?;
         let status = response.status();
         let header =
             |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
