@@ -149,3 +149,43 @@ async fn a_second_gateway_on_the_same_embedded_ledger_refuses_to_start() {
     let problems = second.expect_err("a second gateway on the same ledger").to_string();
     assert!(problems.contains("open in another process"), "{problems}");
 }
+
+/// A till on a flaky network: the same bill, with its one key, sent from twenty connections at
+/// once (each retry on a new connection while the first is still being answered). One
+/// settlement: every answer is it (201, its id) or "still being processed" (409
+/// `request_in_progress`, which the till retries), and the card is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_bill_sent_twenty_times_at_once_with_its_key_settles_once() {
+    let gw = TestGateway::start(Options::default()).await;
+    let card = Card::beijing();
+    let body = class_a_bill(&gw.token(&card, 120));
+    let key = unique_key("retried");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, body, key) = (gw.pharmacy.clone(), body.clone(), key.clone());
+            tokio::spawn(async move { post(&client, "/v1/settlements", Some(&key), &body).await })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for task in tasks {
+        let reply = task.await.expect("task");
+        match reply.status {
+            StatusCode::CREATED => {
+                created += 1;
+                ids.insert(reply.json()["settlement_id"].as_str().expect("id").to_owned());
+            }
+            StatusCode::CONFLICT => assert_eq!(reply.json()["code"], "request_in_progress", "{}", reply.body),
+            other => panic!("{other}: {}", reply.body),
+        }
+    }
+    assert!(created >= 1, "no answer was the settlement");
+    assert_eq!(ids.len(), 1, "one key settled more than once: {ids:?}");
+    // The till's retry after the storm: the same settlement again.
+    let again = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert!(ids.contains(again.json()["settlement_id"].as_str().expect("id")));
+    // One bill of 200 yuan: 200 yuan of the deductible, from the account; charged once.
+    let held = accumulators(&gw, &card).await;
+    assert_eq!((held.deductible_fen, held.account_paid_fen), (20_000, 20_000), "{held:?}");
+}
