@@ -189,3 +189,30 @@ async fn one_bill_sent_twenty_times_at_once_with_its_key_settles_once() {
     let held = accumulators(&gw, &card).await;
     assert_eq!((held.deductible_fen, held.account_paid_fen), (20_000, 20_000), "{held:?}");
 }
+
+/// One QR code scanned at twenty tills at once (twenty keys, one token): one settlement, every
+/// other answer `token_replayed`, the card charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_token_at_twenty_tills_at_once_settles_once() {
+    let gw = TestGateway::start(Options::default()).await;
+    let card = Card::beijing();
+    let body = class_a_bill(&gw.token(&card, 120));
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, body) = (gw.pharmacy.clone(), body.clone());
+            tokio::spawn(async move { post(&client, "/v1/settlements", Some(&unique_key("till")), &body).await })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        let reply = task.await.expect("task");
+        match reply.status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => assert_eq!(reply.json()["code"], "token_replayed", "{}", reply.body),
+            other => panic!("{other}: {}", reply.body),
+        }
+    }
+    assert_eq!(created, 1, "the token settled {created} times");
+    let held = accumulators(&gw, &card).await;
+    assert_eq!((held.deductible_fen, held.account_paid_fen), (20_000, 20_000), "{held:?}");
+}
