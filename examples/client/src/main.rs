@@ -40,6 +40,9 @@ struct Args {
     /// Reverse the settlement afterwards.
     #[arg(long)]
     reverse: bool,
+    /// Speak HTTP/2 (ALPN `h2`) instead of HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,7 +110,7 @@ async fn run(args: Args) -> Result<(), String> {
         Some(token) => token,
         None => mint(&args.dir, &args.card)?,
     };
-    let mut connection = client.connect().await?;
+    let mut connection = if args.http2 { client.connect_h2().await? } else { client.connect().await? };
     let inquiry = json!({ "token": token, "terminal_id": "EXAMPLE-1" });
     let who = show("inquiry", &connection.send(Method::POST, "/v1/inquiries", &[], Some(&inquiry.to_string())).await?)?;
     println!("  card {} ({}), insured in {}", who["card"], who["holder_name"], who["insured_region"]);
