@@ -551,6 +551,26 @@ pub async fn settle_until_final(client: &Client, key: &str, body: &serde_json::V
     }
 }
 
+/// The answers to one thing sent at once from many places, each awaited: how many were `201
+/// Created`. Every other must be a `409` with the problem `code` (`what` names the round in a
+/// failure); anything else fails the test.
+pub async fn created_else_conflict(
+    tasks: Vec<tokio::task::JoinHandle<Reply>>,
+    code: &str,
+    what: &str,
+) -> Vec<serde_json::Value> {
+    let mut created = Vec::new();
+    for task in tasks {
+        let reply = task.await.expect("task");
+        match reply.status {
+            http::StatusCode::CREATED => created.push(reply.json()),
+            http::StatusCode::CONFLICT => assert_eq!(reply.json()["code"], code, "{what}: {}", reply.body),
+            other => panic!("{what}: {other}: {}", reply.body),
+        }
+    }
+    created
+}
+
 /// POSTs JSON, with an idempotency key when given.
 pub async fn post(client: &Client, path: &str, key: Option<&str>, body: &serde_json::Value) -> Reply {
     let headers: Vec<(&str, &str)> = key.map(|k| vec![("idempotency-key", k)]).unwrap_or_default();

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use cardgate::client::Client;
 use cardgate_tests::harness::{
-    Card, Options, Setup, class_a_bill, post, postgres_server, settle_until_final, unique_key,
+    Card, Options, Setup, class_a_bill, created_else_conflict, post, postgres_server, settle_until_final, unique_key,
 };
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -68,16 +68,8 @@ async fn one_token_raced_on_three_nodes_settles_once() {
                 tokio::spawn(async move { settle_until_final(&client, &key, &body).await.0 })
             })
             .collect();
-        let mut created = 0;
-        for task in tasks {
-            let reply = task.await.expect("task");
-            match reply.status {
-                StatusCode::CREATED => created += 1,
-                StatusCode::CONFLICT => assert!(reply.body.contains("token_replayed"), "round {round}: {}", reply.body),
-                other => panic!("round {round}: {other}: {}", reply.body),
-            }
-        }
-        assert_eq!(created, 1, "round {round}: the token settled {created} times");
+        let created = created_else_conflict(tasks, "token_replayed", &format!("round {round}")).await;
+        assert_eq!(created.len(), 1, "round {round}: the token settled {} times", created.len());
     }
 }
 

@@ -2,7 +2,9 @@
 //! card must move its year-to-date figures exactly as the same bills settled one after another
 //! — never spending the personal account or the deductible twice.
 
-use cardgate_tests::harness::{Card, Options, Setup, TestGateway, class_a_bill, now, post, serve_setup, unique_key};
+use cardgate_tests::harness::{
+    Card, Options, Setup, TestGateway, class_a_bill, created_else_conflict, now, post, serve_setup, unique_key,
+};
 use http::StatusCode;
 use serde_json::{Value, json};
 
@@ -166,20 +168,10 @@ async fn one_bill_sent_twenty_times_at_once_with_its_key_settles_once() {
             tokio::spawn(async move { post(&client, "/v1/settlements", Some(&key), &body).await })
         })
         .collect();
-    let mut ids = std::collections::HashSet::new();
-    let mut created = 0;
-    for task in tasks {
-        let reply = task.await.expect("task");
-        match reply.status {
-            StatusCode::CREATED => {
-                created += 1;
-                ids.insert(reply.json()["settlement_id"].as_str().expect("id").to_owned());
-            }
-            StatusCode::CONFLICT => assert_eq!(reply.json()["code"], "request_in_progress", "{}", reply.body),
-            other => panic!("{other}: {}", reply.body),
-        }
-    }
-    assert!(created >= 1, "no answer was the settlement");
+    let created = created_else_conflict(tasks, "request_in_progress", "one key twenty times").await;
+    let ids: std::collections::HashSet<&str> =
+        created.iter().map(|r| r["settlement_id"].as_str().expect("id")).collect();
+    assert!(!created.is_empty(), "no answer was the settlement");
     assert_eq!(ids.len(), 1, "one key settled more than once: {ids:?}");
     // The till's retry after the storm: the same settlement again.
     let again = post(&gw.pharmacy, "/v1/settlements", Some(&key), &body).await;
@@ -203,16 +195,8 @@ async fn one_token_at_twenty_tills_at_once_settles_once() {
             tokio::spawn(async move { post(&client, "/v1/settlements", Some(&unique_key("till")), &body).await })
         })
         .collect();
-    let mut created = 0;
-    for task in tasks {
-        let reply = task.await.expect("task");
-        match reply.status {
-            StatusCode::CREATED => created += 1,
-            StatusCode::CONFLICT => assert_eq!(reply.json()["code"], "token_replayed", "{}", reply.body),
-            other => panic!("{other}: {}", reply.body),
-        }
-    }
-    assert_eq!(created, 1, "the token settled {created} times");
+    let created = created_else_conflict(tasks, "token_replayed", "one token at twenty tills").await;
+    assert_eq!(created.len(), 1, "the token settled {} times", created.len());
     let held = accumulators(&gw, &card).await;
     assert_eq!((held.deductible_fen, held.account_paid_fen), (20_000, 20_000), "{held:?}");
 }
