@@ -27,12 +27,27 @@ struct Daemon {
 impl Daemon {
     fn start(config: &Path, level: Option<&str>, drain: bool) -> Self {
         let mut command = Command::new(cardgate_binary());
-        command.args(["serve", "--config"]).arg(config).stdout(Stdio::null()).stderr(Stdio::piped());
+        command.args(["serve", "--config"]).arg(config);
         match level {
             Some(level) => command.env("CARDGATE_LOG", level),
             None => command.env_remove("CARDGATE_LOG"),
         };
-        let mut child = command.spawn().expect("start cardgate");
+        Self::spawn(command, drain)
+    }
+
+    /// `cardgate serve` started from a shell whose soft limit on open files is `files`.
+    fn start_with_open_files(config: &Path, files: u32) -> Self {
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", &format!("ulimit -Sn {files} && exec \"$0\" serve --config \"$1\"")])
+            .arg(cardgate_binary())
+            .arg(config)
+            .env_remove("CARDGATE_LOG");
+        Self::spawn(command, true)
+    }
+
+    fn spawn(mut command: Command, drain: bool) -> Self {
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start cardgate");
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().expect("stderr");
         if drain {
@@ -359,5 +374,39 @@ async fn the_admin_listener_refuses_what_a_web_page_could_send_and_closes_stalle
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, _) = within("health", admin(admin_addr, Method::GET, "/healthz")).await;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+}
+
+/// Started where the soft limit on open files is a shell's usual 1,024 or lower, the daemon
+/// raises it to the hard limit (every connection holds a descriptor) and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_raises_a_low_open_files_limit_to_the_hard_one() {
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?.to_owned();
+            line.split_whitespace().nth(4).map(str::to_owned)
+        })
+        .expect("this process's limits");
+    let (addr, admin_addr) = (listen_addr(), listen_addr());
+    let options = Options { extra_toml: format!("\n[admin]\nlisten = \"{admin_addr}\"\n"), ..Options::default() };
+    let setup = Setup::create(&options, &addr.to_string());
+    let daemon = Daemon::start_with_open_files(&setup.dir.path().join("cardgate.toml"), 256);
+    let client = setup.client(addr, 1);
+    wait_ready(&client, &daemon).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).expect("the daemon's limits");
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().skip(3).take(2).collect())
+        .expect("Max open files");
+    if hard.parse::<u64>().is_ok_and(|h| h > 256) {
+        assert_eq!(files[0], files[1], "the soft limit is not the hard one: {limits}");
+        assert!(daemon.log().contains("open files limit raised to its hard limit from=256"), "{}", daemon.log());
+    }
+    assert_eq!(
+        settle(&setup, &client, "files-1", &setup.token(&Card::beijing(), 120)).await.status,
+        StatusCode::CREATED
+    );
     assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
 }

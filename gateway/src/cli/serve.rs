@@ -129,9 +129,20 @@ fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
     // Whatever the daemon creates (the ledger's files, the plugin cache, logs it opens) is its
     // owner's alone, whatever umask it was started with.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let (files_before, files) = raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Failure::new)?;
     runtime.block_on(async move {
         survive_file_size_limit();
+        if files > files_before {
+            tracing::info!(from = files_before, to = files, "open files limit raised to its hard limit");
+        }
+        if files < LOW_OPEN_FILES {
+            tracing::warn!(
+                limit = files,
+                "open files limit is low: each connection holds one, so about this many tills can connect; raise \
+                 it (systemd `LimitNOFILE=`, `ulimit -n`)"
+            );
+        }
         for exposed in config.exposed_files(&path) {
             tracing::warn!(problem = %exposed, "secrets or card data readable by other users");
         }
@@ -219,6 +230,27 @@ async fn reload_on_sighup(live: Arc<crate::service::Live>, path: PathBuf) {
         if let Ok(Err(problems)) = tokio::task::spawn_blocking(move || live.reload(&path, &env)).await {
             tracing::error!(problems = %problems.join("; "), "reload refused; still serving the previous configuration");
         }
+    }
+}
+
+/// Below this limit on open files the daemon warns at start.
+const LOW_OPEN_FILES: u64 = 4096;
+
+/// Raises the soft limit on open files to the hard one (at most 2^20): every connection holds
+/// a descriptor, and a shell's usual soft limit of 1,024 would refuse connections at about a
+/// thousand tills while the hard limit allows far more. Answers the soft limit before and
+/// after (unchanged where it could not be raised).
+fn raise_open_files_limit() -> (u64, u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let before = limit.current.unwrap_or(u64::MAX);
+    let wanted = limit.maximum.unwrap_or(u64::MAX).min(1 << 20);
+    if before >= wanted {
+        return (before, before);
+    }
+    match setrlimit(Resource::Nofile, Rlimit { current: Some(wanted), maximum: limit.maximum }) {
+        Ok(()) => (before, wanted),
+        Err(_) => (before, before),
     }
 }
 
