@@ -188,6 +188,11 @@ pub fn connections(delta: f64) {
     metrics::gauge!("cardgate_open_connections").increment(delta);
 }
 
+/// A connection closed as it arrived: as many were open as the open-files limit leaves room for.
+pub fn connection_refused() {
+    metrics::counter!("cardgate_connections_refused_total").increment(1);
+}
+
 /// A failed TLS handshake.
 pub fn handshake_failed(reason: &'static str) {
     metrics::counter!("cardgate_tls_handshake_failures_total", "reason" => reason).increment(1);

@@ -11,7 +11,8 @@ pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -56,10 +57,34 @@ impl From<&ServerConfig> for Limits {
 pub async fn run(listener: TcpListener, live: Arc<Live>, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    let cap = connection_cap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let (mut refused_said, mut accept_failed_said) = (None::<Instant>, None::<Instant>);
+    // A warning said at most every ten seconds: a flood, or a process out of descriptors,
+    // would otherwise write one line for every connection it meets.
+    let due = |said: &mut Option<Instant>| {
+        let due = said.is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
+        if due {
+            *said = Some(Instant::now());
+        }
+        due
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if open.load(Ordering::Relaxed) >= cap => {
+                    // Closed at once: the descriptors left are the ledger's and the pools'.
+                    drop(stream);
+                    crate::metrics::connection_refused();
+                    if due(&mut refused_said) {
+                        tracing::warn!(
+                            open = cap,
+                            "connections refused: as many are open as the open-files limit leaves room for"
+                        );
+                    }
+                }
                 Ok((stream, peer)) => {
+                    let counted = Counted::new(&open);
                     let _ = stream.set_nodelay(true);
                     // The configuration current when the connection arrives: a reload applies
                     // to new connections (TLS) and new requests (everything else).
@@ -68,10 +93,13 @@ pub async fn run(listener: TcpListener, live: Arc<Live>, shutdown: impl Future<O
                     let (live, watcher) = (Arc::clone(&live), graceful.watcher());
                     tokio::spawn(async move {
                         serve_connection(stream, peer, acceptor, live, limits, watcher).await;
+                        drop(counted);
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    if due(&mut accept_failed_said) {
+                        tracing::warn!(error = %e, "accept failed");
+                    }
                     // Out of file descriptors: give connections time to close.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -86,6 +114,34 @@ pub async fn run(listener: TcpListener, live: Arc<Live>, shutdown: impl Future<O
     let grace = Limits::from(&gateway.config.server).grace;
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period over; closing the remaining connections");
+    }
+}
+
+/// Descriptors kept for the ledger (the lsm engine caches up to 256 tables, and opens new ones
+/// as it flushes), its journals, the database pools and the plugins.
+const RESERVED_FILES: u64 = 512;
+
+/// How many client connections may be open at once: the open-files limit less
+/// [`RESERVED_FILES`] (at least half the limit): a flood of connections must not take the
+/// descriptors the ledger needs to write.
+pub fn connection_cap() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1 << 20);
+    usize::try_from(limit.saturating_sub(RESERVED_FILES).max(limit / 2)).unwrap_or(usize::MAX)
+}
+
+/// One open connection, counted while it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

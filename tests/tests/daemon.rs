@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cardgate::client::{Client, Reply};
 use cardgate_sdk::testing::build_cdylib;
-use cardgate_tests::harness::{Card, Options, Setup, admin};
+use cardgate_tests::harness::{Card, Options, Setup, admin, admin_text};
 use cardgate_tests::{cardgate_binary, listen_addr};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -35,11 +35,12 @@ impl Daemon {
         Self::spawn(command, drain)
     }
 
-    /// `cardgate serve` started from a shell whose soft limit on open files is `files`.
-    fn start_with_open_files(config: &Path, files: u32) -> Self {
+    /// `cardgate serve` started from a shell after `ulimit {limit}` (`-Sn 256`: a soft limit on
+    /// open files of 256).
+    fn start_with_ulimit(config: &Path, limit: &str) -> Self {
         let mut command = Command::new("sh");
         command
-            .args(["-c", &format!("ulimit -Sn {files} && exec \"$0\" serve --config \"$1\"")])
+            .args(["-c", &format!("ulimit {limit} && exec \"$0\" serve --config \"$1\"")])
             .arg(cardgate_binary())
             .arg(config)
             .env_remove("CARDGATE_LOG");
@@ -391,7 +392,7 @@ async fn it_raises_a_low_open_files_limit_to_the_hard_one() {
     let (addr, admin_addr) = (listen_addr(), listen_addr());
     let options = Options { extra_toml: format!("\n[admin]\nlisten = \"{admin_addr}\"\n"), ..Options::default() };
     let setup = Setup::create(&options, &addr.to_string());
-    let daemon = Daemon::start_with_open_files(&setup.dir.path().join("cardgate.toml"), 256);
+    let daemon = Daemon::start_with_ulimit(&setup.dir.path().join("cardgate.toml"), "-Sn 256");
     let client = setup.client(addr, 1);
     wait_ready(&client, &daemon).await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).expect("the daemon's limits");
@@ -408,5 +409,58 @@ async fn it_raises_a_low_open_files_limit_to_the_hard_one() {
         settle(&setup, &client, "files-1", &setup.token(&Card::beijing(), 120)).await.status,
         StatusCode::CREATED
     );
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+}
+
+/// A flood of connections up to the open-files limit: past the cap (the limit less what the
+/// ledger and the pools keep) connections are closed as they arrive and counted; the ledger
+/// keeps its descriptors, and once the flood is gone a till settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_connections_is_capped_below_the_open_files_limit() {
+    let (addr, admin_addr) = (listen_addr(), listen_addr());
+    let options = Options { extra_toml: format!("\n[admin]\nlisten = \"{admin_addr}\"\n"), ..Options::default() };
+    let setup = Setup::create(&options, &addr.to_string());
+    // 600 descriptors in all: at most 300 connections (half the limit; the limit less 512
+    // would be fewer).
+    let daemon = Daemon::start_with_ulimit(&setup.dir.path().join("cardgate.toml"), "-n 600");
+    let client = setup.client(addr, 1);
+    wait_ready(&client, &daemon).await;
+    assert!(daemon.log().contains("open files limit is low"), "{}", daemon.log());
+    // 450 bare connections held open (none says a word: each waits out its handshake timeout).
+    let mut held = Vec::new();
+    for _ in 0..450 {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    let refused = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("cardgate_connections_refused_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut seen = 0;
+    while Instant::now() < deadline && seen < 150 {
+        let (status, text) = within("metrics", admin_text(admin_addr, Method::GET, "/metrics")).await;
+        assert_eq!(status, StatusCode::OK);
+        seen = refused(&text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!((150..=450).contains(&seen), "{seen} connections refused of 450 over a cap of 300");
+    assert_eq!(daemon.log().matches("connections refused").count(), 1, "{}", daemon.log());
+    drop(held);
+    // The flood gone, a till settles: the ledger still had what it needed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = bill(&setup.token(&Card::beijing(), 120)).to_string();
+    loop {
+        let sent = client.send(Method::POST, "/v1/settlements", &[("idempotency-key", "after-flood")], Some(&body));
+        match tokio::time::timeout(Duration::from_secs(5), sent).await {
+            Ok(Ok(reply)) => {
+                assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+                break;
+            }
+            _ => assert!(Instant::now() < deadline, "no settlement after the flood:\n{}", daemon.log()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
 }
