@@ -81,11 +81,14 @@ impl Client {
         })
     }
 
+    /// The gateway's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Opens a keep-alive connection.
     pub async fn connect(&self) -> Result<Connection, String> {
-        let tcp = TcpStream::connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let tls = self.tls(&self.connector).await?;
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("HTTP: {e}"))?;
         tokio::spawn(async move {
@@ -97,9 +100,7 @@ impl Client {
     /// Opens an HTTP/2 connection (fails unless the server agrees to `h2`). Its requests are
     /// streams of the one connection: [`Connection::stream`] gives another handle on it.
     pub async fn connect_h2(&self) -> Result<Connection, String> {
-        let tcp = TcpStream::connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self.connector_h2.connect(self.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let tls = self.tls(&self.connector_h2).await?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err("the server did not agree to HTTP/2".into());
         }
@@ -115,8 +116,14 @@ impl Client {
     /// A bare TLS connection as this institution, for requests written by hand (tests that
     /// send a head and hold the body back, as a slow or hostile client would).
     pub async fn open_tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        self.tls(&self.connector).await
+    }
+
+    /// TCP (no delay) and TLS with `connector`'s settings.
+    async fn tls(&self, connector: &TlsConnector) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let tcp = TcpStream::connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
-        self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))
+        let _ = tcp.set_nodelay(true);
+        connector.connect(self.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))
     }
 
     /// One request on a new connection.

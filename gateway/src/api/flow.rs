@@ -1385,18 +1385,33 @@ mod tests {
         bare["card"].as_object_mut().expect("card").remove("delegate");
         for value in [full, bare] {
             let request: cardgate_sdk::SettlementRequest = serde_json::from_value(value).expect("a settlement request");
+            // Every field by name, none left out: a field the SDK adds stops this compiling
+            // until `PayerRequest` carries it too.
+            let cardgate_sdk::SettlementRequest {
+                settlement_id,
+                card,
+                institution,
+                insurance_type,
+                lines,
+                total_fen,
+                due_fen,
+                prior,
+                year_to_date,
+                use_account,
+                encounter,
+            } = &request;
             let ours = PayerRequest {
-                settlement_id: &request.settlement_id,
-                card: &request.card,
-                institution: &request.institution,
-                insurance_type: &request.insurance_type,
-                lines: &request.lines,
-                total_fen: request.total_fen,
-                due_fen: request.due_fen,
-                prior: &request.prior,
-                year_to_date: &request.year_to_date,
-                use_account: request.use_account,
-                encounter: request.encounter.as_ref(),
+                settlement_id,
+                card,
+                institution,
+                insurance_type,
+                lines,
+                total_fen: *total_fen,
+                due_fen: *due_fen,
+                prior,
+                year_to_date,
+                use_account: *use_account,
+                encounter: encounter.as_ref(),
             };
             let (ours, theirs) =
                 (serde_json::to_string(&ours).expect("ours"), serde_json::to_string(&request).expect("sdk's"));
