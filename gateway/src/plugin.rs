@@ -5,9 +5,11 @@
 //! - [`pool`]: the bounded blocking pool.
 //! - [`process`]: the process isolation tier (`cardgate plugin-host`).
 //! - [`signing`]: signed manifests and trusted signers.
+//! - [`input`]: the requests' JSON, a settlement's encoded once for its chain of payers.
 //! - [`error`]: [`LoadError`] and [`CallError`].
 
 pub mod error;
+pub mod input;
 #[allow(unsafe_code)]
 pub mod loader;
 pub mod pool;
@@ -19,10 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cardgate_sdk::{Health, Inquiry, InquiryRequest, Operation, Reversal, ReversalRequest, SettlementRequest, Split};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use error::{AbiVersion, CallError, LoadError};
+pub use input::Input;
 pub use loader::{Instance, Library, LoadOptions, PluginInfo};
 pub use pool::{PluginPool, PoolOptions};
 
@@ -270,7 +272,7 @@ impl PluginHandle {
 
     /// Calls one operation as the handle's [`Dispatch`] says, under the concurrency limit and
     /// the circuit breaker.
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    pub async fn call<Req: Input + ?Sized, Resp: DeserializeOwned>(
         &self,
         operation: Operation,
         request: &Req,
@@ -283,14 +285,14 @@ impl PluginHandle {
         let Ok(_permit) = self.permits.try_acquire() else { return Err(CallError::Overloaded) };
         let result = match (&self.backend, self.dispatch) {
             (Backend::InProcess(_), Dispatch::Inline) => self.call_inline(operation, request),
-            (Backend::InProcess(instance), Dispatch::Pool) => match encode(request) {
+            (Backend::InProcess(instance), Dispatch::Pool) => match request.encode() {
                 Ok(input) => match self.pool.call(Arc::clone(instance), operation, input, self.timeout).await {
                     Ok(output) => decode(&output),
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
             },
-            (Backend::Process(plugin, _), _) => match encode(request) {
+            (Backend::Process(plugin, _), _) => match request.encode() {
                 Ok(input) => match plugin.call(operation, &input, self.timeout).await {
                     Ok(output) => decode(&output),
                     Err(e) => Err(e),
@@ -313,28 +315,21 @@ impl PluginHandle {
 
     /// Calls one operation on the current thread, bypassing the pool and the timeout. For
     /// callers that are already on a blocking thread, and for measuring the ABI alone.
-    pub fn call_inline<Req: Serialize, Resp: DeserializeOwned>(
+    pub fn call_inline<Req: Input + ?Sized, Resp: DeserializeOwned>(
         &self,
         operation: Operation,
         request: &Req,
     ) -> Result<Resp, CallError> {
         match &self.backend {
-            Backend::InProcess(instance) => decode(&instance.call(operation, &encode(request)?)?),
+            Backend::InProcess(instance) => decode(&instance.call(operation, &request.encode()?)?),
             // A blocking caller (a reload's self-check) waits for the child on the runtime.
             Backend::Process(plugin, _) => {
-                let input = encode(request)?;
+                let input = request.encode()?;
                 let runtime = tokio::runtime::Handle::try_current().map_err(|_| CallError::Unavailable)?;
                 decode(&runtime.block_on(plugin.call(operation, &input, self.timeout))?)
             }
         }
     }
-}
-
-fn encode<Req: Serialize>(request: &Req) -> Result<Vec<u8>, CallError> {
-    let mut input = Vec::with_capacity(2048);
-    serde_json::to_writer(&mut input, request)
-        .map_err(|e| CallError::BadInput { reason: format!("cannot encode request: {e}") })?;
-    Ok(input)
 }
 
 fn decode<Resp: DeserializeOwned>(output: &[u8]) -> Result<Resp, CallError> {

@@ -40,6 +40,8 @@
 //! - [`testing`]: building a plugin's `cdylib` from its tests.
 //! - `schema` (feature `schema`): JSON Schemas of the ABI's messages, published in
 //!   `sdk/schema/`.
+//! - [`wire`]: the hot messages' JSON (a settlement request, a split) written as serde writes
+//!   it, faster.
 //! - [`abi`]: ABI v1, the C boundary, and the [`export_plugin!`] macro. `include/cardgate_plugin.h`
 //!   is the same boundary for C.
 
@@ -53,6 +55,7 @@ pub mod plugin;
 pub mod schema;
 pub mod testing;
 pub mod types;
+pub mod wire;
 
 pub use error::{ErrorCode, PluginError};
 pub use plugin::{DispatchError, Operation, Plugin, dispatch};

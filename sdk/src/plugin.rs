@@ -121,8 +121,8 @@ pub enum DispatchError {
 pub fn dispatch<P: Plugin>(plugin: &P, operation: Operation, input: &[u8]) -> Result<Vec<u8>, DispatchError> {
     match operation {
         Operation::Inquire => encode(plugin.inquire(&decode(operation, input)?)?),
-        Operation::Quote => encode(with_settlement(operation, input, |request| plugin.quote(request))??),
-        Operation::Settle => encode(with_settlement(operation, input, |request| plugin.settle(request))??),
+        Operation::Quote => encode_split(&with_settlement(operation, input, |request| plugin.quote(request))??),
+        Operation::Settle => encode_split(&with_settlement(operation, input, |request| plugin.settle(request))??),
         Operation::Reverse => encode(plugin.reverse(&decode(operation, input)?)?),
         Operation::Health => encode(plugin.health()),
     }
@@ -181,7 +181,17 @@ fn with_settlement<R>(
 
 fn encode<T: serde::Serialize>(answer: T) -> Result<Vec<u8>, DispatchError> {
     let mut output = Vec::with_capacity(1024);
-    serde_json::to_writer(&mut output, &answer)
-        .map_err(|e| PluginError::internal(format!("cannot encode answer: {e}")))?;
+    serde_json::to_writer(&mut output, &answer).map_err(unencodable)?;
     Ok(output)
+}
+
+/// A split, the answer to every settlement: the same bytes as [`encode`]'s, written faster.
+fn encode_split(split: &Split) -> Result<Vec<u8>, DispatchError> {
+    let mut output = Vec::with_capacity(256 + 96 * split.breakdown.len());
+    crate::wire::split(&mut output, split).map_err(unencodable)?;
+    Ok(output)
+}
+
+fn unencodable(e: serde_json::Error) -> DispatchError {
+    PluginError::internal(format!("cannot encode answer: {e}")).into()
 }

@@ -90,18 +90,29 @@ pub fn parse_decimal(text: &str, places: usize) -> Option<i64> {
         return None;
     }
     let whole: i64 = whole.parse().ok()?;
-    let fraction: i64 = if places == 0 { 0 } else { format!("{fraction:0<places$}").parse().ok()? };
+    // "5" of "0.5" at four places is 5,000 units: the digits, then the places they leave.
+    let fraction: i64 = match fraction {
+        "" => 0,
+        digits => {
+            digits.parse::<i64>().ok()?.checked_mul(10i64.checked_pow(u32::try_from(places - digits.len()).ok()?)?)?
+        }
+    };
     whole.checked_mul(10i64.checked_pow(u32::try_from(places).ok()?)?)?.checked_add(fraction)
 }
 
 impl std::fmt::Display for Decimal4 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (whole, fraction) = (self.0 / Self::SCALE, self.0 % Self::SCALE);
+        let (whole, mut fraction) = (self.0 / Self::SCALE, self.0 % Self::SCALE);
         if fraction == 0 {
             return write!(f, "{whole}");
         }
-        let digits = format!("{fraction:04}");
-        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+        // 0.05 is 500 units: "05" once its trailing zeros are gone.
+        let mut digits = 4;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        write!(f, "{whole}.{fraction:0digits$}")
     }
 }
 
@@ -654,6 +665,21 @@ mod tests {
             // Whole values travel as JSON integers, so older plugins (u32 quantities) read them.
             assert_eq!(json.starts_with('"'), d.whole().is_none(), "{json}");
         }
+    }
+
+    #[test]
+    fn decimals_read_and_write_as_written() {
+        for (text, units) in
+            [("0.5", 5_000), ("0.05", 500), ("0.0001", 1), ("1.05", 10_500), ("12.3456", 123_456), ("7", 70_000)]
+        {
+            let d = Decimal4::parse(text).expect(text);
+            assert_eq!(d.units(), units, "{text}");
+            assert_eq!(d.to_string(), text);
+        }
+        assert_eq!(super::parse_decimal("12.345678", 6), Some(12_345_678));
+        assert_eq!(super::parse_decimal("0.5", 6), Some(500_000));
+        assert_eq!(super::parse_decimal("3", 0), Some(3));
+        assert_eq!(super::parse_decimal("3.1", 0), None);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - `inline_async`: the async call with [`Dispatch::Inline`] (no hand-off);
 //! - `process_tier`: the call in a child `cardgate plugin-host` over a Unix socket;
 //! - `abi_boundary_only`: a `health` call with empty input: the crossing alone;
-//! - `json_*`: each JSON step of the call on its own.
+//! - `json_*`: each JSON step of the call on its own, through serde;
+//! - `host_request_encode`, `plugin_split_encode`: the request as the host encodes it
+//!   ([`Input`]) and the split as the SDK's dispatch does ([`cardgate_sdk::wire`]): serde's bytes.
 //!
 //! Run: `cargo bench -p cardgate-tests --bench plugin_call`.
 
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use basic_medical::BasicMedical;
-use cardgate::plugin::{Dispatch, LoadOptions, PluginHandle, PluginPool, PoolOptions, load};
+use cardgate::plugin::{Dispatch, Input, LoadOptions, PluginHandle, PluginPool, PoolOptions, load};
 use cardgate_sdk::testing::Build;
 use cardgate_sdk::{Operation, Plugin, Split};
 use cardgate_tests::{bill, example_plugin_config, settlement_request};
@@ -84,6 +86,7 @@ fn plugin_call(c: &mut Criterion) {
     let encoded_request = serde_json::to_vec(&*request).expect("encode");
     let encoded_split = serde_json::to_vec(&split).expect("encode");
     group.bench_function("json_request_encode", |b| b.iter(|| serde_json::to_vec(black_box(&*request))));
+    group.bench_function("host_request_encode", |b| b.iter(|| Input::encode(black_box(&*request))));
     group.bench_function("json_request_decode", |b| {
         b.iter(|| serde_json::from_slice::<cardgate_sdk::SettlementRequest>(black_box(&encoded_request)))
     });
@@ -98,6 +101,12 @@ fn plugin_call(c: &mut Criterion) {
         b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&encoded_request)))
     });
     group.bench_function("json_split_encode", |b| b.iter(|| serde_json::to_vec(black_box(&split))));
+    group.bench_function("plugin_split_encode", |b| {
+        b.iter(|| {
+            let mut out = Vec::with_capacity(1024);
+            cardgate_sdk::wire::split(&mut out, black_box(&split)).map(|()| out)
+        })
+    });
     group
         .bench_function("json_split_decode", |b| b.iter(|| serde_json::from_slice::<Split>(black_box(&encoded_split))));
     println!("request {} bytes, split {} bytes", encoded_request.len(), encoded_split.len());

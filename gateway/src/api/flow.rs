@@ -21,6 +21,7 @@ use crate::ledger::{
     AccumulatorDelta, Amounts, Intent, LedgerError, Outcome, Record, State, StoredQuote, Unresolved, mask_card,
 };
 use crate::ledger::{UTC_OFFSET_SECS, rfc3339};
+use crate::plugin::input::{Common, SettlementInput};
 use crate::plugin::{CallError, PluginHandle};
 use crate::route::RouteQuery;
 use crate::service::{Gateway, PluginSet};
@@ -229,26 +230,6 @@ pub(super) struct Bill<'a> {
     pub(super) encounter: Option<&'a cardgate_sdk::EncounterInfo>,
 }
 
-/// A [`SettlementRequest`] as the host encodes it for one payer of a chain: it borrows what
-/// every payer is sent alike (the card, the institution, the lines, the earlier payers) instead
-/// of a copy of each for each payer. Encodes exactly as [`SettlementRequest`] does (a test
-/// compares the two): its fields, in its order, under its serde attributes.
-#[derive(Serialize)]
-struct PayerRequest<'a> {
-    settlement_id: &'a str,
-    card: &'a CardClaims,
-    institution: &'a Institution,
-    insurance_type: &'a str,
-    lines: &'a [cardgate_sdk::BillLine],
-    total_fen: i64,
-    due_fen: i64,
-    prior: &'a [PriorPayment],
-    year_to_date: &'a YearToDate,
-    use_account: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    encounter: Option<&'a cardgate_sdk::EncounterInfo>,
-}
-
 /// A payer the chain passed over: it answered that it does not insure this person for this
 /// insurance type (`not_insured`). Shown on the quote and the receipt; nothing of it moves.
 #[derive(Debug, Serialize)]
@@ -279,22 +260,22 @@ pub(super) async fn run_chain<'g>(
     let names: Vec<&str> = chain.iter().map(|(name, _)| *name).collect();
     let mut years = gateway.ledger.year_to_date(card_hash, year, &names).await?.into_iter();
     let card = bill.subject.card();
+    // What every payer is sent alike (the card, the institution, the lines) is encoded once.
+    let input = SettlementInput::new(&Common {
+        settlement_id: bill.id,
+        card: &card,
+        institution: &bill.institution,
+        insurance_type: bill.insurance_type,
+        lines: bill.lines,
+        total_fen: bill.total_fen,
+        use_account: bill.use_account,
+        encounter: bill.encounter,
+    })
+    .map_err(|error| ApiError::Plugin { payer: chain.first().map_or("", |(name, _)| *name).to_owned(), error })?;
     for (name, plugin) in chain {
         let year_to_date = years.next().unwrap_or(YearToDate { year, ..YearToDate::default() });
         read.push(AccumulatorDelta { payer: (*name).to_owned(), delta: year_to_date });
-        let request = PayerRequest {
-            settlement_id: bill.id,
-            card: &card,
-            institution: &bill.institution,
-            insurance_type: bill.insurance_type,
-            lines: bill.lines,
-            total_fen: bill.total_fen,
-            due_fen: due,
-            prior: &prior,
-            year_to_date: &year_to_date,
-            use_account: bill.use_account,
-            encounter: bill.encounter,
-        };
+        let request = input.payer(due, &prior, &year_to_date);
         let answer: Result<Split, CallError> = plugin.call(operation, &request).await;
         let split = match answer {
             Ok(split) => split,
@@ -1356,68 +1337,6 @@ fn percent_decode(raw: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// What a payer is sent is what the SDK's own type encodes: the same bytes, with and
-    /// without an encounter, with and without earlier payers.
-    #[test]
-    fn a_payer_request_encodes_as_the_sdks_settlement_request() {
-        let full = json!({
-            "settlement_id": "S0001", "insurance_type": "310", "total_fen": 170000, "due_fen": 52000,
-            "card": { "card_id": "110105199001011234", "holder_name": "张三", "insured_region": "110105",
-                      "insurance_types": ["310", "390"],
-                      "delegate": { "card_id": "110105196501011234", "holder_name": "李四", "relation": "parent" } },
-            "institution": { "id": "H110105001", "level": "tertiary", "region": "110105" },
-            "lines": [
-                { "code": "XA01", "name": "Amoxicillin \"500\"", "category": "class_a", "quantity": "2.5", "unit_price_fen": 100, "amount_fen": 250 },
-                { "code": "XB02", "name": "CT", "category": "class_b", "quantity": 1, "unit_price_fen": "0.3333", "amount_fen": 169750 }
-            ],
-            "prior": [{ "payer": "basic-medical", "fund_pay_fen": 118000, "account_pay_fen": 0,
-                        "eligible_self_pay_fen": 1000, "eligible_borne_fen": 2000 }],
-            "year_to_date": { "year": 2026, "deductible_fen": 80000, "fund_paid_fen": 52000 },
-            "use_account": false,
-            "encounter": { "id": "E0001", "kind": "inpatient", "med_type": "21", "admitted_at": "2026-11-01T08:00:00+08:00",
-                           "diagnoses": [{ "code": "I21.9", "primary": true }], "interim": true, "settled_count": 2 }
-        });
-        let mut bare = full.clone();
-        for field in ["encounter", "prior"] {
-            bare.as_object_mut().expect("object").remove(field);
-        }
-        bare["card"].as_object_mut().expect("card").remove("delegate");
-        for value in [full, bare] {
-            let request: cardgate_sdk::SettlementRequest = serde_json::from_value(value).expect("a settlement request");
-            // Every field by name, none left out: a field the SDK adds stops this compiling
-            // until `PayerRequest` carries it too.
-            let cardgate_sdk::SettlementRequest {
-                settlement_id,
-                card,
-                institution,
-                insurance_type,
-                lines,
-                total_fen,
-                due_fen,
-                prior,
-                year_to_date,
-                use_account,
-                encounter,
-            } = &request;
-            let ours = PayerRequest {
-                settlement_id,
-                card,
-                institution,
-                insurance_type,
-                lines,
-                total_fen: *total_fen,
-                due_fen: *due_fen,
-                prior,
-                year_to_date,
-                use_account: *use_account,
-                encounter: encounter.as_ref(),
-            };
-            let (ours, theirs) =
-                (serde_json::to_string(&ours).expect("ours"), serde_json::to_string(&request).expect("sdk's"));
-            assert_eq!(ours, theirs);
-        }
-    }
 
     #[test]
     fn new_ids_are_prefixed_time_ordered_hex_and_distinct() {
