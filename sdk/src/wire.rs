@@ -322,7 +322,7 @@ mod tests {
     /// Every optional part present (a delegate, an encounter, earlier payers, catalogue entries,
     /// fractional decimals, escapes), then each left out.
     #[test]
-    fn a_payer_request_encodes_as_the_sdks_settlement_request() {
+    fn a_settlement_request_with_every_part_encodes_as_serde_does() {
         let full = serde_json::json!({
             "settlement_id": "S0001", "insurance_type": "310", "total_fen": 170000, "due_fen": 52000,
             "card": { "card_id": "110105199001011234", "holder_name": "张三", "insured_region": "110105",
