@@ -329,7 +329,12 @@ impl Store {
         let db = Database::builder(path)
             .cache_size(tuning.cache_bytes)
             .max_cached_files(Some(tuning.open_files))
-            .worker_threads(tuning.workers)
+            // One flush and compaction thread a shard. With two, fjall's first worker hands
+            // every compaction request back to the queue (to stay free for flushes) and takes it
+            // again at once, a busy loop for as long as the other worker is busy: ~4% of the
+            // process's CPU under load on 2 cores (docs/BENCHMARKS.md, sixteenth round;
+            // docs/upstream/fjall-worker-compaction-spin.md).
+            .worker_threads(1)
             .open()
             .map_err(|e| match e {
                 fjall::Error::Locked => {
@@ -1571,8 +1576,6 @@ struct Tuning {
     index_memtable: u64,
     /// Table files kept open.
     open_files: usize,
-    /// Flush and compaction threads.
-    workers: usize,
 }
 
 impl Tuning {
@@ -1591,7 +1594,6 @@ impl Tuning {
             settlements_memtable: ((8 << 20) / n).max(4 << 20),
             index_memtable: ((4 << 20) / n).max(2 << 20),
             open_files: (256 / shards.max(1)).max(32),
-            workers: if shards == 1 { 2 } else { 1 },
         }
     }
 }
