@@ -12,6 +12,7 @@ pub mod error;
 pub mod input;
 #[allow(unsafe_code)]
 pub mod loader;
+pub mod output;
 pub mod pool;
 pub mod process;
 pub mod signing;
@@ -21,11 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cardgate_sdk::{Health, Inquiry, InquiryRequest, Operation, Reversal, ReversalRequest, SettlementRequest, Split};
-use serde::de::DeserializeOwned;
 
 pub use error::{AbiVersion, CallError, LoadError};
 pub use input::Input;
 pub use loader::{Instance, Library, LoadOptions, PluginInfo};
+pub use output::Output;
 pub use pool::{PluginPool, PoolOptions};
 
 /// Loads the library at `path` and builds an instance from `config`.
@@ -272,7 +273,7 @@ impl PluginHandle {
 
     /// Calls one operation as the handle's [`Dispatch`] says, under the concurrency limit and
     /// the circuit breaker.
-    pub async fn call<Req: Input + ?Sized, Resp: DeserializeOwned>(
+    pub async fn call<Req: Input + ?Sized, Resp: Output>(
         &self,
         operation: Operation,
         request: &Req,
@@ -315,7 +316,7 @@ impl PluginHandle {
 
     /// Calls one operation on the current thread, bypassing the pool and the timeout. For
     /// callers that are already on a blocking thread, and for measuring the ABI alone.
-    pub fn call_inline<Req: Input + ?Sized, Resp: DeserializeOwned>(
+    pub fn call_inline<Req: Input + ?Sized, Resp: Output>(
         &self,
         operation: Operation,
         request: &Req,
@@ -332,7 +333,6 @@ impl PluginHandle {
     }
 }
 
-fn decode<Resp: DeserializeOwned>(output: &[u8]) -> Result<Resp, CallError> {
-    let text = std::str::from_utf8(output).map_err(|e| CallError::BadAnswer { reason: e.to_string() })?;
-    serde_json::from_str(text).map_err(|e| CallError::BadAnswer { reason: e.to_string() })
+fn decode<Resp: Output>(output: &[u8]) -> Result<Resp, CallError> {
+    Resp::decode(output)
 }

@@ -8,6 +8,11 @@
 //!
 //! Each type is taken apart naming every field, so a field added to a type stops this
 //! compiling until it is written here too; the tests hold every byte to serde's encoding.
+//!
+//! [`read_split`] reads a split back from exactly the bytes [`split`] writes, and from nothing
+//! else: the gateway tries it on every answer and hands anything it does not take (another
+//! key order, whitespace, escapes, a field more or less: what another SDK might write) to
+//! serde, so an answer reads the same whichever reads it.
 
 use serde::{Serialize, Serializer as _};
 
@@ -79,6 +84,143 @@ pub fn split(out: &mut Vec<u8>, split: &Split) -> Written {
     }
     lit(out, "]}");
     Ok(())
+}
+
+/// A [`Split`] from exactly the bytes [`split`] writes; `None` for any other bytes, even
+/// those serde_json would read as a split (the caller then reads them with serde). Where it
+/// answers, it answers what serde_json reads from the same bytes.
+pub fn read_split(bytes: &[u8]) -> Option<Split> {
+    let mut r = Reader(bytes);
+    r.lit(b"{\"funds\":[")?;
+    let mut funds = Vec::new();
+    if !r.eat(b"]") {
+        loop {
+            r.lit(b"{\"fund\":")?;
+            let fund = r.string()?;
+            r.lit(b",\"amount_fen\":")?;
+            let amount_fen = r.int()?;
+            r.lit(b"}")?;
+            funds.push(FundPayment { fund, amount_fen });
+            if r.eat(b"]") {
+                break;
+            }
+            r.lit(b",")?;
+        }
+    }
+    r.lit(b",\"account_pay_fen\":")?;
+    let account_pay_fen = r.int()?;
+    r.lit(b",\"cash_pay_fen\":")?;
+    let cash_pay_fen = r.int()?;
+    r.lit(b",\"eligible_self_pay_fen\":")?;
+    let eligible_self_pay_fen = r.int()?;
+    r.lit(b",\"eligible_borne_fen\":")?;
+    let eligible_borne_fen = r.int()?;
+    r.lit(b",\"year_to_date_delta\":")?;
+    let year_to_date_delta = r.year_to_date()?;
+    r.lit(b",\"breakdown\":[")?;
+    let mut breakdown = Vec::new();
+    if !r.eat(b"]") {
+        loop {
+            r.lit(b"{\"item\":")?;
+            let item = r.string()?;
+            r.lit(b",\"amount_fen\":")?;
+            let amount_fen = r.int()?;
+            let note = if r.eat(b",\"note\":") { r.string()? } else { String::new() };
+            r.lit(b"}")?;
+            breakdown.push(BreakdownItem { item, amount_fen, note });
+            if r.eat(b"]") {
+                break;
+            }
+            r.lit(b",")?;
+        }
+    }
+    r.lit(b"}")?;
+    r.0.is_empty().then_some(Split {
+        funds,
+        account_pay_fen,
+        cash_pay_fen,
+        eligible_self_pay_fen,
+        eligible_borne_fen,
+        year_to_date_delta,
+        breakdown,
+    })
+}
+
+/// What is left to read; every step answers `None` where the bytes are not as written here.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    /// Takes `text` if the bytes go on with it.
+    fn eat(&mut self, text: &[u8]) -> bool {
+        match self.0.strip_prefix(text) {
+            Some(rest) => {
+                self.0 = rest;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lit(&mut self, text: &[u8]) -> Option<()> {
+        self.eat(text).then_some(())
+    }
+
+    /// A string without escapes or control characters (anything else is left to serde).
+    fn string(&mut self) -> Option<String> {
+        self.lit(b"\"")?;
+        let end = self.0.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        if self.0[end] != b'"' {
+            return None;
+        }
+        let text = std::str::from_utf8(&self.0[..end]).ok()?.to_owned();
+        self.0 = &self.0[end + 1..];
+        Some(text)
+    }
+
+    /// An integer as serde_json writes one: an optional minus, then `0` or digits not starting
+    /// with `0`, within an `i64`. Not `-0`, which serde_json reads as a float.
+    fn int(&mut self) -> Option<i64> {
+        let negative = self.eat(b"-");
+        let digits = self.0.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || (self.0[0] == b'0' && (digits > 1 || negative)) {
+            return None;
+        }
+        let mut value: i64 = 0;
+        for &digit in &self.0[..digits] {
+            let digit = i64::from(digit - b'0');
+            value = value.checked_mul(10)?;
+            value = if negative { value.checked_sub(digit)? } else { value.checked_add(digit)? };
+        }
+        self.0 = &self.0[digits..];
+        Some(value)
+    }
+
+    fn year_to_date(&mut self) -> Option<YearToDate> {
+        self.lit(b"{\"year\":")?;
+        let year = i32::try_from(self.int()?).ok()?;
+        self.lit(b",\"deductible_fen\":")?;
+        let deductible_fen = self.int()?;
+        self.lit(b",\"fund_paid_fen\":")?;
+        let fund_paid_fen = self.int()?;
+        self.lit(b",\"eligible_fen\":")?;
+        let eligible_fen = self.int()?;
+        self.lit(b",\"account_paid_fen\":")?;
+        let account_paid_fen = self.int()?;
+        self.lit(b",\"eligible_self_pay_fen\":")?;
+        let eligible_self_pay_fen = self.int()?;
+        self.lit(b",\"outpatient_fund_paid_fen\":")?;
+        let outpatient_fund_paid_fen = self.int()?;
+        self.lit(b"}")?;
+        Some(YearToDate {
+            year,
+            deductible_fen,
+            fund_paid_fen,
+            eligible_fen,
+            account_paid_fen,
+            eligible_self_pay_fen,
+            outpatient_fund_paid_fen,
+        })
+    }
 }
 
 /// What each writer answers: writing to a `Vec` fails only where serde_json would.
@@ -510,5 +652,88 @@ mod tests {
         fn any_split_encodes_as_serde_does(split in split_value()) {
             prop_assert_eq!(written(self::split, &split), serde_json::to_vec(&split).expect("serde"));
         }
+
+        /// What the writer writes, the reader takes, as it was — unless a string needed an
+        /// escape (those are serde's to read).
+        #[test]
+        fn any_split_written_reads_back(split in split_value()) {
+            let texts = split.funds.iter().map(|f| &f.fund).chain(split.breakdown.iter().flat_map(|b| [&b.item, &b.note]));
+            let plain = texts.into_iter().all(|t| !t.chars().any(|c| c == '"' || c == '\\' || c < ' '));
+            prop_assert_eq!(read_split(&written(self::split, &split)), plain.then_some(split));
+        }
+
+        /// Bytes changed anywhere (one replaced, one inserted, one taken out, the end cut off):
+        /// the reader either leaves them to serde or reads what serde reads.
+        #[test]
+        fn any_changed_split_reads_as_serde_reads_it_or_is_left_to_serde(
+            split in split_value(),
+            at in any::<prop::sample::Index>(),
+            byte in prop_oneof![any::<u8>(), proptest::sample::select(b"0123456789-\"\\{}[],: e.".to_vec())],
+            how in 0..4u8,
+        ) {
+            let mut bytes = written(self::split, &split);
+            match how {
+                0 => { let at = at.index(bytes.len()); bytes[at] = byte; }
+                1 => bytes.insert(at.index(bytes.len() + 1), byte),
+                2 => { bytes.remove(at.index(bytes.len())); }
+                _ => bytes.truncate(at.index(bytes.len())),
+            }
+            if let Some(read) = read_split(&bytes) {
+                let serde: Split = serde_json::from_slice(&bytes).expect("the reader took what serde refuses");
+                prop_assert_eq!(read, serde);
+            }
+        }
+    }
+
+    #[test]
+    fn a_split_not_as_written_here_is_left_to_serde() {
+        let split = Split {
+            funds: vec![FundPayment { fund: "basic_pooling".into(), amount_fen: 52_000 }],
+            account_pay_fen: 18_000,
+            cash_pay_fen: 100_000,
+            breakdown: vec![BreakdownItem { item: "deductible".into(), amount_fen: 0, note: "起付线".into() }],
+            ..Split::default()
+        };
+        let bytes = written(self::split, &split);
+        assert_eq!(read_split(&bytes), Some(split.clone()), "as written here");
+        let text = String::from_utf8(bytes).expect("UTF-8");
+        let escaped = Split {
+            breakdown: vec![BreakdownItem { note: "a \"note\"".into(), ..split.breakdown[0].clone() }],
+            ..split.clone()
+        };
+        let others = [
+            serde_json::to_vec_pretty(&split).expect("serde"),
+            written(self::split, &escaped),
+            // Keys in another order.
+            text.replacen(
+                "\"account_pay_fen\":18000,\"cash_pay_fen\":100000",
+                "\"cash_pay_fen\":100000,\"account_pay_fen\":18000",
+                1,
+            )
+            .into_bytes(),
+            // A field left to its default.
+            text.replacen(",\"eligible_borne_fen\":0", "", 1).into_bytes(),
+            // A field this SDK does not know.
+            text.replacen("{\"funds\"", "{\"extra\":1,\"funds\"", 1).into_bytes(),
+            // Minus zero, a leading zero, a fraction, an integer past i64.
+            text.replacen(":18000", ":-0", 1).into_bytes(),
+            text.replacen(":18000", ":018000", 1).into_bytes(),
+            text.replacen(":18000", ":18000.0", 1).into_bytes(),
+            text.replacen(":18000", ":9223372036854775808", 1).into_bytes(),
+            // Anything after the split.
+            format!("{text} ").into_bytes(),
+            format!("{text}{{}}").into_bytes(),
+        ];
+        for (n, other) in others.iter().enumerate() {
+            assert_ne!(other.as_slice(), text.as_bytes(), "case {n} changed nothing");
+            assert_eq!(read_split(other), None, "case {n}: {}", String::from_utf8_lossy(other));
+        }
+        // Serde reads them as the split, or refuses them.
+        assert_eq!(serde_json::from_slice::<Split>(&others[0]).expect("pretty"), split);
+        assert_eq!(serde_json::from_slice::<Split>(&others[1]).expect("escaped"), escaped);
+        assert_eq!(serde_json::from_slice::<Split>(&others[2]).expect("reordered"), split);
+        assert_eq!(serde_json::from_slice::<Split>(&others[3]).expect("defaulted"), split);
+        assert!(serde_json::from_slice::<Split>(&others[5]).is_err(), "minus zero");
+        assert!(serde_json::from_slice::<Split>(&others[8]).is_err(), "past i64");
     }
 }

@@ -8,7 +8,9 @@
 //! - `abi_boundary_only`: a `health` call with empty input: the crossing alone;
 //! - `json_*`: each JSON step of the call on its own, through serde;
 //! - `host_request_encode`, `plugin_split_encode`: the request as the host encodes it
-//!   ([`Input`]) and the split as the SDK's dispatch does ([`cardgate_sdk::wire`]): serde's bytes.
+//!   ([`Input`]) and the split as the SDK's dispatch does ([`cardgate_sdk::wire`]): serde's bytes;
+//! - `host_split_decode`: the split as the host decodes it ([`Output`]: the SDK's bytes read by
+//!   `wire::read_split`, against `json_split_decode`, serde's).
 //!
 //! Run: `cargo bench -p cardgate-tests --bench plugin_call`.
 
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use basic_medical::BasicMedical;
-use cardgate::plugin::{Dispatch, Input, LoadOptions, PluginHandle, PluginPool, PoolOptions, load};
+use cardgate::plugin::{Dispatch, Input, LoadOptions, Output, PluginHandle, PluginPool, PoolOptions, load};
 use cardgate_sdk::testing::Build;
 use cardgate_sdk::{Operation, Plugin, Split};
 use cardgate_tests::{bill, example_plugin_config, settlement_request};
@@ -109,6 +111,8 @@ fn plugin_call(c: &mut Criterion) {
     });
     group
         .bench_function("json_split_decode", |b| b.iter(|| serde_json::from_slice::<Split>(black_box(&encoded_split))));
+    assert!(cardgate_sdk::wire::read_split(&encoded_split).is_some(), "the split as the SDK writes it");
+    group.bench_function("host_split_decode", |b| b.iter(|| <Split as Output>::decode(black_box(&encoded_split))));
     println!("request {} bytes, split {} bytes", encoded_request.len(), encoded_split.len());
     group.finish();
 }
