@@ -91,49 +91,27 @@ pub fn split(out: &mut Vec<u8>, split: &Split) -> Written {
 /// answers, it answers what serde_json reads from the same bytes.
 pub fn read_split(bytes: &[u8]) -> Option<Split> {
     let mut r = Reader(bytes);
-    r.lit(b"{\"funds\":[")?;
-    let mut funds = Vec::new();
-    if !r.eat(b"]") {
-        loop {
-            r.lit(b"{\"fund\":")?;
-            let fund = r.string()?;
-            r.lit(b",\"amount_fen\":")?;
-            let amount_fen = r.int()?;
-            r.lit(b"}")?;
-            funds.push(FundPayment { fund, amount_fen });
-            if r.eat(b"]") {
-                break;
-            }
-            r.lit(b",")?;
-        }
-    }
-    r.lit(b",\"account_pay_fen\":")?;
-    let account_pay_fen = r.int()?;
-    r.lit(b",\"cash_pay_fen\":")?;
-    let cash_pay_fen = r.int()?;
-    r.lit(b",\"eligible_self_pay_fen\":")?;
-    let eligible_self_pay_fen = r.int()?;
-    r.lit(b",\"eligible_borne_fen\":")?;
-    let eligible_borne_fen = r.int()?;
+    r.lit(b"{\"funds\":")?;
+    let funds = r.list(|r| {
+        let fund = r.text(b"{\"fund\":")?;
+        let amount_fen = r.int_after(b",\"amount_fen\":")?;
+        r.lit(b"}")?;
+        Some(FundPayment { fund, amount_fen })
+    })?;
+    let account_pay_fen = r.int_after(b",\"account_pay_fen\":")?;
+    let cash_pay_fen = r.int_after(b",\"cash_pay_fen\":")?;
+    let eligible_self_pay_fen = r.int_after(b",\"eligible_self_pay_fen\":")?;
+    let eligible_borne_fen = r.int_after(b",\"eligible_borne_fen\":")?;
     r.lit(b",\"year_to_date_delta\":")?;
     let year_to_date_delta = r.year_to_date()?;
-    r.lit(b",\"breakdown\":[")?;
-    let mut breakdown = Vec::new();
-    if !r.eat(b"]") {
-        loop {
-            r.lit(b"{\"item\":")?;
-            let item = r.string()?;
-            r.lit(b",\"amount_fen\":")?;
-            let amount_fen = r.int()?;
-            let note = if r.eat(b",\"note\":") { r.string()? } else { String::new() };
-            r.lit(b"}")?;
-            breakdown.push(BreakdownItem { item, amount_fen, note });
-            if r.eat(b"]") {
-                break;
-            }
-            r.lit(b",")?;
-        }
-    }
+    r.lit(b",\"breakdown\":")?;
+    let breakdown = r.list(|r| {
+        let item = r.text(b"{\"item\":")?;
+        let amount_fen = r.int_after(b",\"amount_fen\":")?;
+        let note = if r.eat(b",\"note\":") { r.string()? } else { String::new() };
+        r.lit(b"}")?;
+        Some(BreakdownItem { item, amount_fen, note })
+    })?;
     r.lit(b"}")?;
     r.0.is_empty().then_some(Split {
         funds,
@@ -195,21 +173,42 @@ impl Reader<'_> {
         Some(value)
     }
 
+    /// `key`, then a string.
+    fn text(&mut self, key: &[u8]) -> Option<String> {
+        self.lit(key)?;
+        self.string()
+    }
+
+    /// `key`, then an integer.
+    fn int_after(&mut self, key: &[u8]) -> Option<i64> {
+        self.lit(key)?;
+        self.int()
+    }
+
+    /// An array, each element read by `element`, written without spaces.
+    fn list<T>(&mut self, mut element: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        self.lit(b"[")?;
+        let mut list = Vec::new();
+        if self.eat(b"]") {
+            return Some(list);
+        }
+        loop {
+            list.push(element(self)?);
+            if self.eat(b"]") {
+                return Some(list);
+            }
+            self.lit(b",")?;
+        }
+    }
+
     fn year_to_date(&mut self) -> Option<YearToDate> {
-        self.lit(b"{\"year\":")?;
-        let year = i32::try_from(self.int()?).ok()?;
-        self.lit(b",\"deductible_fen\":")?;
-        let deductible_fen = self.int()?;
-        self.lit(b",\"fund_paid_fen\":")?;
-        let fund_paid_fen = self.int()?;
-        self.lit(b",\"eligible_fen\":")?;
-        let eligible_fen = self.int()?;
-        self.lit(b",\"account_paid_fen\":")?;
-        let account_paid_fen = self.int()?;
-        self.lit(b",\"eligible_self_pay_fen\":")?;
-        let eligible_self_pay_fen = self.int()?;
-        self.lit(b",\"outpatient_fund_paid_fen\":")?;
-        let outpatient_fund_paid_fen = self.int()?;
+        let year = i32::try_from(self.int_after(b"{\"year\":")?).ok()?;
+        let deductible_fen = self.int_after(b",\"deductible_fen\":")?;
+        let fund_paid_fen = self.int_after(b",\"fund_paid_fen\":")?;
+        let eligible_fen = self.int_after(b",\"eligible_fen\":")?;
+        let account_paid_fen = self.int_after(b",\"account_paid_fen\":")?;
+        let eligible_self_pay_fen = self.int_after(b",\"eligible_self_pay_fen\":")?;
+        let outpatient_fund_paid_fen = self.int_after(b",\"outpatient_fund_paid_fen\":")?;
         self.lit(b"}")?;
         Some(YearToDate {
             year,
