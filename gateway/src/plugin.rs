@@ -288,14 +288,14 @@ impl PluginHandle {
             (Backend::InProcess(_), Dispatch::Inline) => self.call_inline(operation, request),
             (Backend::InProcess(instance), Dispatch::Pool) => match request.encode() {
                 Ok(input) => match self.pool.call(Arc::clone(instance), operation, input, self.timeout).await {
-                    Ok(output) => decode(&output),
+                    Ok(output) => Resp::decode(&output),
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
             },
             (Backend::Process(plugin, _), _) => match request.encode() {
                 Ok(input) => match plugin.call(operation, &input, self.timeout).await {
-                    Ok(output) => decode(&output),
+                    Ok(output) => Resp::decode(&output),
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
@@ -322,17 +322,13 @@ impl PluginHandle {
         request: &Req,
     ) -> Result<Resp, CallError> {
         match &self.backend {
-            Backend::InProcess(instance) => decode(&instance.call(operation, &request.encode()?)?),
+            Backend::InProcess(instance) => Resp::decode(&instance.call(operation, &request.encode()?)?),
             // A blocking caller (a reload's self-check) waits for the child on the runtime.
             Backend::Process(plugin, _) => {
                 let input = request.encode()?;
                 let runtime = tokio::runtime::Handle::try_current().map_err(|_| CallError::Unavailable)?;
-                decode(&runtime.block_on(plugin.call(operation, &input, self.timeout))?)
+                Resp::decode(&runtime.block_on(plugin.call(operation, &input, self.timeout))?)
             }
         }
     }
-}
-
-fn decode<Resp: Output>(output: &[u8]) -> Result<Resp, CallError> {
-    Resp::decode(output)
 }

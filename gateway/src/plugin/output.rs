@@ -10,10 +10,13 @@ use serde::de::DeserializeOwned;
 
 use super::CallError;
 
-/// An answer a plugin can give: decoded from its JSON.
-pub trait Output: Sized {
+/// An answer a plugin can give: decoded from its JSON, through serde unless the type reads
+/// its own form first.
+pub trait Output: DeserializeOwned {
     /// The answer in `output`, or why it is not one.
-    fn decode(output: &[u8]) -> Result<Self, CallError>;
+    fn decode(output: &[u8]) -> Result<Self, CallError> {
+        by_serde(output)
+    }
 }
 
 /// Through serde: the answers that are not the hot path, and any split not as the SDK writes.
@@ -28,23 +31,11 @@ impl Output for Split {
     }
 }
 
-impl Output for Inquiry {
-    fn decode(output: &[u8]) -> Result<Self, CallError> {
-        by_serde(output)
-    }
-}
+impl Output for Inquiry {}
 
-impl Output for Reversal {
-    fn decode(output: &[u8]) -> Result<Self, CallError> {
-        by_serde(output)
-    }
-}
+impl Output for Reversal {}
 
-impl Output for Health {
-    fn decode(output: &[u8]) -> Result<Self, CallError> {
-        by_serde(output)
-    }
-}
+impl Output for Health {}
 
 #[cfg(test)]
 mod tests {
