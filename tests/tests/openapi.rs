@@ -1,6 +1,9 @@
 //! `docs/openapi.json` is kept true against the real handlers: every documented operation is
-//! driven with its documented example through a running gateway, every answer's status is
-//! documented, and every body has the documented shape (required fields, types, enums).
+//! driven with its documented example through a running gateway; what is sent (body, path
+//! parameters, headers) is what the document allows, every answer's status is documented, and
+//! every body has the documented shape (required fields, types, enums, lengths, patterns,
+//! bounds, formats, the groups of names given one of). `tests/conformance/run` goes further,
+//! with generated requests.
 
 use std::collections::BTreeSet;
 
@@ -75,6 +78,113 @@ fn check(doc: &Value, schema: &Value, value: &Value, at: &str, problems: &mut Ve
             check(doc, items, item, &format!("{at}[{i}]"), problems);
         }
     }
+    check_bounds(schema, value, at, problems);
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        check(doc, part, value, at, problems);
+    }
+    let passing = |branches: &Vec<Value>| {
+        branches
+            .iter()
+            .filter(|branch| {
+                let mut found = Vec::new();
+                check(doc, branch, value, at, &mut found);
+                found.is_empty()
+            })
+            .count()
+    };
+    if let Some(branches) = schema["oneOf"].as_array()
+        && passing(branches) != 1
+    {
+        problems.push(format!("{at}: {} of oneOf {branches:?} hold, not exactly one", passing(branches)));
+    }
+    if let Some(excluded) = schema.get("not") {
+        let mut found = Vec::new();
+        check(doc, excluded, value, at, &mut found);
+        if found.is_empty() {
+            problems.push(format!("{at}: holds `not` {excluded}"));
+        }
+    }
+    if let Some(branches) = schema["anyOf"].as_array()
+        && passing(branches) == 0
+    {
+        problems.push(format!("{at}: none of anyOf {branches:?} holds"));
+    }
+}
+
+/// The document's limits on one value: lengths and `pattern` of a string (JSON Schema applies
+/// them to strings only), bounds of a number, sizes of an array, and the `date`/`date-time`
+/// formats.
+fn check_bounds(schema: &Value, value: &Value, at: &str, problems: &mut Vec<String>) {
+    let limit = |key: &str| schema[key].as_u64().map(|n| n as usize);
+    if let Some(text) = value.as_str() {
+        let chars = text.chars().count();
+        if limit("minLength").is_some_and(|n| chars < n) || limit("maxLength").is_some_and(|n| chars > n) {
+            problems
+                .push(format!("{at}: {chars} characters, outside {}..={}", schema["minLength"], schema["maxLength"]));
+        }
+        if let Some(pattern) = schema["pattern"].as_str() {
+            let regex = regex::Regex::new(pattern).unwrap_or_else(|e| panic!("{at}: pattern {pattern}: {e}"));
+            if !regex.is_match(text) {
+                problems.push(format!("{at}: {text:?} does not match {pattern}"));
+            }
+        }
+        let parses = match schema["format"].as_str() {
+            Some("date-time") => {
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).is_ok()
+            }
+            Some("date") => time::Date::parse(text, time::macros::format_description!("[year]-[month]-[day]")).is_ok(),
+            _ => true,
+        };
+        if !parses {
+            problems.push(format!("{at}: {text:?} is not a {}", schema["format"]));
+        }
+    }
+    if let Some(number) = value.as_f64() {
+        let below = schema["minimum"].as_f64().is_some_and(|m| number < m);
+        if below || schema["maximum"].as_f64().is_some_and(|m| number > m) {
+            problems.push(format!("{at}: {value} outside {}..={}", schema["minimum"], schema["maximum"]));
+        }
+    }
+    if let Some(array) = value.as_array()
+        && (limit("minItems").is_some_and(|n| array.len() < n) || limit("maxItems").is_some_and(|n| array.len() > n))
+    {
+        problems.push(format!("{at}: {} items, outside {}..={}", array.len(), schema["minItems"], schema["maxItems"]));
+    }
+}
+
+/// Checks a request the test is about to send against what the document says the operation
+/// takes: its body, its path parameters and its headers. A real client validating against the
+/// document must be able to send what the gateway takes.
+fn assert_request_documented(
+    doc: &Value,
+    operation: &Value,
+    path_values: &[(&str, &str)],
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    what: &str,
+) {
+    let mut problems = Vec::new();
+    for parameter in operation["parameters"].as_array().into_iter().flatten() {
+        let name = parameter["name"].as_str().unwrap_or_default();
+        let given = match parameter["in"].as_str() {
+            Some("path") => path_values.iter().find(|(n, _)| *n == name).map(|(_, v)| *v),
+            Some("header") => headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| *v),
+            _ => continue,
+        };
+        match given {
+            Some(given) => check(doc, &parameter["schema"], &json!(given), &format!("{what} {name}"), &mut problems),
+            None if parameter["required"] == true => problems.push(format!("{what}: required {name} not sent")),
+            None => {}
+        }
+    }
+    if let Some(body) = body {
+        let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+        check(doc, schema, &serde_json::from_str(body).expect("a JSON body"), &format!("{what} body"), &mut problems);
+    }
+    assert!(
+        problems.is_empty(),
+        "{what}: the request the gateway takes is not what the document allows: {problems:#?}"
+    );
 }
 
 fn assert_documented(doc: &Value, operation: &Value, status: StatusCode, content_type: &str, body: &str, what: &str) {
@@ -167,6 +277,15 @@ async fn every_documented_operation_behaves_as_documented() {
             vec![]
         };
         let request_body = (method == "post").then_some(body.as_str());
+        let path_values = [
+            ("id", settlement_id.as_str()),
+            ("encounter_id", encounter_id.as_str()),
+            ("feedetl_sn", "2"),
+            ("settlement_id", encounter_settlement.as_str()),
+        ];
+        let what = format!("{method} {template}");
+        let documented_body = request_body.filter(|_| operation["requestBody"].is_object());
+        assert_request_documented(&doc, operation, &path_values, &headers, documented_body, &what);
         let reply = client.send(http_method.clone(), &uri, &headers, request_body).await.expect("answer");
         assert!(reply.status.is_success(), "{method} {template}: {} {}", reply.status, reply.body);
         assert_documented(
@@ -324,16 +443,121 @@ async fn request_schemas_say_exactly_what_the_handlers_take() {
                 assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{template} line without `{field}`: {}", reply.body);
                 checked += 1;
             }
-            // One of each documented pair is required: the price and the amount, ours or national.
-            for (field, national) in [("unit_price_fen", "pric"), ("amount_fen", "det_item_fee_sumamt")] {
-                assert!(line_schema["properties"][national].is_object(), "{template}: `{national}` is documented");
-                let mut without = example.clone();
-                without["lines"][0].as_object_mut().expect("line").remove(field);
-                let reply = send(without).await;
-                assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{template} line without `{field}` or `{national}`");
-                checked += 1;
-            }
         }
     }
-    assert!(checked >= 20, "{checked} required fields checked");
+    // The pairs a line needs one of: `the_line_fields_given_one_of_are_what_the_gateway_takes`.
+    assert!(checked >= 14, "{checked} required fields checked");
+}
+
+/// Every `{name}` in a path is a declared, required path parameter of each of its operations,
+/// and every declared path parameter is in the path: what OpenAPI requires, and what client
+/// generators and conformance tools read (without it they cannot call the operation at all).
+#[test]
+fn every_path_parameter_is_declared() {
+    let doc = document();
+    let mut checked = 0;
+    for (path, operations) in doc["paths"].as_object().expect("paths") {
+        let in_path: BTreeSet<&str> =
+            path.split('/').filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}'))).collect();
+        for (method, operation) in operations.as_object().expect("operations") {
+            let declared: BTreeSet<&str> = operation["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "path")
+                .inspect(|p| assert_eq!(p["required"], true, "{method} {path}: {} must be required", p["name"]))
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            assert_eq!(declared, in_path, "{method} {path}: declared path parameters");
+            checked += in_path.len();
+        }
+    }
+    assert!(checked >= 13, "{checked} path parameters checked");
+}
+
+/// Where the gateway takes a field under our name or the national one, the document says so
+/// and the two agree: of a bill line's `category` / `chrgitm_lv`, `quantity` / `cnt` and
+/// `unit_price_fen` / `pric` exactly one is given (neither or both is refused), of
+/// `amount_fen` / `det_item_fee_sumamt` at least one; the bill's optional `institution_id` /
+/// `fixmedins_code` and `insurance_type` / `insutype` are given under one name or not at all.
+#[tokio::test]
+async fn the_national_names_are_what_the_gateway_takes() {
+    let doc = document();
+    let gw = TestGateway::start(Options::default()).await;
+    let card = Card::beijing();
+    let content = &doc["paths"]["/v1/settlements"]["post"]["requestBody"]["content"]["application/json"];
+    let example = content["example"].clone();
+    let line = example["lines"][0].clone();
+    let yuan = |fen: &Value| json!(format!("{:.2}", fen.as_f64().expect("fen") / 100.0));
+    // Each name of ours, its national name and a value for it; `None`: ours is in the example.
+    let national = |ours: &str| -> (&str, Value, Option<Value>) {
+        match ours {
+            "category" => ("chrgitm_lv", line["category"].clone(), None),
+            "quantity" => ("cnt", line["quantity"].clone(), None),
+            "unit_price_fen" => ("pric", yuan(&line["unit_price_fen"]), None),
+            "amount_fen" => ("det_item_fee_sumamt", yuan(&line["amount_fen"]), None),
+            "institution_id" => {
+                ("fixmedins_code", json!(cardgate::dev::PHARMACY), Some(json!(cardgate::dev::PHARMACY)))
+            }
+            "insurance_type" => ("insutype", json!("310"), Some(json!("310"))),
+            other => panic!("no national name for {other}"),
+        }
+    };
+    // (group, in a line?) for every group of names the document gives the line and the bill.
+    let groups = |schema: &str| {
+        let schema = resolve(&doc, &doc["components"]["schemas"][schema]);
+        schema["allOf"].as_array().cloned().expect("the groups of names")
+    };
+    let all: Vec<(Value, bool)> = groups("BillLine")
+        .into_iter()
+        .map(|g| (g, true))
+        .chain(groups("Bill").into_iter().map(|g| (g, false)))
+        .collect();
+    let mut checked = 0;
+    for (group, in_line) in all {
+        let (kind, inner) = group.as_object().and_then(|g| g.iter().next()).expect("one keyword");
+        let names: Vec<&str> = match kind.as_str() {
+            "not" => inner["required"].as_array().expect("names").iter().filter_map(Value::as_str).collect(),
+            _ => inner.as_array().expect("branches").iter().filter_map(|b| b["required"][0].as_str()).collect(),
+        };
+        let (ours, theirs) = (names[0], names[1]);
+        let (expected, national_value, our_value) = national(ours);
+        assert_eq!(expected, theirs, "the pair {names:?}");
+        let base = if in_line { line.clone() } else { example.clone() };
+        let our_value = our_value.unwrap_or_else(|| base[ours].clone());
+        let mut neither = base;
+        neither.as_object_mut().expect("object").remove(ours);
+        let mut alone = neither.clone();
+        alone[theirs] = national_value;
+        let mut both = alone.clone();
+        both[ours] = our_value;
+        let variants = [
+            ("neither", neither, kind == "not"),
+            ("the national name alone", alone, true),
+            ("both", both, kind == "anyOf"),
+        ];
+        for (how, variant, taken) in variants {
+            let mut body = if in_line { example.clone() } else { variant.clone() };
+            if in_line {
+                body["lines"][0] = variant;
+            }
+            body["token"] = json!(gw.token(&card, 120));
+            let mut problems = Vec::new();
+            check(&doc, &content["schema"], &body, "body", &mut problems);
+            assert_eq!(problems.is_empty(), taken, "{ours}/{theirs}, {how}: the document says {problems:?}");
+            let key = format!("names-{}", cardgate_tests::harness::now_nanos());
+            let text = body.to_string();
+            let reply = gw
+                .pharmacy
+                .send(Method::POST, "/v1/settlements", &[("idempotency-key", key.as_str())], Some(&text))
+                .await;
+            let reply = reply.expect("answer");
+            assert_eq!(reply.status.is_success(), taken, "{ours}/{theirs}, {how}: {} {}", reply.status, reply.body);
+            if !taken {
+                assert_eq!(reply.json()["code"], "invalid_request", "{ours}/{theirs}, {how}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 18, "six pairs, three ways each");
 }
