@@ -243,7 +243,13 @@ fn parse_or_default<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Re
     if body.iter().all(u8::is_ascii_whitespace) { Ok(T::default()) } else { parse(body) }
 }
 
+/// A request body: one JSON object. (serde would also read a struct from an array of its
+/// fields in order — `[]` as an empty object, `[true]` as `{"interim": true}` — which no
+/// document describes.)
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid("body: a JSON object"));
+    }
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("body: {e}")))
 }
 

@@ -300,3 +300,38 @@ async fn an_his_lists_its_settlements_page_by_page_with_a_cursor() {
     let neither = gw.pharmacy.send(Method::GET, "/v1/settlements", &[], None).await.expect("answer");
     assert_eq!(neither.status, StatusCode::BAD_REQUEST);
 }
+
+/// A request body is one JSON object. serde reads a struct from an array of its fields too, so
+/// `[]` was taken as `{}` (and reversed a settlement); anything but an object is refused now
+/// and changes nothing. An empty body still means "no fields" where every field is optional.
+#[tokio::test]
+async fn a_body_that_is_not_a_json_object_is_refused() {
+    let gw = TestGateway::start(Options::default()).await;
+    let token = gw.token(&Card::beijing(), 120);
+    let settled = post(&gw.pharmacy, "/v1/settlements", Some(&key()), &bill(&token, "POS-01", line())).await;
+    assert_eq!(settled.status, StatusCode::CREATED, "{}", settled.body);
+    let id = settled.json()["settlement_id"].as_str().expect("id").to_owned();
+    let reversal = format!("/v1/settlements/{id}/reversal");
+    for body in ["[]", r#"["mistake"]"#, "null", r#""reverse""#, "1", "true"] {
+        let reply = gw.pharmacy.send(Method::POST, &reversal, &[], Some(body)).await.expect("answer");
+        assert_eq!(
+            (reply.status, reply.json()["code"].as_str(), reply.json()["detail"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request"), Some("body: a JSON object")),
+            "{body}"
+        );
+    }
+    let record = gw.pharmacy.send(Method::GET, &format!("/v1/settlements/{id}"), &[], None).await.expect("answer");
+    assert_eq!(record.json()["state"], "settled", "{}", record.body);
+    let fresh = gw.token(&Card::beijing(), 120);
+    let positional = json!([fresh, null, null, "POS-01", null, 5000, [line()]]).to_string();
+    for path in ["/v1/quotes", "/v1/settlements", "/v1/inquiries"] {
+        let reply = gw.pharmacy.send(Method::POST, path, &[("idempotency-key", &key())], Some(&positional)).await;
+        let reply = reply.expect("answer");
+        assert_eq!((reply.status, reply.json()["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+    }
+    // An empty body where every field is optional: the reversal itself.
+    let reply = gw.pharmacy.send(Method::POST, &reversal, &[], Some("")).await.expect("answer");
+    assert!(reply.status.is_success(), "{} {}", reply.status, reply.body);
+    let record = gw.pharmacy.send(Method::GET, &format!("/v1/settlements/{id}"), &[], None).await.expect("answer");
+    assert_eq!(record.json()["state"], "reversed", "{}", record.body);
+}
