@@ -292,6 +292,12 @@ async fn an_outpatient_visit_settles_under_the_yearly_rules_and_refuses_what_a_v
     bad["diagnoses"] = json!([{ "code": "heart attack" }]);
     let reply = post(&gw.hospital, "/v1/encounters", Some(&unique_key("bad")), &bad).await;
     assert!(reply.json()["detail"].as_str().is_some_and(|d| d.contains("ICD-10")), "{}", reply.body);
+    // A diagnosis is an object, not its fields in order.
+    bad["token"] = json!(gw.token(&card, 120));
+    bad["diagnoses"] = json!([["I21.9", "acute myocardial infarction", true]]);
+    let reply = post(&gw.hospital, "/v1/encounters", Some(&unique_key("bad")), &bad).await;
+    assert_eq!((reply.status, reply.json()["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+    assert!(reply.json()["detail"].as_str().is_some_and(|d| d.contains("a JSON object")), "{}", reply.body);
 }
 
 #[tokio::test]

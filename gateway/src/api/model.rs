@@ -156,7 +156,7 @@ fn strict_lines<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec
         #[serde(default)]
         det_item_fee_sumamt: Option<Box<RawValue>>,
     }
-    let lines = Vec::<Line>::deserialize(deserializer)?;
+    let lines: Vec<Line> = objects(deserializer)?;
     let bad = <D::Error as serde::de::Error>::custom::<String>;
     lines
         .into_iter()
@@ -275,6 +275,75 @@ pub fn check_bill(lines: &[BillLine], total_fen: Option<Fen>) -> Result<Fen, Api
     Ok(total)
 }
 
+/// Reads each element of a request's array only from a JSON object. serde's derive also reads
+/// a struct from an array of its fields in order (`["I10"]` as `{"code": "I10"}`), which the
+/// API does not define; the bodies themselves are checked to be objects before they are read.
+pub(super) fn objects<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Vec::<Object<T>>::deserialize(deserializer)?.into_iter().map(|o| o.0).collect())
+}
+
+/// [`objects`] for an optional array (`null` or absent: `None`).
+pub(super) fn optional_objects<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<Object<T>>>::deserialize(deserializer)?.map(|v| v.into_iter().map(|o| o.0).collect()))
+}
+
+/// A `T` read from a JSON object only.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        T::deserialize(ObjectOnly(deserializer)).map(Object)
+    }
+}
+
+/// A deserializer that hands its visitor maps and nothing else.
+struct ObjectOnly<D>(D);
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(MapsOnly(visitor))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_struct(name, fields, MapsOnly(visitor))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+        unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+    }
+}
+
+/// A visitor that takes a map (handing it on) and refuses everything else.
+struct MapsOnly<V>(V);
+
+impl<'de, V: serde::de::Visitor<'de>> serde::de::Visitor<'de> for MapsOnly<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.0.visit_map(map)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +391,29 @@ mod tests {
         )
         .expect_err("no class 04");
         assert!(wrong.to_string().contains("chrgitm_lv"), "{wrong}");
+    }
+
+    #[test]
+    fn a_line_is_an_object_not_its_fields_in_order() {
+        let positional = one_line(r#"["X","x","class_a",1,100,null,100,null]"#).expect_err("fields in order");
+        assert!(positional.to_string().contains("expected a JSON object"), "{positional}");
+        one_line(r#"{"code":"X","name":"x","category":"class_a","quantity":1,"unit_price_fen":100,"amount_fen":100}"#)
+            .expect("the same line as an object");
+    }
+
+    #[test]
+    fn optional_arrays_of_objects_take_null_and_absence_but_not_fields_in_order() {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(default, deserialize_with = "optional_objects")]
+            diagnoses: Option<Vec<cardgate_sdk::Diagnosis>>,
+        }
+        let read = |text: &str| serde_json::from_str::<Body>(text).map(|b| b.diagnoses.map(|d| d.len()));
+        assert_eq!(read("{}").expect("absent"), None);
+        assert_eq!(read(r#"{"diagnoses":null}"#).expect("null"), None);
+        assert_eq!(read(r#"{"diagnoses":[{"code":"I10"},{"code":"E11.9"}]}"#).expect("objects"), Some(2));
+        let positional = read(r#"{"diagnoses":[["I10"]]}"#).expect_err("fields in order");
+        assert!(positional.to_string().contains("expected a JSON object"), "{positional}");
     }
 
     fn one_line(line: &str) -> Result<BillBody, serde_json::Error> {
