@@ -536,7 +536,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         terminal_id: body.terminal_id.clone(),
         bill: BillBody { token: None, ..body.clone() },
     };
-    let sealed = gateway.card_key.seal(&serde_json::to_vec(&content).map_err(|e| ApiError::invalid(e.to_string()))?);
+    let sealed = gateway.card_key.seal(&serde_json::to_vec(&content).map_err(|e| LedgerError::Storage(e.to_string()))?);
     let stored =
         StoredQuote { id: id.clone(), institution: institution.0.to_owned(), expires_at, sealed, settled_by: None };
     gateway.ledger.save_quote(stored).await?;
@@ -554,7 +554,7 @@ pub async fn quote(gateway: &Gateway, identity: &Identity, body: BillBody) -> Re
         reclassified: &reclassified,
         split: split_view(&results, &skipped, total_fen),
     };
-    let answer = serde_json::to_string(&answer).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let answer = serde_json::to_string(&answer).map_err(|e| LedgerError::Storage(e.to_string()))?;
     Ok(ApiResponse::json(StatusCode::CREATED, answer))
 }
 
