@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use cardgate::api::model::ID_RULE;
 use cardgate_tests::harness::{Card, Options, TestGateway, now_nanos, post};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -299,6 +300,24 @@ async fn an_his_lists_its_settlements_page_by_page_with_a_cursor() {
     assert_eq!(bad.expect("answer").status, StatusCode::BAD_REQUEST);
     let neither = gw.pharmacy.send(Method::GET, "/v1/settlements", &[], None).await.expect("answer");
     assert_eq!(neither.status, StatusCode::BAD_REQUEST);
+    // A filter no terminal can have is the client's mistake, not an empty page; a parameter
+    // given twice is refused rather than one of the two silently used.
+    let day = today();
+    for (query, detail) in [
+        (format!("date={day}&terminal_id=%20POS"), ID_RULE.replace("{field}", "terminal_id")),
+        (format!("date={day}&terminal_id={}", "T".repeat(65)), ID_RULE.replace("{field}", "terminal_id")),
+        (format!("date={day}&terminal_id="), ID_RULE.replace("{field}", "terminal_id")),
+        (format!("date={day}&state=settled&state=reversed"), "state: given more than once".into()),
+        (format!("date={day}&date={day}"), "date: given more than once".into()),
+    ] {
+        let reply = gw.pharmacy.send(Method::GET, &format!("/v1/settlements?{query}"), &[], None).await;
+        let reply = reply.expect("answer");
+        assert_eq!(
+            (reply.status, reply.json()["code"].as_str(), reply.json()["detail"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request"), Some(detail.as_str())),
+            "{query}"
+        );
+    }
 }
 
 /// A request body is one JSON object. serde reads a struct from an array of its fields too, so

@@ -235,6 +235,13 @@ async fn reconciliation_totals_equal_the_sum_of_the_details() {
     // Three settlements and one reversal made today: four events.
     assert_eq!((page["details"].as_array().map(Vec::len), page["detail_count"].as_u64()), (Some(2), Some(4)));
     assert_eq!(get(&gw.pharmacy, "/v1/reconciliation?date=2026-13-01").await.status, StatusCode::BAD_REQUEST);
+    let twice = get(&gw.pharmacy, &format!("/v1/reconciliation?date={}&page=1&page=2", today())).await;
+    assert_eq!(
+        (twice.status, twice.json()["detail"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("page: given more than once")),
+        "{}",
+        twice.body
+    );
     assert_eq!(reconciliation(&gw, "2020-01-01", "").await["settled"]["count"], 0);
 
     // The running gateway exports the day itself, on its admin listener: what the command
@@ -254,6 +261,7 @@ async fn reconciliation_totals_equal_the_sum_of_the_details() {
         ("?date=2026-13-01", StatusCode::BAD_REQUEST, "invalid_request"),
         ("?date=2020-01-01&page=2", StatusCode::BAD_REQUEST, "invalid_request"),
         ("?date=2020-01-01&institution=NOPE", StatusCode::NOT_FOUND, "unknown_institution"),
+        ("?date=2020-01-01&date=2020-01-02", StatusCode::BAD_REQUEST, "invalid_request"),
     ] {
         let (status, answer) =
             cardgate_tests::harness::admin(gw.admin, http::Method::GET, &format!("/admin/ledger/export{query}")).await;

@@ -1236,13 +1236,15 @@ pub async fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -
     let mut q =
         crate::ledger::ListQuery { institution: identity.institution.clone(), limit: 100, ..Default::default() };
     let (mut date, mut from, mut to) = (None, None, None);
-    for pair in query_pairs(query) {
-        let (key, value) = pair?;
+    for (key, value) in query_pairs(query)? {
         match key {
             "date" => date = Some(business_date(value)?),
             "from" => from = Some(moment("from", &value)?),
             "to" => to = Some(moment("to", &value)?),
-            "terminal_id" => q.terminal = Some(value),
+            "terminal_id" => {
+                check_id("terminal_id", &value)?;
+                q.terminal = Some(value);
+            }
             "state" => {
                 q.state =
                     Some(State::parse(&value).ok_or_else(|| {
@@ -1288,13 +1290,19 @@ pub async fn list(gateway: &Gateway, identity: &Identity, query: Option<&str>) -
     Ok(ApiResponse::json(StatusCode::OK, answer.to_string()))
 }
 
-/// A query string's `key=value` pairs, values percent-decoded.
-pub(crate) fn query_pairs(query: Option<&str>) -> impl Iterator<Item = Result<(&str, String), ApiError>> {
-    query.unwrap_or_default().split('&').filter(|p| !p.is_empty()).map(|pair| {
+/// A query string's `key=value` pairs, values percent-decoded. A parameter given twice is
+/// refused: which of the two a filter would use is a guess a client should not have to make.
+pub(crate) fn query_pairs(query: Option<&str>) -> Result<Vec<(&str, String)>, ApiError> {
+    let mut pairs: Vec<(&str, String)> = Vec::new();
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        if pairs.iter().any(|(seen, _)| *seen == key) {
+            return Err(ApiError::invalid(format!("{key}: given more than once")));
+        }
         let value = percent_decode(raw).ok_or_else(|| ApiError::invalid(format!("{key}: bad percent-encoding")))?;
-        Ok((key, value))
-    })
+        pairs.push((key, value));
+    }
+    Ok(pairs)
 }
 
 /// A `date` parameter: a business day, `YYYY-MM-DD`.

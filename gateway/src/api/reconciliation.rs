@@ -27,8 +27,7 @@ pub const CLOSE_GRACE_SECS: i64 = 600;
 pub async fn get(gateway: &Gateway, identity: &Identity, query: Option<&str>) -> Result<ApiResponse, ApiError> {
     let mut date = None;
     let (mut page, mut page_size) = (1u32, 100u32);
-    for pair in query_pairs(query) {
-        let (key, value) = pair?;
+    for (key, value) in query_pairs(query)? {
         let number = |v: &str| v.parse::<u32>().map_err(|_| ApiError::invalid(format!("{key}: not a number")));
         match key {
             "date" => date = Some(business_date(value)?),

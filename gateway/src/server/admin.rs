@@ -265,12 +265,15 @@ async fn export(gateway: &Arc<Gateway>, query: Option<&str>) -> Response<Body> {
     let invalid =
         |detail: String| reply(StatusCode::BAD_REQUEST, json!({ "code": "invalid_request", "detail": detail }));
     let (mut date, mut institution) = (None, None);
-    for pair in crate::api::flow::query_pairs(query) {
-        match pair {
-            Ok(("date", value)) => date = Some(value),
-            Ok(("institution", value)) => institution = Some(value),
-            Ok((key, _)) => return invalid(format!("unknown parameter `{key}` (date, institution)")),
-            Err(_) => return invalid("bad percent-encoding".into()),
+    let pairs = match crate::api::flow::query_pairs(query) {
+        Ok(pairs) => pairs,
+        Err(e) => return invalid(e.parts().2),
+    };
+    for (key, value) in pairs {
+        match key {
+            "date" => date = Some(value),
+            "institution" => institution = Some(value),
+            key => return invalid(format!("unknown parameter `{key}` (date, institution)")),
         }
     }
     let Some(date) = date.filter(|d| crate::ledger::is_business_day(d)) else {
