@@ -58,9 +58,18 @@ pub async fn day_csv<F: Future<Output = bool>>(
     Ok(lines)
 }
 
-/// Quotes a CSV field when it needs it.
+/// The characters a spreadsheet reads as the start of a formula (OWASP's list for CSV
+/// injection, CWE-1236).
+const FORMULA_START: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+/// Quotes a CSV field when it needs it. A text field that a spreadsheet would run as a formula
+/// (a till may name its terminal `=HYPERLINK(...)`, and finance opens the export in one) is
+/// written as text: quoted, after a `'`. Amounts, times and states are the gateway's own and
+/// never pass through here.
 fn field(value: &str) -> String {
-    if value.contains([',', '"', '\n', '\r']) {
+    if value.starts_with(FORMULA_START) {
+        format!("\"'{}\"", value.replace('"', "\"\""))
+    } else if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
         value.to_owned()
@@ -77,5 +86,16 @@ mod tests {
         assert_eq!(field("a,b"), "\"a,b\"");
         assert_eq!(field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(field("two\nlines"), "\"two\nlines\"");
+        assert_eq!(field("POS-01-"), "POS-01-");
+    }
+
+    #[test]
+    fn a_field_a_spreadsheet_would_run_is_written_as_text() {
+        assert_eq!(field("=HYPERLINK(\"http://x\",\"y\")"), "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"");
+        assert_eq!(field("+1"), "\"'+1\"");
+        assert_eq!(field("-2+3"), "\"'-2+3\"");
+        assert_eq!(field("@SUM(A1)"), "\"'@SUM(A1)\"");
+        assert_eq!(field("\tx"), "\"'\tx\"");
+        assert_eq!(field("\rx"), "\"'\rx\"");
     }
 }
