@@ -115,6 +115,15 @@ pub struct AdminConfig {
     /// CA of the operators' admin client certificates (PEM).
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// A file (mode 0600, at least 32 characters) holding the bearer token every request under
+    /// `/admin/` must carry (`Authorization: Bearer ...`). Any local user can connect to a
+    /// loopback port, so without it the plain listener serves health, readiness and metrics
+    /// only; over mutual TLS the certificate suffices, and a token, when given, is required too.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_file` at load.
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 impl AdminConfig {
@@ -708,6 +717,7 @@ impl Config {
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.read_secret_file()?;
         config.read_password_file(path)?;
+        config.read_admin_token()?;
         config.validate()?;
         Ok(config)
     }
@@ -722,6 +732,34 @@ impl Config {
         let text =
             std::fs::read_to_string(file).map_err(|e| one(format!("ledger.secret_file: {}: {e}", file.display())))?;
         self.ledger.secret = text.trim().to_owned();
+        Ok(())
+    }
+
+    /// Reads `admin.token_file` into `admin.token`. Refused: a file anyone but its owner may
+    /// read (whoever reads it is an operator), a token under 32 characters or one that is not
+    /// printable ASCII without spaces (it travels in a header).
+    fn read_admin_token(&mut self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(admin) = &mut self.admin else { return Ok(()) };
+        let Some(file) = &admin.token_file else { return Ok(()) };
+        let one = |p: String| ConfigError { problems: vec![p] };
+        let shown = file.display();
+        let mode =
+            std::fs::metadata(file).map_err(|e| one(format!("admin.token_file: {shown}: {e}")))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(one(format!(
+                "admin.token_file: {shown} is mode {:04o}; run chmod 600 on it (whoever reads it can use the admin listener)",
+                mode & 0o7777
+            )));
+        }
+        let text = std::fs::read_to_string(file).map_err(|e| one(format!("admin.token_file: {shown}: {e}")))?;
+        let token = text.trim();
+        if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(one(format!(
+                "admin.token_file: {shown}: at least 32 printable ASCII characters without spaces (e.g. `openssl rand -hex 32`)"
+            )));
+        }
+        admin.token = Some(token.to_owned());
         Ok(())
     }
 
@@ -838,7 +876,10 @@ impl Config {
             resolve(p);
         }
         if let Some(admin) = &mut self.admin {
-            for p in [&mut admin.certificate, &mut admin.private_key, &mut admin.client_ca].into_iter().flatten() {
+            for p in [&mut admin.certificate, &mut admin.private_key, &mut admin.client_ca, &mut admin.token_file]
+                .into_iter()
+                .flatten()
+            {
                 resolve(p);
             }
         }
@@ -1055,6 +1096,8 @@ mod tests {
             certificate: None,
             private_key: None,
             client_ca: None,
+            token_file: None,
+            token: None,
         });
         let problems = config.validate().expect_err("invalid").problems;
         assert_eq!(problems.len(), 5, "{problems:?}");

@@ -141,6 +141,7 @@ pub fn ensure(dir: &Path, listen: &str, plugins: &DevPlugins) -> Result<DevFiles
     let trust = serde_json::json!({ "keys": [{ "kid": kid, "alg": "EdDSA", "public_key": issuer.public_pem }] });
     write("trust.json", &format!("{trust:#}\n"))?;
     write_private(&dir.join("ledger.secret"), &format!("{}\n", random_hex(32)))?;
+    write_private(&dir.join("admin.token"), &format!("{}\n", random_hex(32)))?;
     write_private(&files.config, &config_text(listen, plugins)?)?;
     Ok(files)
 }
@@ -230,7 +231,12 @@ payers = ["basic-medical"]
 "#,
         admin = listen
             .parse::<std::net::SocketAddr>()
-            .map(|a| format!("\n[admin]\nlisten = \"127.0.0.1:{}\"\n", a.port().wrapping_add(1)))
+            .map(|a| {
+                format!(
+                    "\n[admin]\nlisten = \"127.0.0.1:{}\"\n# The operator's bearer token for /admin/ (mode 0600).\ntoken_file = \"admin.token\"\n",
+                    a.port().wrapping_add(1)
+                )
+            })
             .unwrap_or_default()
     );
     let mut plugins_table = toml::Table::new();

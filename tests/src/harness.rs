@@ -42,6 +42,9 @@ pub struct Options {
     /// `ledger.engine`, or `postgres` for the cluster's backend on a database of the
     /// gateway's own (default: [`test_engine`]).
     pub engine: Option<&'static str>,
+    /// `admin.listen` for the real binary (default: any free loopback port). The in-process
+    /// gateway binds its own admin listener; both take [`ADMIN_TOKEN`].
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Default for Options {
@@ -54,6 +57,7 @@ impl Default for Options {
             release_plugins: false,
             inline_plugins: false,
             engine: None,
+            admin_listen: None,
         }
     }
 }
@@ -260,7 +264,12 @@ impl Setup {
         let kid = base64_encode(KID.as_bytes());
         let trust = serde_json::json!({ "keys": [{ "kid": kid, "public_key": issuer.public_pem }] });
         write(dir.path(), "trust.json", &trust.to_string());
-        write(dir.path(), "cardgate.toml", &config_toml(options, database.as_ref()).replace("127.0.0.1:0", listen));
+        // The operator's admin token, which [`admin`] sends.
+        write(dir.path(), "admin.token", ADMIN_TOKEN);
+        let admin = options.admin_listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let config = config_toml(options, database.as_ref()).replace("127.0.0.1:0", listen);
+        let config = format!("{config}\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"admin.token\"\n");
+        write(dir.path(), "cardgate.toml", &config);
         let clients = [HOSPITAL, PHARMACY, "X999999999"]
             .iter()
             .map(|institution| {
@@ -425,6 +434,9 @@ async fn serve_on(dir: &Path, addr: Option<SocketAddr>) -> Served {
     (addr, admin, state, stop, task)
 }
 
+/// The admin token every test gateway's `admin.token` holds.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123456789abcdef";
+
 /// One request to the admin listener (plain HTTP): status and JSON body.
 pub async fn admin(addr: SocketAddr, method: Method, path: &str) -> (http::StatusCode, serde_json::Value) {
     let (status, body) = admin_text(addr, method, path).await;
@@ -444,6 +456,7 @@ pub async fn admin_text(addr: SocketAddr, method: Method, path: &str) -> (http::
         .header("host", "localhost")
         // What the admin listener asks of a request that changes state (no web page can send it).
         .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .expect("request");
     let response = sender.send_request(request).await.expect("admin answer");

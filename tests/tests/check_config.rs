@@ -70,3 +70,34 @@ fn an_unsigned_library_and_a_contradictory_runtime_are_refused() {
     assert_eq!(code, Some(78), "{stdout}{stderr}");
     assert!(stderr.contains("plugin_runtime.allow_unsigned: true together with signers"), "{stderr}");
 }
+
+/// The admin token guards the admin listener from other local users: a file they could read,
+/// a short token or a missing file is refused, and a plain listener without one is a warning.
+#[test]
+fn the_admin_token_must_be_private_and_long() {
+    use std::os::unix::fs::PermissionsExt;
+    let setup = Setup::create(&Options::default(), "127.0.0.1:0");
+    let token = setup.dir.path().join("admin.token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (code, stdout, stderr) = check(&setup);
+    assert_eq!(code, Some(78), "{stdout}{stderr}");
+    assert!(stderr.contains("admin.token_file") && stderr.contains("mode 0644; run chmod 600"), "{stderr}");
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(&token, "short\n").expect("token");
+    let (code, stdout, stderr) = check(&setup);
+    assert_eq!(code, Some(78), "{stdout}{stderr}");
+    assert!(stderr.contains("at least 32 printable ASCII characters"), "{stderr}");
+
+    std::fs::remove_file(&token).expect("remove");
+    let (code, _, stderr) = check(&setup);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("admin.token_file"), "{stderr}");
+
+    let config = setup.dir.path().join("cardgate.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("token_file = \"admin.token\"\n", "")).expect("config");
+    let (code, stdout, stderr) = check(&setup);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("warning: admin: no token_file"), "{stdout}");
+}

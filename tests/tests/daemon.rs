@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cardgate::client::{Client, Reply};
 use cardgate_sdk::testing::build_cdylib;
-use cardgate_tests::harness::{Card, Options, Setup, admin, admin_text};
+use cardgate_tests::harness::{ADMIN_TOKEN, Card, Options, Setup, admin, admin_text};
 use cardgate_tests::{cardgate_binary, listen_addr};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -154,8 +154,7 @@ async fn running_with(
     start: impl FnOnce(&Path) -> Daemon,
 ) -> (Setup, Daemon, Client, SocketAddr) {
     let (addr, admin_addr) = (listen_addr(), listen_addr());
-    let options =
-        Options { extra_toml: format!("\n[admin]\nlisten = \"{admin_addr}\"\n"), engine, ..Options::default() };
+    let options = Options { admin_listen: Some(admin_addr), engine, ..Options::default() };
     let setup = Setup::create(&options, &addr.to_string());
     let daemon = start(&setup.dir.path().join("cardgate.toml"));
     let client = setup.client(addr, 1);
@@ -375,8 +374,10 @@ async fn the_admin_listener_refuses_what_a_web_page_could_send_and_closes_stalle
     assert!(raw_admin(admin_addr, rebound).await.starts_with("HTTP/1.1 403"), "a foreign Host is refused");
     let origin = "POST /admin/plugins/reload HTTP/1.1\r\nHost: localhost\r\nOrigin: http://attacker.example\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     assert!(raw_admin(admin_addr, origin).await.starts_with("HTTP/1.1 403"), "a foreign Origin is refused");
-    let operator = "POST /admin/plugins/reload HTTP/1.1\r\nHost: localhost:1\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    assert!(raw_admin(admin_addr, operator).await.starts_with("HTTP/1.1 200"), "the operator's reload passes");
+    let operator = format!(
+        "POST /admin/plugins/reload HTTP/1.1\r\nHost: localhost:1\r\nContent-Type: application/json\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert!(raw_admin(admin_addr, &operator).await.starts_with("HTTP/1.1 200"), "the operator's reload passes");
 
     // A half-sent request is closed after the header timeout, not held open.
     let started = Instant::now();
@@ -392,6 +393,59 @@ async fn the_admin_listener_refuses_what_a_web_page_could_send_and_closes_stalle
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, _) = within("health", admin(admin_addr, Method::GET, "/healthz")).await;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+}
+
+/// Any local user can connect to a loopback port: what reads the ledger, lists the plugins or
+/// reloads them answers only the operator's token; health, readiness and metrics answer anyone
+/// (probes, scrapers). Without a token configured, the plain listener serves none of `/admin/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_its_operator_alone() {
+    let (_setup, daemon, _client, admin_addr) = running(None, true).await;
+    let request = |method: &str, path: &str, authorization: Option<&str>| {
+        let authorization = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let guarded = [
+        ("GET", "/admin/plugins"),
+        ("GET", "/admin/routes"),
+        ("GET", "/admin/ledger/export?date=2020-01-01"),
+        ("POST", "/admin/plugins/reload"),
+    ];
+    let right = format!("Bearer {ADMIN_TOKEN}");
+    let wrong = format!("Bearer {}x", &ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1]);
+    let basic = format!("Basic {ADMIN_TOKEN}");
+    for (method, path) in guarded {
+        for authorization in [None, Some(wrong.as_str()), Some(basic.as_str()), Some("Bearer")] {
+            let answer = raw_admin(admin_addr, &request(method, path, authorization)).await;
+            assert!(answer.starts_with("HTTP/1.1 401"), "{method} {path} with {authorization:?}: {answer}");
+            assert!(answer.to_ascii_lowercase().contains("www-authenticate: bearer"), "{answer}");
+            assert!(answer.contains("\"code\":\"unauthorized\""), "{answer}");
+        }
+        let answer = raw_admin(admin_addr, &request(method, path, Some(&right))).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{method} {path} with the token: {answer}");
+    }
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let answer = raw_admin(admin_addr, &request("GET", path, None)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path} without a token: {answer}");
+    }
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+
+    // The same listener with no token configured: /admin/ refused to everyone, the rest served.
+    let (_setup, daemon, _client, admin_addr) = running_with(None, |config| {
+        let text = std::fs::read_to_string(config).expect("config");
+        std::fs::write(config, text.replace("token_file = \"admin.token\"\n", "")).expect("config");
+        Daemon::start(config, None, true)
+    })
+    .await;
+    for (method, path) in guarded {
+        let answer = raw_admin(admin_addr, &request(method, path, Some(&right))).await;
+        assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("token_file"), "{method} {path}: {answer}");
+    }
+    let answer = raw_admin(admin_addr, &request("GET", "/readyz", None)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
 }
 

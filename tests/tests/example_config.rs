@@ -34,6 +34,7 @@ fn example_config(setup: &Setup) -> String {
     config.insert("server".into(), server.into());
     let mut admin = table(&mut config, "admin");
     admin.insert("listen".into(), "127.0.0.1:0".into());
+    admin.insert("token_file".into(), "admin.token".into());
     config.insert("admin".into(), admin.into());
     let mut tokens = table(&mut config, "tokens");
     tokens.insert("trust_list".into(), "trust.json".into());

@@ -141,7 +141,7 @@ pub fn run(command: LedgerCommand, out: &mut dyn Write) -> Result<u8, Failure> {
                     // running gateway's: it exports the day itself.
                     LedgerError::Storage(m) if m.contains(crate::ledger::lsm::LOCKED) => Failure::new(format!(
                         "{m}\nwhile the gateway runs, take the export from its admin listener: \
-                         GET /admin/ledger/export?date={date} (docs/OPERATIONS.md)"
+                         GET /admin/ledger/export?date={date}, with the admin token (docs/OPERATIONS.md)"
                     )),
                     e => Failure::new(e),
                 })?;

@@ -89,6 +89,13 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         for exposed in config.exposed_files(&args.config) {
             writeln!(out, "warning: {exposed}").map_err(Failure::new)?;
         }
+        if config.admin.as_ref().is_some_and(|a| a.tls().is_none() && a.token.is_none()) {
+            writeln!(
+                out,
+                "warning: admin: no token_file: the plain listener refuses /admin/ (plugins, reload, routes, export)"
+            )
+            .map_err(Failure::new)?;
+        }
         if let Some(found) = database {
             writeln!(out, "ledger: {found}").map_err(Failure::new)?;
         }
@@ -178,6 +185,13 @@ fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
             // The address bound: the configured one, with its port where that was 0.
             let address = admin_listener.local_addr().unwrap_or(address);
             tracing::info!(%address, "admin listener");
+            if admin_tls.is_none() && live.gateway().config.admin.as_ref().is_some_and(|a| a.token.is_none()) {
+                tracing::warn!(
+                    %address,
+                    "admin listener: no token_file, so /admin/ (plugins, reload, routes, export) is refused; \
+                     health, readiness and metrics are served"
+                );
+            }
             tokio::spawn(server::admin::run(
                 admin_listener,
                 Arc::clone(&live),
@@ -339,6 +353,15 @@ fn instructions(out: &mut dyn Write, dir: &Path, listen: &str) -> std::io::Resul
         let exe = std::env::current_exe().map_or_else(|_| "cardgate".to_owned(), |p| p.display().to_string());
         (exe, format!("the example client (examples/client) with --dir {d}"))
     };
+    // A dev directory made before the admin token existed has none: its /admin/ is refused.
+    let admin = match port.parse::<u16>() {
+        Ok(port) if dir.join("admin.token").exists() => format!(
+            "\nThe admin listener (plugins, reload, routes, export) takes the operator's token:\n  \
+             curl -H \"authorization: Bearer $(cat {d}/admin.token)\" http://127.0.0.1:{}/admin/plugins",
+            port.wrapping_add(1)
+        ),
+        _ => String::new(),
+    };
     writeln!(
         out,
         r#"cardgate dev: serving https://localhost:{port} with the files in {d}/
@@ -352,7 +375,7 @@ A first settlement, as a pharmacy till (one scan, one bill):
       https://localhost:{port}/v1/settlements \
       -d '{{"token":"'"$TOKEN"'","terminal_id":"POS-01","total_fen":5000,"lines":[{{"code":"XA01","name":"Amoxicillin","category":"class_a","quantity":2,"unit_price_fen":2500,"amount_fen":5000}}]}}'
 
-Or {client}
+Or {client}{admin}
 Stop with Ctrl-C; the ledger and keys stay in {d}/."#,
         kid = dev::ISSUER_KID
     )?;

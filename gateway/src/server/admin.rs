@@ -1,6 +1,7 @@
 //! The admin listener: health, readiness, the loaded plugins and their reload, the routing
 //! table, a business day's export for finance. Plain HTTP on a loopback address only
-//! (validated at load), or mutual TLS. At most [`MAX_CONNECTIONS`] connections, each closed
+//! (validated at load), or mutual TLS; everything under `/admin/` also needs the operator's
+//! token (see [`operator_refusal`]). At most [`MAX_CONNECTIONS`] connections, each closed
 //! when a request's head is slow or when the listener stops; requests a web page could forge
 //! are refused (see [`browser_refusal`]).
 
@@ -155,9 +156,50 @@ fn reply(status: StatusCode, body: Value) -> Response<Body> {
     response
 }
 
+/// Whether a request under `/admin/` may go on: `None` if so, else the refusal. Health,
+/// readiness and metrics answer anyone who can connect (probes and scrapers); what reads the
+/// ledger, shows the plugins or reloads them needs the operator's token (`admin.token_file`),
+/// or, on a listener without one, mutual TLS. A loopback port is open to every local user, so
+/// a plain listener without a token serves none of it.
+fn operator_refusal(gateway: &Gateway, request: &Request<Incoming>, plain: bool) -> Option<Response<Body>> {
+    if !request.uri().path().starts_with("/admin/") {
+        return None;
+    }
+    let token = gateway.config.admin.as_ref().and_then(|a| a.token.as_deref());
+    let Some(token) = token else {
+        if !plain {
+            return None;
+        }
+        let detail = "the plain admin listener serves /admin/ only with a token: set [admin] token_file \
+                      (docs/OPERATIONS.md, Admin listener)";
+        return Some(reply(StatusCode::FORBIDDEN, json!({ "code": "forbidden", "detail": detail })));
+    };
+    let sent = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials.trim());
+    // Compared by digest: the time a comparison takes tells nothing about the token.
+    let digest = |t: &str| ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+    if sent.is_some_and(|sent| digest(sent).as_ref() == digest(token).as_ref()) {
+        return None;
+    }
+    let detail = "send the operator's token: Authorization: Bearer <the contents of admin.token_file>";
+    let mut refusal = reply(StatusCode::UNAUTHORIZED, json!({ "code": "unauthorized", "detail": detail }));
+    refusal
+        .headers_mut()
+        .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer realm=\"cardgate-admin\""));
+    Some(refusal)
+}
+
 async fn respond(gateway: &Arc<Gateway>, request: Request<Incoming>, plain: bool) -> Response<Body> {
     if let Some(reason) = browser_refusal(&request, plain) {
         return reply(StatusCode::FORBIDDEN, json!({ "code": "forbidden", "detail": reason }));
+    }
+    if let Some(refusal) = operator_refusal(gateway, &request, plain) {
+        return refusal;
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => reply(StatusCode::OK, json!({ "status": "ok" })),
