@@ -995,10 +995,10 @@ impl Config {
                 .into(),
         );
         for (name, plugin) in &self.plugins {
-            // A process-tier plugin talks over a Unix socket in the cache directory, named
-            // `<plugin>-<up to 20 digits>.sock`; a socket path has at most 107 bytes.
+            // A process-tier plugin talks over a Unix socket in the cache directory's `run/`,
+            // named `<plugin>-<up to 20 digits>.sock`; a socket path has at most 107 bytes.
             if plugin.isolation == IsolationConfig::Process {
-                let longest = runtime.cache_dir.join(format!("{name}-{}.sock", u64::MAX));
+                let longest = runtime.cache_dir.join("run").join(format!("{name}-{}.sock", u64::MAX));
                 let bytes = longest.as_os_str().len();
                 check(
                     bytes <= MAX_SOCKET_PATH,

@@ -171,4 +171,20 @@ async fn an_effect_free_plugin_in_the_process_tier_runs_without_network() {
     }
     // And it settles, over its Unix socket, as before.
     assert_eq!(settle(&gw, "12").await.0, StatusCode::CREATED);
+    // Whoever can connect to that socket can call the plugin: it lies in a directory of the
+    // gateway's user alone, even when the cache directory is open to everyone to read.
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let cache = gw.dir.path().join("plugin-cache");
+    let run = cache.join("run");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&run), 0o700, "{}", run.display());
+    let sockets: Vec<_> = std::fs::read_dir(&run)
+        .expect("run dir")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
+        .collect();
+    assert!(!sockets.is_empty(), "the child's socket is in {}", run.display());
+    let loose =
+        std::fs::read_dir(&cache).expect("cache").flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_socket()));
+    assert_eq!(loose.count(), 0, "no socket directly in the cache directory");
 }

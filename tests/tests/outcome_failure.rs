@@ -452,6 +452,7 @@ async fn an_export_the_ledger_fails_is_refused_or_cut_short_never_short_and_whol
     let request = http::Request::builder()
         .uri(&path)
         .header("host", "localhost")
+        .header("authorization", format!("Bearer {}", cardgate_tests::harness::ADMIN_TOKEN))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .expect("request");
     let response = sender.send_request(request).await.expect("answer");

@@ -266,9 +266,13 @@ async fn admin_over_mutual_tls_admits_only_operator_certificates() {
     tokio::spawn(cardgate::server::admin::run(listener, gw.live(), Some(tls), std::future::pending()));
     let operator = pki.client("operator-1").expect("operator certificate");
     let client = cardgate::client::Client::new(addr, &pki.ca, &operator.cert, &operator.key).expect("client");
-    let reply = client.send(Method::GET, "/admin/plugins", &[], None).await.expect("answer");
+    // The gateway's configuration names an admin token: over mutual TLS it is asked for too.
+    let bearer = format!("Bearer {}", cardgate_tests::harness::ADMIN_TOKEN);
+    let reply = client.send(Method::GET, "/admin/plugins", &[("authorization", &bearer)], None).await.expect("answer");
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["generation"], 1);
+    let tokenless = client.send(Method::GET, "/admin/plugins", &[], None).await.expect("answer");
+    assert_eq!((tokenless.status, tokenless.json()["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
     let other = Pki::generate().expect("another PKI");
     let outsider = other.client("outsider").expect("certificate");
     let refused = cardgate::client::Client::new(addr, &pki.ca, &outsider.cert, &outsider.key).expect("client");

@@ -73,15 +73,36 @@ fn backoff(restarts: u32) -> Duration {
     Duration::from_millis(50u64.saturating_mul(1 << restarts.min(7))).min(Duration::from_secs(5))
 }
 
+/// The directory the children's sockets are made in: `run/` in the cache directory, the
+/// gateway's user's alone (0700). Whoever can connect to a child's socket can call its plugin
+/// with any request; a socket's own mode follows the umask, and the cache directory may be
+/// readable by all, so the socket is put where no one else can reach it whatever the umask.
+fn private_socket_dir(cache_dir: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = cache_dir.join("run");
+    let shown = |e: std::io::Error| format!("{}: {e}", dir.display());
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(shown(e)),
+    }
+    let meta = std::fs::symlink_metadata(&dir).map_err(shown)?;
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(format!("{}: not a directory of the gateway's user", dir.display()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(shown)?;
+    }
+    Ok(dir)
+}
+
 /// Starts the child and waits for its ready line: the plugin's declaration, or why it failed.
 fn spawn(command: &HostCommand) -> Result<(Running, PluginInfo), String> {
-    let socket = command.cache_dir.join(format!(
-        "{}-{}.sock",
-        command.name,
-        std::process::id() as u64 * 1_000_000 + next_serial()
-    ));
+    let sockets = private_socket_dir(&command.cache_dir)?;
+    let socket =
+        sockets.join(format!("{}-{}.sock", command.name, std::process::id() as u64 * 1_000_000 + next_serial()));
     let _ = std::fs::remove_file(&socket);
-    std::fs::create_dir_all(&command.cache_dir).map_err(|e| e.to_string())?;
     let mut child = Command::new(&command.binary)
         .arg("plugin-host")
         .arg("--library")
