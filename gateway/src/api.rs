@@ -39,6 +39,9 @@ pub struct ApiRequest<'a> {
     pub idempotency_key: IdempotencyKey<'a>,
     /// `Content-Type` is JSON (or absent with an empty body).
     pub json: bool,
+    /// The body comes with a `Content-Encoding` other than `identity` (gzip, say), which the
+    /// gateway does not decode.
+    pub encoded: bool,
     /// Body.
     pub body: &'a [u8],
     /// The request id (echoed in every answer).
@@ -164,6 +167,13 @@ async fn dispatch(gateway: &Gateway, identity: &Identity, r: &ApiRequest<'_>) ->
         return Err(ApiError::MethodNotAllowed { method: method.to_string(), allow });
     }
     let needs_json = matches!(*method, Method::POST);
+    if needs_json && r.encoded {
+        return Err(ApiError::client(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body without Content-Encoding (gzip and other codings are not accepted)",
+        ));
+    }
     if needs_json && !r.json {
         return Err(ApiError::client(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

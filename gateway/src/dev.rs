@@ -120,7 +120,11 @@ pub fn ensure(dir: &Path, listen: &str, plugins: &DevPlugins) -> Result<DevFiles
     // set up by an earlier version, which left it 0755).
     restrict(dir, 0o700)?;
     if files.config.exists() {
-        restrict(&files.config, 0o600)?;
+        for secret in [files.config.clone(), dir.join("admin.token"), dir.join("ledger.secret")] {
+            if secret.exists() {
+                restrict(&secret, 0o600)?;
+            }
+        }
         return Ok(files);
     }
     let pki = Pki::generate()?;

@@ -132,6 +132,28 @@ async fn media_types_are_case_insensitive() {
         .await
         .expect("answer");
     assert_eq!(wrong.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // A coded body is not decoded: refused as such, not read as a broken JSON object.
+    let inquiry = json!({ "token": gw.token(&Card::beijing(), 120), "terminal_id": "POS-01" }).to_string();
+    for coding in ["gzip", "identity, gzip", "br"] {
+        let coded = gw
+            .pharmacy
+            .send(Method::POST, "/v1/inquiries", &[("content-encoding", coding)], Some(&inquiry))
+            .await
+            .expect("answer");
+        assert_eq!(
+            (coded.status, coded.json()["code"].as_str()),
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("unsupported_media_type")),
+            "{coding}: {}",
+            coded.body
+        );
+        assert!(coded.json()["detail"].as_str().is_some_and(|d| d.contains("Content-Encoding")), "{}", coded.body);
+    }
+    let identity = gw
+        .pharmacy
+        .send(Method::POST, "/v1/inquiries", &[("content-encoding", "Identity")], Some(&inquiry))
+        .await
+        .expect("answer");
+    assert_eq!(identity.status, StatusCode::OK, "{}", identity.body);
 }
 
 #[tokio::test]
