@@ -131,6 +131,12 @@ impl AdminConfig {
     pub fn tls(&self) -> Option<(&Path, &Path, &Path)> {
         Some((self.certificate.as_deref()?, self.private_key.as_deref()?, self.client_ca.as_deref()?))
     }
+
+    /// A plain listener without a token: it serves health, readiness and metrics, and refuses
+    /// everything under `/admin/` (the daemon and `check-config` warn).
+    pub fn refuses_admin_paths(&self) -> bool {
+        self.tls().is_none() && self.token.is_none()
+    }
 }
 
 /// Token verification.

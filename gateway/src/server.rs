@@ -384,13 +384,12 @@ async fn respond(
                 query: parts.uri.query(),
                 idempotency_key: api::IdempotencyKey::from_header(parts.headers.get("idempotency-key")),
                 json: content_type.map_or(body.is_empty(), is_json),
-                encoded: parts
-                    .headers
-                    .get_all(http::header::CONTENT_ENCODING)
-                    .iter()
-                    .flat_map(|v| v.to_str().map_or(vec!["?"], |v| v.split(',').collect()))
-                    .map(str::trim)
-                    .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity")),
+                encoded: parts.headers.get_all(http::header::CONTENT_ENCODING).iter().any(|v| {
+                    // A value that is not text names no coding the gateway knows either.
+                    v.to_str().map_or(true, |v| {
+                        v.split(',').map(str::trim).any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+                    })
+                }),
                 body: &body,
                 request_id: &request_id,
             };

@@ -92,7 +92,7 @@ fn the_admin_token_must_be_private_and_long() {
     std::fs::remove_file(&token).expect("remove");
     let (code, _, stderr) = check(&setup);
     assert_eq!(code, Some(78), "{stderr}");
-    assert!(stderr.contains("admin.token_file"), "{stderr}");
+    assert!(stderr.contains("admin.token_file") && stderr.contains("No such file"), "{stderr}");
 
     let config = setup.dir.path().join("cardgate.toml");
     let text = std::fs::read_to_string(&config).expect("config");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::Failure;
-use crate::config::{Config, LedgerBackend};
+use crate::config::{AdminConfig, Config, LedgerBackend};
 use crate::dev::{self, DevPlugins};
 use crate::server;
 use crate::service::{Gateway, SystemClock};
@@ -89,7 +89,7 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         for exposed in config.exposed_files(&args.config) {
             writeln!(out, "warning: {exposed}").map_err(Failure::new)?;
         }
-        if config.admin.as_ref().is_some_and(|a| a.tls().is_none() && a.token.is_none()) {
+        if config.admin.as_ref().is_some_and(AdminConfig::refuses_admin_paths) {
             writeln!(
                 out,
                 "warning: admin: no token_file: the plain listener refuses /admin/ (plugins, reload, routes, export)"
@@ -185,7 +185,7 @@ fn run(config: Config, path: PathBuf) -> Result<u8, Failure> {
             // The address bound: the configured one, with its port where that was 0.
             let address = admin_listener.local_addr().unwrap_or(address);
             tracing::info!(%address, "admin listener");
-            if admin_tls.is_none() && live.gateway().config.admin.as_ref().is_some_and(|a| a.token.is_none()) {
+            if live.gateway().config.admin.as_ref().is_some_and(AdminConfig::refuses_admin_paths) {
                 tracing::warn!(
                     %address,
                     "admin listener: no token_file, so /admin/ (plugins, reload, routes, export) is refused; \

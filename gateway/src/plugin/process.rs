@@ -87,8 +87,7 @@ fn private_socket_dir(cache_dir: &std::path::Path) -> Result<std::path::PathBuf,
         Err(e) => return Err(shown(e)),
     }
     let meta = std::fs::symlink_metadata(&dir).map_err(shown)?;
-    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
-    if !meta.is_dir() || meta.uid() != me {
+    if !meta.is_dir() || meta.uid() != rustix::process::getuid().as_raw() {
         return Err(format!("{}: not a directory of the gateway's user", dir.display()));
     }
     if meta.mode() & 0o077 != 0 {
