@@ -530,11 +530,18 @@ async fn the_national_names_are_what_the_gateway_takes() {
         let mut alone = neither.clone();
         alone[theirs] = national_value;
         let mut both = alone.clone();
-        both[ours] = our_value;
+        both[ours] = our_value.clone();
+        // A client that writes every field sends the other name as null: where the gateway
+        // reads null as "not given" (the prices and amounts of a line), the document says so.
+        let mut with_null = neither.clone();
+        with_null[ours] = our_value;
+        with_null[theirs] = Value::Null;
+        let null_is_absent = matches!(ours, "unit_price_fen" | "amount_fen");
         let variants = [
             ("neither", neither, kind == "not"),
             ("the national name alone", alone, true),
             ("both", both, kind == "anyOf"),
+            ("ours, and the national name null", with_null, null_is_absent),
         ];
         for (how, variant, taken) in variants {
             let mut body = if in_line { example.clone() } else { variant.clone() };
@@ -559,5 +566,5 @@ async fn the_national_names_are_what_the_gateway_takes() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 18, "six pairs, three ways each");
+    assert_eq!(checked, 24, "six pairs, four ways each");
 }
