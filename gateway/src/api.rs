@@ -248,16 +248,22 @@ fn idempotency_key<'r>(r: &ApiRequest<'r>) -> Result<&'r str, ApiError> {
     Ok(key)
 }
 
+/// JSON's whitespace (RFC 8259): space, tab, LF, CR — not the form feed Rust's
+/// `is_ascii_whitespace` also counts, which would make `\x0c` an empty body.
+fn json_space(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
 /// A body that may be empty (then the defaults).
 fn parse_or_default<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) { Ok(T::default()) } else { parse(body) }
+    if body.iter().all(json_space) { Ok(T::default()) } else { parse(body) }
 }
 
 /// A request body: one JSON object. (serde would also read a struct from an array of its
 /// fields in order — `[]` as an empty object, `[true]` as `{"interim": true}` — which no
 /// document describes.)
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if body.iter().find(|b| !json_space(b)) != Some(&b'{') {
         return Err(ApiError::invalid("body: a JSON object"));
     }
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("body: {e}")))
