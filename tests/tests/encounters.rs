@@ -298,6 +298,12 @@ async fn an_outpatient_visit_settles_under_the_yearly_rules_and_refuses_what_a_v
     let reply = post(&gw.hospital, "/v1/encounters", Some(&unique_key("bad")), &bad).await;
     assert_eq!((reply.status, reply.json()["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
     assert!(reply.json()["detail"].as_str().is_some_and(|d| d.contains("a JSON object")), "{}", reply.body);
+    // Nor does it take a field it does not define (a misspelt `diag_nam` is refused, not dropped).
+    bad["token"] = json!(gw.token(&card, 120));
+    bad["diagnoses"] = json!([{ "code": "I21.9", "diag_nam": "acute myocardial infarction" }]);
+    let reply = post(&gw.hospital, "/v1/encounters", Some(&unique_key("bad")), &bad).await;
+    assert_eq!((reply.status, reply.json()["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+    assert!(reply.json()["detail"].as_str().is_some_and(|d| d.contains("unknown field `diag_nam`")), "{}", reply.body);
 }
 
 #[tokio::test]

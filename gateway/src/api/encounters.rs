@@ -97,7 +97,7 @@ pub struct RegisterBody {
     #[serde(default, alias = "dept_code", skip_serializing_if = "Option::is_none")]
     pub department: Option<String>,
     /// Diagnoses (ICD-10), at least one for an inpatient stay.
-    #[serde(default, deserialize_with = "super::model::objects")]
+    #[serde(default, deserialize_with = "super::model::diagnoses")]
     pub diagnoses: Vec<Diagnosis>,
     /// Registration or admission time (`begntime`), RFC 3339.
     #[serde(alias = "begntime")]
@@ -125,7 +125,7 @@ pub struct DischargeBody {
     #[serde(alias = "endtime")]
     pub discharged_at: String,
     /// Diagnoses at discharge, replacing those of admission where given.
-    #[serde(default, deserialize_with = "super::model::optional_objects")]
+    #[serde(default, deserialize_with = "super::model::optional_diagnoses")]
     pub diagnoses: Option<Vec<Diagnosis>>,
 }
 
@@ -652,7 +652,7 @@ pub async fn withdraw_discharge(gateway: &Gateway, identity: &Identity, id: &str
 #[serde(deny_unknown_fields)]
 pub struct AdmissionChange {
     /// The diagnoses, replacing the registration's.
-    #[serde(default, deserialize_with = "super::model::optional_objects")]
+    #[serde(default, deserialize_with = "super::model::optional_diagnoses")]
     pub diagnoses: Option<Vec<Diagnosis>>,
     /// The department (`dept_code`).
     #[serde(default, alias = "dept_code")]

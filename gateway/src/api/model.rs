@@ -3,7 +3,7 @@
 //! converted exactly), `insutype`, `fixmedins_code`, `chrgitm_lv` ("01" / "02" / "03"); see
 //! docs/API.md.
 
-use cardgate_sdk::{BillLine, Decimal4, Fen};
+use cardgate_sdk::{BillLine, Decimal4, Diagnosis, Fen};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -295,6 +295,35 @@ where
     Ok(Option::<Vec<Object<T>>>::deserialize(deserializer)?.map(|v| v.into_iter().map(|o| o.0).collect()))
 }
 
+/// Diagnoses as the API takes them: objects of exactly the SDK's fields (a misspelt or invented
+/// one is refused, not ignored; the SDK's own type stays open, as for lines).
+pub(super) fn diagnoses<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Diagnosis>, D::Error> {
+    Ok(objects::<D, StrictDiagnosis>(deserializer)?.into_iter().map(Diagnosis::from).collect())
+}
+
+/// [`diagnoses`] for an optional list (`null` or absent: `None`).
+pub(super) fn optional_diagnoses<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<Diagnosis>>, D::Error> {
+    Ok(optional_objects::<D, StrictDiagnosis>(deserializer)?.map(|v| v.into_iter().map(Diagnosis::from).collect()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictDiagnosis {
+    code: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    primary: bool,
+}
+
+impl From<StrictDiagnosis> for Diagnosis {
+    fn from(d: StrictDiagnosis) -> Self {
+        Self { code: d.code, name: d.name, primary: d.primary }
+    }
+}
+
 /// A `T` read from a JSON object only.
 struct Object<T>(T);
 
@@ -414,6 +443,28 @@ mod tests {
         assert_eq!(read(r#"{"diagnoses":[{"code":"I10"},{"code":"E11.9"}]}"#).expect("objects"), Some(2));
         let positional = read(r#"{"diagnoses":[["I10"]]}"#).expect_err("fields in order");
         assert!(positional.to_string().contains("expected a JSON object"), "{positional}");
+    }
+
+    #[test]
+    fn a_diagnosis_takes_its_own_fields_and_no_other() {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(default, deserialize_with = "optional_diagnoses")]
+            diagnoses: Option<Vec<cardgate_sdk::Diagnosis>>,
+            #[serde(default, deserialize_with = "diagnoses")]
+            at_admission: Vec<cardgate_sdk::Diagnosis>,
+        }
+        let read = |text: &str| serde_json::from_str::<Body>(text);
+        let body =
+            read(r#"{"diagnoses":[{"code":"I10","name":null,"primary":true}],"at_admission":[{"code":"E11.9"}]}"#)
+                .expect("the documented fields");
+        assert_eq!(body.diagnoses.map(|d| (d[0].code.clone(), d[0].primary)), Some(("I10".into(), true)));
+        assert_eq!(body.at_admission[0].code, "E11.9");
+        for text in [r#"{"diagnoses":[{"code":"I10","":null}]}"#, r#"{"at_admission":[{"code":"I10","diag_nam":"x"}]}"#]
+        {
+            let wrong = read(text).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(wrong.contains("unknown field"), "{text}: {wrong}");
+        }
     }
 
     fn one_line(line: &str) -> Result<BillBody, serde_json::Error> {
